@@ -1,0 +1,1 @@
+"""emrctl: the flexemr admin CLI. Never imports torch (it must answer fast)."""

@@ -1,0 +1,1 @@
+"""flexemrd: the flexemr daemon (supervisor, engines, inference, embedding server)."""
