@@ -28,7 +28,14 @@ class RequestError(FlexemrError):
 
 
 class ProtocolError(FlexemrError):
-    """A wire frame is malformed (bad magic, version, size or layout)."""
+    """A wire frame is malformed (bad magic, version, size or layout).
+
+    ``code`` is the wire ErrorCode to answer with (BAD_FRAME by default).
+    """
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        self.code = code
+        super().__init__(message)
 
 
 class RemoteError(FlexemrError):

@@ -1,0 +1,264 @@
+"""Embedding server: holds table shards and answers pooled lookups with partial pools.
+
+Tables are mapped read-only from the model directory's ``.npy`` files (whole
+files: ids stay global, only the pages of this server's shards are touched).
+Each ranker connection gets a thread; torch's ``embedding_bag`` releases the
+GIL, so connections pool in parallel.
+
+A bad request (unknown table, id outside this server's shards, sizes that
+disagree, an oversized frame) is answered with an ERROR frame and the
+connection keeps serving.  Only a frame whose *header* is unreadable (wrong
+magic or version) closes that one connection, because the byte stream can no
+longer be resynchronised; the process and other connections are unaffected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import threading
+import warnings
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flexemr.errors import ProtocolError
+from flexemr.model.spec import ModelSpec
+from flexemr.model.tables import open_tables
+from flexemr.routing.table import Shard
+from flexemr.types import Pooling
+from flexemr.wire import codec
+from flexemr.wire.frame import DEFAULT_MAX_PAYLOAD, ErrorCode, FrameType, pack_header
+from flexemr.wire.stream import FrameReader, send_buffers
+
+logger = logging.getLogger(__name__)
+
+
+class RequestRejected(Exception):
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+
+@dataclasses.dataclass(slots=True)
+class _TableState:
+    index: int
+    name: str
+    dim: int
+    mode: str              # torch embedding_bag mode: "sum" (sum and mean) or "max"
+    weight: torch.Tensor   # the whole table (read-only map)
+    starts: np.ndarray     # shard range starts held here (sorted)
+    ends: np.ndarray
+
+
+class EmbeddingStore:
+    """The shards this server holds and the pooling kernel over them (no sockets)."""
+
+    def __init__(self, model_dir: str, spec: ModelSpec, shards: Sequence[Shard]) -> None:
+        self.spec = spec
+        names = sorted({s.table for s in shards}, key=spec.table_index)
+        maps = open_tables(model_dir, spec, names)
+        self.tables: dict[int, _TableState] = {}
+        for name in names:
+            idx = spec.table_index(name)
+            t = spec.tables[idx]
+            mine = sorted((s for s in shards if s.table == name), key=lambda s: s.start)
+            with warnings.catch_warnings():
+                # The map is read-only on purpose; torch only reads it.
+                warnings.simplefilter("ignore", UserWarning)
+                weight = torch.from_numpy(maps[name])
+            self.tables[idx] = _TableState(
+                index=idx,
+                name=name,
+                dim=t.dim,
+                mode="max" if t.pooling is Pooling.MAX else "sum",
+                weight=weight,
+                starts=np.array([s.start for s in mine], dtype=np.int64),
+                ends=np.array([s.end for s in mine], dtype=np.int64),
+            )
+        self.shards = list(shards)
+
+    def hello_shards(self) -> list[tuple[int, int, int, int]]:
+        return [(self.spec.table_index(s.table), self.spec.table(s.table).dim, s.start, s.end) for s in self.shards]
+
+    def _table(self, tid: int) -> _TableState:
+        st = self.tables.get(int(tid))
+        if st is None:
+            what = self.spec.tables[tid].name if tid < len(self.spec.tables) else f"#{tid}"
+            raise RequestRejected(ErrorCode.UNKNOWN_TABLE, f"table {what} is not held by this server")
+        return st
+
+    def _check_ids(self, st: _TableState, ids: np.ndarray) -> None:
+        if not len(ids):
+            return
+        lo, hi = int(ids.min()), int(ids.max())
+        if len(st.starts) == 1 and lo >= st.starts[0] and hi < st.ends[0]:
+            return
+        k = np.searchsorted(st.starts, ids, side="right") - 1
+        bad = (k < 0) | (ids >= st.ends[np.maximum(k, 0)])
+        if bad.any():
+            first = int(ids[np.argmax(bad)])
+            ranges = ", ".join(f"[{a}, {b})" for a, b in zip(st.starts, st.ends))
+            raise RequestRejected(
+                ErrorCode.ID_OUT_OF_RANGE,
+                f"table {st.name}: id {first} is outside the rows this server holds ({ranges}); "
+                f"{int(bad.sum())} ids out of range",
+            )
+
+    def pool(self, req: codec.LookupRequest) -> list[torch.Tensor]:
+        """Partial pools [B, dim] per requested table (sums for mean tables)."""
+        kjt = req.kjt
+        out = []
+        states = [self._table(t) for t in req.table_ids]
+        for i, st in enumerate(states):
+            values, lengths = kjt.table(i)
+            self._check_ids(st, values)
+        for i, st in enumerate(states):
+            values, lengths = kjt.table(i)
+            offsets = np.zeros(kjt.batch + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            out.append(
+                F.embedding_bag(
+                    torch.from_numpy(values), st.weight, torch.from_numpy(offsets),
+                    mode=st.mode, include_last_offset=True,
+                )
+            )
+        return out
+
+    def fetch(self, table_id: int, ids: np.ndarray) -> np.ndarray:
+        st = self._table(table_id)
+        self._check_ids(st, ids)
+        return st.weight.numpy()[ids]
+
+
+class EmbeddingServer:
+    """Accepts ranker connections on a TCP socket and serves each in a thread."""
+
+    def __init__(
+        self,
+        store: EmbeddingStore,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        name: str = "embedding",
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self.store = store
+        self.name = name
+        self.max_payload = max_payload
+        if sock is None:
+            sock = socket.create_server((host, port), backlog=128, reuse_port=False)
+        self.sock = sock
+        self.address = sock.getsockname()[:2]
+        self._stop = threading.Event()
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self.stats = {"lookups": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "connections": 0}
+
+    def serve_forever(self, on_ready: Callable[[], None] | None = None) -> None:
+        self.sock.settimeout(0.2)
+        if on_ready:
+            on_ready()
+        logger.info("serving %d shards on %s:%d", len(self.store.shards), *self.address)
+        while not self._stop.is_set():
+            try:
+                conn, peer = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    break
+                raise
+            conn.settimeout(None)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._conns.add(conn)
+                self.stats["connections"] += 1
+            threading.Thread(target=self._serve_conn, args=(conn, peer), daemon=True, name=f"conn-{peer}").start()
+        self.sock.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            for c in self._conns:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    # ------------------------------------------------------------ per connection
+
+    def _serve_conn(self, conn: socket.socket, peer) -> None:
+        reader = FrameReader(conn, self.max_payload)
+        try:
+            while not self._stop.is_set():
+                try:
+                    h = reader.read_header()
+                except ProtocolError as e:
+                    # Too large: we know the length, so skip it and go on. Anything
+                    # else means the stream is lost: say why, then close this one.
+                    self.stats["errors"] += 1
+                    skip = _oversized_length(reader)
+                    if skip is not None:
+                        send_buffers(conn, codec.encode_error(_request_id(reader), ErrorCode.TOO_LARGE, str(e)))
+                        reader.skip(skip)
+                        continue
+                    send_buffers(conn, codec.encode_error(0, ErrorCode.BAD_FRAME, str(e)))
+                    logger.warning("closing connection from %s: %s", peer, e)
+                    return
+                payload = reader.read_payload(h)
+                self.stats["bytes_in"] += 32 + h.payload_len
+                try:
+                    reply = self._handle(h, payload)
+                except RequestRejected as e:
+                    self.stats["errors"] += 1
+                    reply = codec.encode_error(h.request_id, e.code, str(e))
+                except ProtocolError as e:
+                    self.stats["errors"] += 1
+                    reply = codec.encode_error(h.request_id, e.code, str(e))
+                except Exception as e:  # a bug must not take the server down
+                    logger.exception("request %d failed", h.request_id)
+                    reply = codec.encode_error(h.request_id, ErrorCode.INTERNAL, f"internal error: {e}")
+                if reply is not None:
+                    self.stats["bytes_out"] += send_buffers(conn, reply)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
+
+    def _handle(self, h, payload) -> list | None:
+        t = h.type
+        if t == FrameType.LOOKUP:
+            req = codec.decode_lookup(payload)
+            pooled = self.store.pool(req)
+            self.stats["lookups"] += 1
+            return codec.encode_lookup_response(h.request_id, req.table_ids, [p.numpy() for p in pooled])
+        if t == FrameType.FETCH:
+            tid, ids = codec.decode_fetch(payload)
+            return codec.encode_fetch_response(h.request_id, tid, self.store.fetch(tid, ids))
+        if t == FrameType.HELLO:
+            return codec.encode_hello(h.request_id, codec.ROLE_EMBEDDING, self.name, self.store.hello_shards())
+        if t == FrameType.PING:
+            return [pack_header(FrameType.PONG, h.request_id, 0)]
+        if t == FrameType.CREDIT:
+            return None
+        raise RequestRejected(ErrorCode.UNSUPPORTED, f"an embedding server does not serve {FrameType(t).name} frames")
+
+
+def _oversized_length(reader: FrameReader) -> int | None:
+    """Payload length of a header refused only for its size (so it can be skipped)."""
+    from flexemr.wire.frame import MAGIC, VERSION
+
+    magic, version, _t, _f, _a, _rid, plen = reader.raw_header_fields()
+    if magic == MAGIC and version == VERSION and plen > reader.max_payload:
+        return plen
+    return None
+
+
+def _request_id(reader: FrameReader) -> int:
+    return reader.raw_header_fields()[5]

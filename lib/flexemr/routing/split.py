@@ -1,0 +1,122 @@
+"""Split a batch into per-server subrequests and combine their partial pools.
+
+Hierarchical pooling (FlexEMR 3.1.2): each server pools the ids it holds for a
+bag into one partial vector; the ranker combines the partials of a bag:
+
+    sum   partial sums add up
+    mean  partial *sums* add up, then divide by the bag's total length
+          (the ranker knows each server's count per bag from the split)
+    max   elementwise max over the partials of servers that pooled at least
+          one id of the bag (an empty partial is zeros, not -inf, on the wire)
+
+Everything is whole-array numpy: one stable sort by server per table,
+``bincount`` for per-(server, bag) lengths, no loop over bags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from flexemr.routing.table import RoutingTable
+from flexemr.types import Pooling
+
+
+@dataclasses.dataclass(slots=True)
+class ServerPart:
+    """The subrequest for one server: tables in model order, KJT per table."""
+
+    server: int
+    tables: list[int] = dataclasses.field(default_factory=list)
+    lengths: list[np.ndarray] = dataclasses.field(default_factory=list)  # int32 [B] per table
+    values: list[np.ndarray] = dataclasses.field(default_factory=list)   # int64 per table
+
+    @property
+    def n_ids(self) -> int:
+        return sum(len(v) for v in self.values)
+
+
+@dataclasses.dataclass(slots=True)
+class SplitPlan:
+    batch: int
+    parts: dict[int, ServerPart]  # server -> its subrequest (only servers with work)
+
+
+def split_batch(
+    routing: RoutingTable,
+    batch: int,
+    tables: Sequence[int],
+    values: Sequence[np.ndarray],
+    lengths: Sequence[np.ndarray],
+) -> SplitPlan:
+    """Route ids of ``tables`` (model indices) to servers.
+
+    A server gets a subrequest for a table whenever it holds rows of it and the
+    table has ids in the batch, even if none of them land on that server: its
+    lengths are then all zero.  That keeps per-server layouts predictable
+    (the receiver can size its buffer from the table list alone).
+    """
+    parts: dict[int, ServerPart] = {}
+
+    def part(s: int) -> ServerPart:
+        p = parts.get(s)
+        if p is None:
+            p = parts[s] = ServerPart(s)
+        return p
+
+    for t, v, ln in zip(tables, values, lengths):
+        servers = routing.servers_of_table(t)
+        if len(servers) == 1:
+            # Whole table on one server: forward the caller's arrays as they are.
+            p = part(int(servers[0]))
+            p.tables.append(t)
+            p.values.append(v)
+            p.lengths.append(ln)
+            continue
+        srv = routing.server_of(t, v)
+        nserv = routing.n_servers
+        bag = np.repeat(np.arange(batch, dtype=np.int64), ln)
+        per = np.bincount(srv * batch + bag, minlength=nserv * batch).reshape(nserv, batch)
+        # Stable sort keeps each server's ids in bag order, which the KJT layout needs.
+        order = np.argsort(srv.astype(np.uint8) if nserv < 256 else srv, kind="stable")
+        sorted_vals = v[order]
+        bounds = np.zeros(nserv + 1, dtype=np.int64)
+        np.cumsum(per.sum(axis=1), out=bounds[1:])
+        for s in servers:
+            s = int(s)
+            p = part(s)
+            p.tables.append(t)
+            p.values.append(sorted_vals[bounds[s] : bounds[s + 1]])
+            p.lengths.append(per[s].astype(np.int32))
+    return SplitPlan(batch, parts)
+
+
+def combine_partials(
+    pooling: Pooling,
+    partials: Sequence[np.ndarray],
+    counts: Sequence[np.ndarray],
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Global pooling of one table: partial pools [B, d] with their per-bag id counts [B]."""
+    first = partials[0]
+    if out is None:
+        out = np.empty(first.shape, dtype=np.float32)
+    if pooling is Pooling.MAX:
+        np.copyto(out, -np.inf)
+        for p, c in zip(partials, counts):
+            has = (c > 0)[:, None]
+            np.maximum(out, p, out=out, where=has)
+        out[np.isneginf(out)] = 0.0
+        return out
+    if len(partials) == 1:
+        np.copyto(out, first)
+    else:
+        np.add(partials[0], partials[1], out=out)
+        for p in partials[2:]:
+            out += p
+    if pooling is Pooling.MEAN:
+        total = np.sum(counts, axis=0) if len(counts) > 1 else counts[0]
+        out /= np.maximum(total, 1).astype(np.float32)[:, None]
+    return out

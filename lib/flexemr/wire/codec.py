@@ -1,0 +1,435 @@
+"""Payload layouts of the flexemr frames (see frame.py for the header).
+
+Payloads are runs of little-endian sections, each starting on an 8-byte
+boundary, so that every array decodes as an ``np.frombuffer`` view (no copy,
+no per-element Python) and encodes as a list of buffers for ``sendmsg``::
+
+    KJT block (ids of T tables for B bags, TorchRec KeyedJaggedTensor layout)
+      i64 counts[T]            ids per table
+      i32 lengths[T*B]         bag lengths, table-major        (padded to 8)
+      i64 values[sum(counts)]  ids, table-major, bag order
+
+    LOOKUP        u32 B, u32 T | u32 table_ids[T] (pad) | KJT block
+    LOOKUP_RESP   u32 B, u32 T | u32 table_ids[T] (pad) | u32 dims[T] (pad)
+                  | f32 partial[B, dims[t]] for each t in order
+    FETCH         u32 table_id, u32 0 | i64 ids[n]
+    FETCH_RESP    u32 table_id, u32 dim | f32 rows[n, dim]
+    PREDICT       u32 B, u32 T, u32 F, u32 names_len | names (utf-8, "\\n"-joined, pad)
+                  | f32 dense[B*F] (pad) | KJT block
+    CLIENT_LOOKUP same as PREDICT with F = 0
+    PREDICT_RESP  f32 scores[B]
+    CLIENT_LOOKUP_RESP u32 B, u32 T, u32 names_len, u32 0 | names (pad) | u32 dims[T] (pad)
+                  | f32 pooled[B, dims[t]] for each t
+    ERROR         utf-8 message (aux = ErrorCode)
+    HELLO         u32 role, u32 n_shards | n x (u32 table_id, u32 dim, u64 start, u64 end)
+                  | utf-8 name
+    CREDIT        u64 sent_ns (CLOCK_MONOTONIC of the granter; aux = credits)
+
+Decoders check every size against the payload length before building a
+view, so truncated or hostile payloads raise ProtocolError, never IndexError
+or a huge allocation.  Mean pooling travels as partial *sums*: the ranker
+knows how many ids it sent to each server for each bag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from typing import Sequence
+
+import numpy as np
+
+from flexemr.errors import ProtocolError
+from flexemr.wire.frame import FrameType, pack_header
+
+_U32x2 = struct.Struct("<II")
+_U32x4 = struct.Struct("<IIII")
+_SHARD = np.dtype([("table_id", "<u4"), ("dim", "<u4"), ("start", "<u8"), ("end", "<u8")])
+
+BAD_FRAME, SIZE_MISMATCH = 1, 4
+
+ROLE_RANKER, ROLE_EMBEDDING, ROLE_CLIENT = 1, 2, 3
+
+
+def _pad(n: int) -> int:
+    return (-n) & 7
+
+
+_ZEROS = bytes(8)
+
+
+class _Writer:
+    """Collects sections as a buffer list (arrays are referenced, not copied)."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list = []
+        self.size = 0
+
+    def add(self, buf) -> None:
+        n = buf.nbytes if isinstance(buf, (np.ndarray, memoryview)) else len(buf)
+        if n:
+            self.parts.append(buf)
+            self.size += n
+        p = _pad(n)
+        if p:
+            self.parts.append(_ZEROS[:p])
+            self.size += p
+
+
+class _Reader:
+    """Bounds-checked section reader over a payload memoryview."""
+
+    __slots__ = ("buf", "off", "what")
+
+    def __init__(self, buf, what: str) -> None:
+        self.buf = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
+        self.off = 0
+        self.what = what
+
+    def array(self, dtype, count: int, field: str) -> np.ndarray:
+        dt = np.dtype(dtype)
+        if count < 0:
+            raise ProtocolError(f"{self.what}: negative {field} count {count}", SIZE_MISMATCH)
+        nbytes = dt.itemsize * count
+        end = self.off + nbytes
+        if end > len(self.buf):
+            raise ProtocolError(
+                f"{self.what}: truncated at {field}: needs {nbytes} bytes at offset {self.off}, "
+                f"payload has {len(self.buf)}",
+                SIZE_MISMATCH,
+            )
+        arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.off)
+        self.off = end + _pad(nbytes)
+        return arr
+
+    def struct(self, st: struct.Struct, field: str) -> tuple:
+        if self.off + st.size > len(self.buf):
+            raise ProtocolError(f"{self.what}: truncated at {field}", SIZE_MISMATCH)
+        vals = st.unpack_from(self.buf, self.off)
+        self.off += st.size + _pad(st.size)
+        return vals
+
+    def raw(self, n: int, field: str) -> memoryview:
+        if n < 0 or self.off + n > len(self.buf):
+            raise ProtocolError(f"{self.what}: truncated at {field}", SIZE_MISMATCH)
+        out = self.buf[self.off : self.off + n]
+        self.off += n + _pad(n)
+        return out
+
+    def finish(self) -> None:
+        if self.off < len(self.buf) - 7 or self.off > len(self.buf) + 7:
+            raise ProtocolError(
+                f"{self.what}: payload is {len(self.buf)} bytes but its sections end at {self.off}",
+                SIZE_MISMATCH,
+            )
+
+
+# ---------------------------------------------------------------- KJT block
+
+
+@dataclasses.dataclass(slots=True)
+class KJT:
+    """Ids of T tables for B bags, decoded as views over the payload."""
+
+    batch: int
+    counts: np.ndarray   # int64 [T]
+    lengths: np.ndarray  # int32 [T, B]
+    values: np.ndarray   # int64 [sum(counts)]
+    starts: np.ndarray   # int64 [T + 1]: value offset of each table
+
+    def table(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.values[self.starts[i] : self.starts[i + 1]], self.lengths[i]
+
+
+def _add_kjt(w: _Writer, counts: np.ndarray, lengths: Sequence[np.ndarray] | np.ndarray, values: Sequence[np.ndarray]) -> None:
+    w.add(np.ascontiguousarray(counts, dtype="<i8"))
+    if isinstance(lengths, np.ndarray):
+        w.add(np.ascontiguousarray(lengths, dtype="<i4"))
+    else:
+        # Table-major [T*B]; only the padding after the whole block matters.
+        total = 0
+        for ln in lengths:
+            a = np.ascontiguousarray(ln, dtype="<i4")
+            w.parts.append(a)
+            total += a.nbytes
+        w.size += total
+        p = _pad(total)
+        if p:
+            w.parts.append(_ZEROS[:p])
+            w.size += p
+    for v in values:
+        a = np.ascontiguousarray(v, dtype="<i8")
+        if a.nbytes:
+            w.parts.append(a)
+            w.size += a.nbytes
+
+
+def _read_kjt(r: _Reader, batch: int, ntables: int) -> KJT:
+    counts = r.array("<i8", ntables, "counts")
+    lengths = r.array("<i4", ntables * batch, "lengths").reshape(ntables, batch)
+    if ntables and counts.min(initial=0) < 0:
+        raise ProtocolError(f"{r.what}: negative id count", SIZE_MISMATCH)
+    total = int(counts.sum())
+    if batch and ntables and lengths.min() < 0:
+        t = int(np.argmin(lengths.min(axis=1)))
+        raise ProtocolError(f"{r.what}: table #{t} has a negative bag length", SIZE_MISMATCH)
+    sums = lengths.sum(axis=1, dtype=np.int64) if batch else np.zeros(ntables, np.int64)
+    if not np.array_equal(sums, counts):
+        t = int(np.nonzero(sums != counts)[0][0])
+        raise ProtocolError(
+            f"{r.what}: table #{t}: bag lengths sum to {int(sums[t])} but {int(counts[t])} ids were sent",
+            SIZE_MISMATCH,
+        )
+    values = r.array("<i8", total, "values")
+    starts = np.zeros(ntables + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    return KJT(batch, counts, lengths, values, starts)
+
+
+# ---------------------------------------------------------------- LOOKUP
+
+
+@dataclasses.dataclass(slots=True)
+class LookupRequest:
+    table_ids: np.ndarray  # uint32 [T]
+    kjt: KJT
+
+
+def encode_lookup(
+    request_id: int,
+    batch: int,
+    table_ids: Sequence[int] | np.ndarray,
+    lengths: Sequence[np.ndarray] | np.ndarray,
+    values: Sequence[np.ndarray],
+    aux: int = 0,
+    flags: int = 0,
+) -> list:
+    """Buffers (header first) of a LOOKUP frame; arrays are referenced, not copied."""
+    tids = np.asarray(table_ids, dtype="<u4")
+    counts = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+    w = _Writer()
+    w.add(_U32x2.pack(batch, len(tids)))
+    w.add(tids)
+    _add_kjt(w, counts, lengths, values)
+    return [pack_header(FrameType.LOOKUP, request_id, w.size, aux, flags), *w.parts]
+
+
+def decode_lookup(payload) -> LookupRequest:
+    r = _Reader(payload, "LOOKUP")
+    batch, ntables = r.struct(_U32x2, "batch/tables")
+    tids = r.array("<u4", ntables, "table_ids")
+    kjt = _read_kjt(r, batch, ntables)
+    r.finish()
+    return LookupRequest(tids, kjt)
+
+
+def lookup_response_size(batch: int, dims: Sequence[int]) -> int:
+    """Payload bytes of a LOOKUP_RESP: lets a receiver reserve its slot up front."""
+    t = len(dims)
+    head = 8 + (4 * t + _pad(4 * t)) * 2
+    return head + sum(4 * batch * d for d in dims)
+
+
+def encode_lookup_response(request_id: int, table_ids: np.ndarray, pooled: Sequence[np.ndarray], aux: int = 0) -> list:
+    """Buffers of a LOOKUP_RESP; ``pooled[i]`` is float32 [B, dim_i] (C order)."""
+    batch = pooled[0].shape[0] if pooled else 0
+    w = _Writer()
+    w.add(_U32x2.pack(batch, len(pooled)))
+    w.add(np.asarray(table_ids, dtype="<u4"))
+    w.add(np.fromiter((p.shape[1] for p in pooled), dtype="<u4", count=len(pooled)))
+    for p in pooled:
+        w.add(np.ascontiguousarray(p, dtype="<f4"))
+    return [pack_header(FrameType.LOOKUP_RESP, request_id, w.size, aux), *w.parts]
+
+
+def decode_lookup_response(payload) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(table_ids, [float32 [B, dim] views]) of a LOOKUP_RESP payload."""
+    r = _Reader(payload, "LOOKUP_RESP")
+    batch, ntables = r.struct(_U32x2, "batch/tables")
+    tids = r.array("<u4", ntables, "table_ids")
+    dims = r.array("<u4", ntables, "dims")
+    out = [r.array("<f4", batch * int(d), f"partial[{i}]").reshape(batch, int(d)) for i, d in enumerate(dims)]
+    r.finish()
+    return tids, out
+
+
+# ---------------------------------------------------------------- FETCH
+
+
+def encode_fetch(request_id: int, table_id: int, ids: np.ndarray) -> list:
+    ids = np.ascontiguousarray(ids, dtype="<i8")
+    w = _Writer()
+    w.add(_U32x2.pack(table_id, 0))
+    w.add(ids)
+    return [pack_header(FrameType.FETCH, request_id, w.size), *w.parts]
+
+
+def decode_fetch(payload) -> tuple[int, np.ndarray]:
+    r = _Reader(payload, "FETCH")
+    table_id, _ = r.struct(_U32x2, "table_id")
+    n = (len(r.buf) - r.off) // 8
+    ids = r.array("<i8", n, "ids")
+    r.finish()
+    return table_id, ids
+
+
+def encode_fetch_response(request_id: int, table_id: int, rows: np.ndarray) -> list:
+    rows = np.ascontiguousarray(rows, dtype="<f4")
+    w = _Writer()
+    w.add(_U32x2.pack(table_id, rows.shape[1]))
+    w.add(rows)
+    return [pack_header(FrameType.FETCH_RESP, request_id, w.size), *w.parts]
+
+
+def decode_fetch_response(payload) -> tuple[int, np.ndarray]:
+    r = _Reader(payload, "FETCH_RESP")
+    table_id, dim = r.struct(_U32x2, "table_id/dim")
+    if dim == 0:
+        raise ProtocolError("FETCH_RESP: dim is 0", SIZE_MISMATCH)
+    n = (len(r.buf) - r.off) // (4 * dim)
+    rows = r.array("<f4", n * dim, "rows").reshape(n, dim)
+    r.finish()
+    return table_id, rows
+
+
+# ---------------------------------------------------------------- client requests
+
+
+@dataclasses.dataclass(slots=True)
+class ClientRequest:
+    names: list[str]
+    dense: np.ndarray | None  # float32 [B, F] or None for CLIENT_LOOKUP
+    kjt: KJT
+
+    @property
+    def batch(self) -> int:
+        return self.kjt.batch
+
+
+def _names_blob(names: Sequence[str]) -> bytes:
+    for n in names:
+        if "\n" in n:
+            raise ValueError(f"table name {n!r} contains a newline")
+    return "\n".join(names).encode()
+
+
+def encode_client_request(
+    request_id: int,
+    names: Sequence[str],
+    lengths: Sequence[np.ndarray],
+    values: Sequence[np.ndarray],
+    batch: int,
+    dense: np.ndarray | None = None,
+) -> list:
+    """Buffers of a PREDICT (dense given) or CLIENT_LOOKUP (dense None) frame."""
+    blob = _names_blob(names)
+    nfeat = 0 if dense is None else dense.shape[1]
+    counts = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+    w = _Writer()
+    w.add(_U32x4.pack(batch, len(names), nfeat, len(blob)))
+    w.add(blob)
+    if dense is not None:
+        w.add(np.ascontiguousarray(dense, dtype="<f4"))
+    _add_kjt(w, counts, list(lengths), values)
+    ftype = FrameType.PREDICT if dense is not None else FrameType.CLIENT_LOOKUP
+    return [pack_header(ftype, request_id, w.size), *w.parts]
+
+
+def decode_client_request(payload, ftype: int) -> ClientRequest:
+    what = "PREDICT" if ftype == FrameType.PREDICT else "LOOKUP"
+    r = _Reader(payload, what)
+    batch, ntables, nfeat, blob_len = r.struct(_U32x4, "header")
+    try:
+        names = bytes(r.raw(blob_len, "names")).decode().split("\n") if ntables else []
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{what}: table names are not utf-8", BAD_FRAME) from None
+    if len(names) != ntables:
+        raise ProtocolError(f"{what}: {ntables} tables announced but {len(names)} names sent", SIZE_MISMATCH)
+    dense = None
+    if ftype == FrameType.PREDICT:
+        dense = r.array("<f4", batch * nfeat, "dense").reshape(batch, nfeat)
+    kjt = _read_kjt(r, batch, ntables)
+    r.finish()
+    return ClientRequest(names, dense, kjt)
+
+
+def encode_scores(request_id: int, scores: np.ndarray) -> list:
+    s = np.ascontiguousarray(scores, dtype="<f4")
+    return [pack_header(FrameType.PREDICT_RESP, request_id, s.nbytes, aux=len(s)), s]
+
+
+def decode_scores(payload) -> np.ndarray:
+    mv = memoryview(payload)
+    if len(mv) % 4:
+        raise ProtocolError("PREDICT_RESP: payload is not a float32 array", SIZE_MISMATCH)
+    return np.frombuffer(mv, dtype="<f4")
+
+
+def encode_pooled(request_id: int, names: Sequence[str], pooled: Sequence[np.ndarray]) -> list:
+    blob = _names_blob(names)
+    batch = pooled[0].shape[0] if pooled else 0
+    w = _Writer()
+    w.add(_U32x4.pack(batch, len(names), len(blob), 0))
+    w.add(blob)
+    w.add(np.fromiter((p.shape[1] for p in pooled), dtype="<u4", count=len(pooled)))
+    for p in pooled:
+        w.add(np.ascontiguousarray(p, dtype="<f4"))
+    return [pack_header(FrameType.CLIENT_LOOKUP_RESP, request_id, w.size), *w.parts]
+
+
+def decode_pooled(payload) -> dict[str, np.ndarray]:
+    r = _Reader(payload, "LOOKUP_RESP")
+    batch, ntables, blob_len, _ = r.struct(_U32x4, "header")
+    names = bytes(r.raw(blob_len, "names")).decode().split("\n") if ntables else []
+    dims = r.array("<u4", ntables, "dims")
+    out = {n: r.array("<f4", batch * int(d), n).reshape(batch, int(d)) for n, d in zip(names, dims)}
+    r.finish()
+    return out
+
+
+# ---------------------------------------------------------------- small frames
+
+
+def encode_error(request_id: int, code: int, message: str) -> list:
+    body = message.encode("utf-8", "replace")[:65536]
+    return [pack_header(FrameType.ERROR, request_id, len(body), aux=int(code)), body]
+
+
+def decode_error(payload) -> str:
+    return bytes(payload).decode("utf-8", "replace")
+
+
+@dataclasses.dataclass(slots=True)
+class Hello:
+    role: int
+    name: str
+    shards: np.ndarray  # structured [n] of (table_id, dim, start, end)
+
+
+def encode_hello(request_id: int, role: int, name: str, shards: Sequence[tuple[int, int, int, int]] = ()) -> list:
+    arr = np.array(list(shards), dtype=_SHARD)
+    w = _Writer()
+    w.add(_U32x2.pack(role, len(arr)))
+    w.add(arr)
+    w.add(name.encode())
+    return [pack_header(FrameType.HELLO, request_id, w.size), *w.parts]
+
+
+def decode_hello(payload) -> Hello:
+    r = _Reader(payload, "HELLO")
+    role, n = r.struct(_U32x2, "role/n_shards")
+    shards = r.array(_SHARD, n, "shards")
+    name = bytes(r.buf[r.off :]).decode("utf-8", "replace")
+    return Hello(role, name, shards)
+
+
+def encode_credit(request_id: int, credits: int, sent_ns: int) -> list:
+    return [pack_header(FrameType.CREDIT, request_id, 8, aux=credits), struct.pack("<Q", sent_ns)]
+
+
+def decode_credit(payload) -> int:
+    if len(payload) != 8:
+        raise ProtocolError("CREDIT: payload must be 8 bytes", SIZE_MISMATCH)
+    return struct.unpack("<Q", payload)[0]

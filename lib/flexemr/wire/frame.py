@@ -1,0 +1,114 @@
+"""Frame header of the flexemr wire protocol (ranker <-> embedding server, client <-> ranker).
+
+Every message is one frame: a fixed 32-byte header followed by ``payload_len``
+bytes of payload.  All integers are little-endian::
+
+    offset size field        meaning
+    ------ ---- ------------ ---------------------------------------------------
+       0    4   magic        b"FXMR"
+       4    2   version      protocol version (VERSION); a peer refuses others
+       6    2   type         FrameType
+       8    4   flags        FrameFlag bits
+      12    4   aux          type-specific small value (error code, credits, ...)
+      16    8   request_id   chosen by the requester, echoed in the answer
+      24    8   payload_len  bytes that follow; checked against the receiver's
+                             limit *before* anything is allocated
+      32        payload      type-specific; see codec.py and docs/PROTOCOL.md
+
+Payloads are sequences of 8-byte aligned numpy sections, so decoding is a set
+of ``np.frombuffer`` views and never touches elements one by one in Python.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+from flexemr.errors import ProtocolError
+
+MAGIC = b"FXMR"
+VERSION = 1
+HEADER = struct.Struct("<4sHHIIQQ")
+HEADER_SIZE = HEADER.size  # 32
+DEFAULT_MAX_PAYLOAD = 1 << 30  # 1 GiB; configurable per endpoint
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1            # either direction: identity, and (server -> ranker) the shards held
+    LOOKUP = 2           # ranker -> server: pooled lookup subrequest (KJT section, table ids)
+    LOOKUP_RESP = 3      # server -> ranker: one partial pooled vector per (table, bag)
+    FETCH = 4            # ranker -> server: raw rows, for cache fills
+    FETCH_RESP = 5       # server -> ranker: the rows [n, dim]
+    ERROR = 6            # either direction: code (aux) + message
+    CREDIT = 7           # ranker -> server on the priority channel: aux = response slots granted
+    PREDICT = 8          # client -> ranker: dense + sparse (table names)
+    PREDICT_RESP = 9     # ranker -> client: scores [B]
+    CLIENT_LOOKUP = 10   # client -> ranker: sparse only
+    CLIENT_LOOKUP_RESP = 11  # ranker -> client: pooled vectors per table
+    PING = 12            # either direction: liveness; answered with PONG
+    PONG = 13
+
+
+class FrameFlag(enum.IntFlag):
+    NONE = 0
+    INBAND_CREDIT = 1    # LOOKUP carries credits in aux (in-band flow control mode)
+
+
+class ErrorCode(enum.IntEnum):
+    BAD_FRAME = 1        # header or payload layout is malformed
+    UNKNOWN_TABLE = 2
+    ID_OUT_OF_RANGE = 3  # an id outside the table or outside the shards this server holds
+    SIZE_MISMATCH = 4    # counts / lengths / payload sizes disagree
+    TOO_LARGE = 5        # payload over the receiver's limit
+    UNSUPPORTED = 6      # frame type or version this peer does not serve
+    INTERNAL = 7
+    BAD_REQUEST = 8      # client request failed validation (field named in the message)
+    OVERLOADED = 9
+    UNAVAILABLE = 10     # the ranker cannot reach an embedding server
+
+
+class Header:
+    """A decoded frame header (plain attributes: cheap to build per frame)."""
+
+    __slots__ = ("type", "flags", "aux", "request_id", "payload_len")
+
+    def __init__(self, type: int, flags: int, aux: int, request_id: int, payload_len: int) -> None:
+        self.type = type
+        self.flags = flags
+        self.aux = aux
+        self.request_id = request_id
+        self.payload_len = payload_len
+
+    def __repr__(self) -> str:
+        try:
+            tname = FrameType(self.type).name
+        except ValueError:
+            tname = str(self.type)
+        return f"Header({tname}, flags={self.flags}, aux={self.aux}, id={self.request_id}, len={self.payload_len})"
+
+
+def pack_header(ftype: int, request_id: int, payload_len: int, aux: int = 0, flags: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, ftype, flags, aux, request_id, payload_len)
+
+
+def pack_header_into(buf, offset: int, ftype: int, request_id: int, payload_len: int, aux: int = 0, flags: int = 0) -> None:
+    HEADER.pack_into(buf, offset, MAGIC, VERSION, ftype, flags, aux, request_id, payload_len)
+
+
+def unpack_header(buf, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Header:
+    """Decode and validate a header; raises ProtocolError naming what is wrong."""
+    if len(buf) < HEADER_SIZE:
+        raise ProtocolError(f"truncated header: {len(buf)} of {HEADER_SIZE} bytes")
+    magic, version, ftype, flags, aux, rid, plen = HEADER.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {bytes(magic)!r} (expected {MAGIC!r}): not a flexemr peer")
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version} not supported (this peer speaks {VERSION})")
+    if ftype not in _KNOWN_TYPES:
+        raise ProtocolError(f"unknown frame type {ftype}")
+    if plen > max_payload:
+        raise ProtocolError(f"payload of {plen} bytes exceeds the limit of {max_payload} bytes")
+    return Header(ftype, flags, aux, rid, plen)
+
+
+_KNOWN_TYPES = frozenset(int(t) for t in FrameType)
