@@ -71,6 +71,12 @@ class FrameReader:
         recv_exact_into(self.sock, view)
         return view
 
+    def read_payload_owned(self, header: Header) -> memoryview:
+        """The payload in a fresh buffer the caller keeps (no copy afterwards)."""
+        view = memoryview(bytearray(header.payload_len))
+        recv_exact_into(self.sock, view)
+        return view
+
     def read_payload_into(self, header: Header, view: memoryview) -> None:
         recv_exact_into(self.sock, view[: header.payload_len])
 

@@ -1,0 +1,3 @@
+from flexemrd.cli import main
+
+main()

@@ -1,0 +1,97 @@
+"""``flexemrd``: run this host's daemon (``run``) or a whole local cluster (``local``)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from flexemr.config import load_config, parse_config
+from flexemr.errors import ConfigError, ModelError
+from flexemr.logs import setup_logging
+
+
+def _fail(message: str, code: int = 2):
+    click.echo(f"flexemrd: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """flexemr daemon: disaggregated embedding serving (FlexEMR)."""
+
+
+@cli.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="TOML config file.")
+def run(config_path: str) -> None:
+    """Run this host's daemon (role and instance from the config)."""
+    from flexemrd.hosts import build_embedding, build_ranker
+
+    try:
+        cfg = load_config(config_path)
+        setup_logging("supervisor", None, cfg.daemon.log_level)
+        sup = build_ranker(cfg) if cfg.daemon.role == "ranker" else build_embedding(cfg)
+    except (ConfigError, ModelError) as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot start: {e}")
+    sys.exit(sup.run())
+
+
+@cli.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False), help="Model directory.")
+@click.option("--embedding-servers", "n_servers", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option("--engines", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option("--socket", "socket_path", required=True, help="Unix socket of the inference API.")
+@click.option("--instance", default="default", show_default=True, envvar="FLEXEMR_INSTANCE")
+@click.option("--routing", type=click.Choice(["rows", "tables"]), default="rows", show_default=True)
+@click.option("--max-batch", default=4096, show_default=True, type=click.IntRange(1))
+@click.option("--max-wait-ms", default=1.0, show_default=True, type=float)
+@click.option("--cache-policy", type=click.Choice(["adaptive", "fixed", "off"]), default="off", show_default=True)
+@click.option("--cache-size", default="64MiB", show_default=True)
+@click.option("--cache-budget", default="2GiB", show_default=True)
+@click.option("--mapping", type=click.Choice(["owned", "shared"]), default="owned", show_default=True)
+@click.option("--credits", type=click.Choice(["priority", "inband", "off"]), default="priority", show_default=True)
+@click.option("--rebalance/--no-rebalance", default=True, show_default=True)
+@click.option("--metrics-port", default=0, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--server-threads", default=1, show_default=True, type=click.IntRange(1, 256))
+@click.option("--log-level", default="info", show_default=True)
+def local(model_dir, n_servers, engines, socket_path, instance, routing, max_batch, max_wait_ms, cache_policy,
+          cache_size, cache_budget, mapping, credits, rebalance, metrics_port, server_threads, log_level) -> None:
+    """Run a whole cluster on this host: N embedding servers and one ranker, TCP on loopback."""
+    from flexemrd.hosts import build_local
+
+    try:
+        cfg = parse_config(
+            {
+                "daemon": {"role": "ranker", "instance": instance, "model": model_dir, "log_level": log_level},
+                "ranker": {"socket": socket_path, "engines": engines, "routing": routing, "max_batch": max_batch,
+                           "max_wait_ms": max_wait_ms, "mapping": mapping, "credits": credits,
+                           "rebalance": rebalance, "metrics_port": metrics_port},
+                "embedding": {"threads": server_threads, "servers": n_servers},
+                "cache": {"policy": cache_policy, "capacity": cache_size, "budget": cache_budget},
+            },
+            source="flexemrd local",
+        )
+        setup_logging("supervisor", None, log_level)
+        from flexemr.model.loader import validate_model_dir
+
+        problems = validate_model_dir(model_dir)
+        if problems:
+            raise ModelError(problems)
+        sup = build_local(cfg, n_servers)
+    except (ConfigError, ModelError) as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot start: {e}")
+    logging.getLogger("flexemrd").info("starting local cluster: %d embedding servers, %d engines", n_servers, engines)
+    sys.exit(sup.run())
+
+
+def main() -> None:
+    cli(prog_name="flexemrd")
+
+
+if __name__ == "__main__":
+    main()

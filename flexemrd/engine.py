@@ -1,0 +1,322 @@
+"""Engine worker: owns a set of connections to embedding servers and one parallelism unit.
+
+With TCP the unit is the engine's own process, sockets and threads; with
+RDMA it is a thread domain + parent domain.  No two engines share a
+connection ("owned" mapping), so nothing on the hot path takes a lock.
+
+Threads, each the only producer or consumer of what it touches:
+
+    sender    drains the submission ring; sends each frame on its connection
+              straight from the ring slot (no copy in Python)
+    receiver  polls the connections; receives each response header, reserves
+              a completion-ring slot of the exact size and ``recv_into``s the
+              payload there, then rings the inference doorbell once
+    handoff   receives migrated connections (SCM_RIGHTS on an abstract unix
+              socket) from other engines
+
+Migration out: the inference puts SUB_MIGRATE(conn, to) in this engine's ring
+after the last subrequest it routes here for ``conn``; the sender waits until
+that connection's in-flight subrequests are answered, the receiver lets go of
+it, and the socket itself moves to the other process: nothing reconnects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import socket
+import struct
+import threading
+import time
+from typing import Callable
+
+from flexemr import enginemsg as em
+from flexemr.transport.base import Connection, Transport
+from flexemr.wire import codec
+from flexemr.wire.frame import HEADER_SIZE, ErrorCode, FrameType, pack_header_into
+
+logger = logging.getLogger(__name__)
+
+_HANDOFF = struct.Struct("<II64s")  # conn_id, server, address
+
+
+def handoff_address(instance: str, engine_id: int) -> bytes:
+    """Abstract-namespace unix address: nothing to clean up in the filesystem."""
+    return f"\0flexemr.{instance}.engine{engine_id}.handoff".encode()
+
+
+class ConnState:
+    __slots__ = ("conn", "sent", "received", "bytes_sent", "bytes_received", "rtt_ns", "sent_at")
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.sent = 0
+        self.received = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.rtt_ns: list[int] = []
+        self.sent_at: dict[int, int] = {}
+
+    @property
+    def inflight(self) -> int:
+        return self.sent - self.received
+
+
+class Engine:
+    """One engine worker's data path (the process entry is ``run_engine``)."""
+
+    def __init__(
+        self,
+        engine_id: int,
+        instance: str,
+        transport: Transport,
+        submission,
+        completion,
+        connections: dict[int, tuple[int, str]],
+        owned: list[int],
+        publish: Callable[["Engine"], None] | None = None,
+    ) -> None:
+        self.id = engine_id
+        self.instance = instance
+        self.transport = transport
+        self.sub = submission
+        self.comp = completion
+        self.directory = connections  # conn_id -> (server, address), all connections
+        self.conns: dict[int, ConnState] = {}
+        self._conns_changed = threading.Condition()
+        self.publish = publish or (lambda e: None)
+        self.stop = threading.Event()
+        self.subrequests = 0
+        self.busy_ns = 0
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._sel_ops: list[tuple[str, int, threading.Event | None]] = []
+        self._sel_lock = threading.Lock()
+        self._handoff = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._handoff.bind(handoff_address(instance, engine_id))
+        self._handoff.settimeout(0.2)
+        for cid in owned:
+            server, address = connections[cid]
+            self._add(transport.connect(address, cid, server))
+
+    # ---------------------------------------------------------------- ownership
+
+    def _add(self, conn: Connection) -> None:
+        with self._conns_changed:
+            self.conns[conn.conn_id] = ConnState(conn)
+            self._conns_changed.notify_all()
+        self._selector_op("add", conn.conn_id)
+
+    def _selector_op(self, op: str, conn_id: int, wait: bool = False) -> None:
+        done = threading.Event() if wait else None
+        with self._sel_lock:
+            self._sel_ops.append((op, conn_id, done))
+        os.write(self._wake_w, b"x")
+        if done is not None and not done.wait(10):
+            raise TimeoutError(f"receiver did not release connection {conn_id}")
+
+    def _apply_selector_ops(self) -> None:
+        with self._sel_lock:
+            ops, self._sel_ops = self._sel_ops, []
+        for op, cid, done in ops:
+            st = self.conns.get(cid)
+            if op == "add" and st is not None:
+                self._sel.register(st.conn.fileno(), selectors.EVENT_READ, cid)
+            elif op == "remove" and st is not None:
+                try:
+                    self._sel.unregister(st.conn.fileno())
+                except (KeyError, ValueError):
+                    pass
+            if done is not None:
+                done.set()
+
+    # ---------------------------------------------------------------- threads
+
+    def run(self) -> None:
+        threads = [
+            threading.Thread(target=self._receiver, name="receiver", daemon=True),
+            threading.Thread(target=self._handoff_loop, name="handoff", daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        try:
+            self._sender()
+        finally:
+            self.stop.set()
+            os.write(self._wake_w, b"x")
+            for t in threads:
+                t.join(2)
+            for st in list(self.conns.values()):
+                st.conn.close()
+            self._handoff.close()
+
+    def _sender(self) -> None:
+        last_pub = 0.0
+        while True:
+            msg = self.sub.read(timeout=0.2)
+            now = time.monotonic()
+            if now - last_pub > 0.1:
+                self.publish(self)
+                last_pub = now
+            if msg is None:
+                if self.stop.is_set():
+                    return
+                continue
+            kind = msg.kind
+            data = msg.data
+            cid, arg = em.PREFIX.unpack_from(data, 0)
+            try:
+                if kind == em.SUB_FRAME:
+                    self._send(cid, data[em.PREFIX_SIZE :])
+                elif kind == em.SUB_MIGRATE:
+                    self._migrate_out(cid, arg)
+                elif kind == em.SUB_STOP:
+                    msg.release()
+                    self._drain()
+                    return
+            finally:
+                if kind != em.SUB_STOP:
+                    msg.release()
+
+    def _send(self, cid: int, frame: memoryview) -> None:
+        st = self.conns.get(cid)
+        if st is None:
+            # The connection is migrating here: its socket arrives shortly.
+            with self._conns_changed:
+                self._conns_changed.wait_for(lambda: cid in self.conns or self.stop.is_set(), timeout=10)
+            st = self.conns.get(cid)
+            if st is None:
+                self._lost(cid, f"engine {self.id} does not own connection {cid}")
+                return
+        t0 = time.perf_counter_ns()
+        rid = struct.unpack_from("<Q", frame, 16)[0]
+        st.sent_at[rid] = t0
+        st.sent += 1
+        try:
+            st.bytes_sent += st.conn.send_frame([frame])
+        except OSError as e:
+            st.sent -= 1
+            st.sent_at.pop(rid, None)
+            self._lost(cid, f"send to server {st.conn.server} ({st.conn.address}) failed: {e}")
+            return
+        self.subrequests += 1
+        self.busy_ns += time.perf_counter_ns() - t0
+
+    def _drain(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while any(st.inflight for st in self.conns.values()) and time.monotonic() < deadline:
+            time.sleep(0.002)
+
+    def _migrate_out(self, cid: int, to_engine: int) -> None:
+        st = self.conns.get(cid)
+        if st is None:
+            return
+        deadline = time.monotonic() + 10
+        while st.inflight and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        self._selector_op("remove", cid, wait=True)
+        with self._conns_changed:
+            del self.conns[cid]
+        server, address = self.directory[cid]
+        handle = st.conn.detach()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                socket.send_fds(s, [_HANDOFF.pack(cid, server, address.encode())], [handle], 0,
+                                handoff_address(self.instance, to_engine))
+        finally:
+            os.close(handle)
+        logger.info("connection %d (server %d) handed to engine %d", cid, server, to_engine)
+        self.comp.write(em.PREFIX.pack(cid, to_engine), kind=em.COMP_MIGRATED, timeout=10)
+
+    def _handoff_loop(self) -> None:
+        while not self.stop.is_set():
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(self._handoff, _HANDOFF.size, 4)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not fds:
+                continue
+            cid, server, address = _HANDOFF.unpack(msg)
+            conn = self.transport.adopt(fds[0], cid, server, address.rstrip(b"\0").decode())
+            self._add(conn)
+            logger.info("adopted connection %d (server %d)", cid, server)
+
+    def _receiver(self) -> None:
+        while not self.stop.is_set():
+            events = self._sel.select(timeout=0.2)
+            for key, _ in events:
+                if key.data is None:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    self._apply_selector_ops()
+                    continue
+                st = self.conns.get(key.data)
+                if st is not None:
+                    self._receive_one(st)
+            self._apply_selector_ops()
+
+    def _receive_one(self, st: ConnState) -> None:
+        conn = st.conn
+        try:
+            h = conn.recv_header()
+        except (ConnectionError, OSError) as e:
+            self._unregister_dead(st, f"connection to server {conn.server} ({conn.address}) lost: {e}")
+            return
+        except Exception as e:  # ProtocolError: the stream is unusable
+            self._unregister_dead(st, f"server {conn.server} sent a bad frame: {e}")
+            return
+        size = em.PREFIX_SIZE + HEADER_SIZE + h.payload_len
+        if size > self.comp.max_message:
+            # Cannot land in the ring: drain it and answer the batch with an error.
+            payload = conn.recv_payload(h)
+            del payload
+            st.received += 1
+            msg = (f"a response of {h.payload_len} bytes from server {conn.server} does not fit the completion ring "
+                   f"(max {self.comp.max_message}); raise [ranker].ring_bytes or lower max_batch")
+            self.comp.write(em.PREFIX.pack(conn.conn_id, 0), *codec.encode_error(h.request_id, ErrorCode.TOO_LARGE, msg),
+                            kind=em.COMP_FRAME, timeout=10)
+            return
+        slot = None
+        while slot is None:
+            slot = self.comp.reserve(size, timeout=0.5)
+            if slot is None and self.stop.is_set():
+                return
+        em.PREFIX.pack_into(slot, 0, conn.conn_id, 0)
+        pack_header_into(slot, em.PREFIX_SIZE, h.type, h.request_id, h.payload_len, h.aux, h.flags)
+        try:
+            conn.recv_payload_into(h, slot[em.PREFIX_SIZE + HEADER_SIZE : size])
+        except (ConnectionError, OSError) as e:
+            self.comp.cancel()
+            self._unregister_dead(st, f"connection to server {conn.server} lost mid-frame: {e}")
+            return
+        self.comp.commit(size, kind=em.COMP_FRAME)
+        if h.type != FrameType.CREDIT:
+            st.received += 1
+            t0 = st.sent_at.pop(h.request_id, None)
+            if t0 is not None:
+                st.rtt_ns.append(time.perf_counter_ns() - t0)
+                if len(st.rtt_ns) > 1024:
+                    del st.rtt_ns[:512]
+        st.bytes_received += size
+
+    def _unregister_dead(self, st: ConnState, reason: str) -> None:
+        try:
+            self._sel.unregister(st.conn.fileno())
+        except (KeyError, ValueError):
+            pass
+        logger.error("%s", reason)
+        self._lost(st.conn.conn_id, reason)
+
+    def _lost(self, cid: int, reason: str) -> None:
+        self.comp.write(em.PREFIX.pack(cid, 0), reason.encode(), kind=em.COMP_LOST, timeout=10)
+
+
+def error_frame_for(request_id: int, message: str) -> list:
+    return codec.encode_error(request_id, ErrorCode.UNAVAILABLE, message)

@@ -1,0 +1,113 @@
+"""Build the supervisor of a host from a config: ranker, embedding, or the whole local cluster."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from functools import partial
+
+from flexemr.config import Config, split_hostport
+from flexemr.model.spec import load_spec
+from flexemr.routing.table import RoutingTable
+
+from flexemrd.ranker import RankerPlan, RankerResources, engine_main, inference_main
+from flexemrd.roles import embedding_main, embedding_plans
+from flexemrd.supervisor import ChildSpec, Supervisor
+
+logger = logging.getLogger(__name__)
+
+
+def _listen(address: str) -> socket.socket:
+    host, port = split_hostport(address)
+    return socket.create_server((host, port), backlog=128)
+
+
+def _embedding_children(cfg: Config, routing: RoutingTable, listeners: list[socket.socket], indices: list[int]) -> list[ChildSpec]:
+    spec = routing.spec
+    plans = embedding_plans(cfg, spec, routing, listeners, indices)
+    return [
+        ChildSpec(f"embedding[{p.index}]", partial(embedding_main, p), stop_order=2, keep_fds=(p.listener.fileno(),))
+        for p in plans
+    ]
+
+
+def _ranker_children(plan: RankerPlan) -> list[ChildSpec]:
+    from flexemrd.control_glue import engine_publisher, inference_hooks
+
+    children = [
+        ChildSpec(f"engine[{e}]", partial(engine_main, plan, e, publish=engine_publisher(plan, e)),
+                  cpu=plan.engine_cpus[e], stop_order=1)
+        for e in range(plan.engines)
+    ]
+    children.append(ChildSpec("inference", partial(inference_main, plan, hooks=inference_hooks(plan)), stop_order=0))
+    return children
+
+
+def build_ranker(cfg: Config) -> Supervisor:
+    spec = load_spec(cfg.daemon.model)
+    servers = list(cfg.ranker.servers)
+    routing = RoutingTable.build(spec, len(servers), cfg.ranker.routing)
+    plan = RankerPlan(cfg, cfg.daemon.instance, spec, routing, servers, cfg.ranker.socket or _default_socket(cfg))
+    return _supervisor(cfg, plan, _ranker_children(plan), [])
+
+
+def build_embedding(cfg: Config) -> Supervisor:
+    spec = load_spec(cfg.daemon.model)
+    routing = RoutingTable.build(spec, cfg.embedding.servers, cfg.embedding.routing)
+    listener = _listen(cfg.embedding.listen)
+    children = _embedding_children(cfg, routing, [listener], [cfg.embedding.index])
+    return Supervisor(children, graceful_timeout_s=cfg.daemon.graceful_timeout_s,
+                      shared_fds=(listener.fileno(),), on_ready=_print_ready(f"embedding server {cfg.embedding.index} "
+                                                                              f"on {cfg.embedding.listen}"))
+
+
+def build_local(cfg: Config, n_servers: int) -> Supervisor:
+    """The whole cluster on this host: N embedding servers on loopback + one ranker."""
+    spec = load_spec(cfg.daemon.model)
+    listeners = [socket.create_server(("127.0.0.1", 0), backlog=128) for _ in range(n_servers)]
+    servers = [f"127.0.0.1:{s.getsockname()[1]}" for s in listeners]
+    routing = RoutingTable.build(spec, n_servers, cfg.ranker.routing)
+    plan = RankerPlan(cfg, cfg.daemon.instance, spec, routing, servers, cfg.ranker.socket or _default_socket(cfg))
+    children = _embedding_children(cfg, routing, listeners, list(range(n_servers))) + _ranker_children(plan)
+    return _supervisor(cfg, plan, children, listeners)
+
+
+def _default_socket(cfg: Config) -> str:
+    from flexemr import naming
+
+    return naming.default_socket(cfg.daemon.instance)
+
+
+def _print_ready(what: str):
+    def on_ready(_sup: Supervisor) -> None:
+        print(f"flexemrd ready: {what}", flush=True)
+
+    return on_ready
+
+
+def _supervisor(cfg: Config, plan: RankerPlan, children: list[ChildSpec], listeners: list[socket.socket]) -> Supervisor:
+    from flexemrd.control_glue import SupervisorControl
+
+    res = RankerResources(plan)
+    control = SupervisorControl(plan, res)
+    n_srv = len(plan.servers)
+    what = (f"socket {plan.socket_path}, {plan.engines} engines, {n_srv} embedding servers, "
+            f"{len(plan.connections)} connections, instance {plan.instance!r}")
+    sup = Supervisor(
+        children,
+        create_resources=control.create,
+        unlink_resources=control.unlink,
+        graceful_timeout_s=cfg.daemon.graceful_timeout_s,
+        on_ready=lambda s: (control.on_ready(s), _print_ready(what)(s)),
+        on_tick=control.tick,
+        on_child_exit=control.on_child_exit,
+        shared_fds=tuple(s.fileno() for s in listeners),
+    )
+    control.supervisor = sup
+    return sup
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"flexemrd: {message}", file=sys.stderr)
+    sys.exit(code)

@@ -1,0 +1,225 @@
+"""Daemon configuration: TOML parsed once into frozen, typed sections.
+
+``load_config(path)`` reports every problem at once, each with its file and
+TOML key (``flexemr.toml: [ranker].engines: must be >= 1, got 0``) and a
+suggestion for a misspelt key.  Sizes accept ``"64MiB"``-style strings.
+Runtime-mutable state (cache size, connection owners) does not live here: it
+lives in the control segment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from pathlib import Path
+from typing import Any
+
+from flexemr.errors import ConfigError
+
+try:
+    import tomllib as _toml
+except ModuleNotFoundError:  # pragma: no cover
+    import tomli as _toml  # type: ignore[no-redef]
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.I)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(value: str | int) -> int:
+    """``"64MiB"``, ``"2GiB"``, ``"1.5GB"`` or a plain number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size must be >= 0, got {value}")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError(f"not a size: {value!r} (examples: 4096, 64MiB, 2GiB)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    role: str = "ranker"             # "ranker" or "embedding"
+    instance: str = "default"
+    model: str = ""
+    log_level: str = "info"
+    graceful_timeout_s: float = 10.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RankerConfig:
+    socket: str = ""                 # unix socket of the inference API ("" = runtime dir default)
+    socket_mode: int = 0o660
+    engines: int = 2
+    cpus: tuple[int, ...] = ()       # engine i pinned to cpus[i % len]; () = spread over the host
+    servers: tuple[str, ...] = ()    # "host:port" of embedding servers, index = routing server id
+    routing: str = "rows"            # "rows" or "tables"
+    connections_per_server: int = 1
+    max_batch: int = 4096            # samples coalesced into one batch
+    max_wait_ms: float = 1.0         # how long a lone request waits for company
+    max_inflight_batches: int = 4
+    ring_bytes: int = 64 << 20
+    max_request_bytes: int = 256 << 20
+    mapping: str = "owned"           # "owned" or "shared"
+    credits: str = "priority"        # "priority", "inband" or "off"
+    credits_per_connection: int = 4
+    rebalance: bool = True
+    rebalance_interval_s: float = 1.0
+    metrics_port: int = 0            # 0 = no metrics endpoint
+    metrics_addr: str = "127.0.0.1"
+    device: str = "auto"             # "auto", "cpu" or "cuda"
+    torch_threads: int = 0           # 0 = torch's default
+    transport: str = "auto"          # "auto", "tcp" or "rdma"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EmbeddingConfig:
+    listen: str = "127.0.0.1:7001"
+    index: int = 0                   # this server's id in the routing table
+    servers: int = 1                 # how many servers share the tables
+    routing: str = "rows"
+    threads: int = 1                 # torch intra-op threads for pooling
+    max_payload: int = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CacheConfig:
+    policy: str = "off"              # "adaptive", "fixed" or "off"
+    capacity: int = 64 << 20         # fixed capacity, and the start of adaptive
+    budget: int = 2 << 30            # CPU: memory the NN and the cache may share; GPU: device memory
+    margin: int = 64 << 20
+    window_s: float = 1.0
+    admission: str = "lru"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Config:
+    daemon: DaemonConfig = dataclasses.field(default_factory=DaemonConfig)
+    ranker: RankerConfig = dataclasses.field(default_factory=RankerConfig)
+    embedding: EmbeddingConfig = dataclasses.field(default_factory=EmbeddingConfig)
+    cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
+    source: str = "<defaults>"
+
+
+_SECTIONS = {"daemon": DaemonConfig, "ranker": RankerConfig, "embedding": EmbeddingConfig, "cache": CacheConfig}
+_SIZE_KEYS = {"ring_bytes", "max_request_bytes", "max_payload", "capacity", "budget", "margin"}
+_CHOICES = {
+    ("daemon", "role"): ("ranker", "embedding"),
+    ("daemon", "log_level"): ("debug", "info", "warning", "error"),
+    ("ranker", "routing"): ("rows", "tables"),
+    ("embedding", "routing"): ("rows", "tables"),
+    ("ranker", "mapping"): ("owned", "shared"),
+    ("ranker", "credits"): ("priority", "inband", "off"),
+    ("ranker", "device"): ("auto", "cpu", "cuda"),
+    ("ranker", "transport"): ("auto", "tcp", "rdma"),
+    ("cache", "policy"): ("adaptive", "fixed", "off"),
+    ("cache", "admission"): ("lru", "tinylfu"),
+}
+_POSITIVE = {"engines", "connections_per_server", "max_batch", "max_inflight_batches", "servers", "threads",
+             "credits_per_connection"}
+
+
+def _coerce(section: str, key: str, default: Any, value: Any, where: str, problems: list[str]) -> Any:
+    kind = type(default)
+    if key in _SIZE_KEYS:
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            problems.append(f"{where}: {e}")
+            return default
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            problems.append(f"{where}: must be true or false, got {value!r}")
+            return default
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, list):
+            problems.append(f"{where}: must be a list, got {value!r}")
+            return default
+        return tuple(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) != isinstance(default, bool):
+        problems.append(f"{where}: must be {kind.__name__}, got {value!r}")
+        return default
+    choices = _CHOICES.get((section, key))
+    if choices and value not in choices:
+        problems.append(f"{where}: must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return default
+    if key in _POSITIVE and value < 1:
+        problems.append(f"{where}: must be >= 1, got {value!r}")
+        return default
+    return value
+
+
+def parse_config(doc: dict, source: str = "<config>", overrides: dict | None = None) -> Config:
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    for name in doc:
+        if name not in _SECTIONS:
+            hint = difflib.get_close_matches(name, list(_SECTIONS), n=1)
+            problems.append(f"{source}: [{name}]: unknown section" + (f" (did you mean [{hint[0]}]?)" if hint else ""))
+    for name, cls in _SECTIONS.items():
+        raw = dict(doc.get(name, {}) or {})
+        raw.update((overrides or {}).get(name, {}))
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            where = f"{source}: [{name}].{key}"
+            if key not in fields:
+                hint = difflib.get_close_matches(key, list(fields), n=1)
+                problems.append(f"{where}: unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+                continue
+            f = fields[key]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            values[key] = _coerce(name, key, default, value, where, problems)
+        sections[name] = cls(**values)
+    cfg = Config(**sections, source=source)
+    problems += _cross_checks(cfg)
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    problems = []
+    src = cfg.source
+    if not re.match(r"^[A-Za-z0-9_-]{1,32}$", cfg.daemon.instance):
+        problems.append(f"{src}: [daemon].instance: {cfg.daemon.instance!r} must match [A-Za-z0-9_-]{{1,32}}")
+    if cfg.daemon.role == "ranker":
+        for i, s in enumerate(cfg.ranker.servers):
+            if not isinstance(s, str) or not re.match(r"^[^:\s]+:\d{1,5}$", s):
+                problems.append(f"{src}: [ranker].servers[{i}]: {s!r} must be \"host:port\"")
+    if cfg.daemon.role == "embedding":
+        e = cfg.embedding
+        if not re.match(r"^[^:\s]*:\d{1,5}$", e.listen):
+            problems.append(f"{src}: [embedding].listen: {e.listen!r} must be \"host:port\"")
+        if not (0 <= e.index < e.servers):
+            problems.append(f"{src}: [embedding].index: {e.index} must be in 0..{e.servers - 1} ([embedding].servers = {e.servers})")
+    return problems
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> Config:
+    """Read, parse and validate a TOML config file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config: {e.strerror}") from None
+    try:
+        doc = _toml.loads(text)
+    except _toml.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    cfg = parse_config(doc, str(p), overrides)
+    if cfg.daemon.role and not cfg.daemon.model:
+        raise ConfigError(f"{p}: [daemon].model: required (path of the model directory)")
+    return cfg
+
+
+def split_hostport(s: str) -> tuple[str, int]:
+    host, _, port = s.rpartition(":")
+    return host or "0.0.0.0", int(port)

@@ -1,0 +1,34 @@
+"""DATA PATH: messages on the rings between the inference process and engines.
+
+Every ring message starts with an 8-byte prefix ``u32 conn_id, u32 arg``; the
+ring's own ``kind`` field says what follows::
+
+    submission ring (inference -> engine)
+      SUB_FRAME     prefix(conn, 0)        | a complete wire frame to send as is
+      SUB_MIGRATE   prefix(conn, engine)   | hand ``conn`` to ``engine`` once its
+                                             in-flight subrequests are answered
+                                             (everything for ``conn`` before this
+                                             marker was submitted here)
+      SUB_STOP      prefix(0, 0)           | finish what is queued, then exit
+
+    completion ring (engine -> inference)
+      COMP_FRAME    prefix(conn, 0)        | 32-byte header + payload, received
+                                             straight into the slot
+      COMP_LOST     prefix(conn, 0)        | utf-8 reason: the connection failed
+      COMP_MIGRATED prefix(conn, engine)   | the connection now lives in ``engine``
+"""
+
+from __future__ import annotations
+
+import struct
+
+PREFIX = struct.Struct("<II")
+PREFIX_SIZE = PREFIX.size
+
+SUB_FRAME = 1
+SUB_MIGRATE = 2
+SUB_STOP = 3
+
+COMP_FRAME = 1
+COMP_LOST = 2
+COMP_MIGRATED = 3
