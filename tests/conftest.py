@@ -1,0 +1,89 @@
+"""Shared fixtures: unique instance names, model directories, a running local cluster."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def instance() -> str:
+    """A unique instance name; every segment it names is unlinked afterwards."""
+    name = "t" + uuid.uuid4().hex[:10]
+    yield name
+    from flexemr import naming
+
+    naming.unlink_instance_segments(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from flexemr.model.presets import init_model_dir
+
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    init_model_dir(out, "tiny", seed=7)
+    return out
+
+
+class LocalCluster:
+    """``flexemrd local`` as a real subprocess tree."""
+
+    def __init__(self, model: Path, tmp: Path, servers: int = 3, engines: int = 2, extra: list[str] | None = None,
+                 instance: str | None = None) -> None:
+        self.instance = instance or "t" + uuid.uuid4().hex[:10]
+        self.socket = str(tmp / f"{self.instance}.sock")
+        self.log = tmp / f"{self.instance}.log"
+        cmd = [sys.executable, "-m", "flexemrd", "local", "--model", str(model), "--embedding-servers", str(servers),
+               "--engines", str(engines), "--socket", self.socket, "--instance", self.instance, *(extra or [])]
+        self._logf = open(self.log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._logf, text=True, cwd=REPO)
+        deadline = time.monotonic() + 180
+        line = ""
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if "ready" in line or not line:
+                break
+        if "ready" not in line:
+            self.proc.kill()
+            raise RuntimeError(f"flexemrd local did not become ready:\n{self.log.read_text()[-4000:]}")
+
+    def children(self) -> list[int]:
+        import psutil
+
+        try:
+            return [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._logf.close()
+        from flexemr import naming
+
+        naming.unlink_instance_segments(self.instance)
+        return self.proc.returncode
+
+    def logs(self) -> str:
+        return self.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model, tmp_path_factory):
+    c = LocalCluster(tiny_model, tmp_path_factory.mktemp("cluster"))
+    yield c
+    c.stop()
