@@ -14,10 +14,13 @@ longer be resynchronised; the process and other connections are unaffected.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
+import queue
 import socket
 import threading
+import time
 import warnings
 from typing import Callable, Sequence
 
@@ -31,7 +34,7 @@ from flexemr.model.tables import open_tables
 from flexemr.routing.table import Shard
 from flexemr.types import Pooling
 from flexemr.wire import codec
-from flexemr.wire.frame import DEFAULT_MAX_PAYLOAD, ErrorCode, FrameType, pack_header
+from flexemr.wire.frame import DEFAULT_MAX_PAYLOAD, ErrorCode, FrameFlag, FrameType, pack_header
 from flexemr.wire.stream import FrameReader, send_buffers
 
 logger = logging.getLogger(__name__)
@@ -134,6 +137,55 @@ class EmbeddingStore:
         return st.weight.numpy()[ids]
 
 
+class CreditPool:
+    """Response slots a ranker connection has granted this server (FlexEMR 3.2).
+
+    A response is sent only against a credit.  Credits arrive on the priority
+    channel (a separate connection) or in band on lookups; either way they are
+    applied by the thread that reads them, never by the one waiting to send.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.credits = 0
+        self.received = 0
+        self.waits = 0
+        self.wait_ns = 0
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self.credits += n
+            self.received += n
+            self._cond.notify_all()
+
+    def take(self, stop: threading.Event) -> bool:
+        with self._cond:
+            if self.credits <= 0:
+                self.waits += 1
+                t0 = time.perf_counter_ns()
+                while self.credits <= 0 and not stop.is_set():
+                    self._cond.wait(0.2)
+                self.wait_ns += time.perf_counter_ns() - t0
+            if self.credits <= 0:
+                return False
+            self.credits -= 1
+            return True
+
+
+class _ConnCtx:
+    """Per-connection state: a send lock (reader and worker both answer) and its credits."""
+
+    __slots__ = ("sock", "peer", "send_lock", "pool", "work", "worker")
+
+    def __init__(self, sock: socket.socket, peer) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.send_lock = threading.Lock()
+        self.pool: CreditPool | None = None
+        self.work: "queue.Queue | None" = None
+        self.worker: threading.Thread | None = None
+
+
 class EmbeddingServer:
     """Accepts ranker connections on a TCP socket and serves each in a thread."""
 
@@ -150,13 +202,15 @@ class EmbeddingServer:
         self.name = name
         self.max_payload = max_payload
         if sock is None:
-            sock = socket.create_server((host, port), backlog=128, reuse_port=False)
+            sock = socket.create_server((host, port), backlog=128)
         self.sock = sock
         self.address = sock.getsockname()[:2]
         self._stop = threading.Event()
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
-        self.stats = {"lookups": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "connections": 0}
+        self._pools: dict[str, CreditPool] = {}
+        self._credit_lat = collections.deque(maxlen=8192)
+        self.stats = {k: 0 for k in codec.SERVER_STATS}
 
     def serve_forever(self, on_ready: Callable[[], None] | None = None) -> None:
         self.sock.settimeout(0.2)
@@ -189,9 +243,33 @@ class EmbeddingServer:
                 except OSError:
                     pass
 
+    def _pool(self, key: str) -> CreditPool:
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is None:
+                pool = self._pools[key] = CreditPool()
+            return pool
+
+    def counters(self) -> list[int]:
+        lat = np.fromiter(self._credit_lat, dtype=np.int64) if self._credit_lat else None
+        pools = list(self._pools.values())
+        s = dict(self.stats)
+        s["credits_received"] = sum(p.received for p in pools)
+        s["credit_waits"] = sum(p.waits for p in pools)
+        s["credit_wait_ns"] = sum(p.wait_ns for p in pools)
+        if lat is not None:
+            s["credit_latency_p50_ns"], s["credit_latency_p99_ns"] = (int(x) for x in np.percentile(lat, [50, 99]))
+            s["credit_samples"] = len(lat)
+        return [max(0, int(s.get(k, 0))) for k in codec.SERVER_STATS]
+
     # ------------------------------------------------------------ per connection
 
+    def _send(self, ctx: _ConnCtx, frame: list) -> None:
+        with ctx.send_lock:
+            self.stats["bytes_out"] += send_buffers(ctx.sock, frame)
+
     def _serve_conn(self, conn: socket.socket, peer) -> None:
+        ctx = _ConnCtx(conn, peer)
         reader = FrameReader(conn, self.max_payload)
         try:
             while not self._stop.is_set():
@@ -203,50 +281,110 @@ class EmbeddingServer:
                     self.stats["errors"] += 1
                     skip = _oversized_length(reader)
                     if skip is not None:
-                        send_buffers(conn, codec.encode_error(_request_id(reader), ErrorCode.TOO_LARGE, str(e)))
+                        self._send(ctx, codec.encode_error(_request_id(reader), ErrorCode.TOO_LARGE, str(e)))
                         reader.skip(skip)
                         continue
-                    send_buffers(conn, codec.encode_error(0, ErrorCode.BAD_FRAME, str(e)))
+                    self._send(ctx, codec.encode_error(0, ErrorCode.BAD_FRAME, str(e)))
                     logger.warning("closing connection from %s: %s", peer, e)
                     return
-                payload = reader.read_payload(h)
                 self.stats["bytes_in"] += 32 + h.payload_len
-                try:
-                    reply = self._handle(h, payload)
-                except RequestRejected as e:
-                    self.stats["errors"] += 1
-                    reply = codec.encode_error(h.request_id, e.code, str(e))
-                except ProtocolError as e:
-                    self.stats["errors"] += 1
-                    reply = codec.encode_error(h.request_id, e.code, str(e))
-                except Exception as e:  # a bug must not take the server down
-                    logger.exception("request %d failed", h.request_id)
-                    reply = codec.encode_error(h.request_id, ErrorCode.INTERNAL, f"internal error: {e}")
+                if ctx.work is not None and h.type in (FrameType.LOOKUP, FrameType.FETCH):
+                    # Flow-controlled: a worker pools and waits for credits, so this
+                    # thread keeps reading (and applying in-band credits) meanwhile.
+                    payload = reader.read_payload_owned(h)
+                    if h.flags & FrameFlag.INBAND_CREDIT and h.type == FrameType.LOOKUP:
+                        self._credit(ctx.pool, h.aux, codec.inband_grant_ns(payload))
+                    ctx.work.put((h, payload))
+                    continue
+                payload = reader.read_payload(h)
+                if h.type == FrameType.CREDIT:
+                    pool = ctx.pool if ctx.pool is not None else None
+                    if pool is not None:
+                        self._credit(pool, h.aux, codec.decode_credit(payload))
+                    continue
+                if h.type == FrameType.HELLO:
+                    self._hello(ctx, h, payload)
+                    continue
+                reply = self._answer(h, payload)
                 if reply is not None:
-                    self.stats["bytes_out"] += send_buffers(conn, reply)
+                    self._send(ctx, reply)
         except (ConnectionError, OSError):
             pass
         finally:
+            if ctx.work is not None:
+                ctx.work.put(None)
             with self._lock:
                 self._conns.discard(conn)
+            if ctx.worker is not None:
+                ctx.worker.join(5)
             conn.close()
+
+    def _credit(self, pool: CreditPool | None, n: int, granted_ns: int) -> None:
+        if pool is None:
+            return
+        if granted_ns:
+            self._credit_lat.append(time.monotonic_ns() - granted_ns)
+        pool.give(n)
+
+    def _hello(self, ctx: _ConnCtx, h, payload) -> None:
+        hello = codec.decode_hello(payload)
+        parts = hello.name.split("/")
+        if hello.role == codec.ROLE_RANKER and len(parts) == 3:
+            key, channel = "/".join(parts[:2]), parts[2]
+            pool = self._pool(key)
+            ctx.pool = pool
+            if channel == "data" and h.aux > 0:
+                pool.give(h.aux)
+                ctx.work = queue.Queue()
+                ctx.worker = threading.Thread(target=self._worker, args=(ctx,), daemon=True, name="worker")
+                ctx.worker.start()
+        self._send(ctx, codec.encode_hello(h.request_id, codec.ROLE_EMBEDDING, self.name, self.store.hello_shards()))
+
+    def _worker(self, ctx: _ConnCtx) -> None:
+        assert ctx.work is not None and ctx.pool is not None
+        while True:
+            item = ctx.work.get()
+            if item is None:
+                return
+            h, payload = item
+            reply = self._answer(h, payload)
+            if reply is None:
+                continue
+            if not ctx.pool.take(self._stop):
+                return
+            try:
+                self._send(ctx, reply)
+            except OSError:
+                return
+
+    def _answer(self, h, payload) -> list | None:
+        try:
+            return self._handle(h, payload)
+        except RequestRejected as e:
+            self.stats["errors"] += 1
+            return codec.encode_error(h.request_id, e.code, str(e))
+        except ProtocolError as e:
+            self.stats["errors"] += 1
+            return codec.encode_error(h.request_id, e.code, str(e))
+        except Exception as e:  # a bug must not take the server down
+            logger.exception("request %d failed", h.request_id)
+            return codec.encode_error(h.request_id, ErrorCode.INTERNAL, f"internal error: {e}")
 
     def _handle(self, h, payload) -> list | None:
         t = h.type
         if t == FrameType.LOOKUP:
-            req = codec.decode_lookup(payload)
+            req = codec.decode_lookup(payload, h.flags)
             pooled = self.store.pool(req)
             self.stats["lookups"] += 1
             return codec.encode_lookup_response(h.request_id, req.table_ids, [p.numpy() for p in pooled])
         if t == FrameType.FETCH:
             tid, ids = codec.decode_fetch(payload)
+            self.stats["fetches"] += 1
             return codec.encode_fetch_response(h.request_id, tid, self.store.fetch(tid, ids))
-        if t == FrameType.HELLO:
-            return codec.encode_hello(h.request_id, codec.ROLE_EMBEDDING, self.name, self.store.hello_shards())
         if t == FrameType.PING:
             return [pack_header(FrameType.PONG, h.request_id, 0)]
-        if t == FrameType.CREDIT:
-            return None
+        if t == FrameType.STATS:
+            return codec.encode_stats(h.request_id, self.counters())
         raise RequestRejected(ErrorCode.UNSUPPORTED, f"an embedding server does not serve {FrameType(t).name} frames")
 
 

@@ -34,7 +34,7 @@ from typing import Callable
 from flexemr import enginemsg as em
 from flexemr.transport.base import Connection, Transport
 from flexemr.wire import codec
-from flexemr.wire.frame import HEADER_SIZE, ErrorCode, FrameType, pack_header_into
+from flexemr.wire.frame import HEADER_SIZE, ErrorCode, FrameFlag, FrameType, pack_header_into
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,18 @@ def handoff_address(instance: str, engine_id: int) -> bytes:
 
 
 class ConnState:
-    __slots__ = ("conn", "sent", "received", "bytes_sent", "bytes_received", "rtt_ns", "sent_at")
+    __slots__ = ("conn", "credit_conn", "sent", "received", "bytes_sent", "bytes_received", "rtt_ns", "sent_at",
+                 "grants_made", "grants_sent", "grant_ns", "granted")
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, credit_conn: Connection | None = None) -> None:
         self.conn = conn
+        self.credit_conn = credit_conn
+        # In-band credits: the receiver counts grants made, the sender grants sent;
+        # two single-writer counters instead of one shared one (no lost updates).
+        self.grants_made = 0
+        self.grants_sent = 0
+        self.grant_ns = 0
+        self.granted = 0
         self.sent = 0
         self.received = 0
         self.bytes_sent = 0
@@ -76,8 +84,16 @@ class Engine:
         connections: dict[int, tuple[int, str]],
         owned: list[int],
         publish: Callable[["Engine"], None] | None = None,
+        credits: str = "off",
+        credits_per_connection: int = 4,
+        token: str = "ranker",
+        expected_shards: dict[int, list[tuple[int, int, int, int]]] | None = None,
     ) -> None:
         self.id = engine_id
+        self.credit_mode = credits
+        self.initial_credits = credits_per_connection if credits != "off" else 0
+        self.token = token
+        self.expected_shards = expected_shards or {}
         self.instance = instance
         self.transport = transport
         self.sub = submission
@@ -100,13 +116,44 @@ class Engine:
         self._handoff.settimeout(0.2)
         for cid in owned:
             server, address = connections[cid]
-            self._add(transport.connect(address, cid, server))
+            self._add(*self._open(cid, server, address))
+
+    def _open(self, cid: int, server: int, address: str) -> tuple[Connection, Connection | None]:
+        """Connect, introduce ourselves, check the server holds what routing expects."""
+        conn = self.transport.connect(address, cid, server)
+        self._hello(conn, "data", self.initial_credits)
+        credit_conn = None
+        if self.credit_mode == "priority":
+            credit_conn = self.transport.connect(address, cid, server, priority=True)
+            self._hello(credit_conn, "credit", 0)
+        return conn, credit_conn
+
+    def _hello(self, conn: Connection, channel: str, credits: int) -> None:
+        from flexemr.errors import ProtocolError
+
+        conn.send_frame(_hello_frame(self.token, conn.conn_id, channel, credits))
+        h = conn.recv_header()
+        payload = conn.recv_payload(h)
+        if h.type == FrameType.ERROR:
+            raise ProtocolError(f"server {conn.server} ({conn.address}) refused us: {codec.decode_error(payload)}")
+        if h.type != FrameType.HELLO:
+            raise ProtocolError(f"server {conn.server} ({conn.address}) answered HELLO with frame type {h.type}")
+        hello = codec.decode_hello(payload)
+        want = self.expected_shards.get(conn.server)
+        if want is not None and channel == "data":
+            got = sorted((int(r["table_id"]), int(r["start"]), int(r["end"])) for r in hello.shards)
+            exp = sorted((t, a, b) for t, _d, a, b in want)
+            if got != exp:
+                raise ProtocolError(
+                    f"server {conn.server} at {conn.address} ({hello.name}) holds shards {got[:4]}... but this ranker's "
+                    f"routing expects {exp[:4]}...: check [embedding].index, servers and routing on that host"
+                )
 
     # ---------------------------------------------------------------- ownership
 
-    def _add(self, conn: Connection) -> None:
+    def _add(self, conn: Connection, credit_conn: Connection | None = None) -> None:
         with self._conns_changed:
-            self.conns[conn.conn_id] = ConnState(conn)
+            self.conns[conn.conn_id] = ConnState(conn, credit_conn)
             self._conns_changed.notify_all()
         self._selector_op("add", conn.conn_id)
 
@@ -155,8 +202,13 @@ class Engine:
 
     def _sender(self) -> None:
         last_pub = 0.0
+        # In-band credits need a short wait so grants never sit idle for long;
+        # the priority mode sends them from the receiver and can sleep deeply.
+        wait_s = 0.001 if self.credit_mode == "inband" else 0.2
         while True:
-            msg = self.sub.read(timeout=0.2)
+            msg = self.sub.read(timeout=wait_s)
+            if self.credit_mode == "inband":
+                self._flush_inband(exclude=None if msg is None else em.PREFIX.unpack_from(msg.data, 0)[0])
             now = time.monotonic()
             if now - last_pub > 0.1:
                 self.publish(self)
@@ -193,6 +245,13 @@ class Engine:
                 return
         t0 = time.perf_counter_ns()
         rid = struct.unpack_from("<Q", frame, 16)[0]
+        n = st.grants_made - st.grants_sent
+        if n and self.credit_mode == "inband":
+            # Piggyback: patch flags/aux and the reserved trailer in the ring slot itself.
+            st.grants_sent += n
+            struct.pack_into("<II", frame, 8, FrameFlag.INBAND_CREDIT, n)
+            struct.pack_into("<Q", frame, len(frame) - 8, st.grant_ns)
+            st.granted += n
         st.sent_at[rid] = t0
         st.sent += 1
         try:
@@ -204,6 +263,31 @@ class Engine:
             return
         self.subrequests += 1
         self.busy_ns += time.perf_counter_ns() - t0
+
+    def _flush_inband(self, exclude: int | None) -> None:
+        """Send in-band credits that found no lookup to ride on, on the data connection."""
+        for cid, st in list(self.conns.items()):
+            n = st.grants_made - st.grants_sent
+            if n and cid != exclude:
+                st.grants_sent += n
+                try:
+                    st.conn.send_frame(codec.encode_credit(cid, n, st.grant_ns))
+                    st.granted += n
+                except OSError:
+                    pass
+
+    def _grant(self, st: ConnState) -> None:
+        """One response slot is free again: give the server its credit back."""
+        if self.credit_mode == "priority" and st.credit_conn is not None:
+            try:
+                st.credit_conn.send_frame(codec.encode_credit(st.conn.conn_id, 1, time.monotonic_ns()))
+                st.granted += 1
+            except OSError:
+                pass
+        elif self.credit_mode == "inband":
+            if st.grants_made == st.grants_sent:
+                st.grant_ns = time.monotonic_ns()
+            st.grants_made += 1
 
     def _drain(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -221,13 +305,16 @@ class Engine:
         with self._conns_changed:
             del self.conns[cid]
         server, address = self.directory[cid]
-        handle = st.conn.detach()
+        handles = [st.conn.detach()]
+        if st.credit_conn is not None:
+            handles.append(st.credit_conn.detach())
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                socket.send_fds(s, [_HANDOFF.pack(cid, server, address.encode())], [handle], 0,
+                socket.send_fds(s, [_HANDOFF.pack(cid, server, address.encode())], handles, 0,
                                 handoff_address(self.instance, to_engine))
         finally:
-            os.close(handle)
+            for h in handles:
+                os.close(h)
         logger.info("connection %d (server %d) handed to engine %d", cid, server, to_engine)
         self.comp.write(em.PREFIX.pack(cid, to_engine), kind=em.COMP_MIGRATED, timeout=10)
 
@@ -242,8 +329,10 @@ class Engine:
             if not fds:
                 continue
             cid, server, address = _HANDOFF.unpack(msg)
-            conn = self.transport.adopt(fds[0], cid, server, address.rstrip(b"\0").decode())
-            self._add(conn)
+            addr = address.rstrip(b"\0").decode()
+            conn = self.transport.adopt(fds[0], cid, server, addr)
+            credit_conn = self.transport.adopt(fds[1], cid, server, addr) if len(fds) > 1 else None
+            self._add(conn, credit_conn)
             logger.info("adopted connection %d (server %d)", cid, server)
 
     def _receiver(self) -> None:
@@ -297,6 +386,8 @@ class Engine:
             self._unregister_dead(st, f"connection to server {conn.server} lost mid-frame: {e}")
             return
         self.comp.commit(size, kind=em.COMP_FRAME)
+        if self.initial_credits:
+            self._grant(st)
         if h.type != FrameType.CREDIT:
             st.received += 1
             t0 = st.sent_at.pop(h.request_id, None)
@@ -318,5 +409,8 @@ class Engine:
         self.comp.write(em.PREFIX.pack(cid, 0), reason.encode(), kind=em.COMP_LOST, timeout=10)
 
 
-def error_frame_for(request_id: int, message: str) -> list:
-    return codec.encode_error(request_id, ErrorCode.UNAVAILABLE, message)
+def _hello_frame(token: str, conn_id: int, channel: str, credits: int) -> list:
+    frame = codec.encode_hello(0, codec.ROLE_RANKER, f"{token}/{conn_id}/{channel}")
+    # aux of a ranker's HELLO = the credits it grants up front (0: no flow control)
+    frame[0] = codec.pack_header(FrameType.HELLO, 0, struct.unpack_from("<Q", frame[0], 24)[0], aux=credits)
+    return frame

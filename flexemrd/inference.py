@@ -113,7 +113,9 @@ class InferenceService:
         max_request_bytes: int = 256 << 20,
         request_timeout_s: float = 30.0,
         cache=None,
+        inband_credits: bool = False,
     ) -> None:
+        self.inband_credits = inband_credits
         self.spec = spec
         self.routing = routing
         self.connections = connections
@@ -336,7 +338,8 @@ class InferenceService:
             cid = next(self._rr[server])
             rid = next(self.rids)
             batch.parts[rid] = (cid, part.tables, part.lengths)
-            frames.append((cid, rid, codec.encode_lookup(rid, size, part.tables, part.lengths, part.values)))
+            frames.append((cid, rid, codec.encode_lookup(rid, size, part.tables, part.lengths, part.values,
+                                                         credit_trailer=self.inband_credits)))
         with self.pending_lock:
             for _cid, rid, _f in frames:
                 self.pending[rid] = batch

@@ -43,8 +43,10 @@ class RankerPlan:
     connections: dict[int, tuple[int, str]] = dataclasses.field(default_factory=dict)
     owners: dict[int, int] = dataclasses.field(default_factory=dict)
     engine_cpus: list[int | None] = dataclasses.field(default_factory=list)
+    token: str = ""                             # identifies this ranker run to the servers
 
     def __post_init__(self) -> None:
+        self.token = self.token or f"{self.instance}.{os.getpid()}.{time.time_ns() & 0xFFFFFF:x}"
         r = self.cfg.ranker
         cid = 0
         for server, addr in enumerate(self.servers):
@@ -115,7 +117,12 @@ def engine_main(plan: RankerPlan, engine_id: int, ready: ReadyPipe, publish=None
     sub, comp = Ring.attach(sub_name), Ring.attach(comp_name)
     transport = select_transport(plan.cfg.ranker.transport)
     owned = [c for c, e in plan.owners.items() if e == engine_id]
-    engine = Engine(engine_id, plan.instance, transport, sub, comp, plan.connections, owned, publish=publish)
+    expected = {srv: [(plan.spec.table_index(sh.table), plan.spec.table(sh.table).dim, sh.start, sh.end)
+                      for sh in plan.routing.shards_of(srv)] for srv in range(len(plan.servers))}
+    r = plan.cfg.ranker
+    engine = Engine(engine_id, plan.instance, transport, sub, comp, plan.connections, owned, publish=publish,
+                    credits=r.credits, credits_per_connection=r.credits_per_connection, token=plan.token,
+                    expected_shards=expected)
     signal.signal(signal.SIGTERM, lambda *_: engine.stop.set())
     logger.info("owning connections %s over %s", owned, transport.name)
     ready.ready()
@@ -147,6 +154,7 @@ def inference_main(plan: RankerPlan, ready: ReadyPipe, hooks=None) -> None:
         plan.spec, plan.routing, plan.connections, plan.owners, subs, comps, doorbell,
         dense_model=model, device=device, max_batch=r.max_batch, max_wait_s=r.max_wait_ms / 1e3,
         max_inflight=r.max_inflight_batches, max_request_bytes=r.max_request_bytes,
+        inband_credits=r.credits == "inband",
     )
     if hooks is not None:
         hooks(svc)

@@ -10,6 +10,7 @@ no per-element Python) and encodes as a list of buffers for ``sendmsg``::
       i64 values[sum(counts)]  ids, table-major, bag order
 
     LOOKUP        u32 B, u32 T | u32 table_ids[T] (pad) | KJT block
+                  [| u64 granted_ns  when flags has INBAND_CREDIT; aux = credits]
     LOOKUP_RESP   u32 B, u32 T | u32 table_ids[T] (pad) | u32 dims[T] (pad)
                   | f32 partial[B, dims[t]] for each t in order
     FETCH         u32 table_id, u32 0 | i64 ids[n]
@@ -23,7 +24,11 @@ no per-element Python) and encodes as a list of buffers for ``sendmsg``::
     ERROR         utf-8 message (aux = ErrorCode)
     HELLO         u32 role, u32 n_shards | n x (u32 table_id, u32 dim, u64 start, u64 end)
                   | utf-8 name
-    CREDIT        u64 sent_ns (CLOCK_MONOTONIC of the granter; aux = credits)
+    CREDIT        u64 sent_ns (CLOCK_MONOTONIC of the granter; aux = credits;
+                  request_id = the connection id the credits are for)
+    HELLO (ranker -> server) aux = initial credits (0: no flow control);
+                  name = "<ranker token>/<conn id>/<data|credit>"
+    STATS_RESP    u64 counters[len(SERVER_STATS)]
 
 Decoders check every size against the payload length before building a
 view, so truncated or hostile payloads raise ProtocolError, never IndexError
@@ -205,18 +210,27 @@ def encode_lookup(
     values: Sequence[np.ndarray],
     aux: int = 0,
     flags: int = 0,
+    credit_trailer: bool = False,
 ) -> list:
-    """Buffers (header first) of a LOOKUP frame; arrays are referenced, not copied."""
+    """Buffers (header first) of a LOOKUP frame; arrays are referenced, not copied.
+
+    ``credit_trailer`` reserves the in-band credit trailer (8 zero bytes) so the
+    engine can fill in credits and their grant time in place just before sending.
+    """
     tids = np.asarray(table_ids, dtype="<u4")
     counts = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
     w = _Writer()
     w.add(_U32x2.pack(batch, len(tids)))
     w.add(tids)
     _add_kjt(w, counts, lengths, values)
+    if credit_trailer:
+        w.add(_ZEROS)
     return [pack_header(FrameType.LOOKUP, request_id, w.size, aux, flags), *w.parts]
 
 
-def decode_lookup(payload) -> LookupRequest:
+def decode_lookup(payload, flags: int = 0) -> LookupRequest:
+    if flags & 1:  # INBAND_CREDIT: the last 8 bytes are the grant time, not sections
+        payload = memoryview(payload)[: max(0, len(payload) - 8)]
     r = _Reader(payload, "LOOKUP")
     batch, ntables = r.struct(_U32x2, "batch/tables")
     tids = r.array("<u4", ntables, "table_ids")
@@ -423,6 +437,25 @@ def decode_hello(payload) -> Hello:
     shards = r.array(_SHARD, n, "shards")
     name = bytes(r.buf[r.off :]).decode("utf-8", "replace")
     return Hello(role, name, shards)
+
+
+SERVER_STATS = ("lookups", "fetches", "errors", "bytes_in", "bytes_out", "connections", "credits_received",
+                "credit_waits", "credit_wait_ns", "credit_latency_p50_ns", "credit_latency_p99_ns", "credit_samples")
+
+
+def encode_stats(request_id: int, values: Sequence[int]) -> list:
+    arr = np.asarray(values, dtype="<u8")
+    return [pack_header(FrameType.STATS_RESP, request_id, arr.nbytes), arr]
+
+
+def decode_stats(payload) -> dict[str, int]:
+    arr = np.frombuffer(memoryview(payload), dtype="<u8")
+    return {k: int(v) for k, v in zip(SERVER_STATS, arr)}
+
+
+def inband_grant_ns(payload) -> int:
+    """Grant time of the credits a LOOKUP carries in band."""
+    return struct.unpack_from("<Q", payload, len(payload) - 8)[0]
 
 
 def encode_credit(request_id: int, credits: int, sent_ns: int) -> list:

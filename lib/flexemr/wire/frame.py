@@ -47,11 +47,13 @@ class FrameType(enum.IntEnum):
     CLIENT_LOOKUP_RESP = 11  # ranker -> client: pooled vectors per table
     PING = 12            # either direction: liveness; answered with PONG
     PONG = 13
+    STATS = 14           # ranker/tool -> server: counters request
+    STATS_RESP = 15      # server -> requester: fixed u64 counters (codec.SERVER_STATS)
 
 
 class FrameFlag(enum.IntFlag):
     NONE = 0
-    INBAND_CREDIT = 1    # LOOKUP carries credits in aux (in-band flow control mode)
+    INBAND_CREDIT = 1    # LOOKUP carries credits in aux and a u64 grant time after its sections
 
 
 class ErrorCode(enum.IntEnum):
