@@ -38,7 +38,9 @@ from flexemr.wire.frame import HEADER_SIZE, ErrorCode, FrameFlag, FrameType, pac
 
 logger = logging.getLogger(__name__)
 
-_HANDOFF = struct.Struct("<II64s")  # conn_id, server, address
+_HANDOFF = struct.Struct("<III64s")  # conn_id, server, kind, address
+HANDOFF_OWN = 0      # migration: the receiver becomes the owner
+HANDOFF_SHARE = 1    # "shared" mapping: a send-only copy for a non-owner engine
 
 
 def handoff_address(instance: str, engine_id: int) -> bytes:
@@ -88,7 +90,14 @@ class Engine:
         credits_per_connection: int = 4,
         token: str = "ranker",
         expected_shards: dict[int, list[tuple[int, int, int, int]]] | None = None,
+        shared_locks: dict[int, object] | None = None,
+        n_engines: int = 1,
     ) -> None:
+        # "shared" mapping (the contention FlexEMR removes, kept for comparison):
+        # every engine may send on every connection under a cross-process lock.
+        self.shared_locks = shared_locks
+        self.shared_send: dict[int, Connection] = {}
+        self.n_engines = n_engines
         self.id = engine_id
         self.credit_mode = credits
         self.initial_credits = credits_per_connection if credits != "off" else 0
@@ -117,6 +126,27 @@ class Engine:
         for cid in owned:
             server, address = connections[cid]
             self._add(*self._open(cid, server, address))
+
+    def share_connections(self) -> None:
+        """Shared mapping: give every other engine a send-only copy of our sockets."""
+        for cid, st in self.conns.items():
+            for e in range(self.n_engines):
+                if e != self.id:
+                    self._send_fds(e, cid, HANDOFF_SHARE, [st.conn.fileno()])
+
+    def _send_fds(self, to_engine: int, cid: int, kind: int, fds: list[int]) -> None:
+        server, address = self.directory[cid]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    socket.send_fds(s, [_HANDOFF.pack(cid, server, kind, address.encode())], fds, 0,
+                                    handoff_address(self.instance, to_engine))
+                    return
+                except (FileNotFoundError, ConnectionRefusedError):
+                    if time.monotonic() > deadline:  # the other engine never came up
+                        raise
+                    time.sleep(0.05)
 
     def _open(self, cid: int, server: int, address: str) -> tuple[Connection, Connection | None]:
         """Connect, introduce ourselves, check the server holds what routing expects."""
@@ -189,6 +219,8 @@ class Engine:
         ]
         for t in threads:
             t.start()
+        if self.shared_locks is not None:
+            self.share_connections()
         try:
             self._sender()
         finally:
@@ -234,6 +266,9 @@ class Engine:
                     msg.release()
 
     def _send(self, cid: int, frame: memoryview) -> None:
+        if self.shared_locks is not None:
+            self._send_shared(cid, frame)
+            return
         st = self.conns.get(cid)
         if st is None:
             # The connection is migrating here: its socket arrives shortly.
@@ -262,6 +297,33 @@ class Engine:
             self._lost(cid, f"send to server {st.conn.server} ({st.conn.address}) failed: {e}")
             return
         self.subrequests += 1
+        self.busy_ns += time.perf_counter_ns() - t0
+
+    def _send_shared(self, cid: int, frame: memoryview) -> None:
+        st = self.conns.get(cid)
+        conn = st.conn if st is not None else self.shared_send.get(cid)
+        if conn is None:
+            with self._conns_changed:
+                self._conns_changed.wait_for(lambda: cid in self.shared_send or cid in self.conns or self.stop.is_set(),
+                                             timeout=10)
+            st = self.conns.get(cid)
+            conn = st.conn if st is not None else self.shared_send.get(cid)
+            if conn is None:
+                self._lost(cid, f"engine {self.id} has no copy of connection {cid}")
+                return
+        t0 = time.perf_counter_ns()
+        lock = self.shared_locks[cid]
+        lock.acquire()
+        try:
+            conn.send_frame([frame])
+        except OSError as e:
+            self._lost(cid, f"send on shared connection {cid} failed: {e}")
+            return
+        finally:
+            lock.release()
+        self.subrequests += 1
+        if st is not None:
+            st.sent += 1
         self.busy_ns += time.perf_counter_ns() - t0
 
     def _flush_inband(self, exclude: int | None) -> None:
@@ -304,14 +366,12 @@ class Engine:
         self._selector_op("remove", cid, wait=True)
         with self._conns_changed:
             del self.conns[cid]
-        server, address = self.directory[cid]
+        server, _address = self.directory[cid]
         handles = [st.conn.detach()]
         if st.credit_conn is not None:
             handles.append(st.credit_conn.detach())
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                socket.send_fds(s, [_HANDOFF.pack(cid, server, address.encode())], handles, 0,
-                                handoff_address(self.instance, to_engine))
+            self._send_fds(to_engine, cid, HANDOFF_OWN, handles)
         finally:
             for h in handles:
                 os.close(h)
@@ -328,9 +388,14 @@ class Engine:
                 return
             if not fds:
                 continue
-            cid, server, address = _HANDOFF.unpack(msg)
+            cid, server, kind, address = _HANDOFF.unpack(msg)
             addr = address.rstrip(b"\0").decode()
             conn = self.transport.adopt(fds[0], cid, server, addr)
+            if kind == HANDOFF_SHARE:
+                with self._conns_changed:
+                    self.shared_send[cid] = conn
+                    self._conns_changed.notify_all()
+                continue
             credit_conn = self.transport.adopt(fds[1], cid, server, addr) if len(fds) > 1 else None
             self._add(conn, credit_conn)
             logger.info("adopted connection %d (server %d)", cid, server)

@@ -114,8 +114,12 @@ class InferenceService:
         request_timeout_s: float = 30.0,
         cache=None,
         inband_credits: bool = False,
+        shared_mapping: bool = False,
     ) -> None:
         self.inband_credits = inband_credits
+        # "shared" mapping: subrequests go to engines in turn, whoever owns the
+        # connection (engines then contend for per-connection locks).
+        self._engine_rr = itertools.cycle(range(len(submission))) if shared_mapping else None
         self.spec = spec
         self.routing = routing
         self.connections = connections
@@ -344,7 +348,7 @@ class InferenceService:
             for _cid, rid, _f in frames:
                 self.pending[rid] = batch
         for cid, rid, frame in frames:
-            engine = self.owners[cid]
+            engine = self.owners[cid] if self._engine_rr is None else next(self._engine_rr)
             ok = self.sub[engine].write(em.PREFIX.pack(cid, 0), *frame, kind=em.SUB_FRAME, timeout=self.request_timeout_s)
             if not ok:
                 self._complete_part(rid, error=f"engine {engine} did not accept the subrequest in time")
@@ -358,6 +362,8 @@ class InferenceService:
         old = self.owners[cid]
         if old == to_engine:
             return False
+        if self._engine_rr is not None:
+            raise ValueError("connections do not migrate under the \"shared\" mapping (every engine sends on all)")
         self.owners[cid] = to_engine
         self.sub[old].write(em.PREFIX.pack(cid, to_engine), kind=em.SUB_MIGRATE, timeout=10)
         logger.info("migrating connection %d from engine %d to engine %d", cid, old, to_engine)

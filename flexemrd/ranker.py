@@ -62,6 +62,13 @@ class RankerPlan:
     def engines(self) -> int:
         return self.cfg.ranker.engines
 
+    def lock_name(self, cid: int) -> str:
+        return naming.shm_name(self.instance, "lock", f"c{cid:03d}")
+
+    @property
+    def shared(self) -> bool:
+        return self.cfg.ranker.mapping == "shared"
+
     def ring_names(self, engine: int) -> tuple[str, str]:
         return naming.ring_names(self.instance, engine)
 
@@ -77,11 +84,17 @@ class RankerResources:
         self.plan = plan
         self.rings: list = []
         self.doorbell = None
+        self.locks: list = []
 
     def create(self) -> None:
+        import posix_ipc
+
         from flexemr.ring import Doorbell, Ring
 
         p = self.plan
+        if p.shared:
+            for cid in p.connections:
+                self.locks.append(posix_ipc.Semaphore(p.lock_name(cid), posix_ipc.O_CREX, initial_value=1))
         self.doorbell = Doorbell.create(p.doorbell_name)
         for e in range(p.engines):
             sub, comp = p.ring_names(e)
@@ -96,6 +109,13 @@ class RankerResources:
                 except Exception:
                     pass
         self.rings = []
+        for lock in self.locks:
+            try:
+                lock.unlink()
+                lock.close()
+            except Exception:
+                pass
+        self.locks = []
         if self.doorbell is not None:
             for fn in ("unlink", "close"):
                 try:
@@ -117,12 +137,17 @@ def engine_main(plan: RankerPlan, engine_id: int, ready: ReadyPipe, publish=None
     sub, comp = Ring.attach(sub_name), Ring.attach(comp_name)
     transport = select_transport(plan.cfg.ranker.transport)
     owned = [c for c, e in plan.owners.items() if e == engine_id]
+    locks = None
+    if plan.shared:
+        import posix_ipc
+
+        locks = {cid: posix_ipc.Semaphore(plan.lock_name(cid)) for cid in plan.connections}
     expected = {srv: [(plan.spec.table_index(sh.table), plan.spec.table(sh.table).dim, sh.start, sh.end)
                       for sh in plan.routing.shards_of(srv)] for srv in range(len(plan.servers))}
     r = plan.cfg.ranker
     engine = Engine(engine_id, plan.instance, transport, sub, comp, plan.connections, owned, publish=publish,
                     credits=r.credits, credits_per_connection=r.credits_per_connection, token=plan.token,
-                    expected_shards=expected)
+                    expected_shards=expected, shared_locks=locks, n_engines=plan.engines)
     signal.signal(signal.SIGTERM, lambda *_: engine.stop.set())
     logger.info("owning connections %s over %s", owned, transport.name)
     ready.ready()
@@ -154,7 +179,7 @@ def inference_main(plan: RankerPlan, ready: ReadyPipe, hooks=None) -> None:
         plan.spec, plan.routing, plan.connections, plan.owners, subs, comps, doorbell,
         dense_model=model, device=device, max_batch=r.max_batch, max_wait_s=r.max_wait_ms / 1e3,
         max_inflight=r.max_inflight_batches, max_request_bytes=r.max_request_bytes,
-        inband_credits=r.credits == "inband",
+        inband_credits=r.credits == "inband", shared_mapping=plan.shared,
     )
     if hooks is not None:
         hooks(svc)
