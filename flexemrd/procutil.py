@@ -60,3 +60,44 @@ def sd_notify(state: str) -> bool:
         except OSError as e:
             logger.warning("sd_notify failed: %s", e)
             return False
+
+
+class TermFlag:
+    """SIGTERM as a plain flag.
+
+    The handler only assigns an attribute: it takes no lock, so it cannot
+    deadlock against the interrupted thread (``Event.set()`` in a handler can,
+    when the signal lands while the main thread holds that Event's lock in
+    ``Event.wait()``).  ``event()`` turns it into an Event for other threads
+    through a small poller thread.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
+        self.set = False
+        for sig in signals:
+            signal.signal(sig, self._handler)
+
+    def _handler(self, _sig, _frame) -> None:
+        self.set = True
+
+    def wait(self, timeout: float | None = None, poll_s: float = 0.05) -> bool:
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.set:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)
+        return True
+
+    def event(self, poll_s: float = 0.05):
+        import threading
+
+        ev = threading.Event()
+
+        def poll() -> None:
+            self.wait(poll_s=poll_s)
+            ev.set()
+
+        threading.Thread(target=poll, name="term-poller", daemon=True).start()
+        return ev

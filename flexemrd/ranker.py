@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
 import threading
 import time
 
@@ -148,7 +147,10 @@ def engine_main(plan: RankerPlan, engine_id: int, ready: ReadyPipe, publish=None
     engine = Engine(engine_id, plan.instance, transport, sub, comp, plan.connections, owned, publish=publish,
                     credits=r.credits, credits_per_connection=r.credits_per_connection, token=plan.token,
                     expected_shards=expected, shared_locks=locks, n_engines=plan.engines)
-    signal.signal(signal.SIGTERM, lambda *_: engine.stop.set())
+    from flexemrd.procutil import TermFlag
+
+    term = TermFlag()
+    threading.Thread(target=lambda: (term.wait(), engine.stop.set()), name="term", daemon=True).start()
     logger.info("owning connections %s over %s", owned, transport.name)
     ready.ready()
     engine.run()
@@ -183,14 +185,14 @@ def inference_main(plan: RankerPlan, ready: ReadyPipe, hooks=None) -> None:
     )
     if hooks is not None:
         hooks(svc)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    from flexemrd.procutil import TermFlag
+
+    term = TermFlag()
     listener = bind_unix_socket(plan.socket_path, r.socket_mode)
     svc.start(listener)
     logger.info("serving %s (max_batch=%d, max_wait=%.1f ms)", plan.socket_path, r.max_batch, r.max_wait_ms)
     ready.ready()
-    while not stop.wait(0.5):
-        pass
+    term.wait(poll_s=0.1)
     logger.info("draining")
     t0 = time.monotonic()
     svc.drain_and_stop(plan.cfg.daemon.graceful_timeout_s)
@@ -198,9 +200,4 @@ def inference_main(plan: RankerPlan, ready: ReadyPipe, hooks=None) -> None:
         os.unlink(plan.socket_path)
     except FileNotFoundError:
         pass
-    for e in range(plan.engines):
-        # Tell engines nothing more is coming; they finish what is queued.
-        from flexemr import enginemsg as em
-
-        subs[e].write(em.PREFIX.pack(0, 0), kind=em.SUB_STOP, timeout=1)
     logger.info("drained in %.2f s", time.monotonic() - t0)

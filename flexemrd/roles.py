@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import socket
 import threading
 
@@ -24,9 +23,9 @@ logger = logging.getLogger(__name__)
 
 
 def _stop_event_on_term() -> threading.Event:
-    ev = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: ev.set())
-    return ev
+    from flexemrd.procutil import TermFlag
+
+    return TermFlag().event()
 
 
 # ---------------------------------------------------------------- embedding server
