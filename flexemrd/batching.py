@@ -66,24 +66,42 @@ def validate(spec: ModelSpec, req: ClientRequest, predict: bool) -> dict[int, tu
 
 
 class Accumulator:
-    """Global pooling of one table, fed partial pools as they arrive (FlexEMR 3.1.2)."""
+    """Global pooling of one table, fed partial pools as they arrive (FlexEMR 3.1.2).
 
-    __slots__ = ("pooling", "out", "lengths")
+    The first partial is copied in (no zero fill first); later ones are added
+    (sum, mean) or max-ed where that server pooled at least one id of the bag.
+    """
+
+    __slots__ = ("pooling", "out", "lengths", "empty")
 
     def __init__(self, pooling: Pooling, batch: int, dim: int, lengths: np.ndarray) -> None:
         self.pooling = pooling
         self.lengths = lengths
-        fill = -np.inf if pooling is Pooling.MAX else 0.0
-        self.out = np.full((batch, dim), fill, dtype=np.float32)
+        self.out = np.empty((batch, dim), dtype=np.float32)
+        self.empty = True
 
     def add(self, partial: np.ndarray, counts: np.ndarray) -> None:
         if self.pooling is Pooling.MAX:
-            np.maximum(self.out, partial, out=self.out, where=(counts > 0)[:, None])
+            has = (counts > 0)[:, None]
+            if self.empty:
+                np.copyto(self.out, np.float32(-np.inf))
+            np.maximum(self.out, partial, out=self.out, where=has)
+        elif self.empty:
+            np.copyto(self.out, partial)
         else:
             self.out += partial
+        self.empty = False
+
+    def set_pooled(self, pooled: np.ndarray) -> None:
+        """The whole bag was pooled in one place (in-ranker tables): take it as final."""
+        self.out = pooled
+        self.empty = False
+        self.pooling = Pooling.SUM  # nothing left to divide or clean up
 
     def result(self) -> np.ndarray:
-        if self.pooling is Pooling.MAX:
+        if self.empty:
+            self.out.fill(0.0)
+        elif self.pooling is Pooling.MAX:
             self.out[np.isneginf(self.out)] = 0.0
         elif self.pooling is Pooling.MEAN:
             self.out /= np.maximum(self.lengths, 1).astype(np.float32)[:, None]
@@ -111,3 +129,32 @@ def merge(works: list[Work], tables: list[int]) -> tuple[int, list[np.ndarray], 
         values.append(np.concatenate(vs) if vs else np.zeros(0, dtype=np.int64))
         lengths.append(np.concatenate(ls))
     return batch, values, lengths
+
+
+class LocalPooler:
+    """Tables held by the ranker itself (``--embedding-servers 0``): the monolithic layout.
+
+    Same batching, validation and NN as the disaggregated path; only the
+    pooling happens here, with torch's embedding_bag over read-only maps.
+    """
+
+    def __init__(self, spec: ModelSpec, tables: dict[str, np.ndarray]) -> None:
+        import warnings
+
+        import torch
+
+        self.spec = spec
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only maps; torch only reads
+            self.weights = [torch.from_numpy(tables[t.name]) for t in spec.tables]
+        self.modes = [t.pooling.label for t in spec.tables]
+
+    def pool(self, table: int, values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        out = F.embedding_bag(torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)), self.weights[table],
+                              torch.from_numpy(offsets), mode=self.modes[table], include_last_offset=True)
+        return out.numpy()

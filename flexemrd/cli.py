@@ -41,7 +41,8 @@ def run(config_path: str) -> None:
 
 @cli.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False), help="Model directory.")
-@click.option("--embedding-servers", "n_servers", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option("--embedding-servers", "n_servers", default=2, show_default=True, type=click.IntRange(0, 64),
+              help="0: the ranker pools its own tables (the monolithic layout behind the same API).")
 @click.option("--engines", default=2, show_default=True, type=click.IntRange(1, 64))
 @click.option("--socket", "socket_path", required=True, help="Unix socket of the inference API.")
 @click.option("--instance", default="default", show_default=True, envvar="FLEXEMR_INSTANCE")
@@ -69,7 +70,7 @@ def local(model_dir, n_servers, engines, socket_path, instance, routing, max_bat
                 "ranker": {"socket": socket_path, "engines": engines, "routing": routing, "max_batch": max_batch,
                            "max_wait_ms": max_wait_ms, "mapping": mapping, "credits": credits,
                            "rebalance": rebalance, "metrics_port": metrics_port},
-                "embedding": {"threads": server_threads, "servers": n_servers},
+                "embedding": {"threads": server_threads, "servers": max(1, n_servers)},
                 "cache": {"policy": cache_policy, "capacity": cache_size, "budget": cache_budget},
             },
             source="flexemrd local",

@@ -33,6 +33,7 @@ def _embedding_children(cfg: Config, routing: RoutingTable, listeners: list[sock
 
 
 def _ranker_children(plan: RankerPlan) -> list[ChildSpec]:
+    """Engines (none without servers) and the inference process."""
     from flexemrd.control_glue import engine_publisher, inference_hooks
 
     children = [
@@ -67,7 +68,8 @@ def build_local(cfg: Config, n_servers: int) -> Supervisor:
     spec = load_spec(cfg.daemon.model)
     listeners = [socket.create_server(("127.0.0.1", 0), backlog=128) for _ in range(n_servers)]
     servers = [f"127.0.0.1:{s.getsockname()[1]}" for s in listeners]
-    routing = RoutingTable.build(spec, n_servers, cfg.ranker.routing)
+    # No servers: the ranker pools its own tables (the monolithic layout, same front end).
+    routing = RoutingTable.build(spec, max(1, n_servers), cfg.ranker.routing)
     plan = RankerPlan(cfg, cfg.daemon.instance, spec, routing, servers, cfg.ranker.socket or _default_socket(cfg))
     children = _embedding_children(cfg, routing, listeners, list(range(n_servers))) + _ranker_children(plan)
     return _supervisor(cfg, plan, children, listeners)

@@ -115,7 +115,9 @@ class InferenceService:
         cache=None,
         inband_credits: bool = False,
         shared_mapping: bool = False,
+        local_pooler=None,
     ) -> None:
+        self.local_pooler = local_pooler
         self.inband_credits = inband_credits
         # "shared" mapping: subrequests go to engines in turn, whoever owns the
         # connection (engines then contend for per-connection locks).
@@ -163,8 +165,10 @@ class InferenceService:
 
     def start(self, listener: socket.socket) -> None:
         self.listener = listener
-        for name, fn in (("accept", self._accept_loop), ("batcher", self._batcher), ("completion", self._completion),
-                         ("finisher", self._finisher)):
+        loops = [("accept", self._accept_loop), ("batcher", self._batcher), ("finisher", self._finisher)]
+        if self.comp:
+            loops.append(("completion", self._completion))
+        for name, fn in loops:
             t = threading.Thread(target=fn, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -330,6 +334,11 @@ class InferenceService:
         acc = {t: Accumulator(self.spec.tables[t].pooling, size, self.spec.tables[t].dim, ln)
                for t, ln in zip(tables, lengths)}
         batch = Batch(next(self.seqs), works, size, tables, acc)
+        if self.local_pooler is not None:
+            for t, v, ln in zip(tables, values, lengths):
+                acc[t].set_pooled(self.local_pooler.pool(t, v, ln))
+            self.finish_q.put(batch)
+            return
         if self.cache is not None:
             values, lengths = self.cache.serve(batch, tables, values, lengths)
         plan = split_batch(self.routing, size, tables, values, lengths)

@@ -59,7 +59,8 @@ class RankerPlan:
 
     @property
     def engines(self) -> int:
-        return self.cfg.ranker.engines
+        """Engine processes: none when the ranker holds the tables itself."""
+        return self.cfg.ranker.engines if self.servers else 0
 
     def lock_name(self, cid: int) -> str:
         return naming.shm_name(self.instance, "lock", f"c{cid:03d}")
@@ -91,6 +92,8 @@ class RankerResources:
         from flexemr.ring import Doorbell, Ring
 
         p = self.plan
+        if not p.engines:
+            return
         if p.shared:
             for cid in p.connections:
                 self.locks.append(posix_ipc.Semaphore(p.lock_name(cid), posix_ipc.O_CREX, initial_value=1))
@@ -176,12 +179,21 @@ def inference_main(plan: RankerPlan, ready: ReadyPipe, hooks=None) -> None:
     model = load_dense(plan.cfg.daemon.model, plan.spec).to(device)
     subs = [Ring.attach(plan.ring_names(e)[0]) for e in range(plan.engines)]
     comps = [Ring.attach(plan.ring_names(e)[1]) for e in range(plan.engines)]
-    doorbell = Doorbell.attach(plan.doorbell_name)
+    doorbell = Doorbell.attach(plan.doorbell_name) if plan.engines else None
+    local_pooler = None
+    if not plan.servers:
+        from flexemr.model.tables import open_tables
+
+        from flexemrd.batching import LocalPooler
+
+        local_pooler = LocalPooler(plan.spec, open_tables(plan.cfg.daemon.model, plan.spec))
+        logger.info("no embedding servers: pooling %d tables in this process (monolithic layout)",
+                    len(plan.spec.tables))
     svc = InferenceService(
         plan.spec, plan.routing, plan.connections, plan.owners, subs, comps, doorbell,
         dense_model=model, device=device, max_batch=r.max_batch, max_wait_s=r.max_wait_ms / 1e3,
         max_inflight=r.max_inflight_batches, max_request_bytes=r.max_request_bytes,
-        inband_credits=r.credits == "inband", shared_mapping=plan.shared,
+        inband_credits=r.credits == "inband", shared_mapping=plan.shared, local_pooler=local_pooler,
     )
     if hooks is not None:
         hooks(svc)

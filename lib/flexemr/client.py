@@ -102,7 +102,9 @@ class InferenceClient:
         with self._lock:
             send_buffers(self._sock, frame)
             h = self._reader.read_header()
-            payload = self._reader.read_payload(h)
+            # A fresh buffer per answer: the arrays we return are views of it,
+            # so nothing is copied after the socket read.
+            payload = self._reader.read_payload_owned(h)
             if h.request_id != request_id:
                 raise ProtocolError(f"answer to request {h.request_id} while waiting for {request_id}")
             if h.type == FrameType.ERROR:
@@ -126,7 +128,7 @@ class InferenceClient:
         rid = next(self._ids)
         frame = codec.encode_client_request(rid, names, lengths, values, batch, d.astype(np.float32, copy=False))
         payload = self._call(frame, rid, FrameType.PREDICT_RESP)
-        return codec.decode_scores(payload).copy()
+        return codec.decode_scores(payload)
 
     def lookup(self, sparse: Sparse) -> dict[str, np.ndarray]:
         """Pooled embeddings [B, dim] per requested table."""
@@ -134,4 +136,4 @@ class InferenceClient:
         rid = next(self._ids)
         frame = codec.encode_client_request(rid, names, lengths, values, batch, None)
         payload = self._call(frame, rid, FrameType.CLIENT_LOOKUP_RESP)
-        return {k: v.copy() for k, v in codec.decode_pooled(payload).items()}
+        return codec.decode_pooled(payload)

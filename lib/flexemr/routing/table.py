@@ -106,6 +106,20 @@ class RoutingTable:
     def servers_of_table(self, table: int) -> np.ndarray:
         return np.unique(self._servers[table])
 
+    def ranges_of(self, table: int, server: int) -> list[tuple[int, int]]:
+        """Row ranges of ``table`` held by ``server`` (merged where adjacent)."""
+        starts = self._starts[table]
+        ends = np.append(starts[1:], self.spec.tables[table].rows)
+        out: list[tuple[int, int]] = []
+        for a, b, s in zip(starts.tolist(), ends.tolist(), self._servers[table].tolist()):
+            if s != server:
+                continue
+            if out and out[-1][1] == a:
+                out[-1] = (out[-1][0], b)
+            else:
+                out.append((a, b))
+        return out
+
     def server_of(self, table: int, rows: np.ndarray) -> np.ndarray:
         """Server index of each row id (ids must already be in range)."""
         single = self._single[table]
