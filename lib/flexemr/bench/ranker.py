@@ -1,0 +1,234 @@
+"""Ranker benchmark: ``flexemrd local`` against the monolithic layout, same front end, one run.
+
+    python -m flexemr.bench.ranker --out bench-out/ranker [--rows-cap 250000] [--seconds 8]
+
+Workload (the ranker issue's): batches of 2048 samples, 8 tables x 64 dims,
+20 ids per bag, Zipf ids (s = 1.05) scattered over the rows by a permutation.
+
+Systems, each started as real processes and stopped by pid:
+
+    flexemr      flexemrd local --embedding-servers 2 --engines 2 (whole tables per server)
+    monolithic   flexemrd local --embedding-servers 0: the same ranker (socket,
+                 validation, batching, NN) pooling its own tables in-process:
+                 the monolithic reference behind the same API
+    kernel       MonolithicModel called directly in this process: no socket, no
+                 batching; the limit of the machine (context, not a target)
+
+Phases: closed loop (C clients, each sends its next request when answered:
+maximum samples/s) for lookup() and predict(); then open loop (Poisson
+arrivals, latency from the scheduled arrival) at the same offered load for
+both systems, 70% of the monolithic layout's predict maximum, for p50/p99.
+Writes ``ranker.json`` and ``ranker.png``; prints a table with ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from flexemr.loadgen import LoadResult, run_load, socket_caller, wait_for_socket
+
+BATCH = 2048
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def ensure_model(out: Path, rows_cap: int) -> Path:
+    from flexemr.model.presets import init_model_dir
+
+    model = out / f"bench8-{rows_cap}"
+    if (model / "model.toml").exists() and (model / "dense.pt").exists():
+        return model
+    _log(f"writing model bench8 capped at {rows_cap} rows/table to {model} ...")
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if time.monotonic() - last[0] > 1 or done == total:
+            last[0] = time.monotonic()
+            _log(f"  {done / 2**20:,.0f} / {total / 2**20:,.0f} MiB")
+
+    init_model_dir(model, "bench8", seed=3, rows_cap=rows_cap, progress=progress)
+    return model
+
+
+class Daemon:
+    """A ``flexemrd local`` process tree; stopped with SIGTERM to its supervisor."""
+
+    def __init__(self, model: Path, servers: int, engines: int, sock: str, instance: str, extra: list[str]) -> None:
+        self.sock = sock
+        cmd = [sys.executable, "-m", "flexemrd", "local", "--model", str(model), "--embedding-servers", str(servers),
+               "--engines", str(engines), "--socket", sock, "--instance", instance, "--log-level", "warning", *extra]
+        self.log = open(f"{sock}.log", "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        line = self.proc.stdout.readline()
+        if "ready" not in line:
+            self.stop()
+            raise RuntimeError(f"{' '.join(cmd)} did not start; see {sock}.log")
+        wait_for_socket(sock, 60, self.proc)
+
+    def cpu_seconds(self) -> float:
+        import psutil
+
+        try:
+            procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return 0.0
+        total = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def _kernel_closed_loop(model: Path, requests: list, seconds: float, kind: str) -> LoadResult:
+    from flexemr.monolithic import MonolithicModel
+
+    m = MonolithicModel(model)
+    call = m.predict if kind == "predict" else (lambda d, s: m.lookup(s))
+    call(*requests[0])
+    lat = []
+    t0 = time.perf_counter()
+    n = 0
+    while time.perf_counter() - t0 < seconds:
+        d, s = requests[n % len(requests)]
+        t = time.perf_counter()
+        call(d, s)
+        lat.append(time.perf_counter() - t)
+        n += 1
+    return LoadResult(n, n * BATCH, 0, time.perf_counter() - t0, np.asarray(lat))
+
+
+def _measure(daemon: Daemon, requests: list, kind: str, clients: int, seconds: float, rate: float = 0.0) -> dict:
+    cpu0 = daemon.cpu_seconds()
+    res = run_load(socket_caller(daemon.sock, kind), requests, clients, seconds, rate / clients if rate else 0.0)
+    cpu = daemon.cpu_seconds() - cpu0
+    out = res.summary()
+    out["daemon_cpu_s_per_1k_samples"] = round(cpu / max(1, res.samples) * 1000, 4)
+    return out
+
+
+def run(out: Path, rows_cap: int, seconds: float, clients: int, nreq: int, zipf: float) -> dict:
+    from flexemr.model.spec import load_spec
+    from flexemr.reqgen import RequestGenerator
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = ensure_model(out, rows_cap)
+    spec = load_spec(model)
+    gen = RequestGenerator(spec, ids_per_bag=20, zipf_exponent=zipf, seed=11, empty_bag_prob=0.0, length_dist="fixed")
+    _log(f"generating {nreq} requests of {BATCH} samples ...")
+    requests = [gen.batch(BATCH) for _ in range(nreq)]
+    results: dict = {"workload": {"batch": BATCH, "tables": len(spec.tables), "dim": spec.tables[0].dim,
+                                  "rows_per_table": spec.tables[0].rows, "ids_per_bag": 20, "zipf": zipf},
+                     "clients": clients, "seconds": seconds, "systems": {}}
+    sysres = results["systems"]
+    for kind in ("lookup", "predict"):
+        _log(f"kernel (in-process, no socket) {kind} ...")
+        sysres.setdefault("kernel", {})[kind] = _kernel_closed_loop(model, requests, seconds / 2, kind).summary()
+    configs = {"monolithic": (0, 2, []), "flexemr": (2, 2, ["--routing", "tables"])}
+    for name, (servers, engines, extra) in configs.items():
+        _log(f"starting {name} ...")
+        d = Daemon(model, servers, engines, f"/tmp/flexemr-bench-{name}-{os.getpid()}.sock", f"bench{name[:4]}{os.getpid() % 10000}", extra)
+        try:
+            for kind in ("lookup", "predict"):
+                _log(f"  {name} {kind}: closed loop, {clients} clients, {seconds:g} s")
+                sysres.setdefault(name, {})[kind] = _measure(d, requests, kind, clients, seconds)
+        finally:
+            d.stop()
+    offered = 0.7 * sysres["monolithic"]["predict"]["requests_per_s"]
+    results["open_loop_requests_per_s"] = round(offered, 2)
+    for name, (servers, engines, extra) in configs.items():
+        d = Daemon(model, servers, engines, f"/tmp/flexemr-bench-{name}-{os.getpid()}.sock", f"bench{name[:4]}{os.getpid() % 10000}", extra)
+        try:
+            _log(f"  {name} predict: open loop at {offered:.1f} req/s ({offered * BATCH:,.0f} samples/s)")
+            sysres[name]["predict_open_loop"] = _measure(d, requests, "predict", clients, seconds, rate=offered)
+        finally:
+            d.stop()
+    f, m = sysres["flexemr"], sysres["monolithic"]
+    results["ratios"] = {
+        "lookup_flexemr_over_monolithic": round(f["lookup"]["samples_per_s"] / m["lookup"]["samples_per_s"], 3),
+        "predict_flexemr_over_monolithic": round(f["predict"]["samples_per_s"] / m["predict"]["samples_per_s"], 3),
+        "open_loop_p99_flexemr_over_monolithic": round(f["predict_open_loop"]["p99_ms"] / m["predict_open_loop"]["p99_ms"], 3),
+        "lookup_flexemr_over_kernel": round(f["lookup"]["samples_per_s"] / sysres["kernel"]["lookup"]["samples_per_s"], 3),
+        "predict_flexemr_over_kernel": round(f["predict"]["samples_per_s"] / sysres["kernel"]["predict"]["samples_per_s"], 3),
+    }
+    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    (out / "ranker.json").write_text(json.dumps(results, indent=2))
+    _plot(results, out / "ranker.png")
+    return results
+
+
+def _plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    s = results["systems"]
+    names = ["kernel", "monolithic", "flexemr"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    x = np.arange(2)
+    for i, n in enumerate(names):
+        vals = [s[n][k]["samples_per_s"] / 1e3 for k in ("lookup", "predict")]
+        axes[0].bar(x + (i - 1) * 0.27, vals, 0.27, label=n)
+    axes[0].set_xticks(x, ["lookup()", "predict()"])
+    axes[0].set_ylabel("k samples/s (closed loop)")
+    axes[0].set_title(f"batch {BATCH}, 8 tables x 64, 20 ids/bag")
+    axes[0].legend()
+    keys = [("monolithic", "predict_open_loop"), ("flexemr", "predict_open_loop")]
+    axes[1].bar([k[0] for k in keys], [s[n][k]["p50_ms"] for n, k in keys], label="p50")
+    axes[1].bar([k[0] for k in keys], [s[n][k]["p99_ms"] - s[n][k]["p50_ms"] for n, k in keys],
+                bottom=[s[n][k]["p50_ms"] for n, k in keys], label="p99")
+    axes[1].set_ylabel("ms")
+    axes[1].set_title(f"predict() latency at {results['open_loop_requests_per_s']} req/s offered")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flexemr.bench.ranker", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("bench-out/ranker"))
+    ap.add_argument("--rows-cap", type=int, default=250_000)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--zipf", type=float, default=1.05)
+    a = ap.parse_args(argv)
+    r = run(a.out, a.rows_cap, a.seconds, a.clients, a.requests, a.zipf)
+    s = r["systems"]
+    print(f"{'system':12} {'lookup samples/s':>17} {'predict samples/s':>18} {'open-loop p50 ms':>17} {'p99 ms':>8}")
+    for n in ("kernel", "monolithic", "flexemr"):
+        ol = s[n].get("predict_open_loop", {})
+        print(f"{n:12} {s[n]['lookup']['samples_per_s']:>17,.0f} {s[n]['predict']['samples_per_s']:>18,.0f} "
+              f"{ol.get('p50_ms', float('nan')):>17.2f} {ol.get('p99_ms', float('nan')):>8.2f}")
+    print(json.dumps(r["ratios"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
