@@ -1,0 +1,120 @@
+"""Pooling of embedding bags: a float64 numpy reference and the torch kernel.
+
+A bag is the ids of one sample for one table; ``values`` holds every bag's ids
+back to back and ``lengths[b]`` is the size of bag ``b`` (KJT layout, see
+docs/CONTRACTS-INTERNAL.md).  Pooling reduces a bag's rows to one vector:
+``sum``, ``mean`` or elementwise ``max``; an empty bag pools to zeros in every
+mode (DESIGN.md).
+
+``pool_reference`` is the oracle: float64 accumulation, written with numpy's
+``reduceat`` and nothing shared with the torch path.  ``pool_torch`` is what
+serving code uses: ``torch.nn.functional.embedding_bag`` straight over the
+(read-only) table map, without copying the table.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from flexemr.types import Pooling
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["check_bags", "pool_reference", "pool_torch", "as_weight"]
+
+
+def check_bags(rows: int, values: np.ndarray, lengths: np.ndarray, what: str = "bags") -> None:
+    """Raise ValueError unless lengths are non-negative, sum to len(values) and every id is in [0, rows)."""
+    if values.ndim != 1 or lengths.ndim != 1:
+        raise ValueError(f"{what}: values and lengths must be 1-D, got {values.shape} and {lengths.shape}")
+    if len(lengths) and int(lengths.min()) < 0:
+        raise ValueError(f"{what}: negative bag length {int(lengths.min())}")
+    total = int(lengths.sum(dtype=np.int64))
+    if total != len(values):
+        raise ValueError(f"{what}: lengths sum to {total} but there are {len(values)} values")
+    if len(values):
+        lo, hi = int(values.min()), int(values.max())
+        # numpy would wrap a negative id around silently; torch would fail deep inside.
+        if lo < 0 or hi >= rows:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{what}: id {bad} is outside the table's rows [0, {rows})")
+
+
+def pool_reference(table: np.ndarray, values: np.ndarray, lengths: np.ndarray, pooling: Pooling) -> np.ndarray:
+    """Pool each bag of ``table`` rows in float64; returns float32 [B, dim] (empty bag -> zeros)."""
+    values = np.asarray(values, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    check_bags(table.shape[0], values, lengths)
+    out = np.zeros((len(lengths), table.shape[1]), dtype=np.float64)
+    full = lengths > 0
+    if not full.any():
+        return out.astype(np.float32)
+    rows = np.asarray(table[values], dtype=np.float64)
+    # reduceat over an empty segment returns the element at its start instead of
+    # the identity, so reduce only the non-empty bags: their starts are strictly
+    # increasing and each segment runs up to the next non-empty bag's start, which
+    # is exactly the bag because the empty bags in between span nothing.
+    starts = (np.cumsum(lengths) - lengths)[full]
+    if pooling is Pooling.MAX:
+        out[full] = np.maximum.reduceat(rows, starts, axis=0)
+    else:
+        out[full] = np.add.reduceat(rows, starts, axis=0)
+        if pooling is Pooling.MEAN:
+            out[full] /= lengths[full, None]
+    return out.astype(np.float32)
+
+
+def as_weight(table: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A torch view of a table (no copy), also for read-only memory maps."""
+    import torch
+
+    if isinstance(table, torch.Tensor):
+        return table
+    with warnings.catch_warnings():
+        # The map is read-only on purpose (pages shared between processes);
+        # torch warns because it cannot promise not to write, but embedding_bag only reads.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(table)
+
+
+_MODES = {Pooling.SUM: "sum", Pooling.MEAN: "mean", Pooling.MAX: "max"}
+
+
+def pool_torch(
+    weight: np.ndarray | torch.Tensor,
+    values: np.ndarray,
+    lengths: np.ndarray,
+    pooling: Pooling,
+    check: bool = True,
+) -> np.ndarray:
+    """Pool bags with ``torch.nn.functional.embedding_bag``; returns float32 [B, dim].
+
+    ``weight`` may be a read-only memmap (wrapped without a copy) or a tensor
+    from :func:`as_weight` (cheaper when pooling the same table repeatedly).
+    ``check=False`` skips the id range check for callers that already did it.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    w = as_weight(weight)
+    values = np.ascontiguousarray(values, dtype=np.int64)
+    lengths = np.asarray(lengths)
+    if check:
+        check_bags(w.shape[0], values, lengths)
+    # include_last_offset=True with offsets [B+1]: the last bag is closed
+    # explicitly, so a trailing empty bag needs no special case.
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    out = F.embedding_bag(
+        torch.from_numpy(values), w, torch.from_numpy(offsets), mode=_MODES[Pooling(pooling)], include_last_offset=True
+    )
+    res = out.numpy()
+    if pooling is Pooling.MAX and (lengths == 0).any():
+        # torch gives zeros for empty max bags today; the contract says zeros, so
+        # do not depend on a kernel detail.
+        res[lengths == 0] = 0.0
+    return res
