@@ -57,9 +57,13 @@ def run(config_path: str) -> None:
 @click.option("--rebalance/--no-rebalance", default=True, show_default=True)
 @click.option("--metrics-port", default=0, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--server-threads", default=1, show_default=True, type=click.IntRange(1, 256))
+@click.option("--torch-threads", default=None, type=click.IntRange(0, 256),
+              help="Ranker NN threads. Default: 1 when embedding servers share this host (OpenMP teams stall "
+                   "when another process takes their core), else all cores.")
 @click.option("--log-level", default="info", show_default=True)
 def local(model_dir, n_servers, engines, socket_path, instance, routing, max_batch, max_wait_ms, cache_policy,
-          cache_size, cache_budget, mapping, credits, rebalance, metrics_port, server_threads, log_level) -> None:
+          cache_size, cache_budget, mapping, credits, rebalance, metrics_port, server_threads, torch_threads,
+          log_level) -> None:
     """Run a whole cluster on this host: N embedding servers and one ranker, TCP on loopback."""
     from flexemrd.hosts import build_local
 
@@ -69,7 +73,8 @@ def local(model_dir, n_servers, engines, socket_path, instance, routing, max_bat
                 "daemon": {"role": "ranker", "instance": instance, "model": model_dir, "log_level": log_level},
                 "ranker": {"socket": socket_path, "engines": engines, "routing": routing, "max_batch": max_batch,
                            "max_wait_ms": max_wait_ms, "mapping": mapping, "credits": credits,
-                           "rebalance": rebalance, "metrics_port": metrics_port},
+                           "rebalance": rebalance, "metrics_port": metrics_port,
+                           "torch_threads": (1 if n_servers else 0) if torch_threads is None else torch_threads},
                 "embedding": {"threads": server_threads, "servers": max(1, n_servers)},
                 "cache": {"policy": cache_policy, "capacity": cache_size, "budget": cache_budget},
             },
