@@ -147,7 +147,11 @@ def test_missing_and_foreign_checkpoints(tmp_path):
     torch.save(DLRM(spec), tmp_path / "dense.pt")          # the module, not its state_dict
     assert "dense.pt: not a" in _both(tmp_path, spec)[0]
     (tmp_path / "dense.pt").write_bytes(b"garbage")
-    assert "dense.pt: not a loadable torch state_dict" in _both(tmp_path, spec)[0]
+    assert "dense.pt: not a loadable torch state_dict: neither a zip archive nor a pickle" in _both(tmp_path, spec)[0]
+    save_dense(tmp_path, init_dense_state(spec, 0))
+    whole = (tmp_path / "dense.pt").read_bytes()
+    (tmp_path / "dense.pt").write_bytes(whole[: len(whole) // 2])
+    assert "dense.pt: not a loadable torch state_dict: corrupt or truncated zip" in _both(tmp_path, spec)[0]
 
 
 def test_validation_needs_no_torch(tmp_path):
@@ -167,3 +171,7 @@ def test_validation_needs_no_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "top_mlp.0.bias has shape (31,), model.toml implies (32,)" in out.stdout
+    (tmp_path / "dense.pt").write_bytes(b"\0" * 100)        # corruption is diagnosed without torch too
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "neither a zip archive nor a pickle" in out.stdout

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from flexemr.errors import ModelError
-from flexemr.model.loader import check_dense_entries, dense_path, dense_shapes
+from flexemr.model.loader import check_dense_entries, dense_path, dense_shapes, sniff_dense
 from flexemr.model.spec import ModelSpec
 from flexemr.types import Interaction
 
@@ -127,6 +127,9 @@ def load_dense(model_dir: str | Path, spec: ModelSpec) -> DLRM:
     path = dense_path(model_dir)
     if not path.is_file():
         raise ModelError([f"{path}: missing (a model directory needs dense.pt, the MLP weights)"])
+    bad = sniff_dense(path)
+    if bad:
+        raise ModelError([bad])
     try:
         # weights_only: a model directory may come from elsewhere; never unpickle code.
         state = torch.load(path, map_location="cpu", weights_only=True)

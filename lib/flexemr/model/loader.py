@@ -42,6 +42,7 @@ __all__ = [
     "dense_shapes",
     "check_dense_entries",
     "dense_problems",
+    "sniff_dense",
 ]
 
 DENSE_FILE = "dense.pt"
@@ -164,6 +165,22 @@ class _StateUnpickler(pickle.Unpickler):
         return _Storage(pid[1].dtype, str(pid[2]), int(pid[4]))
 
 
+def sniff_dense(path: str | Path) -> str | None:
+    """A problem line if ``path`` cannot be a torch checkpoint at all (no torch needed), else None.
+
+    torch writes zip archives (``PK``); files from torch < 1.6 are bare pickles
+    (``0x80``).  Anything else is truncated or overwritten, and saying so needs
+    no torch, which keeps a corrupt file from pulling torch into emrctl.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        return None if zipfile.is_zipfile(path) else f"{path}: not a loadable torch state_dict: corrupt or truncated zip archive"
+    if head.startswith(b"\x80"):
+        return None
+    return f"{path}: not a loadable torch state_dict: neither a zip archive nor a pickle (truncated or overwritten?)"
+
+
 def _read_dense_entries(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], bool]], list[str]]:
     """(entries, problems) of a torch zip checkpoint, without torch.  Raises _Unsupported."""
     try:
@@ -224,6 +241,9 @@ def dense_problems(model_dir: str | Path, spec: ModelSpec) -> list[str]:
     path = dense_path(model_dir)
     if not path.is_file():
         return [f"{path}: missing (a model directory needs dense.pt, the MLP weights)"]
+    bad = sniff_dense(path)
+    if bad:
+        return [bad]
     try:
         entries, problems = _read_dense_entries(path)
     except _Unsupported:
