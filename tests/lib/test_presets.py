@@ -89,7 +89,8 @@ def test_cli_init_validate_and_refuse_non_empty(tmp_path):
     r = runner.invoke(model, ["init", "--preset", "tiny", "--out", str(out), "--seed", "3"])
     assert r.exit_code == 0, r.output
     assert str(out.resolve()) in r.output
-    assert "tables:   4" in r.output and "rows:     7,620" in r.output and "487,680" in r.output
+    assert "tables:   4" in r.stdout and "rows:     7,620" in r.stdout and "487,680" in r.stdout
+    assert "writing tiny" in r.stderr and "writing" not in r.stdout, "progress goes to stderr"
 
     r = runner.invoke(model, ["validate", str(out)])
     assert r.exit_code == 0 and r.output.startswith("ok: ") and "4 tables" in r.output

@@ -254,6 +254,10 @@ def dense_problems(model_dir: str | Path, spec: ModelSpec) -> list[str]:
         except ModelError as e:
             return e.problems
         return []
+    except zipfile.BadZipFile as e:  # e.g. a bad CRC: torch.load would not even notice the flipped bits
+        return [f"{path}: corrupt archive: {e}"]
+    except Exception as e:  # odd shapes, strides...: a validator reports, it never crashes
+        return [f"{path}: not a loadable torch state_dict: {type(e).__name__}: {e}"]
     if problems and not entries:
         return problems
     return problems + check_dense_entries(path, entries, spec)
