@@ -141,6 +141,7 @@ def parse_spec(doc: dict, source: str = "model.toml") -> ModelSpec:
         problems.append(f"{source}: [[tables]]: at least one table is required")
         raw_tables = []
     seen: set[str] = set()
+    bad_dim: set[int] = set()  # tables whose dim was already reported: no second, invented complaint
     for i, t in enumerate(raw_tables):
         where = f"{source}: [[tables]][{i}]"
         if not isinstance(t, dict):
@@ -162,6 +163,7 @@ def parse_spec(doc: dict, source: str = "model.toml") -> ModelSpec:
         if not (isinstance(dim, int) and not isinstance(dim, bool) and dim > 0):
             problems.append(f"{where}.dim ({name}): must be a positive integer, got {dim!r}")
             dim = 1
+            bad_dim.add(len(tables))
         try:
             pooling = Pooling.parse(str(t.get("pooling", "sum")))
         except ValueError as e:
@@ -171,7 +173,7 @@ def parse_spec(doc: dict, source: str = "model.toml") -> ModelSpec:
 
     if _int_list(bottom) and interaction is Interaction.DOT:
         for i, t in enumerate(tables):
-            if t.dim != bottom[-1]:
+            if i not in bad_dim and t.dim != bottom[-1]:
                 problems.append(
                     f"{source}: [[tables]][{i}].dim ({t.name}): {t.dim} must equal the last bottom_mlp width "
                     f"{bottom[-1]} under interaction \"dot\""
