@@ -22,6 +22,7 @@ it, and the socket itself moves to the other process: nothing reconnects.
 
 from __future__ import annotations
 
+import array
 import logging
 import os
 import selectors
@@ -140,8 +141,10 @@ class Engine:
             deadline = time.monotonic() + 30
             while True:
                 try:
-                    socket.send_fds(s, [_HANDOFF.pack(cid, server, kind, address.encode())], fds, 0,
-                                    handoff_address(self.instance, to_engine))
+                    # socket.send_fds ignores its address argument on Python 3.11: sendmsg directly.
+                    s.sendmsg([_HANDOFF.pack(cid, server, kind, address.encode())],
+                              [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))], 0,
+                              handoff_address(self.instance, to_engine))
                     return
                 except (FileNotFoundError, ConnectionRefusedError):
                     if time.monotonic() > deadline:  # the other engine never came up

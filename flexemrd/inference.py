@@ -156,6 +156,12 @@ class InferenceService:
         self.conn_submitted: dict[int, int] = {c: 0 for c in connections}
         self.conn_completed: dict[int, int] = {c: 0 for c in connections}
         self.control_hooks: list[Callable[[], None]] = []
+        nt = len(spec.tables)
+        # Per-table counters (cumulative; the stats publisher sends deltas).
+        self.t_lookups = np.zeros(nt, dtype=np.int64)   # bags looked up
+        self.t_ids = np.zeros(nt, dtype=np.int64)       # ids looked up
+        self.t_wire = np.zeros(nt, dtype=np.int64)      # bytes on the wire: ids out + partials back
+        self._rate_prev = (time.monotonic(), 0)
         self._sessions: set[Session] = set()
         self._carry: Work | None = None
         self._threads: list[threading.Thread] = []
@@ -341,7 +347,13 @@ class InferenceService:
             return
         if self.cache is not None:
             values, lengths = self.cache.serve(batch, tables, values, lengths)
+        for t, v in zip(tables, values):
+            self.t_lookups[t] += size
+            self.t_ids[t] += len(v)
         plan = split_batch(self.routing, size, tables, values, lengths)
+        for part in plan.parts.values():
+            for t, v in zip(part.tables, part.values):
+                self.t_wire[t] += 8 * len(v) + 4 * size + 4 * size * self.spec.tables[t].dim
         if not plan.parts:
             self.finish_q.put(batch)
             return
@@ -422,7 +434,8 @@ class InferenceService:
             self.on_migrated(cid, arg)
 
     def on_migrated(self, cid: int, engine: int) -> None:
-        """Hook: the connection now lives in ``engine`` (stats publisher overrides)."""
+        """Hook: the connection now lives in ``engine`` (the control glue replaces it)."""
+        logger.info("connection %d now lives in engine %d", cid, engine)
 
     def _complete_part(self, rid: int, payload: memoryview | None = None, error: str | None = None) -> None:
         with self.pending_lock:
@@ -512,9 +525,18 @@ class InferenceService:
 
     # ------------------------------------------------------------------ stats
 
+    def table_counters(self) -> dict[str, np.ndarray]:
+        return {"lookups": self.t_lookups.copy(), "ids_total": self.t_ids.copy(), "bytes_wire": self.t_wire.copy()}
+
     def stats(self) -> dict[str, Any]:
         p50, p99 = self.latency.percentiles()
+        now, count = time.monotonic(), self.latency.count
+        t0, c0 = self._rate_prev
+        rate = (count - c0) / (now - t0) if now > t0 else 0.0
+        if now - t0 >= 1.0:
+            self._rate_prev = (now, count)
         return {
+            "requests_per_s": rate,
             "requests_total": self.latency.count,
             "samples_total": self.latency.samples,
             "errors_total": self.errors,

@@ -128,6 +128,18 @@ class RankerResources:
         naming.unlink_instance_segments(self.plan.instance)
 
 
+def _current_owners(plan: RankerPlan) -> dict[int, int]:
+    """Connection owners now: after migrations a restarted engine takes what the runtime map gives it."""
+    try:
+        from flexemr.control.block import ControlBlock
+
+        with ControlBlock.attach(plan.instance, wait_s=0.0) as block:
+            owners = block.runtime.read().owners
+        return {c: owners[c] for c in plan.connections}
+    except Exception:
+        return dict(plan.owners)
+
+
 def engine_main(plan: RankerPlan, engine_id: int, ready: ReadyPipe, publish=None) -> None:
     setup_logging("engine", engine_id, plan.cfg.daemon.log_level)
     from flexemr.ring import Ring
@@ -138,7 +150,7 @@ def engine_main(plan: RankerPlan, engine_id: int, ready: ReadyPipe, publish=None
     sub_name, comp_name = plan.ring_names(engine_id)
     sub, comp = Ring.attach(sub_name), Ring.attach(comp_name)
     transport = select_transport(plan.cfg.ranker.transport)
-    owned = [c for c, e in plan.owners.items() if e == engine_id]
+    owned = [c for c, e in _current_owners(plan).items() if e == engine_id]
     locks = None
     if plan.shared:
         import posix_ipc
