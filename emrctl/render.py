@@ -1,0 +1,141 @@
+"""Human rendering of a status snapshot: a header line, engine and connection tables, a cache line.
+
+Every line fits WIDTH (100) columns: long fields (server addresses) are cut
+with an ellipsis and, as a last guard, lines are clipped.  Only formatting
+lives here; ``--json`` prints the snapshot itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+WIDTH = 100
+
+
+def human_bytes(n: float) -> str:
+    """``64.0 MiB``: binary units, as ``cache resize`` accepts them."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"  # pragma: no cover
+
+
+def human_duration(seconds: float) -> str:
+    """``3d04h``, ``1h02m``, ``5m03s``, ``12.3s``."""
+    s = max(0.0, float(seconds))
+    if s < 60:
+        return f"{s:.1f}s"
+    m, sec = divmod(int(s), 60)
+    if m < 60:
+        return f"{m}m{sec:02d}s"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h}h{m:02d}m"
+    d, h = divmod(h, 24)
+    return f"{d}d{h:02d}h"
+
+
+def _rate(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def _count(n: int) -> str:
+    """``987``, ``12.3k``, ``4.5M``, ``6.7G``: counters that stay narrow."""
+    if n < 10_000:
+        return str(n)
+    for div, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
+        if n >= div:
+            return f"{n / div:.1f}{suffix}"
+    return str(n)  # pragma: no cover
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _table(headers: list[tuple[str, int]], rows: list[list[str]]) -> list[str]:
+    """Left-aligned columns of fixed widths separated by two spaces."""
+    fmt = "  ".join(f"{{:<{w}}}" for _, w in headers)
+    out = [fmt.format(*(h for h, _ in headers)).rstrip()]
+    for r in rows:
+        out.append(fmt.format(*(_cut(v, w) for v, (_, w) in zip(r, headers))).rstrip())
+    return out
+
+
+def header_line(snap: dict[str, Any]) -> str:
+    r = snap["ranker"]
+    return (f"flexemr {snap['instance']!r}  up {human_duration(snap['uptime_s'])}  "
+            f"{_rate(r['requests_per_s'])} req/s  p50 {r['latency_p50_ms']:.2f} ms  "
+            f"p99 {r['latency_p99_ms']:.2f} ms  batch {r['mean_batch']:.1f}  errors {r['errors_total']}")
+
+
+def engine_lines(snap: dict[str, Any]) -> list[str]:
+    headers = [("ENGINE", 6), ("PID", 7), ("CPU", 3), ("STATE", 10), ("CONNS", 5), ("QUEUE", 5),
+               ("INFLIGHT", 8), ("REQ/S", 7), ("SUBREQ/S", 8), ("BUSY", 4), ("RESTARTS", 8), ("HB AGE", 6)]
+    rows = []
+    for e in snap["engines"]:
+        hb = e.get("heartbeat_age_s")
+        rows.append([str(e["id"]), str(e["pid"] or "-"), "-" if e["cpu"] < 0 else str(e["cpu"]), e["state"],
+                     str(e["connections"]), str(e["queue_depth"]), str(e["inflight"]),
+                     _rate(e.get("requests_per_s")), _rate(e.get("subrequests_per_s")),
+                     _pct(e.get("busy_ratio") or 0.0), str(e["restarts"]),
+                     "-" if hb is None else f"{hb:.1f}s"])
+    return _table(headers, rows)
+
+
+def connection_lines(snap: dict[str, Any]) -> list[str]:
+    headers = [("CONN", 4), ("SERVER", 20), ("ENGINE", 6), ("QUEUED", 6), ("INFLIGHT", 8), ("CREDITS", 7),
+               ("RTT P50/P99 us", 15), ("CREDIT P99 us", 13), ("MIGR", 4)]
+    rows = []
+    for c in snap["connections"]:
+        server = f"{c['server']} {c['address']}".rstrip() if c.get("address") else str(c["server"])
+        rows.append([str(c["id"]), server, str(c["engine"]), str(c["queued"]), str(c["inflight"]),
+                     str(c["credits"]), f"{c['rtt_p50_us']:.0f}/{c['rtt_p99_us']:.0f}",
+                     f"{c['credit_latency_p99_us']:.0f}", str(c["migrations"])])
+    return _table(headers, rows)
+
+
+def cache_line(snap: dict[str, Any]) -> str:
+    c = snap["cache"]
+    return (f"cache {c['policy']}  {human_bytes(c['used_bytes'])} / {human_bytes(c['capacity_bytes'])}  "
+            f"hit rate {_pct(c['hit_rate'])} of {_count(c['lookups'])} lookups  entries {_count(c['entries'])}  "
+            f"evictions {_count(c['evictions'])}")
+
+
+def cache_target_line(snap: dict[str, Any]) -> str | None:
+    """What emrctl asked for and the inference process has not applied yet (None when applied)."""
+    c = snap["cache"]
+    policy, cap = c.get("target_policy", c["policy"]), c.get("target_capacity_bytes", c["capacity_bytes"])
+    if policy == c["policy"] and (cap == c["capacity_bytes"] or policy == "off"):
+        return None
+    return f"cache target: {policy} {human_bytes(cap)} (applied by the inference process between batches)"
+
+
+def tables_line(snap: dict[str, Any]) -> str:
+    parts = [f"{t} {_pct(d['hit_rate'])}" for t, d in snap.get("tables", {}).items()]
+    return "table hit rates: " + ("  ".join(parts) if parts else "-")
+
+
+def render_status(snap: dict[str, Any], width: int = WIDTH) -> str:
+    """The whole ``emrctl status`` screen, every line at most ``width`` columns."""
+    lines = [header_line(snap), ""]
+    lines += engine_lines(snap)
+    lines.append("")
+    lines.append(f"connections: owner epoch {snap.get('epoch', 0)}, "
+                 f"rebalance {'on' if snap.get('rebalance') else 'off'}")
+    lines += connection_lines(snap)
+    lines.append("")
+    lines.append(cache_line(snap))
+    target = cache_target_line(snap)
+    if target:
+        lines.append(target)
+    lines.append(tables_line(snap))
+    return "\n".join(_cut(line, width) for line in lines)

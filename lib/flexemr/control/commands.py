@@ -1,0 +1,176 @@
+"""Control commands: small dataclasses that travel as JSON between emrctl and the supervisor.
+
+Each command has a wire ``name`` (``{"cmd": name, ...fields}``) and is handled
+by the supervisor's ``cmd_<name>`` method (see :mod:`flexemr.control.dispatch`)::
+
+    command              wire                                             handler
+    -------------------  -----------------------------------------------  ------------------
+    Status()             {"cmd": "status"}                                cmd_status
+    Migrate(3, 1)        {"cmd": "migrate", "conn": 3, "to_engine": 1}    cmd_migrate
+    CacheResize(n)       {"cmd": "cache_resize", "size_bytes": n}         cmd_cache_resize
+    CachePolicy("fixed") {"cmd": "cache_policy", "policy": "fixed"}       cmd_cache_policy
+    Reload()             {"cmd": "reload"}                                cmd_reload
+    Shutdown(True)       {"cmd": "shutdown", "graceful": true}            cmd_shutdown
+    Rebalance(False)     {"cmd": "rebalance", "enabled": false}           cmd_rebalance
+
+Signals map onto the same commands (:data:`SIGNAL_COMMANDS`), so a SIGHUP and
+``emrctl`` take one code path.  Arguments are validated when a command is
+built, so a handler only ever sees well-formed commands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from flexemr.config import parse_size as _config_parse_size
+
+CACHE_POLICIES = ("adaptive", "fixed", "off")
+
+
+class BadCommand(ValueError):
+    """A command dict is malformed: unknown command, missing/unknown field, wrong type or range."""
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from ``"64MiB"``, ``"2GiB"``, ``"1.5GB"`` (decimal units) or ``"123"``.
+
+    The same grammar as size keys in the config file (one parser for both).
+    Raises ValueError naming the bad value.
+    """
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("empty size (examples: 4096, 64MiB, 2GiB, 1.5GB)")
+    return _config_parse_size(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """Base of every control command; subclasses set ``name`` and declare typed fields."""
+
+    name: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cmd": self.name, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any]) -> Command:
+        """Build the command ``data["cmd"]`` names; BadCommand says what is wrong."""
+        if not isinstance(data, Mapping):
+            raise BadCommand(f"a command must be a JSON object, got {type(data).__name__}")
+        name = data.get("cmd")
+        cls = COMMANDS.get(name) if isinstance(name, str) else None
+        if cls is None:
+            raise BadCommand(f"unknown command {name!r} (known: {', '.join(sorted(COMMANDS))})")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        args = {k: v for k, v in data.items() if k != "cmd"}
+        unknown = sorted(set(args) - set(fields))
+        if unknown:
+            raise BadCommand(f"{name}: unknown argument(s) {', '.join(unknown)}")
+        missing = [f for f, spec in fields.items() if f not in args
+                   and spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING]
+        if missing:
+            raise BadCommand(f"{name}: missing argument(s) {', '.join(missing)}")
+        return cls(**args)
+
+    def describe(self) -> str:
+        """``migrate conn=3 to_engine=1``: how the command appears in log lines."""
+        args = " ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
+        return f"{self.name} {args}".rstrip()
+
+
+def _int(cmd: str, field: str, value: Any, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadCommand(f"{cmd}: {field} must be an integer, got {value!r}")
+    if value < minimum:
+        raise BadCommand(f"{cmd}: {field} must be >= {minimum}, got {value}")
+
+
+def _bool(cmd: str, field: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise BadCommand(f"{cmd}: {field} must be true or false, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Status(Command):
+    """The supervisor's view of the instance (emrctl normally reads the segment directly)."""
+
+    name: ClassVar[str] = "status"
+
+
+@dataclasses.dataclass(frozen=True)
+class Migrate(Command):
+    """Move connection ``conn`` to engine ``to_engine``, live."""
+
+    name: ClassVar[str] = "migrate"
+    conn: int
+    to_engine: int
+
+    def __post_init__(self) -> None:
+        _int(self.name, "conn", self.conn)
+        _int(self.name, "to_engine", self.to_engine)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheResize(Command):
+    """Set the embedding cache's capacity (the adaptive policy starts from it)."""
+
+    name: ClassVar[str] = "cache_resize"
+    size_bytes: int
+
+    def __post_init__(self) -> None:
+        _int(self.name, "size_bytes", self.size_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class CachePolicy(Command):
+    """Switch the cache policy: adaptive, fixed or off."""
+
+    name: ClassVar[str] = "cache_policy"
+    policy: str
+
+    def __post_init__(self) -> None:
+        if self.policy not in CACHE_POLICIES:
+            raise BadCommand(f"{self.name}: policy must be one of {', '.join(CACHE_POLICIES)}, got {self.policy!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reload(Command):
+    """Re-read what can change without a restart (SIGHUP)."""
+
+    name: ClassVar[str] = "reload"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shutdown(Command):
+    """Stop the daemon; ``graceful`` drains in-flight batches first (SIGTERM) or not (SIGINT/SIGQUIT)."""
+
+    name: ClassVar[str] = "shutdown"
+    graceful: bool = True
+
+    def __post_init__(self) -> None:
+        _bool(self.name, "graceful", self.graceful)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rebalance(Command):
+    """Turn the automatic connection rebalancer on or off."""
+
+    name: ClassVar[str] = "rebalance"
+    enabled: bool
+
+    def __post_init__(self) -> None:
+        _bool(self.name, "enabled", self.enabled)
+
+
+# an explicit table, not a metaclass registry: adding a command is visible here
+COMMANDS: dict[str, type[Command]] = {c.name: c for c in (Status, Migrate, CacheResize, CachePolicy, Reload,
+                                                           Shutdown, Rebalance)}
+
+# the supervisor routes these signals through the dispatcher, like emrctl's commands
+SIGNAL_COMMANDS: dict[str, Command] = {
+    "SIGHUP": Reload(),
+    "SIGTERM": Shutdown(graceful=True),
+    "SIGINT": Shutdown(graceful=False),
+    "SIGQUIT": Shutdown(graceful=False),
+}
