@@ -39,7 +39,7 @@ from flexemr.wire.frame import HEADER_SIZE, ErrorCode, FrameFlag, FrameType, pac
 
 logger = logging.getLogger(__name__)
 
-_HANDOFF = struct.Struct("<III64s")  # conn_id, server, kind, address
+_HANDOFF = struct.Struct("<IIIQ64s")  # conn_id, server, kind, in-flight subrequests, address
 HANDOFF_OWN = 0      # migration: the receiver becomes the owner
 HANDOFF_SHARE = 1    # "shared" mapping: a send-only copy for a non-owner engine
 
@@ -135,14 +135,14 @@ class Engine:
                 if e != self.id:
                     self._send_fds(e, cid, HANDOFF_SHARE, [st.conn.fileno()])
 
-    def _send_fds(self, to_engine: int, cid: int, kind: int, fds: list[int]) -> None:
+    def _send_fds(self, to_engine: int, cid: int, kind: int, fds: list[int], inflight: int = 0) -> None:
         server, address = self.directory[cid]
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             deadline = time.monotonic() + 30
             while True:
                 try:
                     # socket.send_fds ignores its address argument on Python 3.11: sendmsg directly.
-                    s.sendmsg([_HANDOFF.pack(cid, server, kind, address.encode())],
+                    s.sendmsg([_HANDOFF.pack(cid, server, kind, inflight, address.encode())],
                               [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))], 0,
                               handoff_address(self.instance, to_engine))
                     return
@@ -184,9 +184,11 @@ class Engine:
 
     # ---------------------------------------------------------------- ownership
 
-    def _add(self, conn: Connection, credit_conn: Connection | None = None) -> None:
+    def _add(self, conn: Connection, credit_conn: Connection | None = None, inflight: int = 0) -> None:
+        st = ConnState(conn, credit_conn)
+        st.sent = inflight  # answers the previous owner is still owed arrive here
         with self._conns_changed:
-            self.conns[conn.conn_id] = ConnState(conn, credit_conn)
+            self.conns[conn.conn_id] = st
             self._conns_changed.notify_all()
         self._selector_op("add", conn.conn_id)
 
@@ -360,12 +362,16 @@ class Engine:
             time.sleep(0.002)
 
     def _migrate_out(self, cid: int, to_engine: int) -> None:
+        """Hand ``cid`` to another engine right away, answers still in flight included.
+
+        The receiver lets go of the socket between two frames, so whatever the
+        server sends next is still in the socket and the new owner reads it; the
+        inference process matches answers by request id, whichever engine's
+        ring they come through.  No waiting for a drain.
+        """
         st = self.conns.get(cid)
         if st is None:
             return
-        deadline = time.monotonic() + 10
-        while st.inflight and time.monotonic() < deadline:
-            time.sleep(0.0005)
         self._selector_op("remove", cid, wait=True)
         with self._conns_changed:
             del self.conns[cid]
@@ -374,11 +380,12 @@ class Engine:
         if st.credit_conn is not None:
             handles.append(st.credit_conn.detach())
         try:
-            self._send_fds(to_engine, cid, HANDOFF_OWN, handles)
+            self._send_fds(to_engine, cid, HANDOFF_OWN, handles, inflight=st.inflight)
         finally:
             for h in handles:
                 os.close(h)
-        logger.info("connection %d (server %d) handed to engine %d", cid, server, to_engine)
+        logger.info("connection %d (server %d) handed to engine %d with %d subrequests in flight",
+                    cid, server, to_engine, st.inflight)
         self.comp.write(em.PREFIX.pack(cid, to_engine), kind=em.COMP_MIGRATED, timeout=10)
 
     def _handoff_loop(self) -> None:
@@ -391,7 +398,7 @@ class Engine:
                 return
             if not fds:
                 continue
-            cid, server, kind, address = _HANDOFF.unpack(msg)
+            cid, server, kind, inflight, address = _HANDOFF.unpack(msg)
             addr = address.rstrip(b"\0").decode()
             conn = self.transport.adopt(fds[0], cid, server, addr)
             if kind == HANDOFF_SHARE:
@@ -400,7 +407,7 @@ class Engine:
                     self._conns_changed.notify_all()
                 continue
             credit_conn = self.transport.adopt(fds[1], cid, server, addr) if len(fds) > 1 else None
-            self._add(conn, credit_conn)
+            self._add(conn, credit_conn, inflight=inflight)
             logger.info("adopted connection %d (server %d)", cid, server)
 
     def _receiver(self) -> None:
