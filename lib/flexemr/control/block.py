@@ -4,7 +4,7 @@ One POSIX shared-memory segment per daemon instance, created and unlinked by
 the supervisor only; engines, the inference process and emrctl ``attach`` it by
 instance name.  Stats are numpy structured arrays, one row per engine /
 connection / table, each row guarded by its own **seqlock**.  All integers are
-little-endian u64/i64 and every field is 8 bytes wide and 8-byte aligned::
+little-endian; every stats field is a u64, i64 or f64, 8-byte aligned::
 
     segment offset  size   field                 written by   meaning
     --------------  -----  --------------------  -----------  ----------------------------------
@@ -19,7 +19,7 @@ little-endian u64/i64 and every field is 8 bytes wide and 8-byte aligned::
         40            8    supervisor_pid        creator
         48            8    created_mono_ns       creator      CLOCK_MONOTONIC (system-wide on Linux)
         56            8    created_unix_ns       creator      wall clock, for display only
-        64     16 x 24     section table         creator      per section: offset, count, row_bytes
+        64     13 x 24     section table         creator      per section: offset, count, row_bytes
       4096    ...          sections, each 64-byte aligned, in SECTION order:
 
     section         rows              writer (one process)   fields
@@ -71,6 +71,17 @@ argument as the data-path ring in :mod:`flexemr.ring.layout`).  A writer that
 died between its two ``seq`` stores leaves ``seq`` odd: readers give up after
 ~0.1 s and return what they copied, and the next writer of that row (the
 restarted engine) starts from the next even value.
+
+Derived in :meth:`ControlBlock.snapshot` (the status JSON), not stored:
+``engines[].connections`` is the owner-map count (what the supervisor
+decided; ``active_connections`` is what the engine serves right now, so the
+two differ only while a migration is in flight); ``hit_rate`` is hits/lookups;
+``heartbeat_age_s`` is now - heartbeat_ns.  Per-engine rates are computed by
+the supervisor once a second (:meth:`ControlBlock.update_rates`, into its own
+engine_proc rows) so a one-shot ``emrctl status`` has them and engines only
+count; ``snapshot(previous)`` recomputes them from two snapshots instead
+(``--watch``).  The ranker's ``requests_per_s`` is computed by the inference
+process itself.
 
 Runtime area (the supervisor's mutable control state, polled by the data
 path between batches with ONE u64 load of ``epoch``)::
@@ -334,21 +345,22 @@ class Row:
     def read_raw(self) -> np.void:
         """A consistent copy of the row (a numpy record that no longer refers to the segment)."""
         seq, i, mm, lo, hi = self._sec.seq, self._i, self._mm, self._lo, self._hi
-        data = b""
+        attempt = 0
         deadline = 0.0
-        for attempt in range(1 << 30):
+        while True:
             s1 = int(seq[i])
             if not s1 & 1:
                 data = mm[lo:hi]
                 if int(seq[i]) == s1:
                     break
-            if attempt >= 8:
-                # the writer was descheduled mid-update: let it run
+            attempt += 1
+            if attempt > 8:
+                # the writer was descheduled mid-update: let it run, but not forever
                 os.sched_yield()
-                if attempt == 8:
+                if attempt == 9:
                     deadline = time.monotonic() + _READ_GIVE_UP_S
                 elif time.monotonic() > deadline:
-                    data = mm[lo:hi]  # writer died mid-update: best effort
+                    data = mm[lo:hi]  # its writer died mid-update: best effort
                     break
         return np.frombuffer(data, dtype=self._sec.dtype)[0]
 
