@@ -133,7 +133,6 @@ class SupervisorControl:
             from flexemr.metrics import start_metrics_server
 
             self.metrics = start_metrics_server(cfg.ranker.metrics_port, self.block, addr=cfg.ranker.metrics_addr)
-            logger.info("metrics on http://%s:%d/metrics", cfg.ranker.metrics_addr, cfg.ranker.metrics_port)
 
     def unlink(self) -> None:
         for obj, fn in ((self.metrics, "stop"), (self.mailbox, "close")):

@@ -195,3 +195,27 @@ def _tables_by_server(spec, n_servers: int) -> dict[int, list[str]]:
 
     rt = RoutingTable.build(spec, n_servers, "tables")
     return {s: [sh.table for sh in rt.shards_of(s)] for s in range(n_servers)}
+
+
+def test_prometheus_endpoint_serves_live_counters(tiny_model, tmp_path):
+    import socket as so
+    import urllib.request
+
+    with so.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c = LocalCluster(tiny_model, tmp_path, servers=2, engines=2, extra=["--metrics-port", str(port)])
+    try:
+        spec = load_spec(tiny_model)
+        gen = RequestGenerator(spec, ids_per_bag=5, seed=1)
+        with InferenceClient(c.socket) as cl:
+            for _ in range(20):
+                d, s = gen.batch(8)
+                cl.lookup(s)
+        time.sleep(1.0)  # the inference process publishes every 0.2 s
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "flexemr_engine_queue_depth" in text
+        lines = [ln for ln in text.splitlines() if ln.startswith("flexemr_table_lookups_total{")]
+        assert lines and sum(float(ln.rsplit(" ", 1)[1]) for ln in lines) >= 20 * 8
+    finally:
+        c.stop()
