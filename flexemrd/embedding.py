@@ -298,9 +298,7 @@ class EmbeddingServer:
                     continue
                 payload = reader.read_payload(h)
                 if h.type == FrameType.CREDIT:
-                    pool = ctx.pool if ctx.pool is not None else None
-                    if pool is not None:
-                        self._credit(pool, h.aux, codec.decode_credit(payload))
+                    self._credit(ctx.pool, h.aux, codec.decode_credit(payload))
                     continue
                 if h.type == FrameType.HELLO:
                     self._hello(ctx, h, payload)

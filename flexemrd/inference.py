@@ -498,21 +498,22 @@ class InferenceService:
         self.batch_samples += batch.size
 
     def _forward(self, batch: Batch, pooled: dict[int, np.ndarray]) -> np.ndarray:
+        """Scores for the batch's predict requests (lookup-only rows stay 0 and are not sent)."""
         import torch
 
-        all_predict = all(w.predict for w in batch.works)
-        if all_predict:
-            rows = slice(None)
+        if all(w.predict for w in batch.works):
+            rows = None
             dense = batch.works[0].dense if len(batch.works) == 1 else np.concatenate([w.dense for w in batch.works])
         else:
-            idx = np.concatenate([np.arange(o, o + w.batch) for o, w in zip(np.cumsum([0] + [w.batch for w in batch.works]), batch.works) if w.predict])
-            rows = idx
+            starts = np.cumsum([0] + [w.batch for w in batch.works[:-1]])
+            rows = np.concatenate([np.arange(o, o + w.batch) for o, w in zip(starts, batch.works) if w.predict])
             dense = np.concatenate([w.dense for w in batch.works if w.predict])
         with torch.inference_mode():
             d = torch.from_numpy(np.ascontiguousarray(dense)).to(self.device)
-            emb = [torch.from_numpy(pooled[t][rows]).to(self.device) for t in range(len(self.spec.tables))]
+            emb = [torch.from_numpy(pooled[t] if rows is None else pooled[t][rows]).to(self.device)
+                   for t in range(len(self.spec.tables))]
             out = self.model(d, emb).float().cpu().numpy()
-        if all_predict:
+        if rows is None:
             return out
         full = np.zeros(batch.size, dtype=np.float32)
         full[rows] = out
