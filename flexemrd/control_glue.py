@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 ACK_TIMEOUT_S = 4.0  # below emrctl's 5 s, so emrctl hears our reason, not its own timeout
 PUBLISH_INTERVAL_S = 0.2
+LOG_INTERVAL_S = 10.0
 
 
 def _topology(plan) -> dict[str, Any]:
@@ -380,12 +381,26 @@ class InferenceControl:
                 self.block.ranker.update(epoch_seen=self.target_epoch)
 
     def publish_loop(self) -> None:
+        last_log, last_count = time.monotonic(), 0
         while not self.svc.stop.is_set():
             time.sleep(PUBLISH_INTERVAL_S)
             try:
                 self.publish()
             except Exception:
                 logger.exception("publishing stats failed")
+            now = time.monotonic()
+            if now - last_log >= LOG_INTERVAL_S:
+                count = self.svc.latency.count
+                if count > last_count:
+                    self._log_summary(count - last_count, now - last_log)
+                last_log, last_count = now, count
+
+    def _log_summary(self, requests: int, seconds: float) -> None:
+        """One line every LOG_INTERVAL_S with traffic: rate, latency and where the time goes."""
+        s = self.svc.stats()
+        stages = " ".join(f"{k} {v[0]:.1f}/{v[1]:.1f}" for k, v in s["stages_ms"].items())
+        logger.info("%.1f req/s, p50 %.1f ms, p99 %.1f ms, mean batch %.0f; stage p50/p99 ms: %s",
+                    requests / seconds, s["latency_p50_ms"], s["latency_p99_ms"], s["mean_batch"], stages)
 
     def publish(self) -> None:
         s = self.svc.stats()

@@ -60,7 +60,8 @@ class Session:
 
 
 class Batch:
-    __slots__ = ("seq", "works", "size", "tables", "acc", "remaining", "started", "error", "parts")
+    __slots__ = ("seq", "works", "size", "tables", "acc", "remaining", "started", "error", "parts", "submitted",
+                 "parts_done")
 
     def __init__(self, seq: int, works: list[Work], size: int, tables: list[int], acc: dict[int, Accumulator]) -> None:
         self.seq = seq
@@ -70,6 +71,8 @@ class Batch:
         self.acc = acc
         self.remaining = 0
         self.started = time.perf_counter()
+        self.submitted = self.started
+        self.parts_done = self.started
         self.error: str | None = None
         self.parts: dict[int, tuple[int, list[int], list[np.ndarray]]] = {}  # rid -> (conn, tables, counts)
 
@@ -150,6 +153,8 @@ class InferenceService:
         self.stop = threading.Event()
         self.accepting = True
         self.latency = LatencyWindow()
+        # Where a request's time goes, batch by batch (emrctl status --json: ranker.stages_ms).
+        self.stages = {k: LatencyWindow(1024) for k in ("queue", "route", "remote", "finish")}
         self.errors = 0
         self.batches = 0
         self.batch_samples = 0
@@ -368,6 +373,7 @@ class InferenceService:
         with self.pending_lock:
             for _cid, rid, _f in frames:
                 self.pending[rid] = batch
+        batch.submitted = time.perf_counter()
         for cid, rid, frame in frames:
             engine = self.owners[cid] if self._engine_rr is None else next(self._engine_rr)
             ok = self.sub[engine].write(em.PREFIX.pack(cid, 0), *frame, kind=em.SUB_FRAME, timeout=self.request_timeout_s)
@@ -451,6 +457,7 @@ class InferenceService:
                 batch.acc[t].add(part, cnt)
         batch.remaining -= 1
         if batch.remaining == 0:
+            batch.parts_done = time.perf_counter()
             self.finish_q.put(batch)
 
     def _expire(self, now: float) -> None:
@@ -494,6 +501,15 @@ class InferenceService:
                 order = [self.spec.table_index(n) for n in w.names]
                 w.session.send(codec.encode_pooled(w.request_id, w.names, [pooled[t][sl] for t in order]))
             self.latency.add(done - w.arrived, w.batch)
+        sent = time.perf_counter()
+        st = self.stages
+        st["queue"].add(batch.started - batch.works[0].arrived, 0)
+        if batch.parts:
+            st["route"].add(batch.submitted - batch.started, 0)
+            st["remote"].add(batch.parts_done - batch.submitted, 0)
+            st["finish"].add(sent - batch.parts_done, 0)
+        else:
+            st["finish"].add(sent - batch.started, 0)
         self.batches += 1
         self.batch_samples += batch.size
 
@@ -546,6 +562,7 @@ class InferenceService:
             "latency_p50_ms": p50 * 1e3,
             "latency_p99_ms": p99 * 1e3,
             "inflight_batches": len({id(b) for b in list(self.pending.values())}),
+            "stages_ms": {k: [round(v * 1e3, 2) for v in w.percentiles()] for k, w in self.stages.items()},
         }
 
 
