@@ -51,7 +51,9 @@ def run(config_path: str) -> None:
 @click.option("--max-wait-ms", default=1.0, show_default=True, type=float)
 @click.option("--cache-policy", type=click.Choice(["adaptive", "fixed", "off"]), default="off", show_default=True)
 @click.option("--cache-size", default="64MiB", show_default=True)
-@click.option("--cache-budget", default="2GiB", show_default=True)
+@click.option("--cache-budget", default="2GiB", show_default=True,
+              help="Memory the NN and the cache share (CPU); on a GPU the device memory is used.")
+@click.option("--cache-margin", default="64MiB", show_default=True, help="Headroom the adaptive policy keeps free.")
 @click.option("--mapping", type=click.Choice(["owned", "shared"]), default="owned", show_default=True)
 @click.option("--credits", type=click.Choice(["priority", "inband", "off"]), default="priority", show_default=True)
 @click.option("--rebalance/--no-rebalance", default=True, show_default=True)
@@ -62,7 +64,7 @@ def run(config_path: str) -> None:
                    "when another process takes their core), else all cores.")
 @click.option("--log-level", default="info", show_default=True)
 def local(model_dir, n_servers, engines, socket_path, instance, routing, max_batch, max_wait_ms, cache_policy,
-          cache_size, cache_budget, mapping, credits, rebalance, metrics_port, server_threads, torch_threads,
+          cache_size, cache_budget, cache_margin, mapping, credits, rebalance, metrics_port, server_threads, torch_threads,
           log_level) -> None:
     """Run a whole cluster on this host: N embedding servers and one ranker, TCP on loopback."""
     from flexemrd.hosts import build_local
@@ -76,7 +78,7 @@ def local(model_dir, n_servers, engines, socket_path, instance, routing, max_bat
                            "rebalance": rebalance, "metrics_port": metrics_port,
                            "torch_threads": (1 if n_servers else 0) if torch_threads is None else torch_threads},
                 "embedding": {"threads": server_threads, "servers": max(1, n_servers)},
-                "cache": {"policy": cache_policy, "capacity": cache_size, "budget": cache_budget},
+                "cache": {"policy": cache_policy, "capacity": cache_size, "budget": cache_budget, "margin": cache_margin},
             },
             source="flexemrd local",
         )

@@ -147,6 +147,7 @@ class InferenceService:
         self.finish_q: queue.Queue[Batch | None] = queue.Queue()
         self.inflight = threading.BoundedSemaphore(max_inflight)
         self.pending: dict[int, Batch] = {}
+        self.fills: dict[int, tuple[int, int, np.ndarray]] = {}  # rid -> (conn, table, rows) of a cache fill
         self.pending_lock = threading.Lock()
         self.rids = itertools.count(1)
         self.seqs = itertools.count(1)
@@ -351,7 +352,7 @@ class InferenceService:
             self.finish_q.put(batch)
             return
         if self.cache is not None:
-            values, lengths = self.cache.serve(batch, tables, values, lengths)
+            values, lengths = self.cache.serve(batch, tables, values, lengths, self.queue.qsize())
         for t, v in zip(tables, values):
             self.t_lookups[t] += size
             self.t_ids[t] += len(v)
@@ -381,6 +382,36 @@ class InferenceService:
                 self._complete_part(rid, error=f"engine {engine} did not accept the subrequest in time")
                 continue
             self.conn_submitted[cid] += 1
+        if self.cache is not None:
+            self._send_fills()
+
+    def _send_fills(self) -> None:
+        """Fetch hot missed rows for the cache, after the batch's own subrequests (off the request path)."""
+        for server, table, rows in self.cache.fill_requests():
+            cid = next(self._rr[server])
+            rid = next(self.rids)
+            with self.pending_lock:
+                self.fills[rid] = (cid, table, rows)
+            engine = self.owners[cid] if self._engine_rr is None else next(self._engine_rr)
+            # Never wait for ring space on behalf of a fill: skip it instead.
+            if not self.sub[engine].write(em.PREFIX.pack(cid, 0), *codec.encode_fetch(rid, table, rows),
+                                          kind=em.SUB_FRAME, timeout=0):
+                self._fill_done(rid, None)
+
+    def _fill_done(self, rid: int, payload: memoryview | None) -> bool:
+        """Completion of a cache fill (False if ``rid`` is not a fill)."""
+        with self.pending_lock:
+            fill = self.fills.pop(rid, None)
+        if fill is None:
+            return False
+        _cid, table, rows = fill
+        data = None
+        if payload is not None:
+            tid, data = codec.decode_fetch_response(payload)
+            if tid != table:
+                data = None
+        self.cache.filled(table, rows, data)
+        return True
 
     # ------------------------------------------------------------------ control (batcher thread)
 
@@ -426,6 +457,10 @@ class InferenceService:
             if h.type == FrameType.LOOKUP_RESP:
                 self.conn_completed[cid] = self.conn_completed.get(cid, 0) + 1
                 self._complete_part(h.request_id, payload=payload)
+            elif h.type == FrameType.FETCH_RESP:
+                self._fill_done(h.request_id, payload)
+            elif h.type == FrameType.ERROR and self.fills and self._fill_done(h.request_id, None):
+                pass
             elif h.type == FrameType.ERROR:
                 self.conn_completed[cid] = self.conn_completed.get(cid, 0) + 1
                 msg = codec.decode_error(payload)
@@ -434,8 +469,11 @@ class InferenceService:
             reason = bytes(data[em.PREFIX_SIZE :]).decode("utf-8", "replace")
             with self.pending_lock:
                 rids = [rid for rid, b in self.pending.items() if b.parts.get(rid, (None,))[0] == cid]
+                lost_fills = [rid for rid, f in self.fills.items() if f[0] == cid]
             for rid in rids:
                 self._complete_part(rid, error=reason)
+            for rid in lost_fills:
+                self._fill_done(rid, None)
         elif kind == em.COMP_MIGRATED:
             self.on_migrated(cid, arg)
 
@@ -543,7 +581,10 @@ class InferenceService:
     # ------------------------------------------------------------------ stats
 
     def table_counters(self) -> dict[str, np.ndarray]:
-        return {"lookups": self.t_lookups.copy(), "ids_total": self.t_ids.copy(), "bytes_wire": self.t_wire.copy()}
+        out = {"lookups": self.t_lookups.copy(), "ids_total": self.t_ids.copy(), "bytes_wire": self.t_wire.copy()}
+        if self.cache is not None:
+            out["hits"] = self.cache.hits_by_table()
+        return out
 
     def stats(self) -> dict[str, Any]:
         p50, p99 = self.latency.percentiles()

@@ -201,11 +201,17 @@ def inference_main(plan: RankerPlan, ready: ReadyPipe, hooks=None) -> None:
         local_pooler = LocalPooler(plan.spec, open_tables(plan.cfg.daemon.model, plan.spec))
         logger.info("no embedding servers: pooling %d tables in this process (monolithic layout)",
                     len(plan.spec.tables))
+    cache = None
+    if plan.servers:  # built even when "off", so emrctl can switch it on at runtime
+        from flexemrd.cache_glue import RankerCache
+
+        cache = RankerCache(plan.spec, plan.routing, plan.cfg.cache, device=device, max_batch=r.max_batch)
     svc = InferenceService(
         plan.spec, plan.routing, plan.connections, plan.owners, subs, comps, doorbell,
         dense_model=model, device=device, max_batch=r.max_batch, max_wait_s=r.max_wait_ms / 1e3,
         max_inflight=r.max_inflight_batches, max_request_bytes=r.max_request_bytes,
         inband_credits=r.credits == "inband", shared_mapping=plan.shared, local_pooler=local_pooler,
+        cache=cache,
     )
     if hooks is not None:
         hooks(svc)

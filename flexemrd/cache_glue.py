@@ -1,0 +1,124 @@
+"""The ranker's adaptive embedding cache inside the inference process (FlexEMR 3.1.1).
+
+On the request path (batcher thread): the load monitor sees the batch, the
+policy may resize the cache (shrinking evicts the coldest rows at once), each
+table's ids are looked up; the hits are pooled here and added to the batch's
+accumulator as one more partial (with their per-bag counts, exactly like a
+server's partial), and only the misses are routed to the servers.
+
+Off the request path: after dispatching a batch, a bounded number of FETCH
+subrequests for hot missed rows go to the servers that hold them, through the
+same engines and rings; their raw rows fill the cache when they come back
+(completion thread).  A fill never holds up a request.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from flexemr.cache.policy import AdaptivePolicy, CachePolicy, LoadMonitor, PolicyMode, memory_budget_bytes
+from flexemr.cache.rowcache import RowCache
+from flexemr.config import CacheConfig
+from flexemr.model.spec import ModelSpec
+from flexemr.routing.table import RoutingTable
+
+logger = logging.getLogger(__name__)
+
+FILL_ROWS_PER_BATCH = 4096   # rows requested for filling after each batch, at most
+MAX_FILLS_INFLIGHT = 2       # FETCH subrequests outstanding at once
+
+
+class RankerCache:
+    def __init__(self, spec: ModelSpec, routing: RoutingTable, cfg: CacheConfig, device: str = "cpu",
+                 max_batch: int = 4096) -> None:
+        self.spec = spec
+        self.routing = routing
+        self.device = device
+        self.cache = RowCache(spec.tables, 0, device=device, admission=cfg.admission)
+        self.monitor = LoadMonitor(window_s=cfg.window_s, windows=5)
+        budget = memory_budget_bytes(device, cfg.budget)
+        self.adaptive = AdaptivePolicy(budget, spec, margin_bytes=cfg.margin, max_batch=max_batch,
+                                       overload_queue_depth=2.0)
+        self.policy = CachePolicy(self.cache, mode=cfg.policy, fixed_bytes=cfg.capacity, adaptive=self.adaptive)
+        if cfg.policy == "adaptive":
+            self.cache.resize(min(cfg.capacity, self.adaptive.target_capacity(self.monitor)))
+        self.fills_inflight = 0
+        self.budget = budget
+        logger.info("cache: policy %s, capacity %d bytes, budget %d bytes on %s, admission %s",
+                    cfg.policy, self.cache.capacity_bytes, budget, device, cfg.admission)
+
+    # ------------------------------------------------------------------ request path (batcher thread)
+
+    def serve(self, batch, tables: list[int], values: list[np.ndarray], lengths: list[np.ndarray],
+              queue_depth: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Pool the cached rows into ``batch``'s accumulators; return the ids left for the servers."""
+        self.monitor.observe(batch.size, queue_depth)
+        self.policy.update(self.monitor)
+        if self.cache.capacity_bytes == 0:
+            return values, lengths
+        miss_v, miss_l = [], []
+        for t, v, ln in zip(tables, values, lengths):
+            sp = self.cache.split(t, v, ln, check=False)
+            if sp.n_hits:
+                batch.acc[t].add(sp.hit_pooled().cpu().numpy(), sp.hit_counts)
+            miss_v.append(sp.miss_values)
+            miss_l.append(sp.miss_lengths)
+        return miss_v, miss_l
+
+    def fill_requests(self) -> list[tuple[int, int, np.ndarray]]:
+        """(server, table, rows) FETCHes worth sending now (bounded; may be empty)."""
+        if self.cache.capacity_bytes == 0 or self.fills_inflight >= MAX_FILLS_INFLIGHT:
+            return []
+        out = []
+        for t, rows in self.cache.candidates_for_fill(FILL_ROWS_PER_BATCH).items():
+            if not len(rows):
+                continue
+            srv = self.routing.server_of(t, rows)
+            for s in np.unique(srv):
+                out.append((int(s), t, rows[srv == s]))
+        self.fills_inflight += len(out)
+        return out
+
+    # ------------------------------------------------------------------ completion thread
+
+    def filled(self, table: int, rows: np.ndarray, data: np.ndarray | None) -> None:
+        """A FETCH came back (``data`` None: it failed; the rows stay uncached)."""
+        self.fills_inflight = max(0, self.fills_inflight - 1)
+        if data is not None and len(rows) == len(data):
+            self.cache.fill(table, rows, data)
+
+    # ------------------------------------------------------------------ control
+
+    def apply_runtime(self, policy: str, capacity_bytes: int) -> None:
+        """emrctl cache policy / resize, applied between batches."""
+        if capacity_bytes != self.policy.fixed_bytes:
+            self.policy.resize(capacity_bytes)
+            logger.info("cache resized to %d bytes", capacity_bytes)
+        if PolicyMode(policy) is not self.policy.mode:
+            self.policy.set_mode(policy)
+            logger.info("cache policy now %s (capacity %d bytes)", policy, self.cache.capacity_bytes)
+
+    def stats(self) -> dict[str, Any]:
+        s = self.cache.stats()
+        s["policy"] = self.policy.mode.value
+        s["budget_bytes"] = self.budget
+        s["planned_batch"] = self.adaptive.planned_batch(self.monitor)
+        return s
+
+    def hits_by_table(self) -> np.ndarray:
+        s = self.cache.stats()["tables"]
+        return np.array([s[t.name]["hits"] for t in self.spec.tables], dtype=np.int64)
+
+    def publish(self, block) -> None:
+        from flexemr.control.block import CacheMode
+
+        s = self.cache.stats()
+        block.cache.update(policy=int(CacheMode.parse(self.policy.mode.value)), capacity_bytes=s["capacity_bytes"],
+                           used_bytes=s["used_bytes"], hits=s["hits"], lookups=s["lookups"],
+                           evictions=s["evictions"], fills=s["fills"], entries=s["entries"])
+
+
+__all__ = ["RankerCache"]
