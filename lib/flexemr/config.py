@@ -35,6 +35,8 @@ def parse_size(value: str | int) -> int:
         if value < 0:
             raise ValueError(f"size must be >= 0, got {value}")
         return value
+    if not str(value).strip():
+        raise ValueError("empty size (examples: 4096, 64MiB, 2GiB, 1.5GB)")
     m = _SIZE_RE.match(str(value))
     if not m:
         raise ValueError(f"not a size: {value!r} (examples: 4096, 64MiB, 2GiB)")

@@ -24,24 +24,13 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from flexemr.config import parse_size as _config_parse_size
+from flexemr.config import parse_size  # one size grammar for config files and commands
 
 CACHE_POLICIES = ("adaptive", "fixed", "off")
 
 
 class BadCommand(ValueError):
     """A command dict is malformed: unknown command, missing/unknown field, wrong type or range."""
-
-
-def parse_size(value: str | int) -> int:
-    """Bytes from ``"64MiB"``, ``"2GiB"``, ``"1.5GB"`` (decimal units) or ``"123"``.
-
-    The same grammar as size keys in the config file (one parser for both).
-    Raises ValueError naming the bad value.
-    """
-    if isinstance(value, str) and not value.strip():
-        raise ValueError("empty size (examples: 4096, 64MiB, 2GiB, 1.5GB)")
-    return _config_parse_size(value)
 
 
 @dataclasses.dataclass(frozen=True)
