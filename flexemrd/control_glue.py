@@ -172,11 +172,43 @@ class SupervisorControl:
     def on_child_exit(self, child, code: int) -> None:
         if self.block is None:
             return
-        state = "stopping" if (child.stopping or (self.supervisor and self.supervisor.stopping)) else "restarting"
+        stopping = child.stopping or (self.supervisor is not None and self.supervisor.stopping)
+        state = "stopping" if stopping else "restarting"
         if child.name.startswith("engine["):
-            self.block.engines[int(child.name[7:-1])].set_process(state=state, pid=0)
+            engine = int(child.name[7:-1])
+            self.block.engines[engine].set_process(state=state, pid=0)
+            if not stopping:
+                self._speak_for_dead_engine(engine, code)
         elif child.name == "inference":
             self.block.set_inference(state=state, pid=0)
+
+    def _speak_for_dead_engine(self, engine: int, code: int) -> None:
+        """Fail the dead engine's in-flight subrequests now instead of at their timeout.
+
+        Its completion ring has no producer until the engine restarts, so the
+        supervisor may produce: one COMP_LOST per connection the engine owned.
+        The inference process answers the affected requests with an error at
+        once; the restarted engine reconnects and serves what comes next.
+        """
+        from flexemr import enginemsg as em
+        from flexemr.ring import Ring
+
+        owners = self.block.runtime.read().owners
+        lost = [c for c, e in enumerate(owners) if e == engine]
+        if not lost:
+            return
+        try:
+            ring = Ring.attach(self.plan.ring_names(engine)[1])
+        except Exception as e:
+            logger.warning("cannot reach engine %d's completion ring: %s", engine, e)
+            return
+        try:
+            reason = f"engine {engine} died (exit {code}); its connections are being reopened"
+            for cid in lost:
+                ring.write(em.PREFIX.pack(cid, 0), reason.encode(), kind=em.COMP_LOST, timeout=1)
+        finally:
+            ring.close()
+        logger.warning("engine %d died: failed the subrequests in flight on connections %s", engine, lost)
 
     # -------------------------------------------------------------- tick
 

@@ -169,3 +169,55 @@ def test_sigterm_drains_accepted_requests_and_leaves_nothing_behind(tiny_model, 
     assert not os.path.exists(c.socket)
     assert naming.list_instance_segments(c.instance) == []
     assert not [p for p in kids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_engine_crash_under_load_fails_fast_and_recovers(tiny_model, tmp_path, reference):
+    """kill -9 an engine: affected requests fail quickly with a clear error, the engine restarts,
+    and requests succeed again (and stay exact)."""
+    spec = load_spec(tiny_model)
+    c = LocalCluster(tiny_model, tmp_path, servers=2, engines=2)
+    try:
+        reqs = _requests(spec, 40, seed=13)
+        import psutil as ps
+
+        engines = [p for p in ps.Process(c.proc.pid).children() if p.name().startswith("flexemr-eng")]
+        assert len(engines) == 2
+        outcomes: list[str] = []
+        slow: list[float] = []
+
+        def client():
+            with InferenceClient(c.socket) as cl:
+                for dense, sparse in reqs * 3:
+                    t0 = time.monotonic()
+                    try:
+                        got = cl.predict(dense, sparse)
+                        outcomes.append("ok" if np.allclose(got, reference.predict(dense, sparse), rtol=1e-5,
+                                                            atol=1e-6) else "wrong")
+                    except Exception as e:
+                        outcomes.append(type(e).__name__)
+                        slow.append(time.monotonic() - t0)
+
+        with cf.ThreadPoolExecutor(3) as ex:
+            futs = [ex.submit(client) for _ in range(3)]
+            time.sleep(0.5)
+            os.kill(engines[0].pid, signal.SIGKILL)
+            for f in futs:
+                f.result()
+        assert "wrong" not in outcomes
+        assert not slow or max(slow) < 10, "failed requests fail fast, not at the 30 s timeout"
+        # After the restart everything is served again.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with InferenceClient(c.socket) as cl:
+                    dense, sparse = reqs[0]
+                    np.testing.assert_allclose(cl.predict(dense, sparse), reference.predict(dense, sparse),
+                                               rtol=1e-5, atol=1e-6)
+                break
+            except Exception:
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the ranker did not recover after the engine restart:\n" + c.logs()[-2000:])
+        assert "restarting" in c.logs()
+    finally:
+        c.stop()
