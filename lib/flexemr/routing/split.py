@@ -33,10 +33,6 @@ class ServerPart:
     lengths: list[np.ndarray] = dataclasses.field(default_factory=list)  # int32 [B] per table
     values: list[np.ndarray] = dataclasses.field(default_factory=list)   # int64 per table
 
-    @property
-    def n_ids(self) -> int:
-        return sum(len(v) for v in self.values)
-
 
 @dataclasses.dataclass(slots=True)
 class SplitPlan:

@@ -98,11 +98,6 @@ class RoutingTable:
     def shards_of(self, server: int) -> list[Shard]:
         return [s for s in self.shards if server in s.servers]
 
-    def tables_of(self, server: int) -> list[int]:
-        """Indices (model order) of the tables this server holds any rows of."""
-        names = {s.table for s in self.shards_of(server)}
-        return [i for i, t in enumerate(self.spec.tables) if t.name in names]
-
     def servers_of_table(self, table: int) -> np.ndarray:
         return np.unique(self._servers[table])
 
@@ -127,10 +122,3 @@ class RoutingTable:
             return np.full(len(rows), single, dtype=np.int64)
         idx = np.searchsorted(self._starts[table], rows, side="right") - 1
         return self._servers[table][idx]
-
-    def to_list(self) -> list[dict]:
-        return [dict(table=s.table, start=s.start, end=s.end, servers=list(s.servers)) for s in self.shards]
-
-    @classmethod
-    def from_list(cls, spec: ModelSpec, n_servers: int, items: Sequence[dict]) -> "RoutingTable":
-        return cls(spec, n_servers, [Shard(d["table"], int(d["start"]), int(d["end"]), tuple(d["servers"])) for d in items])
