@@ -14,7 +14,7 @@ no per-element Python) and encodes as a list of buffers for ``sendmsg``::
     LOOKUP_RESP   u32 B, u32 T | u32 table_ids[T] (pad) | u32 dims[T] (pad)
                   | f32 partial[B, dims[t]] for each t in order
     FETCH         u32 table_id, u32 0 | i64 ids[n]
-    FETCH_RESP    u32 table_id, u32 dim | f32 rows[n, dim]
+    FETCH_RESP    u32 table_id, u32 dim | f32 rows[n, dim]  (unpadded: n = rest / (4 dim))
     PREDICT       u32 B, u32 T, u32 F, u32 names_len | names (utf-8, "\\n"-joined, pad)
                   | f32 dense[B*F] (pad) | KJT block
     CLIENT_LOOKUP same as PREDICT with F = 0
@@ -293,7 +293,11 @@ def encode_fetch_response(request_id: int, table_id: int, rows: np.ndarray) -> l
     rows = np.ascontiguousarray(rows, dtype="<f4")
     w = _Writer()
     w.add(_U32x2.pack(table_id, rows.shape[1]))
-    w.add(rows)
+    # The row count is implied by the payload length, so the rows are not padded:
+    # with dim 1 and an odd count, 4 bytes of padding would read as one more row.
+    if rows.nbytes:
+        w.parts.append(rows)
+        w.size += rows.nbytes
     return [pack_header(FrameType.FETCH_RESP, request_id, w.size), *w.parts]
 
 
@@ -394,9 +398,15 @@ def encode_pooled(request_id: int, names: Sequence[str], pooled: Sequence[np.nda
 
 
 def decode_pooled(payload) -> dict[str, np.ndarray]:
-    r = _Reader(payload, "LOOKUP_RESP")
+    r = _Reader(payload, "CLIENT_LOOKUP_RESP")
     batch, ntables, blob_len, _ = r.struct(_U32x4, "header")
-    names = bytes(r.raw(blob_len, "names")).decode().split("\n") if ntables else []
+    try:
+        names = bytes(r.raw(blob_len, "names")).decode().split("\n") if ntables else []
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{r.what}: table names are not utf-8", BAD_FRAME) from None
+    if len(set(names)) != ntables:
+        raise ProtocolError(f"{r.what}: {ntables} tables announced but {len(set(names))} distinct names sent",
+                            SIZE_MISMATCH)
     dims = r.array("<u4", ntables, "dims")
     out = {n: r.array("<f4", batch * int(d), n).reshape(batch, int(d)) for n, d in zip(names, dims)}
     r.finish()
@@ -435,7 +445,8 @@ def decode_hello(payload) -> Hello:
     r = _Reader(payload, "HELLO")
     role, n = r.struct(_U32x2, "role/n_shards")
     shards = r.array(_SHARD, n, "shards")
-    name = bytes(r.buf[r.off :]).decode("utf-8", "replace")
+    # The name is the rest of the payload; the encoder pads it to 8 bytes with NULs.
+    name = bytes(r.buf[r.off :]).rstrip(b"\0").decode("utf-8", "replace")
     return Hello(role, name, shards)
 
 
@@ -449,12 +460,17 @@ def encode_stats(request_id: int, values: Sequence[int]) -> list:
 
 
 def decode_stats(payload) -> dict[str, int]:
-    arr = np.frombuffer(memoryview(payload), dtype="<u8")
+    mv = memoryview(payload)
+    if len(mv) % 8:
+        raise ProtocolError("STATS_RESP: payload is not a u64 array", SIZE_MISMATCH)
+    arr = np.frombuffer(mv, dtype="<u8")
     return {k: int(v) for k, v in zip(SERVER_STATS, arr)}
 
 
 def inband_grant_ns(payload) -> int:
     """Grant time of the credits a LOOKUP carries in band."""
+    if len(payload) < 8:
+        raise ProtocolError("LOOKUP: flagged INBAND_CREDIT but shorter than its 8-byte trailer", SIZE_MISMATCH)
     return struct.unpack_from("<Q", payload, len(payload) - 8)[0]
 
 
