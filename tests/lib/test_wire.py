@@ -137,6 +137,8 @@ def test_lookup_response_round_trip(p, rid, data):
     # The documented layout: every section starts on an 8-byte boundary.
     a8 = lambda n: n + (-n & 7)  # noqa: E731
     assert len(payload) == 8 + 2 * a8(4 * len(pooled)) + sum(a8(q.nbytes) for q in pooled)
+    # ... which is what a receiver reserving its slot up front computes.
+    assert codec.lookup_response_size(batch, [q.shape[1] for q in pooled]) == len(payload)
     got_tids, got = codec.decode_lookup_response(payload)
     np.testing.assert_array_equal(got_tids, tids)
     assert len(got) == len(pooled)

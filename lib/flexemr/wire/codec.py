@@ -243,7 +243,7 @@ def lookup_response_size(batch: int, dims: Sequence[int]) -> int:
     """Payload bytes of a LOOKUP_RESP: lets a receiver reserve its slot up front."""
     t = len(dims)
     head = 8 + (4 * t + _pad(4 * t)) * 2
-    return head + sum(4 * batch * d for d in dims)
+    return head + sum(4 * batch * d + _pad(4 * batch * d) for d in dims)  # each partial starts 8-aligned
 
 
 def encode_lookup_response(request_id: int, table_ids: np.ndarray, pooled: Sequence[np.ndarray], aux: int = 0) -> list:
