@@ -52,6 +52,7 @@ EXIT_NO_ANSWER = 3
 # Add an entry here (or call cli.add_command(group) for a group that is cheap to import).
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "model": ("emrctl.model_cmd:model", "Create and inspect model directories."),
+    "bench": ("emrctl.bench_cmd:bench", "Run the benchmarks side by side with their baselines."),
 }
 
 F = TypeVar("F", bound=Callable[..., Any])

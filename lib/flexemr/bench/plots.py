@@ -1,0 +1,249 @@
+"""Plots of an ``emrctl bench`` results.json (matplotlib, Agg backend: no display needed).
+
+    throughput.png   closed-loop samples/s against batch size, one panel per model
+    latency_cdf.png  latency CDFs under open-loop Poisson arrivals, per model and offered load
+    efficiency.png   wire bytes and CPU seconds per sample, per model and system
+    ablations.png    flexemr variants against flexemr: samples/s, p99, wire bytes
+    mlperf.png       LoadGen Server probes: p99 against QPS, with the bound
+
+    python -m flexemr.bench.plots DIR      # re-draw from DIR/results.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+_COLORS = {"flexemr": "#1f77b4", "inprocess": "#2ca02c", "redis": "#d62728", "flexemr-rawrows": "#ff7f0e",
+           "flexemr-shared": "#9467bd", "flexemr-1engine": "#8c564b", "flexemr-inband": "#e377c2",
+           "flexemr-cache-fixed": "#7f7f7f", "flexemr-cache-adaptive": "#17becf"}
+_CORE = ("flexemr", "inprocess", "redis")
+
+
+def _color(name: str) -> str | None:
+    return _COLORS.get(name)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _models(results: dict) -> list[str]:
+    seen: list[str] = []
+    for c in results["workloads"]:
+        if c["model"] not in seen:
+            seen.append(c["model"])
+    return seen
+
+
+def _title(results: dict, model: str) -> str:
+    m = results.get("models", {}).get(model, {})
+    if not m:
+        return model
+    return f"{model}: {m['tables']} x {m['rows_per_table'] // 1000}k x {'/'.join(map(str, m['dims']))}, {m['ids_per_bag']} ids/bag"
+
+
+def throughput_vs_batch(results: dict, path: Path) -> None:
+    plt = _plt()
+    models = _models(results)
+    fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        cells = sorted((c for c in results["workloads"] if c["model"] == model and c["mode"] == "closed"),
+                       key=lambda c: c["batch"])
+        names: list[str] = []
+        for c in cells:
+            names += [n for n in c["systems"] if n not in names]
+        for n in names:
+            pts = [(c["batch"], c["systems"][n]["samples_per_s"]) for c in cells if n in c["systems"]]
+            xs, ys = zip(*pts)
+            core = n in _CORE
+            ax.plot(xs, ys, marker="o" if core else "x", linestyle="-" if core else "none", label=n,
+                    color=_color(n), markersize=5 if core else 7)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({c["batch"] for c in cells}), [str(c) for c in sorted({c["batch"] for c in cells})])
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size (samples per request)")
+        ax.set_ylabel("samples/s (closed loop)")
+        ax.set_title(_title(results, model), fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle("Maximum throughput against batch size", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def latency_cdfs(results: dict, path: Path) -> None:
+    plt = _plt()
+    models = _models(results)
+    levels = sorted({c.get("level_of_slowest_max") for c in results["workloads"] if c["mode"] == "open"})
+    if not levels:
+        return
+    fig, axes = plt.subplots(len(levels), len(models), figsize=(4.6 * len(models), 3.4 * len(levels)),
+                             squeeze=False)
+    for i, level in enumerate(levels):
+        for j, model in enumerate(models):
+            ax = axes[i][j]
+            cell = next((c for c in results["workloads"] if c["model"] == model and c["mode"] == "open"
+                         and c.get("level_of_slowest_max") == level), None)
+            if cell is None:
+                ax.set_visible(False)
+                continue
+            for n, r in cell["systems"].items():
+                cdf = r.get("latency_cdf_ms") or []
+                if not cdf:
+                    continue
+                ax.plot(cdf, [q / 100 for q in range(len(cdf))], label=n, color=_color(n),
+                        linestyle="-" if n in _CORE else "--")
+            ax.set_xscale("log")
+            ax.set_xlabel("latency (ms, from scheduled arrival)")
+            ax.set_ylabel("fraction of requests")
+            ax.axhline(0.99, color="grey", linewidth=0.6, linestyle=":")
+            ax.set_title(f"{model}, batch {cell['batch']}, Poisson {cell['offered_samples_per_s']:,.0f} samples/s\n"
+                         f"({int(level * 100)}% of the slowest system's maximum)", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Latency CDFs, open loop, same offered load for every system", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def efficiency(results: dict, path: Path) -> None:
+    """Wire bytes and CPU per sample at each model's open-loop batch size (closed loop)."""
+    plt = _plt()
+    import numpy as np
+
+    models = _models(results)
+    rows = []
+    for model in models:
+        opens = [c for c in results["workloads"] if c["model"] == model and c["mode"] == "open"]
+        b = opens[0]["batch"] if opens else None
+        cell = next((c for c in results["workloads"] if c["model"] == model and c["mode"] == "closed"
+                     and (b is None or c["batch"] == b)), None)
+        if cell:
+            rows.append((model, cell))
+    if not rows:
+        return
+    names: list[str] = []
+    for _, c in rows:
+        names += [n for n in c["systems"] if n not in names]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    x = np.arange(len(rows))
+    w = 0.8 / len(names)
+    for k, n in enumerate(names):
+        wire = [c["systems"].get(n, {}).get("wire_bytes_per_sample", np.nan) for _, c in rows]
+        cpu = [c["systems"].get(n, {}).get("cpu_s_per_sample", np.nan) * 1e6 for _, c in rows]
+        axes[0].bar(x + (k - (len(names) - 1) / 2) * w, [max(v, 1) if v == v else v for v in wire], w, label=n,
+                    color=_color(n))
+        axes[1].bar(x + (k - (len(names) - 1) / 2) * w, cpu, w, label=n, color=_color(n))
+    labels = [f"{m}\nbatch {c['batch']}" for m, c in rows]
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("wire bytes per sample (ranker <-> store; in-process: 0, drawn as 1)")
+    axes[1].set_ylabel("CPU microseconds per sample (all processes of the system)")
+    for ax in axes:
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Cost per sample, closed loop", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def ablations(results: dict, path: Path) -> bool:
+    plt = _plt()
+    import numpy as np
+
+    cells = [c for c in results["workloads"] if c.get("ablation")]
+    if not cells:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    metrics = (("samples_per_s", "samples/s vs flexemr"), ("p99_ms", "p99 latency vs flexemr"),
+               ("wire_bytes_per_sample", "wire bytes/sample vs flexemr"))
+    names: list[str] = []
+    for c in cells:
+        names += [n for n in c["systems"] if n.startswith("flexemr-") and n not in names]
+    x = np.arange(len(names))
+    w = 0.8 / len(cells)
+    for ax, (key, label) in zip(axes, metrics):
+        for k, c in enumerate(cells):
+            base = c["systems"]["flexemr"].get(key) or np.nan
+            vals = [c["systems"].get(n, {}).get(key, np.nan) / base for n in names]
+            ax.bar(x + (k - (len(cells) - 1) / 2) * w, vals, w, label=f"{c['model']} batch {c['batch']}")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(x, [n.removeprefix("flexemr-") for n in names], rotation=30, fontsize=8)
+        ax.set_title(label, fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+        if key == "wire_bytes_per_sample":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Ablations: one knob changed against flexemr (closed loop; 1.0 = flexemr)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def mlperf(results: dict, path: Path) -> bool:
+    m = results.get("mlperf")
+    if not m or not m.get("server", {}).get("probes"):
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    probes = sorted(m["server"]["probes"], key=lambda p: p["target_qps"])
+    ax.plot([p["target_qps"] for p in probes], [p.get("p99_ms", float("nan")) for p in probes], marker="o",
+            label="p99 (LoadGen Server)")
+    for p in probes:
+        ax.annotate("pass" if p["pass"] else "fail", (p["target_qps"], p.get("p99_ms", 0)), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.axhline(m["server"]["bound_ms"], color="red", linestyle="--", label=f"bound {m['server']['bound_ms']:g} ms")
+    ax.axvline(m["offline"]["qps"], color="grey", linestyle=":", label=f"Offline {m['offline']['qps']:,.1f} QPS")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"target QPS (1 query = {m['batch']} samples)")
+    ax.set_ylabel("p99 latency (ms)")
+    ax.set_title(f"MLPerf LoadGen Server, {m['system']} on {m['workload']}", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def write_plots(results: dict, out: Path) -> list[str]:
+    """Draw every plot the results allow into ``out``; returns the file names written."""
+    out = Path(out)
+    written = []
+    throughput_vs_batch(results, out / "throughput.png")
+    written.append("throughput.png")
+    if any(c["mode"] == "open" for c in results["workloads"]):
+        latency_cdfs(results, out / "latency_cdf.png")
+        written.append("latency_cdf.png")
+    efficiency(results, out / "efficiency.png")
+    written.append("efficiency.png")
+    if ablations(results, out / "ablations.png"):
+        written.append("ablations.png")
+    if mlperf(results, out / "mlperf.png"):
+        written.append("mlperf.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m flexemr.bench.plots DIR", file=sys.stderr)
+        return 2
+    out = Path(args[0])
+    print("\n".join(write_plots(json.loads((out / "results.json").read_text()), out)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

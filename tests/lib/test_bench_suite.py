@@ -1,0 +1,211 @@
+"""emrctl bench: the pieces (Redis client, ratios, schema, LoadGen summary parsing, plots) and a smoke run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flexemr.bench import suite
+from flexemr.bench.mlperf import _parse_summary
+from flexemr.bench.plots import write_plots
+from flexemr.bench.redis_store import encode_keys
+
+REPO = Path(__file__).resolve().parents[2]
+needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+
+
+def test_key_bytes_are_the_redis_store_keys():
+    rows = np.array([0, 1, 127, 128, 2**21 + 5, 2**28 - 1], dtype=np.int64)
+    for table in (0, 3, 31):
+        assert [bytes(k) for k in suite.key_bytes(table, rows)] == encode_keys(table, rows)
+
+
+def test_resp_bulk_records():
+    rec = suite._resp_bulk(np.frombuffer(b"abcdeVWXYZ", dtype=np.uint8).reshape(2, 5))
+    assert rec.tobytes() == b"$5\r\nabcde\r\n$5\r\nVWXYZ\r\n"
+
+
+@needs_redis
+def test_redis_ranker_pools_what_the_tables_hold(tiny_model):
+    """Sharded load + numpy MGET parsing give exactly the monolithic pooled vectors (all pooling modes)."""
+    from flexemr.bench.redis_store import RedisServer
+    from flexemr.model.spec import load_spec
+    from flexemr.model.tables import open_tables
+    from flexemr.monolithic import MonolithicModel
+    from flexemr.reqgen import RequestGenerator
+
+    spec = load_spec(tiny_model)
+    servers = [RedisServer(), RedisServer()]
+    try:
+        ranker = suite.RedisRanker(spec, [s.port for s in servers])
+        ranker.load(open_tables(tiny_model, spec))
+        assert sum(ranker.dbsize(i) for i in range(2)) == sum(t.rows for t in spec.tables)
+        gen = RequestGenerator(spec, 8, seed=3, empty_bag_prob=0.2)
+        mono = MonolithicModel(tiny_model)
+        for b in (1, 7, 300):
+            _dense, sparse = gen.batch(b)
+            got, want = ranker.lookup(sparse), mono.lookup(sparse)
+            for name in want:
+                np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6)
+        # a table whose bags are all empty pools to zeros
+        empty = {"t0": (np.zeros(0, dtype=np.int64), np.zeros(4, dtype=np.int32))}
+        assert not ranker.lookup(empty)["t0"].any()
+        ranker.close()
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def _row(sps: float, p99: float = 10.0, wire: float = 100.0) -> dict:
+    return {"samples_per_s": sps, "p50_ms": p99 / 2, "p95_ms": p99 * 0.9, "p99_ms": p99,
+            "wire_bytes_per_sample": wire, "cpu_s_per_sample": 1e-5, "errors": 0, "background_cpu_cores": 0.0,
+            "latency_cdf_ms": list(np.linspace(1, p99 * 1.2, 101))}
+
+
+def _results() -> dict:
+    closed = [{"name": f"m-b{b}-closed", "model": "m", "batch": b, "mode": "closed",
+               "systems": {"flexemr": _row(1000 * b ** 0.5), "inprocess": _row(2000 * b ** 0.5, wire=0.0),
+                           "redis": _row(500 * b ** 0.5, wire=900.0)}} for b in (64, 512)]
+    closed[1]["ablation"] = True
+    closed[1]["systems"]["flexemr-shared"] = _row(900 * 512 ** 0.5)
+    opened = {"name": "m-b64-open50", "model": "m", "batch": 64, "mode": "open", "offered_samples_per_s": 4000.0,
+              "level_of_slowest_max": 0.5,
+              "systems": {"flexemr": _row(4000, 20), "inprocess": _row(4000, 5, 0.0), "redis": _row(4000, 40)},
+              "failed": {"flexemr-inband": "RemoteError: boom"}}
+    cells = [*closed, opened]
+    for c in cells:
+        c["ratios"] = suite.ratios(c["systems"])
+    return {"workloads": cells, "models": {"m": {"tables": 4, "rows_per_table": 5000, "dims": [16],
+                                                  "ids_per_bag": 8}},
+            "mlperf": {"system": "flexemr", "workload": "m", "batch": 64, "offline": {"qps": 100.0},
+                       "server": {"bound_ms": 50.0, "best_qps": 60.0, "best_p99_ms": 30.0,
+                                  "probes": [{"target_qps": 60.0, "p99_ms": 30.0, "pass": True},
+                                             {"target_qps": 80.0, "p99_ms": 90.0, "pass": False}]}},
+            "skipped": [], "issues": []}
+
+
+def test_ratios_against_each_baseline_and_flexemr():
+    systems = {"flexemr": _row(300, 10), "inprocess": _row(600, 5, 0.0), "redis": _row(100, 40),
+               "flexemr-shared": _row(150, 20)}
+    r = suite.ratios(systems)
+    assert r["flexemr/inprocess"]["samples_per_s"] == 0.5
+    assert r["flexemr/redis"]["samples_per_s"] == 3.0
+    assert r["flexemr/redis"]["p99_ms"] == 0.25
+    assert r["flexemr-shared/flexemr"]["samples_per_s"] == 0.5
+    assert r["flexemr/inprocess"]["wire_bytes_per_sample"] is None   # in-process moves no bytes: no ratio
+    assert "inprocess/redis" not in r
+
+
+def test_schema_validation_names_what_is_missing():
+    res = _results()
+    assert suite.validate_results(res) == []
+    del res["workloads"][0]["systems"]["redis"]
+    res["workloads"][1]["systems"]["flexemr"]["p99_ms"] = None
+    problems = suite.validate_results(res)
+    assert any("m-b64-closed" in p and "redis missing" in p for p in problems)
+    assert any("systems.flexemr.p99_ms" in p for p in problems)
+    assert suite.validate_results({}) == ["workloads: missing or not a non-empty list"]
+
+
+def test_table_and_plots_from_results(tmp_path):
+    res = _results()
+    table = suite.format_table(res)
+    assert "m-b512-closed" in table and "flexemr-shared" in table
+    assert "FAILED: RemoteError: boom" in table
+    assert "p99 4.00" in table                 # open loop: flexemr's p99 against inprocess
+    assert "highest QPS with p99 <= 50.0 ms = 60.0" in table
+    files = write_plots(res, tmp_path)
+    assert set(files) == {"throughput.png", "latency_cdf.png", "efficiency.png", "ablations.png", "mlperf.png"}
+    for f in files:
+        assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+SUMMARY = """\
+================================================
+MLPerf Results Summary
+================================================
+SUT name : PySUT
+Scenario : Server
+Mode     : PerformanceOnly
+Completed samples per second    : 194.18
+Result is : INVALID
+  Performance constraints satisfied : Yes
+  Min duration satisfied : Yes
+  Early stopping satisfied: NO
+================================================
+Additional Stats
+================================================
+Scheduled samples per second : 194.70
+50.00 percentile latency (ns)   : 5341699
+99.00 percentile latency (ns)   : 6991237
+"""
+
+
+def test_loadgen_summary_parsing(tmp_path):
+    p = tmp_path / "mlperf_log_summary.txt"
+    p.write_text(SUMMARY)
+    s = _parse_summary(p)
+    assert s["completed_qps"] == 194.18 and s["scheduled_qps"] == 194.70
+    assert s["p99_ms"] == 6.991 and s["p50_ms"] == 5.342
+    assert s["constraints_satisfied"] and not s["valid"] and not s["early_stopping_satisfied"]
+    assert "offline_qps" not in s
+    p.write_text("Scenario : Offline\nSamples per second: 812.5\nResult is : VALID\n")
+    assert _parse_summary(p)["offline_qps"] == 812.5
+
+
+def test_ablation_flags_are_checked_against_the_daemon_help():
+    help_text = "  --mapping [owned|shared]\n  --credits [priority|inband|off]\n"
+    by_name = {a.name: a for a in suite.ABLATIONS}
+    assert suite._ablation_supported(by_name["flexemr-shared"], help_text) is None
+    assert "no --cache-policy" in suite._ablation_supported(by_name["flexemr-cache-fixed"], help_text)
+    assert "does not accept 'inband'" in suite._ablation_supported(
+        by_name["flexemr-inband"], "  --credits [priority|off]\n")
+    assert suite._ablation_supported(by_name["flexemr-rawrows"], "") is None   # needs no daemon flag
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_smoke_suite_writes_results_plots_and_table(tmp_path):
+    """The real thing, small: daemons, redis-server and clients start, are measured and are all stopped."""
+    import psutil
+
+    out = tmp_path / "bench"
+    before = {p.pid for p in psutil.process_iter()}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "emrctl", "bench", "--suite", "smoke", "--out", str(out),
+                           "--seconds", "1", "--no-mlperf"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    took = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert suite.validate_results(res) == []
+    names = [c["name"] for c in res["workloads"]]
+    assert names == ["tiny-b64-closed", "tiny-b256-closed", "tiny-b64-open50"]
+    assert "flexemr-rawrows" in res["workloads"][0]["systems"]
+    for c in res["workloads"]:
+        for name, r in c["systems"].items():
+            assert r["samples_per_s"] > 0 and r["errors"] == 0, (c["name"], name)
+            assert (r["wire_bytes_per_sample"] == 0) == (name == "inprocess"), (c["name"], name)
+            assert r["cpu_s_per_sample"] > 0
+    assert all(abs(d) <= 1e-3 for d in res["answer_check"]["tiny"].values())
+    assert res["issues"] == [], res["issues"]
+    for f in ("throughput.png", "latency_cdf.png", "efficiency.png", "ablations.png"):
+        assert (out / f).exists()
+    assert "tiny-b64-closed" in proc.stdout and "samples/s" in proc.stdout
+    assert "[" in proc.stderr and "closed loop" in proc.stderr       # progress lines
+    # every process it started is gone (daemon trees, redis-servers, clients)
+    time.sleep(0.5)
+    left = []
+    for p in psutil.process_iter(["pid", "ppid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.pid in before:
+            continue
+        if ("flexemrd" in cmd and str(out) in cmd) or ("redis-server" in cmd and p.info["ppid"] == 1):
+            left.append(cmd)
+    assert not left, left
+    assert took < 120, f"the smoke suite took {took:.0f} s"
