@@ -293,7 +293,13 @@ class EmbeddingServer:
                     # thread keeps reading (and applying in-band credits) meanwhile.
                     payload = reader.read_payload_owned(h)
                     if h.flags & FrameFlag.INBAND_CREDIT and h.type == FrameType.LOOKUP:
-                        self._credit(ctx.pool, h.aux, codec.inband_grant_ns(payload))
+                        try:
+                            granted_ns = codec.inband_grant_ns(payload)
+                        except ProtocolError as e:  # too short for its trailer: answer, keep serving
+                            self.stats["errors"] += 1
+                            self._send(ctx, codec.encode_error(h.request_id, e.code, str(e)))
+                            continue
+                        self._credit(ctx.pool, h.aux, granted_ns)
                     ctx.work.put((h, payload))
                     continue
                 payload = reader.read_payload(h)
