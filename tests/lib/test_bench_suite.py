@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexemr.bench import suite
+from flexemr.bench import suite, systems
 from flexemr.bench.mlperf import _parse_summary
 from flexemr.bench.plots import write_plots
 from flexemr.bench.redis_store import encode_keys
@@ -24,11 +24,11 @@ needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="r
 def test_key_bytes_are_the_redis_store_keys():
     rows = np.array([0, 1, 127, 128, 2**21 + 5, 2**28 - 1], dtype=np.int64)
     for table in (0, 3, 31):
-        assert [bytes(k) for k in suite.key_bytes(table, rows)] == encode_keys(table, rows)
+        assert [bytes(k) for k in systems.key_bytes(table, rows)] == encode_keys(table, rows)
 
 
 def test_resp_bulk_records():
-    rec = suite._resp_bulk(np.frombuffer(b"abcdeVWXYZ", dtype=np.uint8).reshape(2, 5))
+    rec = systems._resp_bulk(np.frombuffer(b"abcdeVWXYZ", dtype=np.uint8).reshape(2, 5))
     assert rec.tobytes() == b"$5\r\nabcde\r\n$5\r\nVWXYZ\r\n"
 
 
@@ -44,7 +44,7 @@ def test_redis_ranker_pools_what_the_tables_hold(tiny_model):
     spec = load_spec(tiny_model)
     servers = [RedisServer(), RedisServer()]
     try:
-        ranker = suite.RedisRanker(spec, [s.port for s in servers])
+        ranker = systems.RedisRanker(spec, [s.port for s in servers])
         ranker.load(open_tables(tiny_model, spec))
         assert sum(ranker.dbsize(i) for i in range(2)) == sum(t.rows for t in spec.tables)
         gen = RequestGenerator(spec, 8, seed=3, empty_bag_prob=0.2)
