@@ -384,6 +384,38 @@ def test_peer_vanishing_mid_frame_does_not_hurt_the_server(servers, world):
             c.close()
 
 
+# ------------------------------------------------------------------ one server holding whole tables
+
+
+@pytest.fixture(scope="module")
+def whole_server(tiny_model, tmp_path_factory):
+    s = Servers(tiny_model, tmp_path_factory.mktemp("whole"), n=1, strategy="tables")
+    yield s
+    codes = s.stop()
+    assert codes == [0], f"embedding server did not stop cleanly on SIGTERM: {codes}"
+
+
+def test_server_holding_whole_tables_pools_and_rejects_bad_ids(whole_server, world):
+    """Whole tables are range-checked by the pooling kernel itself; a bad id must still be ID_OUT_OF_RANGE."""
+    spec, _, tables = world
+    routing = RoutingTable.build(spec, 1, "tables")
+    conn = Conn(whole_server.ports[0])
+    try:
+        b, sparse = _edge_batch(spec, RoutingTable.build(spec, N_SERVERS, "rows"))
+        assert_matches_reference(world, b, sparse, lookup([conn], routing, b, sparse, 1))
+        for rid, (t, bad) in enumerate([(0, -1), (1, 2003), (2, 517), (3, 2**40)], start=10):
+            # The bad id sits in the last table of the request, after good ones.
+            ids = [np.array([0, 1]) for _ in range(t)] + [np.array([0, bad])]
+            conn.send(codec.encode_lookup(rid, 1, list(range(t + 1)), [np.array([2], np.int32)] * (t + 1), ids))
+            msg = conn.expect_error(rid, ErrorCode.ID_OUT_OF_RANGE)
+            assert f"id {bad} " in msg and spec.tables[t].name in msg, msg
+            _valid(world, conn, 0, rid + 100)
+    finally:
+        conn.close()
+    assert whole_server.alive()
+    assert "Traceback" not in whole_server.logs[0].read_text()
+
+
 # ------------------------------------------------------------------ flow control
 
 
