@@ -453,6 +453,36 @@ def test_a_data_connection_answers_only_against_credits(servers, world, token):
         conn.close()
 
 
+def test_flow_controlled_connection_pipelines_mixed_requests_correctly(servers, world):
+    """Many requests queued ahead of the worker, of varying tables and sizes (the server reuses request buffers)."""
+    spec, routing, tables = world
+    conn = Conn(servers.ports[1])
+    try:
+        _hello(conn, "pipe/9/data", credits=3)
+        gen = RequestGenerator(spec, ids_per_bag=6, seed=77)
+        shapes = [([0, 1, 2, 3], 40), ([3], 3), ([1, 2], 200), ([2], 1), ([0, 3], 64), ([1], 500)] * 2
+        sent = []
+        for rid, (tids, b) in enumerate(shapes, start=1):
+            _, sparse = gen.batch(b)
+            plan = split_batch(routing, b, tids, [sparse[spec.tables[t].name][0] for t in tids],
+                               [sparse[spec.tables[t].name][1] for t in tids])
+            part = plan.parts[1]
+            conn.send(codec.encode_lookup(rid, b, part.tables, part.lengths, part.values))
+            sent.append((rid, part))
+        for rid, part in sent:
+            h, payload = conn.recv()
+            conn.send(codec.encode_credit(9, 1, 0))
+            assert (h.type, h.request_id) == (FrameType.LOOKUP_RESP, rid), h
+            got_tids, pooled = codec.decode_lookup_response(payload)
+            assert got_tids.tolist() == part.tables
+            for t, p, v, ln in zip(part.tables, pooled, part.values, part.lengths):
+                mode = spec.tables[t].pooling
+                want = pool_reference(tables[spec.tables[t].name], v, ln, mode if mode.label == "max" else _sum())
+                np.testing.assert_allclose(p, want, rtol=1e-5, atol=1e-6)
+    finally:
+        conn.close()
+
+
 def test_inband_credit_frame_too_short_for_its_trailer_gets_an_error(servers, world):
     conn = Conn(servers.ports[0])
     try:
