@@ -11,7 +11,6 @@ and never the process.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import struct
