@@ -330,7 +330,8 @@ class EmbeddingServer:
                             self.stats["errors"] += 1
                             self._send(ctx, codec.encode_error(h.request_id, e.code, str(e)))
                             continue
-                        self._credit(ctx.pool, h.aux, granted_ns)
+                        if h.aux:  # the trailer is always there; credits only when aux > 0
+                            self._credit(ctx.pool, h.aux, granted_ns)
                     ctx.work.put((h, payload))
                     continue
                 payload = reader.read_payload(h)

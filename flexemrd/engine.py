@@ -289,7 +289,7 @@ class Engine:
         if n and self.credit_mode == "inband":
             # Piggyback: patch flags/aux and the reserved trailer in the ring slot itself.
             st.grants_sent += n
-            struct.pack_into("<II", frame, 8, FrameFlag.INBAND_CREDIT, n)
+            struct.pack_into("<I", frame, 12, n)  # aux = credits; the flag is already set
             struct.pack_into("<Q", frame, len(frame) - 8, st.grant_ns)
             st.granted += n
         st.sent_at[rid] = t0

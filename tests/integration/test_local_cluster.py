@@ -221,3 +221,23 @@ def test_engine_crash_under_load_fails_fast_and_recovers(tiny_model, tmp_path, r
         assert "restarting" in c.logs()
     finally:
         c.stop()
+
+
+@pytest.mark.parametrize("extra", [["--credits", "inband"], ["--credits", "off"], ["--mapping", "shared"]],
+                         ids=["inband-credits", "no-credits", "shared-mapping"])
+def test_every_flow_control_and_mapping_mode_serves_exact_answers(tiny_model, tmp_path, reference, extra):
+    """The comparison modes of the benchmarks must be correct too, not only the defaults."""
+    spec = load_spec(tiny_model)
+    c = LocalCluster(tiny_model, tmp_path, servers=2, engines=2, extra=extra)
+    try:
+        def client(k: int) -> int:
+            with InferenceClient(c.socket) as cl:
+                for dense, sparse in _requests(spec, 40, seed=30 + k):
+                    np.testing.assert_allclose(cl.predict(dense, sparse), reference.predict(dense, sparse),
+                                               rtol=1e-5, atol=1e-6)
+            return 40
+
+        with cf.ThreadPoolExecutor(3) as ex:
+            assert sum(ex.map(client, range(3))) == 120
+    finally:
+        c.stop()

@@ -224,7 +224,10 @@ def encode_lookup(
     w.add(tids)
     _add_kjt(w, counts, lengths, values)
     if credit_trailer:
+        # The flag marks the trailer whether or not credits ride on this frame
+        # (aux = 0 then): the receiver must always strip it.
         w.add(_ZEROS)
+        flags |= 1  # FrameFlag.INBAND_CREDIT
     return [pack_header(FrameType.LOOKUP, request_id, w.size, aux, flags), *w.parts]
 
 
