@@ -183,7 +183,7 @@ class CreditPool:
 class _ConnCtx:
     """Per-connection state: a send lock (reader and worker both answer) and its credits."""
 
-    __slots__ = ("sock", "peer", "send_lock", "pool", "work", "worker", "spare")
+    __slots__ = ("sock", "peer", "send_lock", "pool", "work", "worker", "replies", "sender", "closed", "spare")
 
     SPARE_BUFFERS = 4               # the daemon's default credits per connection
     SPARE_MAX_BYTES = 64 << 20      # a rare huge request does not pin its buffer
@@ -195,6 +195,9 @@ class _ConnCtx:
         self.pool: CreditPool | None = None
         self.work: "queue.Queue | None" = None
         self.worker: threading.Thread | None = None
+        self.replies: "queue.Queue | None" = None   # worker -> sender, bounded
+        self.sender: threading.Thread | None = None
+        self.closed = threading.Event()
         self.spare: collections.deque[bytearray] = collections.deque()
 
     def buffer(self, n: int) -> memoryview:
@@ -217,7 +220,15 @@ class _ConnCtx:
 
 
 class EmbeddingServer:
-    """Accepts ranker connections on a TCP socket and serves each in a thread."""
+    """Accepts ranker connections on a TCP socket and serves each in a thread.
+
+    A flow-controlled connection (its HELLO grants credits) gets three threads:
+    the reader (frames in, credits applied at once), a worker (pools) and a
+    sender (waits for a credit, sends), so reading, pooling and sending of
+    successive requests overlap.
+    """
+
+    REPLIES_AHEAD = 2   # pooled replies a worker may hold while the sender waits for credits
 
     def __init__(
         self,
@@ -347,12 +358,15 @@ class EmbeddingServer:
         except (ConnectionError, OSError):
             pass
         finally:
+            ctx.closed.set()  # a reply still waiting for a credit has nobody to go to
             if ctx.work is not None:
                 ctx.work.put(None)
             with self._lock:
                 self._conns.discard(conn)
             if ctx.worker is not None:
                 ctx.worker.join(5)
+            if ctx.sender is not None:
+                ctx.sender.join(5)
             conn.close()
 
     def _credit(self, pool: CreditPool | None, n: int, granted_ns: int) -> None:
@@ -372,29 +386,56 @@ class EmbeddingServer:
             if channel == "data" and h.aux > 0:
                 pool.give(h.aux)
                 ctx.work = queue.Queue()
+                ctx.replies = queue.Queue(maxsize=self.REPLIES_AHEAD)
                 ctx.worker = threading.Thread(target=self._worker, args=(ctx,), daemon=True, name="worker")
+                ctx.sender = threading.Thread(target=self._sender, args=(ctx,), daemon=True, name="sender")
                 ctx.worker.start()
+                ctx.sender.start()
         self._send(ctx, codec.encode_hello(h.request_id, codec.ROLE_EMBEDDING, self.name, self.store.hello_shards()))
 
     def _worker(self, ctx: _ConnCtx) -> None:
-        assert ctx.work is not None and ctx.pool is not None
+        """Pools queued requests; hands replies to the sender, so pooling the next
+        request overlaps sending this one (a 17 MB LOOKUP_RESP takes ~10% of a lookup)."""
+        assert ctx.work is not None and ctx.replies is not None
         while True:
             item = ctx.work.get()
             if item is None:
+                self._hand_over(ctx, None)
                 return
             h, payload = item
             reply = self._answer(h, payload)
             if reply is None:
                 ctx.recycle(payload)
                 continue
-            if not ctx.pool.take(self._stop):
+            if not self._hand_over(ctx, (reply, payload)):
+                return
+
+    def _hand_over(self, ctx: _ConnCtx, item) -> bool:
+        """Queue a reply for the sender; blocks while REPLIES_AHEAD replies wait for credits."""
+        while True:
+            try:
+                ctx.replies.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                if ctx.closed.is_set() or not ctx.sender.is_alive():
+                    return False
+
+    def _sender(self, ctx: _ConnCtx) -> None:
+        """Sends replies in request order, each against one credit."""
+        assert ctx.replies is not None and ctx.pool is not None
+        while True:
+            item = ctx.replies.get()
+            if item is None:
+                return
+            reply, payload = item
+            if not ctx.pool.take(ctx.closed):
                 return
             try:
                 self._send(ctx, reply)
             except OSError:
                 return
             # Only now: a reply may refer to the request's bytes (a LOOKUP_RESP's table ids).
-            del reply
+            del reply, item
             ctx.recycle(payload)
 
     def _answer(self, h, payload) -> list | None:
