@@ -40,15 +40,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class Servers:
-    """N embedding server processes; ``stop()`` sends SIGTERM and waits, killing stragglers."""
+    """Embedding server processes; ``stop()`` sends SIGTERM and waits, killing stragglers.
 
-    def __init__(self, model: Path, logdir: Path, n: int = N_SERVERS, strategy: str = "rows") -> None:
+    ``placements`` lists (index, n_servers, strategy) per process; all start at
+    once, so their interpreter and torch start-ups overlap.
+    """
+
+    def __init__(self, model: Path, logdir: Path, placements: list[tuple[int, int, str]]) -> None:
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
         self.ports: list[int] = []
         try:
-            for i in range(n):
-                log = logdir / f"embedding{i}.log"
+            for k, (i, n, strategy) in enumerate(placements):
+                log = logdir / f"embedding{k}-{strategy}{i}of{n}.log"
                 self.logs.append(log)
                 with open(log, "w") as err:
                     self.procs.append(subprocess.Popen(
@@ -63,6 +67,12 @@ class Servers:
         except BaseException:
             self.stop()
             raise
+
+    def view(self, start: int, stop: int) -> "Servers":
+        """Some of the processes, as a Servers of their own (stopped with the whole)."""
+        v = object.__new__(Servers)
+        v.procs, v.logs, v.ports = self.procs[start:stop], self.logs[start:stop], self.ports[start:stop]
+        return v
 
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.procs)
@@ -112,11 +122,23 @@ class Conn:
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_model, tmp_path_factory):
-    s = Servers(tiny_model, tmp_path_factory.mktemp("embedding"))
+def processes(tiny_model, tmp_path_factory):
+    """Three servers splitting every table by rows, and one holding every table whole."""
+    placements = [(i, N_SERVERS, "rows") for i in range(N_SERVERS)] + [(0, 1, "tables")]
+    s = Servers(tiny_model, tmp_path_factory.mktemp("embedding"), placements)
     yield s
     codes = s.stop()
     assert codes == [0] * len(codes), f"embedding servers did not stop cleanly on SIGTERM: {codes}"
+
+
+@pytest.fixture(scope="module")
+def servers(processes):
+    return processes.view(0, N_SERVERS)
+
+
+@pytest.fixture(scope="module")
+def whole_server(processes):
+    return processes.view(N_SERVERS, N_SERVERS + 1)
 
 
 @pytest.fixture(scope="module")
@@ -386,14 +408,6 @@ def test_peer_vanishing_mid_frame_does_not_hurt_the_server(servers, world):
 # ------------------------------------------------------------------ one server holding whole tables
 
 
-@pytest.fixture(scope="module")
-def whole_server(tiny_model, tmp_path_factory):
-    s = Servers(tiny_model, tmp_path_factory.mktemp("whole"), n=1, strategy="tables")
-    yield s
-    codes = s.stop()
-    assert codes == [0], f"embedding server did not stop cleanly on SIGTERM: {codes}"
-
-
 def test_server_holding_whole_tables_pools_and_rejects_bad_ids(whole_server, world):
     """Whole tables are range-checked by the pooling kernel itself; a bad id must still be ID_OUT_OF_RANGE."""
     spec, _, tables = world
@@ -526,9 +540,9 @@ def test_eight_concurrent_rankers_get_correct_answers(servers, world):
     assert done == [12] * 8
 
 
-def test_no_server_thread_crashed(servers):
+def test_no_server_thread_crashed(processes):
     """Every bad request above was answered, not survived by a dying thread."""
-    assert servers.alive()
-    for log in servers.logs:
+    assert processes.alive()
+    for log in processes.logs:
         text = log.read_text()
         assert "Traceback" not in text, text[-3000:]
