@@ -36,7 +36,7 @@ import click
 def bench(suite_name: str, out_dir: Path, zipf: float, seed: int, seconds: float | None, workloads: tuple[str, ...],
           no_mlperf: bool, no_ablations: bool) -> None:
     """Benchmark flexemr side by side with the in-process limit and a Redis store."""
-    from flexemr.bench.suite import Progress, format_table, run_suite
+    from flexemr.bench.suite import BenchInterrupted, Progress, format_table, run_suite
 
     parts = ["emrctl", "bench", "--suite", suite_name, "--out", str(out_dir)]
     if zipf != 1.05:
@@ -54,8 +54,9 @@ def bench(suite_name: str, out_dir: Path, zipf: float, seed: int, seconds: float
     try:
         results = run_suite(suite_name, out_dir, zipf=zipf, seed=seed, seconds=seconds, mlperf=not no_mlperf,
                             ablations=not no_ablations, workloads=workloads or None, command=command, log=log)
-    except KeyboardInterrupt:
-        click.echo("emrctl bench: interrupted; every process it started was stopped", err=True)
+    except (KeyboardInterrupt, BenchInterrupted) as e:
+        click.echo(f"emrctl bench: interrupted ({e or 'SIGINT'}); every process it started was stopped; "
+                   f"partial results in {out_dir / 'results.json'}", err=True)
         raise click.exceptions.Exit(130)
     except (RuntimeError, ValueError) as e:
         click.echo(f"emrctl bench: {e}", err=True)

@@ -76,7 +76,7 @@ def _results() -> dict:
     closed[1]["ablation"] = True
     closed[1]["systems"]["flexemr-shared"] = _row(900 * 512 ** 0.5)
     opened = {"name": "m-b64-open50", "model": "m", "batch": 64, "mode": "open", "offered_samples_per_s": 4000.0,
-              "level_of_slowest_max": 0.5,
+              "load_level": 0.5, "load_relative_to": "slowest",
               "systems": {"flexemr": _row(4000, 20), "inprocess": _row(4000, 5, 0.0), "redis": _row(4000, 40)},
               "failed": {"flexemr-inband": "RemoteError: boom"}}
     cells = [*closed, opened]
@@ -170,23 +170,36 @@ def test_ablation_flags_are_checked_against_the_daemon_help():
     assert suite._ablation_supported(by_name["flexemr-rawrows"], "") is None   # needs no daemon flag
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
-def test_smoke_suite_writes_results_plots_and_table(tmp_path):
-    """The real thing, small: daemons, redis-server and clients start, are measured and are all stopped."""
+def _bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict, Path, float]:
+    """Run ``emrctl bench --suite smoke`` in a fresh process (its children fork; see suite's docstring)."""
     import psutil
 
     out = tmp_path / "bench"
     before = {p.pid for p in psutil.process_iter()}
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "emrctl", "bench", "--suite", "smoke", "--out", str(out),
-                           "--seconds", "1", "--no-mlperf"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "emrctl", "bench", "--suite", "smoke", "--out", str(out), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     took = time.monotonic() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
+    # every process it started is gone (daemon trees, redis-servers, clients)
+    time.sleep(0.5)
+    left = []
+    for p in psutil.process_iter(["pid", "ppid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.pid not in before and (("flexemrd" in cmd and str(out) in cmd)
+                                    or ("redis-server" in cmd and p.info["ppid"] == 1)):
+            left.append(cmd)
+    assert not left, left
+    return proc, json.loads((out / "results.json").read_text()), out, took
+
+
+@needs_redis
+def test_bench_starts_measures_and_stops_everything(tmp_path):
+    """The real thing, smallest: daemon, redis-servers and clients start, are measured and are all stopped."""
+    proc, res, out, took = _bench(tmp_path, "--seconds", "0.5", "--no-mlperf", "--no-ablations")
     assert suite.validate_results(res) == []
-    names = [c["name"] for c in res["workloads"]]
-    assert names == ["tiny-b64-closed", "tiny-b256-closed", "tiny-b64-open50"]
-    assert "flexemr-rawrows" in res["workloads"][0]["systems"]
+    assert [c["name"] for c in res["workloads"]] == ["tiny-b64-closed", "tiny-b256-closed", "tiny-b64-open50",
+                                                    "tiny-b64-open50-flexemr"]
     for c in res["workloads"]:
         for name, r in c["systems"].items():
             assert r["samples_per_s"] > 0 and r["errors"] == 0, (c["name"], name)
@@ -194,18 +207,24 @@ def test_smoke_suite_writes_results_plots_and_table(tmp_path):
             assert r["cpu_s_per_sample"] > 0
     assert all(abs(d) <= 1e-3 for d in res["answer_check"]["tiny"].values())
     assert res["issues"] == [], res["issues"]
-    for f in ("throughput.png", "latency_cdf.png", "efficiency.png", "ablations.png"):
+    for f in ("throughput.png", "latency_cdf.png", "efficiency.png", "summary.md"):
         assert (out / f).exists()
     assert "tiny-b64-closed" in proc.stdout and "samples/s" in proc.stdout
-    assert "[" in proc.stderr and "closed loop" in proc.stderr       # progress lines
-    # every process it started is gone (daemon trees, redis-servers, clients)
-    time.sleep(0.5)
-    left = []
-    for p in psutil.process_iter(["pid", "ppid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if p.pid in before:
-            continue
-        if ("flexemrd" in cmd and str(out) in cmd) or ("redis-server" in cmd and p.info["ppid"] == 1):
-            left.append(cmd)
-    assert not left, left
-    assert took < 120, f"the smoke suite took {took:.0f} s"
+    assert "closed loop" in proc.stderr                              # progress lines
+    assert took < 90, f"took {took:.0f} s"
+
+
+@pytest.mark.slow
+@needs_redis
+def test_smoke_suite_with_ablation_and_loadgen(tmp_path):
+    proc, res, out, took = _bench(tmp_path)
+    assert suite.validate_results(res) == []
+    assert "flexemr-rawrows" in res["workloads"][0]["systems"]
+    raw, pooled = res["workloads"][0]["systems"]["flexemr-rawrows"], res["workloads"][0]["systems"]["flexemr"]
+    assert raw["errors"] == 0 and raw["wire_bytes_per_sample"] > 0
+    m = res["mlperf"]
+    assert m["offline"]["qps"] > 0 and m["server"]["bound_ms"] == 50.0 and m["server"]["probes"]
+    assert (out / "mlperf" / "offline" / "mlperf_log_summary.txt").exists()
+    assert (out / "ablations.png").exists() and (out / "mlperf.png").exists()
+    assert "MLPerf LoadGen" in proc.stdout
+    assert took < 180, f"took {took:.0f} s"

@@ -82,16 +82,21 @@ def throughput_vs_batch(results: dict, path: Path) -> None:
 def latency_cdfs(results: dict, path: Path) -> None:
     plt = _plt()
     models = _models(results)
-    levels = sorted({c.get("level_of_slowest_max") for c in results["workloads"] if c["mode"] == "open"})
-    if not levels:
+    loads = []   # (relative to, level), one row of panels each
+    for c in results["workloads"]:
+        key = (c.get("load_relative_to", "slowest"), c.get("load_level"))
+        if c["mode"] == "open" and key not in loads:
+            loads.append(key)
+    if not loads:
         return
-    fig, axes = plt.subplots(len(levels), len(models), figsize=(4.6 * len(models), 3.4 * len(levels)),
+    loads.sort(key=lambda k: (k[0] != "slowest", k[1] or 0))
+    fig, axes = plt.subplots(len(loads), len(models), figsize=(4.6 * len(models), 3.4 * len(loads)),
                              squeeze=False)
-    for i, level in enumerate(levels):
+    for i, (rel, level) in enumerate(loads):
         for j, model in enumerate(models):
             ax = axes[i][j]
             cell = next((c for c in results["workloads"] if c["model"] == model and c["mode"] == "open"
-                         and c.get("level_of_slowest_max") == level), None)
+                         and (c.get("load_relative_to", "slowest"), c.get("load_level")) == (rel, level)), None)
             if cell is None:
                 ax.set_visible(False)
                 continue
@@ -99,17 +104,19 @@ def latency_cdfs(results: dict, path: Path) -> None:
                 cdf = r.get("latency_cdf_ms") or []
                 if not cdf:
                     continue
-                ax.plot(cdf, [q / 100 for q in range(len(cdf))], label=n, color=_color(n),
+                ax.plot(cdf, [q / 100 for q in range(len(cdf))], color=_color(n),
+                        label=n + (" (saturated)" if r.get("saturated") else ""),
                         linestyle="-" if n in _CORE else "--")
             ax.set_xscale("log")
             ax.set_xlabel("latency (ms, from scheduled arrival)")
             ax.set_ylabel("fraction of requests")
             ax.axhline(0.99, color="grey", linewidth=0.6, linestyle=":")
+            what = "the slowest system's" if rel == "slowest" else "flexemr's"
             ax.set_title(f"{model}, batch {cell['batch']}, Poisson {cell['offered_samples_per_s']:,.0f} samples/s\n"
-                         f"({int(level * 100)}% of the slowest system's maximum)", fontsize=9)
+                         f"({int(round((level or 0) * 100))}% of {what} maximum)", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle("Latency CDFs, open loop, same offered load for every system", fontsize=11)
+    fig.suptitle("Latency CDFs, open loop: the same Poisson arrivals for every system", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -145,8 +152,10 @@ def efficiency(results: dict, path: Path) -> None:
         axes[1].bar(x + (k - (len(names) - 1) / 2) * w, cpu, w, label=n, color=_color(n))
     labels = [f"{m}\nbatch {c['batch']}" for m, c in rows]
     axes[0].set_yscale("log")
-    axes[0].set_ylabel("wire bytes per sample (ranker <-> store; in-process: 0, drawn as 1)")
-    axes[1].set_ylabel("CPU microseconds per sample (all processes of the system)")
+    axes[0].set_ylabel("bytes / sample (log)")
+    axes[0].set_title("wire bytes, ranker <-> embedding store (in-process: none, drawn at 1)", fontsize=9)
+    axes[1].set_ylabel("CPU us / sample")
+    axes[1].set_title("CPU time of every process of the system", fontsize=9)
     for ax in axes:
         ax.set_xticks(x, labels, fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)

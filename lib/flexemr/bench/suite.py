@@ -22,10 +22,11 @@ What a run does, in order:
                        credits, cache off).  Clients talk to its unix socket.
    ``inprocess``       the monolithic reference (:class:`~flexemr.monolithic.MonolithicModel`):
                        same model and tables in one process, torch on all cores.
-   ``redis``           a redis-server holding every row (HugeCTR HPS's Redis
-                       tier); the ranker de-duplicates ids per batch, fetches
-                       rows with pipelined MGETs, pools with embedding_bag and
-                       runs the NN (:mod:`flexemr.bench.redis_store`).
+   ``redis``           2 redis-servers holding every row, one key per row
+                       (HugeCTR HPS's Redis tier); the ranker de-duplicates
+                       ids per batch, fetches rows with MGETs pipelined to
+                       both shards at once (RESP built and parsed with numpy),
+                       pools with embedding_bag and runs the NN.
    ``flexemr-<knob>``  ablations: one daemon flag changed against ``flexemr``
                        (``--mapping shared``, ``--credits inband``, ``--engines 1``,
                        ``--cache-policy fixed|adaptive``), and ``flexemr-rawrows``:
@@ -34,6 +35,8 @@ What a run does, in order:
                        ranker, i.e. no partial pooling.  An ablation whose flag
                        this build's ``flexemrd local`` lacks is skipped with a
                        note in results.json.
+
+   The runners live in :mod:`flexemr.bench.systems`.
 
    **How the in-process limit is driven.**  It has no socket, so the load
    generator's client process *is* the system: one process calls
@@ -48,11 +51,21 @@ What a run does, in order:
    whose requests the daemon batches together.
 
 4. **Measurements.**  For each model: closed-loop maximum throughput at every
-   batch size, then open-loop Poisson arrivals at fractions of the *slowest*
-   core system's closed-loop maximum at ``open_batch`` (so every system can
-   carry the offered load and latencies compare like for like).  Each
+   batch size; ablations at one batch size, each repetition right after a
+   fresh flexemr run; then open-loop Poisson arrivals at ``open_batch`` at two
+   kinds of offered load: fractions of the *slowest* core system's
+   closed-loop maximum (a load every system carries: latencies compare like
+   for like; cells ``<model>-b<B>-open<pct>``) and fractions of *flexemr's*
+   maximum (``...-open<pct>-flexemr``), where a system that cannot carry the
+   load is still driven, for a window cut to the same amount of work, and
+   marked ``saturated``.  An open-loop cell lasts until about
+   ``MIN_OPEN_REQUESTS`` arrivals (at most 3x its duration).  Each
    measurement records samples/s, p50/p95/p99, a 101-point latency CDF,
-   wire bytes per sample, CPU seconds per sample, client CPU and errors.
+   wire bytes per sample, CPU seconds per sample, client CPU, errors, and
+   ``background_cpu_cores``: the CPU other processes of the machine took
+   meanwhile (this is a shared 2-core host; the table flags noisy cells).
+   A measurement that fails is recorded under the cell's ``failed``; a
+   system that then cannot answer one small request is not driven again.
 
    * **Wire bytes** cross between the ranker and its embedding store, both
      directions, read from the store's own counters before and after:
@@ -110,6 +123,7 @@ CORE_SYSTEMS = ("flexemr", "inprocess", "redis")
 BASELINES = ("inprocess", "redis")
 RESULTS_VERSION = 1
 NOISY_CORES = 0.3   # other processes' CPU during a cell above which the table flags it
+MIN_OPEN_REQUESTS = 40  # an open-loop cell lasts until about this many arrivals (at most 3x its duration)
 
 
 # --------------------------------------------------------------------------- suites
@@ -155,7 +169,9 @@ class SuiteSpec:
     seconds: float                       # per measurement
     clients: int = 4                     # closed loop: socket clients / redis ranker workers
     open_clients: int = 8                # open loop: socket clients
-    open_levels: tuple[float, ...] = (0.5,)
+    open_levels: tuple[float, ...] = (0.5,)           # of the slowest core system's closed-loop maximum
+    flexemr_open_levels: tuple[float, ...] = (0.5,)   # of flexemr's closed-loop maximum
+    open_seconds: float | None = None                 # per open-loop measurement (default: seconds)
     reps: int = 1                        # repetitions of every closed-loop cell (median kept)
     ablations: tuple[str, ...] = ()      # names from ABLATIONS
     ablation_workloads: tuple[str, ...] = ()
@@ -175,11 +191,12 @@ SUITES: dict[str, SuiteSpec] = {
     "quick": SuiteSpec(
         "quick",
         (
-            ModelWorkload("rmc1", "rmc1", 100_000, (64, 512, 4096), open_batch=512, ablation_batch=512),
+            ModelWorkload("rmc1", "rmc1", 100_000, (64, 512, 4096), open_batch=64, ablation_batch=512),
             ModelWorkload("rmc2", "rmc2", 50_000, (64, 512), open_batch=64, ablation_batch=512),
-            ModelWorkload("rmc3", "rmc3", 100_000, (64, 512, 4096), open_batch=512, ablation_batch=512),
+            ModelWorkload("rmc3", "rmc3", 100_000, (64, 512, 4096), open_batch=64, ablation_batch=512),
         ),
         seconds=2.5,
+        open_seconds=3.0,
         ablations=_ALL_ABLATIONS,
         ablation_workloads=("rmc1",),
         requests_per_set=8,
@@ -190,18 +207,19 @@ SUITES: dict[str, SuiteSpec] = {
     "full": SuiteSpec(
         "full",
         (
-            ModelWorkload("rmc1", "rmc1", 200_000, (64, 256, 1024, 4096), open_batch=1024, ablation_batch=1024),
-            ModelWorkload("rmc2", "rmc2", 100_000, (64, 256, 1024, 4096), open_batch=256, ablation_batch=256),
-            ModelWorkload("rmc3", "rmc3", 200_000, (64, 256, 1024, 4096), open_batch=1024, ablation_batch=1024),
+            ModelWorkload("rmc1", "rmc1", 200_000, (64, 256, 1024, 4096), open_batch=256, ablation_batch=1024),
+            ModelWorkload("rmc2", "rmc2", 100_000, (64, 256, 1024, 4096), open_batch=64, ablation_batch=256),
+            ModelWorkload("rmc3", "rmc3", 200_000, (64, 256, 1024, 4096), open_batch=256, ablation_batch=1024),
         ),
-        seconds=8.0,
+        seconds=6.0,
         open_levels=(0.25, 0.5, 0.8),
+        flexemr_open_levels=(0.5, 0.8),
         reps=3,
         ablations=_ALL_ABLATIONS,
         ablation_workloads=("rmc1", "rmc2", "rmc3"),
         ablation_open_levels=(0.5,),
         mlperf_workload="rmc1",
-        mlperf_seconds=8.0,
+        mlperf_seconds=6.0,
         mlperf_probes=6,
     ),
     # tests and a one-minute sanity check: the tiny model, 1-second cells
@@ -451,16 +469,23 @@ def _answer_child(make_call, request, out) -> None:
         out.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def answer(system: System, request) -> np.ndarray:
+def answer(system: System, request, timeout: float = 300.0) -> np.ndarray:
     """``system``'s scores for one request, computed in a forked client (as the load generator would)."""
+    import queue
+
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     p = ctx.Process(target=_answer_child, args=(system.make_call(), request, q), daemon=True)
     p.start()
     try:
-        status, val = q.get(timeout=300)
+        status, val = q.get(timeout=timeout)
+    except queue.Empty:
+        status, val = "error", f"no answer within {timeout:g} s"
     finally:
-        p.join(10)
+        p.join(1)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
     if status != "ok":
         raise RuntimeError(f"{system.name}: {val}")
     return val
@@ -568,8 +593,8 @@ def _ablation_supported(ab: Ablation, help_text: str) -> str | None:
 # --------------------------------------------------------------------------- orchestration
 
 
-class _Stop(Exception):
-    pass
+class BenchInterrupted(Exception):
+    """SIGTERM or SIGHUP arrived: every system was stopped, results so far are in results.json."""
 
 
 def run_suite(suite: SuiteSpec | str, out: Path, zipf: float = 1.05, seed: int = 0, seconds: float | None = None,
@@ -580,7 +605,8 @@ def run_suite(suite: SuiteSpec | str, out: Path, zipf: float = 1.05, seed: int =
 
     spec = SUITES[suite] if isinstance(suite, str) else suite
     if seconds is not None:
-        spec = dataclasses.replace(spec, seconds=seconds, mlperf_seconds=min(spec.mlperf_seconds, seconds))
+        spec = dataclasses.replace(spec, seconds=seconds, open_seconds=None,
+                                   mlperf_seconds=min(spec.mlperf_seconds, seconds))
     log = log or Progress()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -598,7 +624,9 @@ def run_suite(suite: SuiteSpec | str, out: Path, zipf: float = 1.05, seed: int =
         "machine": machine_info(),
         "settings": {"zipf_exponent": zipf, "seed": seed, "seconds_per_cell": spec.seconds,
                      "closed_loop_clients": spec.clients, "open_loop_clients": spec.open_clients,
-                     "open_levels_of_slowest_max": list(spec.open_levels), "repetitions": spec.reps,
+                     "open_levels_of_slowest_max": list(spec.open_levels),
+                     "open_levels_of_flexemr_max": list(spec.flexemr_open_levels),
+                     "open_loop_seconds": spec.open_seconds or spec.seconds, "repetitions": spec.reps,
                      "drift_every_batches": spec.drift_every},
         "systems": {},
         "workloads": [],
@@ -608,7 +636,7 @@ def run_suite(suite: SuiteSpec | str, out: Path, zipf: float = 1.05, seed: int =
     }
 
     def on_signal(signum, _frame):
-        raise _Stop(f"signal {signum}")
+        raise BenchInterrupted(f"signal {signum}")
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -628,6 +656,7 @@ def run_suite(suite: SuiteSpec | str, out: Path, zipf: float = 1.05, seed: int =
     except Exception as e:  # a plot must never lose the numbers
         results["issues"].append(f"plots: {type(e).__name__}: {e}")
     _write(out, results)
+    (out / "summary.md").write_text(format_markdown(results))
     log(f"done in {log.elapsed:.0f} s: {out / 'results.json'}")
     return results
 
@@ -719,25 +748,35 @@ def _run_workload(spec: SuiteSpec, wl: ModelWorkload, out: Path, zipf: float, se
 
         cells: dict[str, dict] = {}
         broken: dict[str, str] = {}
-
-        def try_measure(c: dict, name: str, s: System, *args) -> dict | None:
-            """One measurement; a system that fails is recorded (cell "failed", issues) and not driven again."""
-            if name in broken:
-                return None
-            try:
-                return measure(s, *args)
-            except RuntimeError as e:
-                broken[name] = str(e)
-                c.setdefault("failed", {})[name] = str(e)
-                results["issues"].append(f"{wl.name}: {name} failed in {c['name']}: {e}")
-                log(f"    FAILED: {e}")
-                return None
+        probe = reqsets[min(reqsets)][0]
 
         def cell(name: str, **kw) -> dict:
             if name not in cells:
                 cells[name] = {"name": name, "model": wl.name, **kw, "systems": {}}
                 results["workloads"].append(cells[name])
             return cells[name]
+
+        def try_measure(c: dict, name: str, s: System, *args) -> dict | None:
+            """One measurement.  A failure is recorded (cell "failed", issues); a system that then cannot
+            answer one small request within 60 s (dead or wedged) is not driven again."""
+            if name in broken:
+                return None
+            try:
+                r = measure(s, *args)
+                if r["requests"] == 0:
+                    raise RuntimeError("no request completed")
+                return r
+            except RuntimeError as e:
+                c.setdefault("failed", {})[name] = str(e)
+                results["issues"].append(f"{wl.name}: {name} failed in {c['name']}: {e}")
+                log(f"    FAILED: {e}")
+                try:
+                    answer(s, probe, timeout=60)
+                except RuntimeError as e2:
+                    broken[name] = str(e2)
+                    results["issues"].append(f"{wl.name}: {name} no longer answers ({e2}); not driven again")
+                    log(f"    {name} no longer answers ({e2}); not driven again")
+                return None
 
         # --- closed loop: maximum throughput per batch size (systems interleaved, repetitions interleaved)
         closed_runs: dict[int, dict[str, list]] = {}
@@ -746,6 +785,8 @@ def _run_workload(spec: SuiteSpec, wl: ModelWorkload, out: Path, zipf: float, se
             runs = closed_runs.setdefault(b, {})
             for rep in range(spec.reps):
                 for name, s in systems.items():
+                    if name in broken:
+                        continue
                     n = clients_for(s, False)
                     log(f"  {c['name']}: {name} [{rep + 1}/{spec.reps}] closed loop, {n} client(s), {spec.seconds:g} s")
                     r = try_measure(c, name, s, reqsets[b], n, spec.seconds)
@@ -768,6 +809,8 @@ def _run_workload(spec: SuiteSpec, wl: ModelWorkload, out: Path, zipf: float, se
                 order = {**systems, **ablation_systems}
             for rep in range(spec.reps):
                 for name, s in order.items():
+                    if name in broken:
+                        continue
                     n = clients_for(s, False)
                     log(f"  {c['name']}: {name} [{rep + 1}/{spec.reps}] closed loop, {n} client(s), {spec.seconds:g} s")
                     r = try_measure(c, name, s, reqsets[b], n, spec.seconds)
@@ -778,7 +821,10 @@ def _run_workload(spec: SuiteSpec, wl: ModelWorkload, out: Path, zipf: float, se
                 c["systems"][name] = _median(rs)
             c["ratios"] = ratios(c["systems"])
 
-        # --- open loop: Poisson arrivals at fractions of the slowest core system's maximum
+        # --- open loop: Poisson arrivals.  Two references: the slowest core system's closed-loop maximum
+        # (an equal load every system carries) and flexemr's own maximum (a load the slow baselines may
+        # not carry: such a system is still driven, for a window shortened to the same amount of work,
+        # and marked saturated).
         b = wl.open_batch
         ref_cell = cells.get(f"{wl.name}-b{b}-closed")
         if ref_cell is None:
@@ -788,24 +834,37 @@ def _run_workload(spec: SuiteSpec, wl: ModelWorkload, out: Path, zipf: float, se
                 if r is not None:
                     ref_cell["systems"][name] = r
             ref_cell["ratios"] = ratios(ref_cell["systems"])
-        slowest = min((ref_cell["systems"][n]["samples_per_s"] for n in CORE_SYSTEMS if n in ref_cell["systems"]),
-                      default=0.0)
-        levels = spec.open_levels if slowest > 0 else ()
-        for level in levels:
-            rate = level * slowest / b     # requests/s offered in total
-            c = cell(f"{wl.name}-b{b}-open{int(round(level * 100))}", batch=b, mode="open",
-                     offered_samples_per_s=round(level * slowest, 1), offered_requests_per_s=round(rate, 3),
-                     level_of_slowest_max=level)
+        maxima = {n: r["samples_per_s"] for n, r in ref_cell["systems"].items()}
+        slowest = min((maxima[n] for n in CORE_SYSTEMS if n in maxima), default=0.0)
+        plan = [(lv, "slowest", slowest, "") for lv in spec.open_levels if slowest > 0]
+        plan += [(lv, "flexemr", maxima["flexemr"], "-flexemr") for lv in spec.flexemr_open_levels
+                 if maxima.get("flexemr")]
+        for level, rel, ref, suffix in plan:
+            offered = level * ref
+            rate = offered / b     # requests/s offered in total
+            c = cell(f"{wl.name}-b{b}-open{int(round(level * 100))}{suffix}", batch=b, mode="open",
+                     offered_samples_per_s=round(offered, 1), offered_requests_per_s=round(rate, 3),
+                     load_level=level, load_relative_to=rel)
             open_systems = dict(systems)
-            if level in spec.ablation_open_levels:
+            if rel == "slowest" and level in spec.ablation_open_levels:
                 open_systems.update(ablation_systems)
             for name, s in open_systems.items():
-                n = clients_for(s, True)
                 if name in broken:
                     continue
-                log(f"  {c['name']}: {name} open loop, {rate:.2f} req/s ({rate * b:,.0f} samples/s), {n} client(s)")
-                r = try_measure(c, name, s, reqsets[b], n, spec.seconds, rate / n)
+                n = clients_for(s, True)
+                base = spec.open_seconds or spec.seconds
+                secs = min(max(base, MIN_OPEN_REQUESTS / rate), 3 * base)   # enough arrivals for a p99
+                cap = maxima.get(name)
+                saturated = cap is not None and cap < offered
+                if saturated:
+                    secs = max(0.5, secs * cap / offered)
+                log(f"  {c['name']}: {name} open loop, {rate:.2f} req/s ({offered:,.0f} samples/s), {n} client(s), "
+                    f"{secs:.2g} s" + (f" (saturated: its maximum is {cap:,.0f} samples/s)" if saturated else ""))
+                r = try_measure(c, name, s, reqsets[b], n, secs, rate / n)
                 if r is not None:
+                    if saturated:
+                        r["saturated"] = True
+                        r["max_samples_per_s"] = cap
                     c["systems"][name] = r
                     _say(log, r)
             c["ratios"] = ratios(c["systems"])
@@ -818,7 +877,7 @@ def _run_workload(spec: SuiteSpec, wl: ModelWorkload, out: Path, zipf: float, se
             results["mlperf"] = run_mlperf(flexemr.sock, mreq, out / "mlperf", seconds=spec.mlperf_seconds,
                                            bound_ms=spec.mlperf_bound_ms, probes=spec.mlperf_probes, log=log,
                                            system="flexemr", workload=wl.name, batch=spec.mlperf_batch)
-    except _Stop as e:
+    except BenchInterrupted as e:
         results["issues"].append(f"interrupted by {e}")
         raise
     finally:
@@ -894,9 +953,73 @@ def mlperf_line(m: dict) -> str:
             + (f" (p99 {srv.get('best_p99_ms'):.1f} ms)" if best else ""))
 
 
+def format_markdown(results: dict) -> str:
+    """results.json as Markdown tables (written to DIR/summary.md; pasted into docs/PERFORMANCE.md)."""
+    m = results.get("machine", {})
+    out = [f"Command: `{results.get('command')}` ({results.get('duration_s', 0):.0f} s, {results.get('started')})",
+           "",
+           f"Machine: {m.get('nproc')} CPUs ({m.get('cpu_model')}), {m.get('ram_gib')} GiB RAM, Linux "
+           f"{m.get('kernel')}, Python {m.get('python')}, torch {m.get('torch')}, numpy {m.get('numpy')}; load "
+           f"average {m.get('loadavg_at_start')} at start, {m.get('loadavg_at_end')} at end.",
+           "",
+           "### Headline: flexemr against each baseline",
+           "",
+           "Closed loop: samples/s ratio (> 1: flexemr is faster).  Open loop (same Poisson load for every "
+           "system): p99 ratio (< 1: flexemr answers faster).",
+           "",
+           "| workload | flexemr samples/s | p99 ms | flexemr / inprocess | flexemr / redis |",
+           "|---|---:|---:|---:|---:|"]
+    for c in results["workloads"]:
+        f = c["systems"].get("flexemr")
+        if f is None:
+            continue
+        key = "samples_per_s" if c["mode"] == "closed" else "p99_ms"
+        tag = "" if c["mode"] == "closed" else "p99 "
+        r = c.get("ratios", {})
+        out.append(f"| {c['name']} | {f['samples_per_s']:,.0f} | {f['p99_ms']:.1f} | "
+                   f"{_fmt_ratio(r.get('flexemr/inprocess', {}).get(key), tag)} | "
+                   f"{_fmt_ratio(r.get('flexemr/redis', {}).get(key), tag)} |")
+    out += ["", "### Every measurement", "",
+            "| workload | system | samples/s | p50 ms | p95 ms | p99 ms | wire B/sample | CPU us/sample | other CPU (cores) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in results["workloads"]:
+        for name, r in c["systems"].items():
+            bg = r.get("background_cpu_cores", 0)
+            out.append(f"| {c['name']} | {name} | {r['samples_per_s']:,.0f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
+                       f"{r['p99_ms']:.1f} | {r['wire_bytes_per_sample']:,.0f} | {r['cpu_s_per_sample'] * 1e6:,.0f} | "
+                       f"{bg:.1f}{' *' if bg > NOISY_CORES else ''} |")
+        for name, why in c.get("failed", {}).items():
+            out.append(f"| {c['name']} | {name} | failed: {why[:100]} | | | | | | |")
+    mp_ = results.get("mlperf")
+    if mp_:
+        out += ["", "### MLPerf LoadGen", "", mlperf_line(mp_)]
+    for sk in results.get("skipped", []):
+        out.append(f"\nSkipped {sk['system']} on {sk['workload']}: {sk['why']}")
+    if results.get("issues"):
+        out += ["", "### Issues seen during the run", ""] + [f"- {i}" for i in results["issues"]]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flexemr.bench.suite DIR``: print the table of DIR/results.json again and rewrite summary.md."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m flexemr.bench.suite DIR", file=sys.stderr)
+        return 2
+    out = Path(args[0])
+    results = json.loads((out / "results.json").read_text())
+    (out / "summary.md").write_text(format_markdown(results))
+    print(format_table(results))
+    return 0
+
+
 def _fmt_ratio(x, tag: str = "") -> str:
     return "-" if x is None else f"{tag}{x:.2f}"
 
 
-__all__ = ["SUITES", "SuiteSpec", "ModelWorkload", "ABLATIONS", "run_suite", "format_table", "measure", "run_clients",
-           "ratios", "check_answers", "validate_results", "machine_info"]
+__all__ = ["BenchInterrupted", "SUITES", "SuiteSpec", "ModelWorkload", "ABLATIONS", "run_suite", "format_table", "measure", "run_clients",
+           "ratios", "check_answers", "validate_results", "machine_info", "format_markdown"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -194,7 +194,7 @@ class FlexemrDaemon(System):
         def make() -> Callable:
             from flexemr.client import InferenceClient
 
-            return InferenceClient(sock, timeout=300).predict
+            return InferenceClient(sock, timeout=120).predict
 
         return make
 
