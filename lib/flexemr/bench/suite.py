@@ -59,7 +59,7 @@ What a run does, in order:
    maximum (``...-open<pct>-flexemr``), where a system that cannot carry the
    load is still driven, for a window cut to the same amount of work, and
    marked ``saturated``.  An open-loop cell lasts until about
-   ``MIN_OPEN_REQUESTS`` arrivals (at most 3x its duration).  Each
+   ``open_min_requests`` arrivals (at most ``open_max_stretch`` times its duration).  Each
    measurement records samples/s, p50/p95/p99, a 101-point latency CDF,
    wire bytes per sample, CPU seconds per sample, client CPU, errors, and
    ``background_cpu_cores``: the CPU other processes of the machine took
@@ -123,7 +123,6 @@ CORE_SYSTEMS = ("flexemr", "inprocess", "redis")
 BASELINES = ("inprocess", "redis")
 RESULTS_VERSION = 1
 NOISY_CORES = 0.3   # other processes' CPU during a cell above which the table flags it
-MIN_OPEN_REQUESTS = 40  # an open-loop cell lasts until about this many arrivals (at most 3x its duration)
 
 
 # --------------------------------------------------------------------------- suites
@@ -172,6 +171,8 @@ class SuiteSpec:
     open_levels: tuple[float, ...] = (0.5,)           # of the slowest core system's closed-loop maximum
     flexemr_open_levels: tuple[float, ...] = (0.5,)   # of flexemr's closed-loop maximum
     open_seconds: float | None = None                 # per open-loop measurement (default: seconds)
+    open_min_requests: int = 40        # an open-loop cell lasts until about this many arrivals ...
+    open_max_stretch: float = 3.0      # ... but at most this many times its duration
     reps: int = 1                        # repetitions of every closed-loop cell (median kept)
     ablations: tuple[str, ...] = ()      # names from ABLATIONS
     ablation_workloads: tuple[str, ...] = ()
@@ -195,13 +196,15 @@ SUITES: dict[str, SuiteSpec] = {
             ModelWorkload("rmc2", "rmc2", 50_000, (64, 512), open_batch=64, ablation_batch=512),
             ModelWorkload("rmc3", "rmc3", 100_000, (64, 512, 4096), open_batch=64, ablation_batch=512),
         ),
-        seconds=2.5,
-        open_seconds=3.0,
+        seconds=2.0,
+        open_seconds=2.5,
+        open_min_requests=20,
+        open_max_stretch=1.6,
         ablations=_ALL_ABLATIONS,
         ablation_workloads=("rmc1",),
         requests_per_set=8,
         mlperf_workload="rmc1",
-        mlperf_seconds=2.5,
+        mlperf_seconds=2.0,
         mlperf_probes=4,
     ),
     "full": SuiteSpec(
@@ -227,6 +230,8 @@ SUITES: dict[str, SuiteSpec] = {
         "smoke",
         (ModelWorkload("tiny", "tiny", 5_000, (64, 256), open_batch=64, ablation_batch=64),),
         seconds=1.0,
+        open_min_requests=20,
+        open_max_stretch=1.5,
         clients=2,
         open_clients=2,
         ablations=("flexemr-rawrows",),
@@ -853,7 +858,7 @@ def _run_workload(spec: SuiteSpec, wl: ModelWorkload, out: Path, zipf: float, se
                     continue
                 n = clients_for(s, True)
                 base = spec.open_seconds or spec.seconds
-                secs = min(max(base, MIN_OPEN_REQUESTS / rate), 3 * base)   # enough arrivals for a p99
+                secs = min(max(base, spec.open_min_requests / rate), spec.open_max_stretch * base)
                 cap = maxima.get(name)
                 saturated = cap is not None and cap < offered
                 if saturated:

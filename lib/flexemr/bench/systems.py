@@ -423,7 +423,13 @@ class RedisRanker:
 
     def load(self, tables: dict[str, np.ndarray], chunk: int = 65536) -> None:
         """MSET every row (set-up, not timed)."""
+        from flexemr.bench.redis_store import MAX_ROWS
+
+        if len(self.spec.tables) > 128:
+            raise ValueError(f"{len(self.spec.tables)} tables: the key format holds at most 128")
         for ti, t in enumerate(self.spec.tables):
+            if t.rows >= MAX_ROWS:
+                raise ValueError(f"table {t.name}: {t.rows} rows exceed the key format's {MAX_ROWS}")
             arr = tables[t.name]
             for start in range(0, t.rows, chunk):
                 rows = np.arange(start, min(t.rows, start + chunk))
