@@ -11,7 +11,9 @@ from flexemr.config import Config, split_hostport
 from flexemr.model.spec import load_spec
 from flexemr.routing.table import RoutingTable
 
-from flexemrd.ranker import RankerPlan, RankerResources, engine_main, inference_main
+from flexemrd.engine_entry import engine_main
+from flexemrd.inference.main import inference_main
+from flexemrd.plan import RankerPlan, RankerResources
 from flexemrd.roles import embedding_main, embedding_plans
 from flexemrd.supervisor import ChildSpec, Supervisor
 
@@ -34,14 +36,14 @@ def _embedding_children(cfg: Config, routing: RoutingTable, listeners: list[sock
 
 def _ranker_children(plan: RankerPlan) -> list[ChildSpec]:
     """Engines (none without servers) and the inference process."""
-    from flexemrd.control_glue import engine_publisher, inference_hooks
+    from flexemrd.control.publishers import engine_publisher
 
     children = [
         ChildSpec(f"engine[{e}]", partial(engine_main, plan, e, publish=engine_publisher(plan, e)),
                   cpu=plan.engine_cpus[e], stop_order=1)
         for e in range(plan.engines)
     ]
-    children.append(ChildSpec("inference", partial(inference_main, plan, hooks=inference_hooks(plan)), stop_order=0))
+    children.append(ChildSpec("inference", partial(inference_main, plan), stop_order=0))
     return children
 
 
@@ -89,7 +91,7 @@ def _print_ready(what: str):
 
 
 def _supervisor(cfg: Config, plan: RankerPlan, children: list[ChildSpec], listeners: list[socket.socket]) -> Supervisor:
-    from flexemrd.control_glue import SupervisorControl
+    from flexemrd.control.supervisor_side import SupervisorControl
 
     res = RankerResources(plan)
     control = SupervisorControl(plan, res)

@@ -13,7 +13,8 @@ from flexemr.types import Interaction, Pooling
 from flexemr.wire import codec
 from flexemr.wire.frame import HEADER_SIZE, FrameType
 
-from flexemrd.batching import Accumulator, validate
+from flexemr.routing.combine import Accumulator
+from flexemr.validation import validate_request as validate
 
 SPEC = ModelSpec(4, (8, 4), (8, 1), Interaction.DOT,
                  (TableSpec("a", 11, 4, Pooling.SUM), TableSpec("b", 7, 4, Pooling.MAX)))

@@ -25,6 +25,8 @@ from flexemr.config import CacheConfig
 from flexemr.model.spec import ModelSpec
 from flexemr.routing.table import RoutingTable
 
+from flexemrd.inference.batch import Batch
+
 logger = logging.getLogger(__name__)
 
 FILL_ROWS_PER_BATCH = 4096   # rows requested for filling after each batch, at most
@@ -52,7 +54,7 @@ class RankerCache:
 
     # ------------------------------------------------------------------ request path (batcher thread)
 
-    def serve(self, batch, tables: list[int], values: list[np.ndarray], lengths: list[np.ndarray],
+    def serve(self, batch: Batch, tables: list[int], values: list[np.ndarray], lengths: list[np.ndarray],
               queue_depth: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Pool the cached rows into ``batch``'s accumulators; return the ids left for the servers."""
         self.monitor.observe(batch.size, queue_depth)
@@ -63,7 +65,7 @@ class RankerCache:
         for t, v, ln in zip(tables, values, lengths):
             sp = self.cache.split(t, v, ln, check=False)
             if sp.n_hits:
-                batch.acc[t].add(sp.hit_pooled().cpu().numpy(), sp.hit_counts)
+                batch.add_cached(t, sp.hit_pooled().cpu().numpy(), sp.hit_counts)
             miss_v.append(sp.miss_values)
             miss_l.append(sp.miss_lengths)
         return miss_v, miss_l
@@ -111,14 +113,6 @@ class RankerCache:
     def hits_by_table(self) -> np.ndarray:
         s = self.cache.stats()["tables"]
         return np.array([s[t.name]["hits"] for t in self.spec.tables], dtype=np.int64)
-
-    def publish(self, block) -> None:
-        from flexemr.control.block import CacheMode
-
-        s = self.cache.stats()
-        block.cache.update(policy=int(CacheMode.parse(self.policy.mode.value)), capacity_bytes=s["capacity_bytes"],
-                           used_bytes=s["used_bytes"], hits=s["hits"], lookups=s["lookups"],
-                           evictions=s["evictions"], fills=s["fills"], entries=s["entries"])
 
 
 __all__ = ["RankerCache"]

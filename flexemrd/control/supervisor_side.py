@@ -1,39 +1,22 @@
-"""The ranker's control path: status publishing, emrctl commands, migration, rebalancing.
+"""Supervisor side of the control path: the control block, emrctl commands, the rebalancer's moves.
 
-Kept apart from the data-path modules: engines and the inference process get
-a ``publish`` callback / hooks from here and never import the control path
-themselves.
-
-Migration, end to end (nothing reconnects, no request is lost)::
-
-    emrctl migrate 3 --to 1 ─▶ supervisor: cmd_migrate ─▶ runtime.owners[3] = 1, epoch += 2
-    inference (between batches) sees the epoch ─▶ routes conn 3's new subrequests
-        to engine 1's ring and puts SUB_MIGRATE(3 -> 1) in engine 0's ring
-    engine 0 reaches the marker ─▶ waits for conn 3's in-flight answers, passes
-        the socket(s) to engine 1 (SCM_RIGHTS) ─▶ COMP_MIGRATED to the inference
-    inference writes ranker.epoch_seen = epoch ─▶ supervisor answers emrctl
-
-The rebalancer runs on the supervisor's tick with the same command: it watches
-each engine's load (submission-ring depth + subrequests in flight, smoothed)
-and moves one connection from the most to the least loaded engine when the
-gap is large and the busy engine owns more than one connection.
+Runs on the supervisor's main loop (``tick``): it serves the mailbox, refreshes
+rates, and every ``rebalance_interval_s`` asks the Rebalancer whether to move a
+connection, applying the move with the same command as ``emrctl migrate``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from typing import Any
 
-import numpy as np
+from flexemrd.control.rebalancer import Rebalancer
 
 logger = logging.getLogger(__name__)
 
 ACK_TIMEOUT_S = 4.0  # below emrctl's 5 s, so emrctl hears our reason, not its own timeout
-PUBLISH_INTERVAL_S = 0.2
-LOG_INTERVAL_S = 10.0
 
 
 def _topology(plan) -> dict[str, Any]:
@@ -49,48 +32,6 @@ def _topology(plan) -> dict[str, Any]:
         "socket": plan.socket_path,
         "connections": [{"id": c, "server": s} for c, (s, _a) in sorted(plan.connections.items())],
     }
-
-
-class Rebalancer:
-    """Decides which connection to move (pure: the caller applies it)."""
-
-    def __init__(self, min_gap: float = 2.0, ratio: float = 2.0, cooldown_s: float = 3.0, alpha: float = 0.5) -> None:
-        self.min_gap = min_gap
-        self.ratio = ratio
-        self.cooldown_s = cooldown_s
-        self.alpha = alpha
-        self.load: dict[int, float] = {}
-        self.conn_rate: dict[int, float] = {}
-        self._prev_sub: dict[int, tuple[float, int]] = {}
-        self.last_move = 0.0
-
-    def observe(self, snap: dict[str, Any], now: float) -> None:
-        for e in snap["engines"]:
-            cur = float(e["queue_depth"] + e["inflight"])
-            self.load[e["id"]] = self.alpha * cur + (1 - self.alpha) * self.load.get(e["id"], cur)
-        for c in snap["connections"]:
-            prev = self._prev_sub.get(c["id"])
-            if prev is not None and now > prev[0]:
-                rate = max(0, c["subrequests_total"] - prev[1]) / (now - prev[0])
-                self.conn_rate[c["id"]] = self.alpha * rate + (1 - self.alpha) * self.conn_rate.get(c["id"], rate)
-            self._prev_sub[c["id"]] = (now, c["subrequests_total"])
-
-    def decide(self, owners: tuple[int, ...], n_engines: int, now: float) -> tuple[int, int, int] | None:
-        """(conn, from_engine, to_engine) or None."""
-        if n_engines < 2 or now - self.last_move < self.cooldown_s or not self.load:
-            return None
-        busy = max(self.load, key=self.load.get)
-        idle = min(self.load, key=self.load.get)
-        hi, lo = self.load[busy], self.load[idle]
-        mine = [c for c, e in enumerate(owners) if e == busy]
-        if busy == idle or hi - lo < self.min_gap or hi < self.ratio * (lo + 0.5) or len(mine) < 2:
-            return None
-        # Move the connection whose traffic best evens out the two engines' rates.
-        rate = {e: sum(self.conn_rate.get(c, 0.0) for c, o in enumerate(owners) if o == e) for e in (busy, idle)}
-        gap = rate[busy] - rate[idle]
-        conn = min(mine, key=lambda c: abs(gap - 2 * self.conn_rate.get(c, 0.0)))
-        self.last_move = now
-        return conn, busy, idle
 
 
 class SupervisorControl:
@@ -308,146 +249,3 @@ class SupervisorControl:
         return {"stopping": True, "graceful": cmd.graceful}
 
 
-# ------------------------------------------------------------------ data-path side
-
-
-def engine_publisher(plan, engine_id: int):
-    """A ``publish(engine)`` callback for engine ``engine_id`` (called ~10x/s between batches)."""
-    state: dict[str, Any] = {}
-
-    def publish(engine) -> None:
-        block = state.get("block")
-        if block is None:
-            from flexemr.control.block import ControlBlock
-
-            try:
-                block = state["block"] = ControlBlock.attach(plan.instance)
-            except Exception as e:
-                logger.warning("no control block: %s", e)
-                state["block"] = False
-                return
-        if block is False:
-            return
-        slot = block.engines[engine_id]
-        now = time.monotonic_ns()
-        inflight = 0
-        bsent = brecv = 0
-        for cid, st in list(engine.conns.items()):
-            inflight += st.inflight
-            bsent += st.bytes_sent
-            brecv += st.bytes_received
-            rtt = st.rtt_ns[-256:]
-            p50, p99 = (np.percentile(rtt, [50, 99]) / 1e3) if rtt else (0.0, 0.0)
-            slot.conn(cid).update(queued=st.inflight, inflight=st.inflight,
-                                  credits=max(0, engine.initial_credits + st.granted - st.received),
-                                  subrequests_total=st.sent, bytes_sent=st.bytes_sent,
-                                  bytes_received=st.bytes_received, rtt_p50_us=float(p50), rtt_p99_us=float(p99),
-                                  updated_ns=now)
-        slot.update(active_connections=len(engine.conns), queue_depth=engine.sub.depth(), inflight=inflight,
-                    subrequests_total=engine.subrequests, requests_total=engine.subrequests,
-                    bytes_sent=bsent, bytes_received=brecv, busy_ns=engine.busy_ns, heartbeat_ns=now)
-
-    return publish
-
-
-def inference_hooks(plan):
-    """Install the inference process's control hooks on an InferenceService."""
-
-    def install(svc) -> None:
-        from flexemr.control.block import ControlBlock
-
-        try:
-            block = ControlBlock.attach(plan.instance)
-        except Exception as e:
-            logger.warning("no control block (%s): status and commands are unavailable", e)
-            return
-        hooks = InferenceControl(svc, block)
-        svc.control_hooks.append(hooks.poll)
-        svc.on_migrated = hooks.on_migrated
-        threading.Thread(target=hooks.publish_loop, name="publish", daemon=True).start()
-
-    return install
-
-
-class InferenceControl:
-    """Applies runtime changes between batches and publishes the ranker's stats."""
-
-    def __init__(self, svc, block) -> None:
-        self.svc = svc
-        self.block = block
-        self.epoch = block.runtime.epoch
-        self.pending: set[int] = set()
-        self.target_epoch = self.epoch
-        self._lock = threading.Lock()
-        self._tables_prev: dict[str, np.ndarray] = {}
-        self.block.ranker.update(epoch_seen=self.epoch)
-
-    def poll(self) -> None:
-        """Batcher thread, between batches: one u64 load unless something changed."""
-        epoch = self.block.runtime.epoch
-        if epoch == self.epoch or epoch & 1:
-            return
-        state = self.block.runtime.read()
-        self.epoch = state.epoch
-        moved = []
-        for cid, eng in enumerate(state.owners):
-            if cid in self.svc.owners and self.svc.owners[cid] != eng:
-                try:
-                    if self.svc.migrate(cid, eng):
-                        moved.append(cid)
-                except ValueError as e:
-                    logger.error("cannot migrate connection %d: %s", cid, e)
-        if self.svc.cache is not None:
-            self.svc.cache.apply_runtime(state.cache_policy.label, state.cache_capacity_bytes)
-        with self._lock:
-            self.pending.update(moved)
-            self.target_epoch = state.epoch
-            if not self.pending:
-                self.block.ranker.update(epoch_seen=state.epoch)
-
-    def on_migrated(self, cid: int, engine: int) -> None:
-        """Completion thread: an engine adopted ``cid``."""
-        with self._lock:
-            self.pending.discard(cid)
-            if not self.pending:
-                self.block.ranker.update(epoch_seen=self.target_epoch)
-
-    def publish_loop(self) -> None:
-        last_log, last_count = time.monotonic(), 0
-        while not self.svc.stop.is_set():
-            time.sleep(PUBLISH_INTERVAL_S)
-            try:
-                self.publish()
-            except Exception:
-                logger.exception("publishing stats failed")
-            now = time.monotonic()
-            if now - last_log >= LOG_INTERVAL_S:
-                count = self.svc.latency.count
-                if count > last_count:
-                    self._log_summary(count - last_count, now - last_log)
-                last_log, last_count = now, count
-
-    def _log_summary(self, requests: int, seconds: float) -> None:
-        """One line every LOG_INTERVAL_S with traffic: rate, latency and where the time goes."""
-        s = self.svc.stats()
-        stages = " ".join(f"{k} {v[0]:.1f}/{v[1]:.1f}" for k, v in s["stages_ms"].items())
-        logger.info("%.1f req/s, p50 %.1f ms, p99 %.1f ms, mean batch %.0f; stage p50/p99 ms: %s",
-                    requests / seconds, s["latency_p50_ms"], s["latency_p99_ms"], s["mean_batch"], stages)
-
-    def publish(self) -> None:
-        s = self.svc.stats()
-        self.block.ranker.update(requests_total=s["requests_total"], errors_total=s["errors_total"],
-                                 samples_total=s["samples_total"], batches_total=s["batches_total"],
-                                 latency_p50_ms=s["latency_p50_ms"], latency_p99_ms=s["latency_p99_ms"],
-                                 mean_batch=s["mean_batch"], requests_per_s=s["requests_per_s"],
-                                 inflight_batches=s["inflight_batches"], heartbeat_ns=time.monotonic_ns())
-        counts = self.svc.table_counters()
-        deltas = {}
-        for k, arr in counts.items():
-            prev = self._tables_prev.get(k)
-            deltas[k] = arr - prev if prev is not None else arr.copy()
-            self._tables_prev[k] = arr.copy()
-        if deltas:
-            self.block.add_tables(**deltas)
-        if self.svc.cache is not None:
-            self.svc.cache.publish(self.block)

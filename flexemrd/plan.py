@@ -1,4 +1,4 @@
-"""The ranker host: shared resources, engine and inference entry points.
+"""The ranker host's plan: connections, owners, ring names, and the shared resources.
 
 Resources (created and unlinked by the supervisor only):
 
@@ -17,16 +17,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
 import time
 
 from flexemr import naming
 from flexemr.config import Config
-from flexemr.logs import setup_logging
 from flexemr.model.spec import ModelSpec
 from flexemr.routing.table import RoutingTable
-
-from flexemrd.supervisor import ReadyPipe
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +124,7 @@ class RankerResources:
         naming.unlink_instance_segments(self.plan.instance)
 
 
-def _current_owners(plan: RankerPlan) -> dict[int, int]:
+def current_owners(plan: RankerPlan) -> dict[int, int]:
     """Connection owners now: after migrations a restarted engine takes what the runtime map gives it."""
     try:
         from flexemr.control.block import ControlBlock
@@ -138,96 +134,3 @@ def _current_owners(plan: RankerPlan) -> dict[int, int]:
         return {c: owners[c] for c in plan.connections}
     except Exception:
         return dict(plan.owners)
-
-
-def engine_main(plan: RankerPlan, engine_id: int, ready: ReadyPipe, publish=None) -> None:
-    setup_logging("engine", engine_id, plan.cfg.daemon.log_level)
-    from flexemr.ring import Ring
-    from flexemr.transport import select_transport
-
-    from flexemrd.engine import Engine
-
-    sub_name, comp_name = plan.ring_names(engine_id)
-    sub, comp = Ring.attach(sub_name), Ring.attach(comp_name)
-    transport = select_transport(plan.cfg.ranker.transport)
-    owned = [c for c, e in _current_owners(plan).items() if e == engine_id]
-    locks = None
-    if plan.shared:
-        import posix_ipc
-
-        locks = {cid: posix_ipc.Semaphore(plan.lock_name(cid)) for cid in plan.connections}
-    expected = {srv: [(plan.spec.table_index(sh.table), plan.spec.table(sh.table).dim, sh.start, sh.end)
-                      for sh in plan.routing.shards_of(srv)] for srv in range(len(plan.servers))}
-    r = plan.cfg.ranker
-    engine = Engine(engine_id, plan.instance, transport, sub, comp, plan.connections, owned, publish=publish,
-                    credits=r.credits, credits_per_connection=r.credits_per_connection, token=plan.token,
-                    expected_shards=expected, shared_locks=locks, n_engines=plan.engines)
-    from flexemrd.procutil import TermFlag
-
-    term = TermFlag()
-    threading.Thread(target=lambda: (term.wait(), engine.stop.set()), name="term", daemon=True).start()
-    logger.info("owning connections %s over %s", owned, transport.name)
-    ready.ready()
-    engine.run()
-
-
-def inference_main(plan: RankerPlan, ready: ReadyPipe, hooks=None) -> None:
-    setup_logging("inference", None, plan.cfg.daemon.log_level)
-    import torch
-
-    from flexemr.model.dense import load_dense
-    from flexemr.ring import Doorbell, Ring
-
-    from flexemrd.inference import InferenceService, bind_unix_socket
-
-    r = plan.cfg.ranker
-    if r.torch_threads:
-        torch.set_num_threads(r.torch_threads)
-    device = r.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    logger.info("neural network on %s (%s)", device,
-                torch.cuda.get_device_name(0) if device == "cuda" else f"{torch.get_num_threads()} threads")
-    model = load_dense(plan.cfg.daemon.model, plan.spec).to(device)
-    subs = [Ring.attach(plan.ring_names(e)[0]) for e in range(plan.engines)]
-    comps = [Ring.attach(plan.ring_names(e)[1]) for e in range(plan.engines)]
-    doorbell = Doorbell.attach(plan.doorbell_name) if plan.engines else None
-    local_pooler = None
-    if not plan.servers:
-        from flexemr.model.tables import open_tables
-
-        from flexemrd.batching import LocalPooler
-
-        local_pooler = LocalPooler(plan.spec, open_tables(plan.cfg.daemon.model, plan.spec))
-        logger.info("no embedding servers: pooling %d tables in this process (monolithic layout)",
-                    len(plan.spec.tables))
-    cache = None
-    if plan.servers:  # built even when "off", so emrctl can switch it on at runtime
-        from flexemrd.cache_glue import RankerCache
-
-        cache = RankerCache(plan.spec, plan.routing, plan.cfg.cache, device=device, max_batch=r.max_batch)
-    svc = InferenceService(
-        plan.spec, plan.routing, plan.connections, plan.owners, subs, comps, doorbell,
-        dense_model=model, device=device, max_batch=r.max_batch, max_wait_s=r.max_wait_ms / 1e3,
-        max_inflight=r.max_inflight_batches, max_request_bytes=r.max_request_bytes,
-        inband_credits=r.credits == "inband", shared_mapping=plan.shared, local_pooler=local_pooler,
-        cache=cache,
-    )
-    if hooks is not None:
-        hooks(svc)
-    from flexemrd.procutil import TermFlag
-
-    term = TermFlag()
-    listener = bind_unix_socket(plan.socket_path, r.socket_mode)
-    svc.start(listener)
-    logger.info("serving %s (max_batch=%d, max_wait=%.1f ms)", plan.socket_path, r.max_batch, r.max_wait_ms)
-    ready.ready()
-    term.wait(poll_s=0.1)
-    logger.info("draining")
-    t0 = time.monotonic()
-    svc.drain_and_stop(plan.cfg.daemon.graceful_timeout_s)
-    try:
-        os.unlink(plan.socket_path)
-    except FileNotFoundError:
-        pass
-    logger.info("drained in %.2f s", time.monotonic() - t0)

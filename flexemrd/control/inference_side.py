@@ -1,0 +1,164 @@
+"""The inference process's control thread: runtime changes in, stats out.
+
+Every ``POLL_S`` it reads the control block's epoch (one u64 load); a new
+epoch becomes a control request the batcher applies between batches
+(migrations, cache size and policy).  It acknowledges the epoch once every
+migration it started is confirmed by the engine that adopted the connection
+(``migrated``, called from the completion thread).  Every ``PUBLISH_INTERVAL_S``
+it publishes the ranker's counters; every ``LOG_INTERVAL_S`` with traffic it
+logs one summary line.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from flexemrd.inference.batcher import Batcher
+    from flexemrd.inference.service import InferenceService
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.005
+PUBLISH_INTERVAL_S = 0.2
+LOG_INTERVAL_S = 10.0
+
+
+class InferenceControl:
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+        self.block = None
+        self.svc: InferenceService | None = None
+        self.epoch = 0
+        self._applied_epoch = 0       # the newest epoch the batcher has applied
+        self._waiting: set[int] = set()  # connections whose adoption is not confirmed yet
+        self._acked = -1
+        self._lock = threading.Lock()
+        self._tables_prev: dict[str, np.ndarray] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, svc: InferenceService) -> None:
+        from flexemr.control.block import ControlBlock
+
+        self.svc = svc
+        try:
+            self.block = ControlBlock.attach(self.instance)
+        except Exception as e:
+            logger.warning("no control block (%s): status and commands are unavailable", e)
+            return
+        self.epoch = self._applied_epoch = self.block.runtime.epoch
+        self.block.ranker.update(epoch_seen=self.epoch)
+        self._acked = self.epoch
+        self._thread = threading.Thread(target=self._loop, name="control", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2)
+
+    # ---------------------------------------------------------------- completion thread
+
+    def migrated(self, conn: int, engine: int) -> None:
+        with self._lock:
+            self._waiting.discard(conn)
+
+    # ---------------------------------------------------------------- batcher thread
+
+    def _apply(self, state) -> None:
+        """Posted to the batcher: runs there between batches."""
+
+        def apply(batcher: Batcher) -> None:
+            moved = []
+            sub = batcher.submitter
+            if sub is not None:
+                for cid, eng in enumerate(state.owners):
+                    if cid in sub.owners and sub.owners[cid] != eng:
+                        try:
+                            if sub.migrate(cid, eng):
+                                moved.append(cid)
+                        except ValueError as e:
+                            logger.error("cannot migrate connection %d: %s", cid, e)
+            if batcher.cache is not None:
+                batcher.cache.apply_runtime(state.cache_policy.label, state.cache_capacity_bytes)
+            with self._lock:
+                self._waiting.update(moved)
+                self._applied_epoch = state.epoch
+
+        return apply
+
+    # ---------------------------------------------------------------- control thread
+
+    def _loop(self) -> None:
+        last_pub = 0.0
+        last_log, last_count = time.monotonic(), 0
+        while not self._stop.wait(POLL_S):
+            try:
+                self._poll_epoch()
+                now = time.monotonic()
+                if now - last_pub >= PUBLISH_INTERVAL_S:
+                    last_pub = now
+                    self.publish()
+                if now - last_log >= LOG_INTERVAL_S:
+                    count = self.svc.stats.latency.count
+                    if count > last_count:
+                        self._log_summary(count - last_count, now - last_log)
+                    last_log, last_count = now, count
+            except Exception:
+                logger.exception("inference control step failed")
+
+    def _poll_epoch(self) -> None:
+        epoch = self.block.runtime.epoch
+        if epoch != self.epoch and not epoch & 1:
+            state = self.block.runtime.read()
+            self.epoch = state.epoch
+            self.svc.post_control(self._apply(state))
+        with self._lock:
+            done = not self._waiting and self._applied_epoch > self._acked
+            applied = self._applied_epoch
+        if done:
+            self._acked = applied
+            self.block.ranker.update(epoch_seen=applied)
+
+    def _log_summary(self, requests: int, seconds: float) -> None:
+        """One line every LOG_INTERVAL_S with traffic: rate, latency and where the time goes."""
+        s = self.svc.snapshot()
+        stages = " ".join(f"{k} {v[0]:.1f}/{v[1]:.1f}" for k, v in s["stages_ms"].items())
+        logger.info("%.1f req/s, p50 %.1f ms, p99 %.1f ms, mean batch %.0f; stage p50/p99 ms: %s",
+                    requests / seconds, s["latency_p50_ms"], s["latency_p99_ms"], s["mean_batch"], stages)
+
+    def publish(self) -> None:
+        s = self.svc.snapshot()
+        self.block.ranker.update(requests_total=s["requests_total"], errors_total=s["errors_total"],
+                                 samples_total=s["samples_total"], batches_total=s["batches_total"],
+                                 latency_p50_ms=s["latency_p50_ms"], latency_p99_ms=s["latency_p99_ms"],
+                                 mean_batch=s["mean_batch"], requests_per_s=s["requests_per_s"],
+                                 inflight_batches=s["inflight_batches"], heartbeat_ns=time.monotonic_ns())
+        counts = self.svc.stats.table_counters()
+        cache = self.svc.cache
+        if cache is not None:
+            counts["hits"] = cache.hits_by_table()
+        deltas = {}
+        for k, arr in counts.items():
+            prev = self._tables_prev.get(k)
+            deltas[k] = arr - prev if prev is not None else arr.copy()
+            self._tables_prev[k] = arr.copy()
+        if deltas:
+            self.block.add_tables(**deltas)
+        if cache is not None:
+            self._publish_cache(cache)
+
+    def _publish_cache(self, cache) -> None:
+        from flexemr.control.block import CacheMode
+
+        s = cache.cache.stats()
+        self.block.cache.update(policy=int(CacheMode.parse(cache.policy.mode.value)),
+                                capacity_bytes=s["capacity_bytes"], used_bytes=s["used_bytes"], hits=s["hits"],
+                                lookups=s["lookups"], evictions=s["evictions"], fills=s["fills"],
+                                entries=s["entries"])

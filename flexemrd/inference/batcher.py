@@ -1,0 +1,181 @@
+"""The batcher thread: coalesce Work into batches, serve cache hits, submit the misses.
+
+It is the only thread that reads the admission queue and writes the
+submission rings.  Control requests (migrations, cache settings) arrive on
+their own queue from the control thread and are applied here between
+batches, so ownership changes and ring writes never race.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import Callable, Protocol
+
+import numpy as np
+
+from flexemr.model.spec import ModelSpec
+from flexemr.routing.split import split_batch
+from flexemr.routing.table import RoutingTable
+from flexemr.wire import codec
+from flexemr.wire.frame import ErrorCode
+
+from flexemrd.inference.admission import Work
+from flexemrd.inference.batch import Batch, Part, merge
+from flexemrd.inference.pending import Fill, PendingTable
+from flexemrd.inference.stats import ServiceStats
+from flexemrd.inference.submission import Submitter
+
+logger = logging.getLogger(__name__)
+
+ControlRequest = Callable[["Batcher"], None]
+
+
+class LocalPooling(Protocol):
+    """Pools whole bags in this process (the monolithic layout)."""
+
+    def pool(self, table: int, values: np.ndarray, lengths: np.ndarray) -> np.ndarray: ...
+
+
+class Batcher:
+    def __init__(self, spec: ModelSpec, routing: RoutingTable, submitter: Submitter | None, pending: PendingTable,
+                 finish: Callable[[Batch], None], fail: Callable[[list[Work], int, str], None],
+                 stats: ServiceStats, inflight: threading.BoundedSemaphore, max_batch: int, max_wait_s: float,
+                 cache=None, local: LocalPooling | None = None, inband_credits: bool = False,
+                 beat: Callable[[], None] = lambda: None) -> None:
+        self.spec = spec
+        self.routing = routing
+        self.submitter = submitter
+        self.pending = pending
+        self.finish = finish
+        self.fail = fail
+        self.stats = stats
+        self.inflight = inflight
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.cache = cache
+        self.local = local
+        self.inband_credits = inband_credits
+        self.beat = beat
+        self.queue: queue.Queue[Work | None] = queue.Queue()
+        self.controls: queue.SimpleQueue[ControlRequest] = queue.SimpleQueue()
+        self.stop = threading.Event()
+        self._carry: Work | None = None
+        self._seqs = itertools.count(1)
+
+    def idle(self) -> bool:
+        return self.queue.empty() and self._carry is None
+
+    # ---------------------------------------------------------------- coalescing
+
+    def _next_batch(self) -> list[Work] | None:
+        first, self._carry = self._carry, None
+        while first is None:
+            if self.stop.is_set():
+                return None
+            self.beat()
+            try:
+                first = self.queue.get(timeout=0.05)
+            except queue.Empty:
+                self._apply_controls()
+                continue
+            if first is None:
+                return None
+        works, n = [first], first.batch
+        deadline = first.arrived + self.max_wait_s
+        while n < self.max_batch:
+            try:
+                w = self.queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if w is None:
+                self.queue.put(None)
+                break
+            if n + w.batch > self.max_batch:
+                self._carry = w
+                break
+            works.append(w)
+            n += w.batch
+        return works
+
+    def _apply_controls(self) -> None:
+        while True:
+            try:
+                request = self.controls.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                request(self)
+            except Exception:
+                logger.exception("control request failed")
+
+    def run(self) -> None:
+        while True:
+            works = self._next_batch()
+            if works is None:
+                return
+            self._apply_controls()
+            while not self.inflight.acquire(timeout=0.2):
+                if self.stop.is_set():
+                    return
+            try:
+                self._dispatch(works)
+            except Exception as e:
+                logger.exception("dispatch failed")
+                self.fail(works, ErrorCode.INTERNAL, f"internal error while routing: {e}")
+                self.inflight.release()
+
+    # ---------------------------------------------------------------- dispatch
+
+    def _dispatch(self, works: list[Work]) -> None:
+        tables = sorted({t for w in works for t in w.tables})
+        values, lengths = merge(works, tables)
+        batch = Batch(next(self._seqs), works, self.spec, tables, lengths)
+        if self.local is not None:
+            for t, v, ln in zip(tables, values, lengths):
+                batch.set_pooled(t, self.local.pool(t, v, ln))
+            self.finish(batch)
+            return
+        if self.cache is not None:
+            values, lengths = self.cache.serve(batch, tables, values, lengths, self.queue.qsize())
+        self.stats.count_lookups(self.spec, batch.size, tables, values)
+        plan = split_batch(self.routing, batch.size, tables, values, lengths)
+        if not plan.parts:
+            self.finish(batch)
+            return
+        frames = []
+        for server, part in plan.parts.items():
+            self.stats.count_wire(self.spec, batch.size, part.tables, part.values)
+            cid = self.submitter.connection_for(server)
+            rid = self.pending.next_rid()
+            batch.expect(rid, Part(cid, part.tables, part.lengths))
+            frames.append((cid, rid, codec.encode_lookup(rid, batch.size, part.tables, part.lengths, part.values,
+                                                         credit_trailer=self.inband_credits)))
+        # Every part is registered before the first is submitted: an answer may come at once.
+        self.pending.add_lookups(batch, [rid for _c, rid, _f in frames])
+        batch.mark_submitted()
+        for cid, rid, frame in frames:
+            engine = self.submitter.submit(cid, frame)
+            if engine is not None:
+                self._fail_part(rid, f"engine {engine} did not accept the subrequest in time")
+        if self.cache is not None:
+            self._send_fills()
+
+    def _fail_part(self, rid: int, error: str) -> None:
+        batch = self.pending.take_lookup(rid)
+        if batch is not None and batch.fail(rid, error):
+            self.finish(batch)
+
+    def _send_fills(self) -> None:
+        """Fetch hot missed rows for the cache, after the batch's own subrequests (off the request path)."""
+        for server, table, rows in self.cache.fill_requests():
+            cid = self.submitter.connection_for(server)
+            rid = self.pending.next_rid()
+            self.pending.add_fill(rid, Fill(cid, table, rows))
+            # Never wait for ring space on behalf of a fill: skip it instead.
+            if self.submitter.submit(cid, codec.encode_fetch(rid, table, rows), wait=False) is not None:
+                if self.pending.take_fill(rid) is not None:
+                    self.cache.filled(table, rows, None)
