@@ -1,0 +1,316 @@
+"""The inference process's pieces, in process and without forking: batcher, completions, finisher.
+
+Real rings (shared memory) and real model directories; the only stand-in is
+the reply sink, which records what a client would have received.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from flexemr import enginemsg as em
+from flexemr.monolithic import MonolithicModel
+from flexemr.reqgen import RequestGenerator
+from flexemr.routing.table import RoutingTable
+from flexemr.wire import codec
+from flexemr.wire.frame import HEADER_SIZE, FrameType, unpack_header
+
+from flexemrd.inference.admission import Admission, Work
+from flexemrd.inference.batch import Batch
+from flexemrd.inference.batcher import Batcher
+from flexemrd.inference.completions import Completions
+from flexemrd.inference.finisher import Finisher
+from flexemrd.inference.local import LocalPooler
+from flexemrd.inference.pending import PendingTable
+from flexemrd.inference.stats import ServiceStats
+from flexemrd.inference.submission import Submitter
+
+
+class Replies:
+    """What the client of each request got back."""
+
+    def __init__(self) -> None:
+        self.got: dict[int, tuple[str, object]] = {}
+        self.done = threading.Condition()
+
+    def _put(self, rid: int, what: str, value: object) -> None:
+        with self.done:
+            self.got[rid] = (what, value)
+            self.done.notify_all()
+
+    def scores(self, request_id, scores):
+        self._put(request_id, "scores", np.array(scores))
+
+    def pooled(self, request_id, names, pooled):
+        self._put(request_id, "pooled", {n: np.array(p) for n, p in zip(names, pooled)})
+
+    def error(self, request_id, code, message):
+        self._put(request_id, "error", message)
+
+    def wait(self, n: int, timeout: float = 10.0) -> None:
+        with self.done:
+            assert self.done.wait_for(lambda: len(self.got) >= n, timeout), self.got
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return MonolithicModel(tiny_model)
+
+
+def _request(model, batch: int, seed: int):
+    return RequestGenerator(model.spec, ids_per_bag=5, seed=seed).batch(batch)
+
+
+def _work(model, replies, rid: int, batch: int, seed: int, predict: bool = True) -> Work:
+    dense, sparse = _request(model, batch, seed)
+    names = list(sparse)
+    req = codec.ClientRequest(names, dense if predict else None, _kjt(names, sparse))
+    work = Admission(model.spec).admit(replies, rid, predict, req)
+    assert work is not None
+    return work
+
+
+def _kjt(names, sparse):
+    frame = codec.encode_client_request(0, names, [sparse[n][1] for n in names], [sparse[n][0] for n in names],
+                                        len(sparse[names[0]][1]), None)
+    blob = b"".join(bytes(memoryview(b).cast("B")) for b in frame)
+    return codec.decode_client_request(memoryview(blob)[HEADER_SIZE:], FrameType.CLIENT_LOOKUP).kjt
+
+
+def _pipeline(model, max_batch=256, max_wait_s=0.05, local=True, submitter=None, routing=None, pending=None):
+    stats = ServiceStats(len(model.spec.tables))
+    inflight = threading.BoundedSemaphore(4)
+    fin = Finisher(model.spec, model.dense, "cpu", stats, inflight)
+    routing = routing or RoutingTable.build(model.spec, 1)
+    batches: list[Batch] = []
+
+    def finish(batch: Batch) -> None:
+        batches.append(batch)
+        fin.put(batch)
+
+    batcher = Batcher(model.spec, routing, submitter, PendingTable() if pending is None else pending, finish, fin.fail, stats, inflight,
+                      max_batch, max_wait_s,
+                      local=LocalPooler(model.spec, model.tables) if local else None)
+    return batcher, fin, batches
+
+
+def _run(*loops):
+    threads = [threading.Thread(target=fn, daemon=True) for fn in loops]
+    for t in threads:
+        t.start()
+    return threads
+
+
+# ---------------------------------------------------------------------------------------------- batcher
+
+
+def test_batcher_coalesces_requests_up_to_max_batch_and_carries_the_rest(model):
+    replies = Replies()
+    batcher, fin, batches = _pipeline(model, max_batch=100, max_wait_s=0.2)
+    works = [_work(model, replies, i, 30, seed=i) for i in range(1, 5)]   # 4 x 30 samples
+    for w in works:
+        batcher.queue.put(w)
+    _run(batcher.run, fin.run)
+    replies.wait(4)
+    batcher.stop.set()
+    fin.queue.put(None)
+    # 30+30+30 fit in 100; the fourth would make 120: it waits for the next batch.
+    assert [b.size for b in batches] == [90, 30]
+    for w in works:
+        what, scores = replies.got[w.request_id]
+        assert what == "scores"
+        dense, sparse = _request(model, 30, seed=w.request_id)
+        np.testing.assert_allclose(scores, model.predict(dense, sparse), rtol=1e-5, atol=1e-6)
+
+
+def test_batcher_splits_misses_per_server_onto_the_owning_engines_ring(model, instance):
+    from flexemr import naming
+    from flexemr.ring import Ring
+
+    rings = [Ring.create(naming.shm_name(instance, "ring", f"u{e}"), 32 << 20) for e in range(2)]
+    try:
+        routing = RoutingTable.build(model.spec, 2)
+        connections = {0: (0, "a"), 1: (1, "b")}
+        submitter = Submitter(rings, connections, owners={0: 1, 1: 0})
+        pending = PendingTable()
+        replies = Replies()
+        batcher, _fin, _batches = _pipeline(model, local=False, submitter=submitter, routing=routing,
+                                            pending=pending)
+        work = _work(model, replies, 7, 16, seed=3)
+        batcher._dispatch([work])
+        seen = {}
+        for engine, ring in enumerate(rings):
+            msg = ring.read(timeout=1)
+            assert msg is not None and msg.kind == em.SUB_FRAME
+            cid, _ = em.PREFIX.unpack_from(msg.data, 0)
+            h = unpack_header(msg.data[em.PREFIX_SIZE:em.PREFIX_SIZE + HEADER_SIZE])
+            req = codec.decode_lookup(msg.data[em.PREFIX_SIZE + HEADER_SIZE:em.PREFIX_SIZE + HEADER_SIZE
+                                               + h.payload_len], h.flags)
+            seen[cid] = (engine, req.kjt.table(0)[0].copy())
+            msg.release()
+            assert pending.take_lookup(h.request_id) is not None
+        # Connection 0 (server 0) is owned by engine 1 and connection 1 by engine 0.
+        assert seen[0][0] == 1 and seen[1][0] == 0
+        t0 = model.spec.tables[0]
+        lo, hi = routing.ranges_of(0, 0)[0]
+        ids = work.tables[0][0]
+        np.testing.assert_array_equal(np.sort(seen[0][1]), np.sort(ids[(ids >= lo) & (ids < hi)]))
+        assert len(seen[0][1]) + len(seen[1][1]) == len(ids) and t0.rows > 0
+    finally:
+        for r in rings:
+            r.close()
+            r.unlink()
+
+
+# ---------------------------------------------------------------------------------------------- completions
+
+
+def _server_partials(model, routing, batch_work, server):
+    """What embedding server ``server`` would answer for its share of ``batch_work``."""
+    from flexemr.routing.split import split_batch
+
+    tables = sorted(batch_work.tables)
+    values = [batch_work.tables[t][0] for t in tables]
+    lengths = [batch_work.tables[t][1] for t in tables]
+    plan = split_batch(routing, batch_work.batch, tables, values, lengths)
+    part = plan.parts[server]
+    pooled = []
+    for t, v, ln in zip(part.tables, part.values, part.lengths):
+        spec = model.spec.tables[t]
+        full = LocalPooler(model.spec, model.tables).pool(t, v, ln)
+        if spec.pooling.label == "mean":   # servers send partial sums for mean tables
+            full = full * np.maximum(ln, 1)[:, None].astype(np.float32)
+        pooled.append(full)
+    return part, pooled
+
+
+def test_completions_combine_partials_from_every_server_exactly(model, instance):
+    from flexemr import naming
+    from flexemr.ring import Doorbell, Ring
+
+    bell = Doorbell.create(naming.doorbell_name(instance, "t"))
+    ring = Ring.create(naming.shm_name(instance, "ring", "comp"), 32 << 20, doorbell=bell)
+    try:
+        routing = RoutingTable.build(model.spec, 3)
+        replies = Replies()
+        work = _work(model, replies, 1, 24, seed=11, predict=False)
+        tables = sorted(work.tables)
+        batch = Batch(1, [work], model.spec, tables, [work.tables[t][1] for t in tables])
+        pending = PendingTable()
+        done: list[Batch] = []
+        comp = Completions([ring], bell, pending, done.append, {s: (s, f"srv{s}") for s in range(3)}, 30.0)
+        from flexemrd.inference.batch import Part
+
+        for server in range(3):
+            part, _ = _server_partials(model, routing, work, server)
+            batch.expect(100 + server, Part(server, part.tables, part.lengths))
+        pending.add_lookups(batch, [100, 101, 102])
+        for server in (2, 0, 1):   # any order
+            part, pooled = _server_partials(model, routing, work, server)
+            frame = codec.encode_lookup_response(100 + server, np.array(part.tables, "<u4"), pooled)
+            assert ring.write(em.PREFIX.pack(server, 0), *frame, kind=em.COMP_FRAME, timeout=1)
+            assert comp.drain() == 1
+            assert len(done) == (1 if server == 1 else 0)
+        got = batch.pooled()
+        want = model.lookup({n: work.tables[i] for i, n in ((i, model.spec.tables[i].name) for i in tables)})
+        for t in tables:
+            np.testing.assert_allclose(got[t], want[model.spec.tables[t].name], rtol=1e-5, atol=1e-5)
+    finally:
+        ring.close()
+        ring.unlink()
+        bell.close()
+        bell.unlink()
+
+
+def test_completions_fail_a_batch_at_once_when_its_connection_is_lost(model, instance):
+    from flexemr import naming
+    from flexemr.ring import Doorbell, Ring
+
+    bell = Doorbell.create(naming.doorbell_name(instance, "t"))
+    ring = Ring.create(naming.shm_name(instance, "ring", "comp"), 1 << 20, doorbell=bell)
+    try:
+        replies = Replies()
+        work = _work(model, replies, 1, 4, seed=2)
+        batch = Batch(1, [work], model.spec, [0], [work.tables[0][1]])
+        from flexemrd.inference.batch import Part
+
+        batch.expect(5, Part(3, [0], [work.tables[0][1]]))
+        batch.expect(6, Part(4, [0], [work.tables[0][1]]))
+        pending = PendingTable()
+        pending.add_lookups(batch, [5, 6])
+        done: list[Batch] = []
+        comp = Completions([ring], bell, pending, done.append, {3: (0, "x"), 4: (1, "y")}, 30.0)
+        ring.write(em.PREFIX.pack(3, 0), b"connection to server 0 (x) lost: reset", kind=em.COMP_LOST, timeout=1)
+        comp.drain()
+        assert not done, "the other part is still owed"
+        ring.write(em.PREFIX.pack(4, 0), *codec.encode_error(6, 1, "table t0 is not held by this server"),
+                   kind=em.COMP_FRAME, timeout=1)
+        comp.drain()
+        assert done == [batch]
+        assert batch.error == "connection to server 0 (x) lost: reset"
+        assert not pending
+    finally:
+        ring.close()
+        ring.unlink()
+        bell.close()
+        bell.unlink()
+
+
+# ---------------------------------------------------------------------------------------------- finisher
+
+
+def test_finisher_answers_a_mixed_predict_and_lookup_batch_exactly(model):
+    replies = Replies()
+    stats = ServiceStats(len(model.spec.tables))
+    inflight = threading.BoundedSemaphore(1)
+    inflight.acquire()
+    fin = Finisher(model.spec, model.dense, "cpu", stats, inflight)
+    works = [_work(model, replies, 1, 8, seed=5), _work(model, replies, 2, 3, seed=6, predict=False),
+             _work(model, replies, 3, 5, seed=7)]
+    tables = list(range(len(model.spec.tables)))
+    from flexemrd.inference.batch import merge
+
+    values, lengths = merge(works, tables)
+    batch = Batch(1, works, model.spec, tables, lengths)
+    pooler = LocalPooler(model.spec, model.tables)
+    for t, v, ln in zip(tables, values, lengths):
+        batch.set_pooled(t, pooler.pool(t, v, ln))
+    fin.put(batch)
+    fin.put(None)
+    fin.run()
+    assert inflight.acquire(timeout=0), "the batch's in-flight slot was released"
+    for w, seed, predict in ((works[0], 5, True), (works[1], 6, False), (works[2], 7, True)):
+        dense, sparse = _request(model, w.batch, seed)
+        what, value = replies.got[w.request_id]
+        if predict:
+            assert what == "scores"
+            np.testing.assert_allclose(value, model.predict(dense, sparse), rtol=1e-5, atol=1e-6)
+        else:
+            assert what == "pooled"
+            want = model.lookup(sparse)
+            for name in sparse:
+                np.testing.assert_allclose(value[name], want[name], rtol=1e-5, atol=1e-6)
+    assert stats.batches == 1 and stats.latency.count == 3
+
+
+def test_finisher_answers_every_request_of_a_failed_batch_with_the_reason(model):
+    replies = Replies()
+    stats = ServiceStats(len(model.spec.tables))
+    inflight = threading.BoundedSemaphore(1)
+    inflight.acquire()
+    fin = Finisher(model.spec, model.dense, "cpu", stats, inflight)
+    works = [_work(model, replies, i, 2, seed=i) for i in (1, 2)]
+    batch = Batch(1, works, model.spec, [0], [works[0].tables[0][1]])
+    assert batch.fail(None, "embedding server 1: deadline passed")
+    fin.put(batch)
+    fin.put(None)
+    t0 = time.monotonic()
+    fin.run()
+    assert time.monotonic() - t0 < 5
+    assert replies.got == {1: ("error", "embedding server 1: deadline passed"),
+                           2: ("error", "embedding server 1: deadline passed")}
+    assert stats.errors == 2
