@@ -47,6 +47,12 @@ def run(config_path: str) -> None:
 @click.option("--socket", "socket_path", required=True, help="Unix socket of the inference API.")
 @click.option("--instance", default="default", show_default=True, envvar="FLEXEMR_INSTANCE")
 @click.option("--routing", type=click.Choice(["rows", "tables"]), default="rows", show_default=True)
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Embedding servers holding each shard: with 2 or more, losing one server fails no request.")
+@click.option("--hedging/--no-hedging", default=False, show_default=True,
+              help="With replicas: resend a subrequest slower than its server's recent p95 to another replica.")
+@click.option("--request-timeout", "request_timeout_s", default=30.0, show_default=True, type=float,
+              help="Deadline of a request whose client sets none (seconds).")
 @click.option("--max-batch", default=4096, show_default=True, type=click.IntRange(1))
 @click.option("--max-wait-ms", default=1.0, show_default=True, type=float)
 @click.option("--cache-policy", type=click.Choice(["adaptive", "fixed", "off"]), default="off", show_default=True)
@@ -63,7 +69,7 @@ def run(config_path: str) -> None:
               help="Ranker NN threads. Default: 1 when embedding servers share this host (OpenMP teams stall "
                    "when another process takes their core), else all cores.")
 @click.option("--log-level", default="info", show_default=True)
-def local(model_dir, n_servers, engines, socket_path, instance, routing, max_batch, max_wait_ms, cache_policy,
+def local(model_dir, n_servers, engines, socket_path, instance, routing, replicas, hedging, request_timeout_s, max_batch, max_wait_ms, cache_policy,
           cache_size, cache_budget, cache_margin, mapping, credits, rebalance, metrics_port, server_threads, torch_threads,
           log_level) -> None:
     """Run a whole cluster on this host: N embedding servers and one ranker, TCP on loopback."""
@@ -74,10 +80,11 @@ def local(model_dir, n_servers, engines, socket_path, instance, routing, max_bat
             {
                 "daemon": {"role": "ranker", "instance": instance, "model": model_dir, "log_level": log_level},
                 "ranker": {"socket": socket_path, "engines": engines, "routing": routing, "max_batch": max_batch,
+                           "replicas": replicas, "hedging": hedging, "request_timeout_s": request_timeout_s,
                            "max_wait_ms": max_wait_ms, "mapping": mapping, "credits": credits,
                            "rebalance": rebalance, "metrics_port": metrics_port,
                            "torch_threads": (1 if n_servers else 0) if torch_threads is None else torch_threads},
-                "embedding": {"threads": server_threads, "servers": max(1, n_servers)},
+                "embedding": {"threads": server_threads, "servers": max(1, n_servers), "replicas": replicas},
                 "cache": {"policy": cache_policy, "capacity": cache_size, "budget": cache_budget, "margin": cache_margin},
             },
             source="flexemrd local",

@@ -50,14 +50,14 @@ def _ranker_children(plan: RankerPlan) -> list[ChildSpec]:
 def build_ranker(cfg: Config) -> Supervisor:
     spec = load_spec(cfg.daemon.model)
     servers = list(cfg.ranker.servers)
-    routing = RoutingTable.build(spec, len(servers), cfg.ranker.routing)
+    routing = RoutingTable.build(spec, len(servers), cfg.ranker.routing, cfg.ranker.replicas)
     plan = RankerPlan(cfg, cfg.daemon.instance, spec, routing, servers, cfg.ranker.socket or _default_socket(cfg))
     return _supervisor(cfg, plan, _ranker_children(plan), [])
 
 
 def build_embedding(cfg: Config) -> Supervisor:
     spec = load_spec(cfg.daemon.model)
-    routing = RoutingTable.build(spec, cfg.embedding.servers, cfg.embedding.routing)
+    routing = RoutingTable.build(spec, cfg.embedding.servers, cfg.embedding.routing, cfg.embedding.replicas)
     listener = _listen(cfg.embedding.listen)
     children = _embedding_children(cfg, routing, [listener], [cfg.embedding.index])
     return Supervisor(children, graceful_timeout_s=cfg.daemon.graceful_timeout_s,
@@ -71,7 +71,8 @@ def build_local(cfg: Config, n_servers: int) -> Supervisor:
     listeners = [socket.create_server(("127.0.0.1", 0), backlog=128) for _ in range(n_servers)]
     servers = [f"127.0.0.1:{s.getsockname()[1]}" for s in listeners]
     # No servers: the ranker pools its own tables (the monolithic layout, same front end).
-    routing = RoutingTable.build(spec, max(1, n_servers), cfg.ranker.routing)
+    routing = RoutingTable.build(spec, max(1, n_servers), cfg.ranker.routing,
+                                 cfg.ranker.replicas if n_servers else 1)
     plan = RankerPlan(cfg, cfg.daemon.instance, spec, routing, servers, cfg.ranker.socket or _default_socket(cfg))
     children = _embedding_children(cfg, routing, listeners, list(range(n_servers))) + _ranker_children(plan)
     return _supervisor(cfg, plan, children, listeners)

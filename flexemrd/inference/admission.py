@@ -33,23 +33,30 @@ class Work:
     dense: np.ndarray | None
     names: list[str]
     arrived: float = dataclasses.field(default_factory=time.perf_counter)
+    deadline: float = float("inf")      # perf_counter time by which the answer is due
+    timeout_s: float = 0.0              # what the client (or the default) allowed
 
 
 class Admission:
     """Turns request frames into Work (session threads; stateless apart from the model)."""
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, default_timeout_s: float = 30.0) -> None:
         self.spec = spec
+        self.default_timeout_s = default_timeout_s
 
-    def admit_frame(self, reply: ReplySink, ftype: int, request_id: int, payload: memoryview) -> Work | None:
+    def admit_frame(self, reply: ReplySink, ftype: int, request_id: int, payload: memoryview,
+                    timeout_ms: int = 0) -> Work | None:
         """Decode and validate; None when the request was answered already (an empty batch)."""
         if ftype not in (FrameType.PREDICT, FrameType.CLIENT_LOOKUP):
             raise RequestError(f"the inference socket serves PREDICT and LOOKUP frames, not type {ftype}")
         predict = ftype == FrameType.PREDICT
         req = codec.decode_client_request(payload, ftype)
-        return self.admit(reply, request_id, predict, req)
+        return self.admit(reply, request_id, predict, req, timeout_ms / 1e3 if timeout_ms else None)
 
-    def admit(self, reply: ReplySink, request_id: int, predict: bool, req: codec.ClientRequest) -> Work | None:
+    def admit(self, reply: ReplySink, request_id: int, predict: bool, req: codec.ClientRequest,
+              timeout_s: float | None = None) -> Work | None:
+        """A Work for the batcher; ``timeout_s`` None means the configured default deadline."""
+        arrived = time.perf_counter()
         tables = validate_request(self.spec, req, predict)
         if req.batch == 0:
             if predict:
@@ -58,4 +65,6 @@ class Admission:
                 reply.pooled(request_id, req.names,
                              [np.zeros((0, self.spec.tables[i].dim), np.float32) for i in tables])
             return None
-        return Work(reply, request_id, predict, req.batch, tables, req.dense, req.names)
+        timeout = self.default_timeout_s if timeout_s is None else timeout_s
+        return Work(reply, request_id, predict, req.batch, tables, req.dense, req.names, arrived,
+                    arrived + timeout, timeout)

@@ -6,6 +6,12 @@ local pooler (monolithic layout) and the embedding servers' responses (on the
 completion thread) — and all of them go through the methods here, under the
 batch's own lock, so the finisher sees a batch exactly when its last part is
 in.
+
+A *part* is one server's share of the batch (the ids of one primary's
+shards).  It may travel as several *copies* — a hedge to a second replica,
+or a re-issue after a lost connection — that share the part's ``group``: the
+first copy to answer is added, later ones are ignored, and the part fails
+only when no copy is left.
 """
 
 from __future__ import annotations
@@ -25,11 +31,21 @@ from flexemrd.inference.admission import Work
 
 @dataclasses.dataclass(slots=True)
 class Part:
-    """One subrequest of a batch: which connection carries it and what it asked for."""
+    """One copy of a subrequest: where it went and what it asked for."""
 
+    primary: int               # the routing server whose shards these ids are in
+    server: int                # the replica it was sent to
     conn: int
     tables: list[int]
-    counts: list[np.ndarray]   # ids per bag sent for each table (mean/max need them)
+    counts: list[np.ndarray]   # ids per bag for each table (mean/max need them)
+    values: list[np.ndarray]   # the ids, kept so the part can be re-issued or hedged
+    group: int = 0             # the rid of the part's first copy
+    sent_at: float = 0.0
+    hedge: bool = False        # this copy is a hedge (counts "hedges won" when it answers first)
+
+    def copy_to(self, server: int, conn: int, hedge: bool = False) -> "Part":
+        return Part(self.primary, server, conn, self.tables, self.counts, self.values, self.group,
+                    time.perf_counter(), hedge)
 
 
 class Batch:
@@ -41,13 +57,17 @@ class Batch:
         self.works = works
         self.size = sum(w.batch for w in works)
         self.tables = tables
+        self.deadline = min(w.deadline for w in works)
         self.acc = {t: Accumulator(spec.tables[t].pooling, self.size, spec.tables[t].dim, ln)
                     for t, ln in zip(tables, lengths)}
         self.parts: dict[int, Part] = {}
         self.error: str | None = None
+        self.error_code = 0
         self.started = time.perf_counter()
         self.submitted = self.started
         self.parts_done = self.started
+        self._copies: dict[int, set[int]] = {}   # open group -> rids of its copies in flight
+        self._hedged: set[int] = set()
         self._remaining = 0
         self._lock = threading.Lock()
 
@@ -64,32 +84,79 @@ class Batch:
             self.acc[table].set_pooled(pooled)
 
     def expect(self, rid: int, part: Part) -> None:
-        """Register a subrequest before it is submitted (its answer may come at once)."""
+        """Register a part's first copy before it is submitted (its answer may come at once)."""
+        part.group = rid
         with self._lock:
             self.parts[rid] = part
+            self._copies[rid] = {rid}
             self._remaining += 1
+
+    def budget_us(self) -> int:
+        """Microseconds left before the deadline (at least 1: an expired budget still travels)."""
+        left = self.deadline - time.perf_counter()
+        return max(1, int(min(left, 3600.0) * 1e6))
 
     def mark_submitted(self) -> None:
         self.submitted = time.perf_counter()
+        for p in self.parts.values():
+            p.sent_at = self.submitted
 
-    # ---------------------------------------------------------------- completion thread (and failures)
+    # ---------------------------------------------------------------- copies (completion thread)
 
-    def complete(self, rid: int, payload: memoryview) -> bool:
-        """A server's LOOKUP_RESP for ``rid``; True when that was the last part."""
+    def add_copy(self, rid: int, part: Part) -> bool:
+        """Another copy of ``part.group`` (hedge or re-issue); False if that part is settled already."""
+        with self._lock:
+            copies = self._copies.get(part.group)
+            if copies is None:
+                return False
+            self.parts[rid] = part
+            copies.add(rid)
+            if part.hedge:
+                self._hedged.add(part.group)
+            return True
+
+    def drop_copy(self, rid: int) -> bool:
+        """Copy ``rid`` is lost; True if the part is still covered (another copy in flight, or settled)."""
+        with self._lock:
+            copies = self._copies.get(self.parts[rid].group)
+            if copies is None:
+                return True
+            copies.discard(rid)
+            return bool(copies)
+
+    def hedged(self, rid: int) -> bool:
+        with self._lock:
+            return self.parts[rid].group in self._hedged
+
+    def open_copies(self, rid: int) -> list[int]:
+        with self._lock:
+            return sorted(self._copies.get(self.parts[rid].group, ()))
+
+    # ---------------------------------------------------------------- answers and failures
+
+    def complete(self, rid: int, payload: memoryview) -> tuple[bool, bool, list[int]]:
+        """A LOOKUP_RESP for ``rid``: (accepted, batch done, sibling copies now moot)."""
         with self._lock:
             part = self.parts[rid]
+            copies = self._copies.pop(part.group, None)
+            if copies is None:
+                return False, False, []   # another copy answered first
             if self.error is None:
                 _tids, partials = codec.decode_lookup_response(payload)
                 for t, p, cnt in zip(part.tables, partials, part.counts):
                     self.acc[t].add(p, cnt)
-            return self._part_done()
+            copies.discard(rid)
+            return True, self._part_done(), sorted(copies)
 
-    def fail(self, rid: int | None, error: str) -> bool:
-        """Part ``rid`` failed (None: the batch failed before any part); True when nothing is left."""
+    def fail(self, rid: int | None, error: str, code: int = 0) -> bool:
+        """Part of ``rid`` failed (None: the batch failed before any part); True when nothing is left."""
         with self._lock:
-            self.error = self.error or error
+            if self.error is None:
+                self.error, self.error_code = error, code
             if rid is None:
                 return self._remaining == 0
+            if self._copies.pop(self.parts[rid].group, None) is None:
+                return False
             return self._part_done()
 
     def _part_done(self) -> bool:

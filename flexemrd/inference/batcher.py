@@ -25,6 +25,7 @@ from flexemr.wire.frame import ErrorCode
 
 from flexemrd.inference.admission import Work
 from flexemrd.inference.batch import Batch, Part, merge
+from flexemrd.inference.health import ServerHealth
 from flexemrd.inference.pending import Fill, PendingTable
 from flexemrd.inference.stats import ServiceStats
 from flexemrd.inference.submission import Submitter
@@ -32,6 +33,7 @@ from flexemrd.inference.submission import Submitter
 logger = logging.getLogger(__name__)
 
 ControlRequest = Callable[["Batcher"], None]
+
 
 
 class LocalPooling(Protocol):
@@ -45,7 +47,7 @@ class Batcher:
                  finish: Callable[[Batch], None], fail: Callable[[list[Work], int, str], None],
                  stats: ServiceStats, inflight: threading.BoundedSemaphore, max_batch: int, max_wait_s: float,
                  cache=None, local: LocalPooling | None = None, inband_credits: bool = False,
-                 beat: Callable[[], None] = lambda: None) -> None:
+                 health: ServerHealth | None = None, beat: Callable[[], None] = lambda: None) -> None:
         self.spec = spec
         self.routing = routing
         self.submitter = submitter
@@ -59,6 +61,7 @@ class Batcher:
         self.cache = cache
         self.local = local
         self.inband_credits = inband_credits
+        self.health = health
         self.beat = beat
         self.queue: queue.Queue[Work | None] = queue.Queue()
         self.controls: queue.SimpleQueue[ControlRequest] = queue.SimpleQueue()
@@ -131,6 +134,10 @@ class Batcher:
     # ---------------------------------------------------------------- dispatch
 
     def _dispatch(self, works: list[Work]) -> None:
+        works = self._drop_expired(works)
+        if not works:
+            self.inflight.release()
+            return
         tables = sorted({t for w in works for t in w.tables})
         values, lengths = merge(works, tables)
         batch = Batch(next(self._seqs), works, self.spec, tables, lengths)
@@ -146,33 +153,65 @@ class Batcher:
         if not plan.parts:
             self.finish(batch)
             return
+        choices = {primary: self.health.choose(primary) for primary in plan.parts}
+        unserved = [p for p, c in choices.items() if c is None]
+        if unserved:
+            # Fail fast, naming the servers: no live replica holds these shards.
+            for c in choices.values():
+                if c is not None:
+                    self.health.released(c[0])
+            batch.fail(None, "; ".join(self.health.describe_down(p) for p in unserved), ErrorCode.UNAVAILABLE)
+            self.finish(batch)
+            return
         frames = []
-        for server, part in plan.parts.items():
+        for primary, part in plan.parts.items():
             self.stats.count_wire(self.spec, batch.size, part.tables, part.values)
-            cid = self.submitter.connection_for(server)
+            server, cid = choices[primary]
             rid = self.pending.next_rid()
-            batch.expect(rid, Part(cid, part.tables, part.lengths))
-            frames.append((cid, rid, codec.encode_lookup(rid, batch.size, part.tables, part.lengths, part.values,
-                                                         credit_trailer=self.inband_credits)))
+            batch.expect(rid, Part(primary, server, cid, part.tables, part.lengths, part.values))
+            frames.append((cid, rid))
         # Every part is registered before the first is submitted: an answer may come at once.
-        self.pending.add_lookups(batch, [rid for _c, rid, _f in frames])
+        self.pending.add_lookups(batch, [rid for _c, rid in frames])
         batch.mark_submitted()
-        for cid, rid, frame in frames:
+        budget_us = batch.budget_us()
+        for cid, rid in frames:
+            part = batch.parts[rid]
+            frame = codec.encode_lookup(rid, batch.size, part.tables, part.counts, part.values,
+                                        credit_trailer=self.inband_credits, budget_us=budget_us)
             engine = self.submitter.submit(cid, frame)
             if engine is not None:
                 self._fail_part(rid, f"engine {engine} did not accept the subrequest in time")
         if self.cache is not None:
             self._send_fills()
 
+    def _drop_expired(self, works: list[Work]) -> list[Work]:
+        """Answer requests whose deadline passed while they queued; keep the rest."""
+        now = time.perf_counter()
+        late = [w for w in works if w.deadline <= now]
+        if not late:
+            return works
+        for w in late:
+            self.fail([w], ErrorCode.DEADLINE_EXCEEDED,
+                      f"deadline of {w.timeout_s * 1e3:.0f} ms passed while the request waited in the ranker's "
+                      f"queue ({(now - w.arrived) * 1e3:.0f} ms)")
+        return [w for w in works if w.deadline > now]
+
     def _fail_part(self, rid: int, error: str) -> None:
         batch = self.pending.take_lookup(rid)
-        if batch is not None and batch.fail(rid, error):
-            self.finish(batch)
+        if batch is not None:
+            self.health.released(batch.parts[rid].server)
+            if batch.fail(rid, error):
+                self.finish(batch)
 
     def _send_fills(self) -> None:
         """Fetch hot missed rows for the cache, after the batch's own subrequests (off the request path)."""
-        for server, table, rows in self.cache.fill_requests():
-            cid = self.submitter.connection_for(server)
+        for primary, table, rows in self.cache.fill_requests():
+            choice = self.health.choose(primary)
+            if choice is None:
+                self.cache.filled(table, rows, None)
+                continue
+            server, cid = choice
+            self.health.released(server)   # fills are not counted as outstanding work
             rid = self.pending.next_rid()
             self.pending.add_fill(rid, Fill(cid, table, rows))
             # Never wait for ring space on behalf of a fill: skip it instead.

@@ -2,8 +2,9 @@
 
 One doorbell serves every ring: the thread wakes once, drains each ring, and
 for every message finds the batch (or cache fill) waiting for it in the
-pending table.  Lost connections fail their subrequests at once; migrations
-are reported to the listener given at construction (the control package).
+pending table.  A lost connection's subrequests are re-issued to a live
+replica at once, or failed naming the server; migrations are reported to the
+listener given at construction (the control package).
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from typing import Callable, Protocol
 
 from flexemr import enginemsg as em
 from flexemr.wire import codec
-from flexemr.wire.frame import HEADER_SIZE, FrameType, unpack_header
+from flexemr.wire.frame import HEADER_SIZE, ErrorCode, FrameType, unpack_header
 
-from flexemrd.inference.batch import Batch
+from flexemrd.inference.batch import Batch, Part
+from flexemrd.inference.health import ServerHealth
 from flexemrd.inference.pending import PendingTable
+from flexemrd.inference.stats import FailoverCounters
+from flexemrd.inference.submission import Submitter
 
 logger = logging.getLogger(__name__)
 
@@ -27,30 +31,43 @@ class MigrationListener(Protocol):
 
 
 class Completions:
+    """Answers, losses and time: the completion thread's whole job.
+
+    Besides draining the rings it keeps time for the parts in flight: a part
+    past its batch's deadline fails naming the server it waited for; with
+    hedging on, a part older than its server's recent ``hedge_quantile`` gets
+    one copy sent to another live replica (the first answer wins).  The
+    doorbell wait is cut short to the next such moment.
+    """
+
     def __init__(self, rings: list, doorbell, pending: PendingTable, finish: Callable[[Batch], None],
-                 connections: dict[int, tuple[int, str]], request_timeout_s: float, cache=None,
-                 on_migrated: MigrationListener | None = None, beat: Callable[[], None] = lambda: None) -> None:
+                 health: ServerHealth, submitter: Submitter, stats: FailoverCounters, request_timeout_s: float,
+                 cache=None, on_migrated: MigrationListener | None = None, hedging: bool = False,
+                 hedge_quantile: float = 0.95, hedge_min_s: float = 0.002, inband_credits: bool = False,
+                 beat: Callable[[], None] = lambda: None) -> None:
         self.rings = rings
         self.doorbell = doorbell
         self.pending = pending
         self.finish = finish
-        self.connections = connections
+        self.health = health
+        self.submitter = submitter
+        self.counters = stats
         self.request_timeout_s = request_timeout_s
         self.cache = cache
         self.on_migrated = on_migrated
+        self.hedging = hedging
+        self.hedge_quantile = hedge_quantile
+        self.hedge_min_s = hedge_min_s
+        self.inband_credits = inband_credits
         self.beat = beat
-        self.completed: dict[int, int] = {c: 0 for c in connections}
 
     def run(self, stop) -> None:
-        last_check = time.monotonic()
+        wait = 0.2
         while not stop.is_set():
             self.beat()
-            self.doorbell.wait(0.2)
+            self.doorbell.wait(wait)
             self.drain()
-            now = time.monotonic()
-            if now - last_check > 1.0:
-                last_check = now
-                self.expire()
+            wait = self.keep_time()
 
     def drain(self) -> int:
         """Handle every message waiting in the rings; returns how many."""
@@ -75,33 +92,138 @@ class Completions:
             h = unpack_header(data[em.PREFIX_SIZE : em.PREFIX_SIZE + HEADER_SIZE])
             payload = data[em.PREFIX_SIZE + HEADER_SIZE : em.PREFIX_SIZE + HEADER_SIZE + h.payload_len]
             if h.type == FrameType.LOOKUP_RESP:
-                self.completed[cid] = self.completed.get(cid, 0) + 1
-                batch = self.pending.take_lookup(h.request_id)
-                if batch is not None and batch.complete(h.request_id, payload):
-                    self.finish(batch)
+                self._answer(h.request_id, payload)
             elif h.type == FrameType.FETCH_RESP:
                 self._fill_done(h.request_id, payload)
             elif h.type == FrameType.ERROR:
-                if self._fill_done(h.request_id, None):
-                    return
-                self.completed[cid] = self.completed.get(cid, 0) + 1
-                self.fail(h.request_id, f"embedding server {self.connections[cid][0]}: {codec.decode_error(payload)}")
+                if not self._fill_done(h.request_id, None):
+                    self._server_error(h.request_id, h.aux, codec.decode_error(payload))
         elif kind == em.COMP_LOST:
-            reason = bytes(data[em.PREFIX_SIZE :]).decode("utf-8", "replace")
-            lookups, fills = self.pending.on_connection(cid)
-            for rid in lookups:
-                self.fail(rid, reason)
-            for rid in fills:
-                self._fill_done(rid, None)
+            self._lost(cid, bytes(data[em.PREFIX_SIZE :]).decode("utf-8", "replace"))
+        elif kind == em.COMP_CONNECTED:
+            self.health.conn_connected(cid)
         elif kind == em.COMP_MIGRATED:
             logger.info("connection %d now lives in engine %d", cid, arg)
             if self.on_migrated is not None:
                 self.on_migrated.migrated(cid, arg)
 
-    def fail(self, rid: int, error: str) -> None:
+    # ---------------------------------------------------------------- answers
+
+    def _answer(self, rid: int, payload: memoryview) -> None:
         batch = self.pending.take_lookup(rid)
-        if batch is not None and batch.fail(rid, error):
+        if batch is None:
+            return   # a late copy, or the batch failed already
+        part = batch.parts[rid]
+        accepted, done, moot = batch.complete(rid, payload)
+        if accepted:
+            self.health.answered(part.server, time.perf_counter() - part.sent_at)
+            if part.hedge:
+                self.counters.hedges_won += 1
+            for sibling in moot:   # their answers, if they come, are ignored
+                if self.pending.take_lookup(sibling) is not None:
+                    self.health.released(batch.parts[sibling].server)
+        else:
+            self.health.released(part.server)
+        if done:
             self.finish(batch)
+
+    def _server_error(self, rid: int, code: int, message: str) -> None:
+        batch = self.pending.take_lookup(rid)
+        if batch is None:
+            return
+        part = batch.parts[rid]
+        self.health.answered(part.server, time.perf_counter() - part.sent_at)
+        if batch.drop_copy(rid):
+            return   # another copy of this part is still on its way
+        if batch.fail(rid, f"embedding server {part.server}: {message}", code):
+            self.finish(batch)
+
+    # ---------------------------------------------------------------- losses and re-issues
+
+    def _lost(self, conn: int, reason: str) -> None:
+        server = self.health.conn_lost(conn, reason)
+        lookups, fills = self.pending.on_connection(conn)
+        for rid in lookups:
+            batch = self.pending.take_lookup(rid)
+            if batch is None:
+                continue
+            self.health.released(server)
+            if batch.drop_copy(rid):
+                continue
+            self._reissue(batch, rid, reason)
+        for rid in fills:
+            self._fill_done(rid, None)
+
+    def _reissue(self, batch: Batch, rid: int, reason: str) -> None:
+        """Send a lost part again to a live holder of its shards, or fail it naming the server."""
+        part = batch.parts[rid]
+        choice = self.health.choose(part.primary)
+        if choice is not None and self._send_copy(batch, part.copy_to(*choice)):
+            self.counters.reissued += 1
+            return
+        why = reason if choice is not None else f"{reason} ({self.health.describe_down(part.primary)})"
+        if batch.fail(rid, why, ErrorCode.UNAVAILABLE):
+            self.finish(batch)
+
+    def _send_copy(self, batch: Batch, part: Part) -> bool:
+        rid = self.pending.next_rid()
+        if not batch.add_copy(rid, part):
+            self.health.released(part.server)
+            return True   # settled meanwhile: nothing to send
+        self.pending.add_lookups(batch, [rid])
+        frame = codec.encode_lookup(rid, batch.size, part.tables, part.counts, part.values,
+                                    credit_trailer=self.inband_credits, budget_us=batch.budget_us())
+        if self.submitter.submit(part.conn, frame, wait=False) is None:
+            return True
+        self.pending.take_lookup(rid)
+        self.health.released(part.server)
+        batch.drop_copy(rid)
+        return False
+
+    # ---------------------------------------------------------------- time: deadlines and hedges
+
+    def keep_time(self) -> float:
+        """Expire and hedge what is due; seconds until the next thing that will be due (≤ 0.2)."""
+        now = time.perf_counter()
+        next_due = now + 0.2
+        for rid, batch in self.pending.lookups():
+            part = batch.parts.get(rid)
+            if part is None:
+                continue
+            if batch.deadline <= now:
+                self._expire(rid, batch, part, now)
+                continue
+            next_due = min(next_due, batch.deadline)
+            if self.hedging and not batch.hedged(rid):
+                q = self.health.quantile_s(part.server, self.hedge_quantile)
+                due = part.sent_at + max(self.hedge_min_s, q if q is not None else float("inf"))
+                if due <= now:
+                    self._hedge(batch, part)
+                else:
+                    next_due = min(next_due, due)
+        return max(0.0005, next_due - now)
+
+    def _expire(self, rid: int, batch: Batch, part: Part, now: float) -> None:
+        if self.pending.take_lookup(rid) is None:
+            return
+        self.health.released(part.server)
+        self.health.timed_out(part.server)
+        if batch.drop_copy(rid):
+            return
+        waited = (now - batch.works[0].arrived) * 1e3
+        msg = (f"deadline of {batch.works[0].timeout_s * 1e3:.0f} ms passed waiting for embedding server "
+               f"{part.server} ({waited:.0f} ms since the request arrived)")
+        if batch.fail(rid, msg, ErrorCode.DEADLINE_EXCEEDED):
+            self.finish(batch)
+
+    def _hedge(self, batch: Batch, part: Part) -> None:
+        choice = self.health.choose(part.primary, exclude=(part.server,))
+        if choice is None:
+            return
+        if self._send_copy(batch, part.copy_to(*choice, hedge=True)):
+            self.counters.hedges_sent += 1
+
+    # ---------------------------------------------------------------- cache fills
 
     def _fill_done(self, rid: int, payload: memoryview | None) -> bool:
         """Completion of a cache fill (False if ``rid`` is not a fill)."""
@@ -116,8 +238,3 @@ class Completions:
         if self.cache is not None:
             self.cache.filled(fill.table, fill.rows, data)
         return True
-
-    def expire(self) -> None:
-        limit = time.perf_counter() - self.request_timeout_s
-        for rid in self.pending.older_than(limit):
-            self.fail(rid, f"no answer from the embedding servers within {self.request_timeout_s:g} s")

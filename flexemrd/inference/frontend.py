@@ -100,7 +100,7 @@ class SocketFrontend:
                     s.error(h.request_id, ErrorCode.UNAVAILABLE, "the ranker is shutting down")
                     continue
                 try:
-                    work = self.admission.admit_frame(s, h.type, h.request_id, payload)
+                    work = self.admission.admit_frame(s, h.type, h.request_id, payload, h.aux)
                 except (RequestError, ProtocolError) as e:
                     self.count_errors(1)
                     s.error(h.request_id, ErrorCode.BAD_REQUEST, str(e))

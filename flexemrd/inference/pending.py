@@ -59,9 +59,9 @@ class PendingTable:
             fills = [rid for rid, f in self._fills.items() if f.conn == conn]
         return lookups, fills
 
-    def older_than(self, started_before: float) -> list[int]:
+    def lookups(self) -> list[tuple[int, Batch]]:
         with self._lock:
-            return [rid for rid, b in self._lookups.items() if b.started < started_before]
+            return list(self._lookups.items())
 
     def batches(self) -> int:
         with self._lock:

@@ -22,6 +22,7 @@ from flexemrd.inference.batch import Batch
 from flexemrd.inference.batcher import Batcher, ControlRequest, LocalPooling
 from flexemrd.inference.completions import Completions, MigrationListener
 from flexemrd.inference.finisher import Finisher
+from flexemrd.inference.health import ServerHealth
 from flexemrd.inference.frontend import SocketFrontend
 from flexemrd.inference.pending import PendingTable
 from flexemrd.inference.stats import ServiceStats
@@ -39,12 +40,17 @@ class ServiceOptions:
     request_timeout_s: float = 30.0
     inband_credits: bool = False
     shared_mapping: bool = False
+    hedging: bool = False
+    hedge_quantile: float = 0.95
+    hedge_min_s: float = 0.002
 
     @classmethod
     def from_config(cls, r: RankerConfig) -> "ServiceOptions":
         return cls(max_batch=r.max_batch, max_wait_s=r.max_wait_ms / 1e3, max_inflight=r.max_inflight_batches,
-                   max_request_bytes=r.max_request_bytes, inband_credits=r.credits == "inband",
-                   shared_mapping=r.mapping == "shared")
+                   max_request_bytes=r.max_request_bytes, request_timeout_s=r.request_timeout_s,
+                   inband_credits=r.credits == "inband", shared_mapping=r.mapping == "shared",
+                   hedging=r.hedging and r.replicas > 1, hedge_quantile=r.hedge_quantile,
+                   hedge_min_s=r.hedge_min_ms / 1e3)
 
 
 @dataclasses.dataclass(slots=True)
@@ -75,17 +81,22 @@ class InferenceService:
         self.finisher = Finisher(spec, model, device, self.stats, self.inflight)
         self.submitter = None
         self.completions = None
+        self.health = None
         if links is not None:
+            self.health = ServerHealth(routing, links.connections)
             self.submitter = Submitter(links.submission, links.connections, links.owners,
                                        shared_mapping=options.shared_mapping, timeout_s=options.request_timeout_s)
             self.completions = Completions(links.completion, links.doorbell, self.pending, self.finisher.put,
-                                           links.connections, options.request_timeout_s, cache=cache,
-                                           on_migrated=on_migrated, beat=beat)
+                                           self.health, self.submitter, self.stats.failover,
+                                           options.request_timeout_s, cache=cache, on_migrated=on_migrated,
+                                           hedging=options.hedging, hedge_quantile=options.hedge_quantile,
+                                           hedge_min_s=options.hedge_min_s, inband_credits=options.inband_credits,
+                                           beat=beat)
         self.batcher = Batcher(spec, routing, self.submitter, self.pending, self.finisher.put, self.finisher.fail,
                                self.stats, self.inflight, options.max_batch, options.max_wait_s, cache=cache,
-                               local=local, inband_credits=options.inband_credits,
+                               local=local, inband_credits=options.inband_credits, health=self.health,
                                beat=beat if links is None else (lambda: None))
-        self.admission = Admission(spec)
+        self.admission = Admission(spec, options.request_timeout_s)
         self.frontend = SocketFrontend(self.admission, self.submit, self.stats.add_errors, options.max_request_bytes)
         self._threads: list[threading.Thread] = []
 
@@ -131,7 +142,12 @@ class InferenceService:
         self.batcher.controls.put(request)
 
     def snapshot(self) -> dict[str, Any]:
-        return self.stats.snapshot(self.pending.batches())
+        snap = self.stats.snapshot(self.pending.batches())
+        f = self.stats.failover
+        snap["failover"] = {"reissued": f.reissued, "hedges_sent": f.hedges_sent, "hedges_won": f.hedges_won,
+                            "failovers": self.health.failovers if self.health else 0}
+        snap["servers"] = self.health.snapshot() if self.health else []
+        return snap
 
 
 __all__ = ["Batch", "EngineLinks", "InferenceService", "ServiceOptions"]

@@ -40,6 +40,15 @@ class LatencyWindow:
         return float(p50), float(p99)
 
 
+class FailoverCounters:
+    """Written by the completion thread only."""
+
+    def __init__(self) -> None:
+        self.reissued = 0
+        self.hedges_sent = 0
+        self.hedges_won = 0
+
+
 class ServiceStats:
     def __init__(self, n_tables: int) -> None:
         self.latency = LatencyWindow()
@@ -53,6 +62,7 @@ class ServiceStats:
         self.t_lookups = np.zeros(n_tables, dtype=np.int64)   # bags looked up
         self.t_ids = np.zeros(n_tables, dtype=np.int64)       # ids looked up
         self.t_wire = np.zeros(n_tables, dtype=np.int64)      # bytes on the wire: ids out + partials back
+        self.failover = FailoverCounters()
         self._rate_prev = (time.monotonic(), 0)
 
     def add_errors(self, n: int = 1) -> None:

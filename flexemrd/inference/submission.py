@@ -1,8 +1,12 @@
-"""The submission side: the only writer of the engines' submission rings (batcher thread).
+"""The submission side: the only writer of the engines' submission rings.
 
-It knows which connection serves each server (round robin over a server's
-connections) and which engine owns each connection ("owned" mapping), or
-sends through every engine in turn ("shared" mapping: the contention FlexEMR
+The rings are single-producer: the batcher submits each batch's parts, and
+the completion thread may submit a hedge or a re-issue; both go through
+``submit``, which serializes them with a lock (uncontended in the common
+case) and never lets the completion thread wait for ring space.
+
+It knows which engine owns each connection ("owned" mapping), or sends
+through every engine in turn ("shared" mapping: the contention FlexEMR
 removes, kept for comparison).  Migration changes the owner here first and
 then tells the old engine with a SUB_MIGRATE marker after the last frame it
 routed there for that connection.
@@ -12,7 +16,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Iterator
+import threading
+import time
 
 from flexemr import enginemsg as em
 
@@ -26,10 +31,7 @@ class Submitter:
         self.connections = connections
         self.owners = dict(owners)                  # conn -> engine: the batcher's view
         self.timeout_s = timeout_s
-        server_conns: dict[int, list[int]] = {}
-        for cid, (server, _addr) in sorted(connections.items()):
-            server_conns.setdefault(server, []).append(cid)
-        self._conn_rr: dict[int, Iterator[int]] = {s: itertools.cycle(c) for s, c in server_conns.items()}
+        self._lock = threading.Lock()
         self._engine_rr = itertools.cycle(range(len(rings))) if shared_mapping else None
         self.submitted: dict[int, int] = {c: 0 for c in connections}
 
@@ -37,31 +39,33 @@ class Submitter:
     def shared(self) -> bool:
         return self._engine_rr is not None
 
-    def connection_for(self, server: int) -> int:
-        return next(self._conn_rr[server])
-
     def _engine_for(self, conn: int) -> int:
         return self.owners[conn] if self._engine_rr is None else next(self._engine_rr)
 
     def submit(self, conn: int, frame: list, wait: bool = True) -> int | None:
         """Put ``frame`` on the ring of the engine owning ``conn``; the engine on failure, None when queued."""
-        engine = self._engine_for(conn)
-        ok = self.rings[engine].write(em.PREFIX.pack(conn, 0), *frame, kind=em.SUB_FRAME,
-                                      timeout=self.timeout_s if wait else 0)
-        if not ok:
-            return engine
-        self.submitted[conn] += 1
-        return None
+        deadline = time.monotonic() + (self.timeout_s if wait else 0.0)
+        while True:
+            # Never hold the lock while waiting for ring space: the other caller may not wait.
+            with self._lock:
+                engine = self._engine_for(conn)
+                if self.rings[engine].write(em.PREFIX.pack(conn, 0), *frame, kind=em.SUB_FRAME, timeout=0):
+                    self.submitted[conn] += 1
+                    return None
+            if time.monotonic() >= deadline:
+                return engine
+            time.sleep(0.0005)
 
     def migrate(self, conn: int, to_engine: int) -> bool:
         """Route ``conn`` through ``to_engine`` from now on; False when it is already there."""
         if self._engine_rr is not None:
             raise ValueError("connections do not migrate under the \"shared\" mapping (every engine sends on all)")
-        old = self.owners[conn]
-        if old == to_engine:
-            return False
-        self.owners[conn] = to_engine
-        self.rings[old].write(em.PREFIX.pack(conn, to_engine), kind=em.SUB_MIGRATE, timeout=10)
+        with self._lock:
+            old = self.owners[conn]
+            if old == to_engine:
+                return False
+            self.owners[conn] = to_engine
+            self.rings[old].write(em.PREFIX.pack(conn, to_engine), kind=em.SUB_MIGRATE, timeout=10)
         logger.info("migrating connection %d from engine %d to engine %d", conn, old, to_engine)
         return True
 

@@ -11,6 +11,13 @@ lengths (TorchRec's KeyedJaggedTensor layout).  Input is checked here first
 message naming the field; the ranker checks again (table names, id ranges,
 dense width) and answers an ERROR frame, raised as RequestError.  One client
 object serves one request at a time; use one per thread.
+
+Deadlines: ``predict(..., timeout_ms=50)`` sends the budget with the request;
+the ranker and the embedding servers drop work that can no longer make it and
+the call raises ``DeadlineExceeded`` naming the stage that ran out of time.
+A call whose answer does not arrive in time on the socket (the client's own
+timeout) discards the connection, so the next call is never answered with a
+late answer to this one; the client reconnects on its next call.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from typing import Mapping
 
 import numpy as np
 
-from flexemr.errors import ProtocolError, RemoteError, RequestError
+from flexemr.errors import DeadlineExceeded, ProtocolError, RemoteError, RequestError
 from flexemr.wire import codec
 from flexemr.wire.frame import ErrorCode, FrameType
 from flexemr.wire.stream import FrameReader, send_buffers
@@ -73,21 +80,46 @@ def prepare_sparse(sparse: Sparse, batch: int | None) -> tuple[list[str], list[n
     return names, values, lengths, int(batch or 0)
 
 
+def _timeout(timeout_ms: int | None) -> int:
+    if timeout_ms is None:
+        return 0
+    if not (isinstance(timeout_ms, (int, np.integer)) or float(timeout_ms).is_integer()) or timeout_ms <= 0:
+        raise RequestError(f"timeout_ms: must be a positive whole number of milliseconds, got {timeout_ms!r}")
+    return int(timeout_ms)
+
+
 class InferenceClient:
     """A connection to a ranker's inference socket."""
 
     def __init__(self, path: str, timeout: float | None = 60.0, max_payload: int = 1 << 30) -> None:
         self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.settimeout(timeout)
-        try:
-            self._sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            self._sock.close()
-            raise ConnectionError(f"no flexemr ranker is serving on {path}: {e.strerror}") from None
-        self._reader = FrameReader(self._sock, max_payload)
+        self.timeout = timeout
+        self.max_payload = max_payload
+        self._sock: socket.socket | None = None
+        self._reader: FrameReader | None = None
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._connect()
+
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            sock.close()
+            raise ConnectionError(f"no flexemr ranker is serving on {self.path}: {e.strerror}") from None
+        self._sock = sock
+        self._reader = FrameReader(sock, self.max_payload)
+
+    def _discard(self) -> None:
+        """Drop the connection: whatever it still owes us must never answer a later call."""
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+        self._sock = self._reader = None
 
     def __enter__(self) -> "InferenceClient":
         return self
@@ -96,29 +128,51 @@ class InferenceClient:
         self.close()
 
     def close(self) -> None:
-        self._sock.close()
+        self._discard()
 
-    def _call(self, frame: list, request_id: int, expect: FrameType):
+    def _call(self, frame: list, request_id: int, expect: FrameType, timeout_ms: int | None = None):
         with self._lock:
-            send_buffers(self._sock, frame)
-            h = self._reader.read_header()
-            # A fresh buffer per answer: the arrays we return are views of it,
-            # so nothing is copied after the socket read.
-            payload = self._reader.read_payload_owned(h)
-            if h.request_id != request_id:
-                raise ProtocolError(f"answer to request {h.request_id} while waiting for {request_id}")
+            if self._sock is None:
+                self._connect()
+            sock_timeout = self.timeout
+            if timeout_ms:
+                # Our own wait outlives the ranker's deadline a little, so its error (naming the stage) wins.
+                sock_timeout = timeout_ms / 1e3 + max(0.5, timeout_ms / 1e3)
+            self._sock.settimeout(sock_timeout)
+            try:
+                send_buffers(self._sock, frame)
+                while True:
+                    h = self._reader.read_header()
+                    # A fresh buffer per answer: the arrays we return are views of it,
+                    # so nothing is copied after the socket read.
+                    payload = self._reader.read_payload_owned(h)
+                    if h.request_id == request_id or h.request_id == 0:
+                        break
+                    if h.request_id > request_id:
+                        raise ProtocolError(f"answer to request {h.request_id} while waiting for {request_id}")
+                    # A late answer to an earlier call: skip it.
+            except (TimeoutError, socket.timeout):
+                self._discard()
+                raise DeadlineExceeded(ErrorCode.DEADLINE_EXCEEDED,
+                                       f"no answer from the ranker on {self.path} within {sock_timeout:g} s "
+                                       "(client timeout); the connection was reset") from None
+            except (OSError, ProtocolError):
+                self._discard()
+                raise
             if h.type == FrameType.ERROR:
                 msg = codec.decode_error(payload)
                 if h.aux in (ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_TABLE, ErrorCode.ID_OUT_OF_RANGE,
                              ErrorCode.SIZE_MISMATCH, ErrorCode.TOO_LARGE, ErrorCode.BAD_FRAME):
                     raise RequestError(msg)
+                if h.aux == ErrorCode.DEADLINE_EXCEEDED:
+                    raise DeadlineExceeded(h.aux, msg)
                 raise RemoteError(h.aux, msg)
             if h.type != expect:
                 raise ProtocolError(f"expected {expect.name}, got frame type {h.type}")
             return payload
 
-    def predict(self, dense: np.ndarray, sparse: Sparse) -> np.ndarray:
-        """Scores [B] float32 for a batch of B samples."""
+    def predict(self, dense: np.ndarray, sparse: Sparse, timeout_ms: int | None = None) -> np.ndarray:
+        """Scores [B] float32 for a batch of B samples (``timeout_ms``: the request's deadline)."""
         d = np.asarray(dense)
         if d.ndim != 2:
             raise RequestError(f"dense: must be 2-D [batch, dense_features], got shape {d.shape}")
@@ -126,14 +180,15 @@ class InferenceClient:
             raise RequestError(f"dense: must be float32, got dtype {d.dtype}")
         names, values, lengths, batch = prepare_sparse(sparse, d.shape[0])
         rid = next(self._ids)
-        frame = codec.encode_client_request(rid, names, lengths, values, batch, d.astype(np.float32, copy=False))
-        payload = self._call(frame, rid, FrameType.PREDICT_RESP)
+        frame = codec.encode_client_request(rid, names, lengths, values, batch, d.astype(np.float32, copy=False),
+                                            timeout_ms=_timeout(timeout_ms))
+        payload = self._call(frame, rid, FrameType.PREDICT_RESP, timeout_ms)
         return codec.decode_scores(payload)
 
-    def lookup(self, sparse: Sparse) -> dict[str, np.ndarray]:
-        """Pooled embeddings [B, dim] per requested table."""
+    def lookup(self, sparse: Sparse, timeout_ms: int | None = None) -> dict[str, np.ndarray]:
+        """Pooled embeddings [B, dim] per requested table (``timeout_ms``: the request's deadline)."""
         names, values, lengths, batch = prepare_sparse(sparse, None)
         rid = next(self._ids)
-        frame = codec.encode_client_request(rid, names, lengths, values, batch, None)
-        payload = self._call(frame, rid, FrameType.CLIENT_LOOKUP_RESP)
+        frame = codec.encode_client_request(rid, names, lengths, values, batch, None, timeout_ms=_timeout(timeout_ms))
+        payload = self._call(frame, rid, FrameType.CLIENT_LOOKUP_RESP, timeout_ms)
         return codec.decode_pooled(payload)

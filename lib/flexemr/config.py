@@ -76,6 +76,11 @@ class RankerConfig:
     device: str = "auto"             # "auto", "cpu" or "cuda"
     torch_threads: int = 0           # 0 = torch's default
     transport: str = "auto"          # "auto", "tcp" or "rdma"
+    replicas: int = 1                # servers holding each shard (placement: routing.table.RoutingTable.build)
+    request_timeout_s: float = 30.0  # default deadline of a request whose client sets none
+    hedging: bool = False            # with replicas: resend a slow subrequest to a second replica
+    hedge_quantile: float = 0.95     # ... once it is older than this quantile of its server's recent latency
+    hedge_min_ms: float = 2.0        # ... and at least this old
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,6 +89,7 @@ class EmbeddingConfig:
     index: int = 0                   # this server's id in the routing table
     servers: int = 1                 # how many servers share the tables
     routing: str = "rows"
+    replicas: int = 1                # must match the rankers' [ranker].replicas
     threads: int = 1                 # torch intra-op threads for pooling
     max_payload: int = 1 << 30
 
@@ -122,7 +128,7 @@ _CHOICES = {
     ("cache", "admission"): ("lru", "tinylfu"),
 }
 _POSITIVE = {"engines", "connections_per_server", "max_batch", "max_inflight_batches", "servers", "threads",
-             "credits_per_connection"}
+             "credits_per_connection", "replicas"}
 
 
 def _coerce(section: str, key: str, default: Any, value: Any, where: str, problems: list[str]) -> Any:

@@ -16,6 +16,7 @@ ring's own ``kind`` field says what follows::
                                              straight into the slot
       COMP_LOST     prefix(conn, 0)        | utf-8 reason: the connection failed
       COMP_MIGRATED prefix(conn, engine)   | the connection now lives in ``engine``
+      COMP_CONNECTED prefix(conn, 0)       | the connection is (re)established and serving
 """
 
 from __future__ import annotations
@@ -32,3 +33,4 @@ SUB_STOP = 3
 COMP_FRAME = 1
 COMP_LOST = 2
 COMP_MIGRATED = 3
+COMP_CONNECTED = 4

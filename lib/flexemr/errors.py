@@ -46,5 +46,9 @@ class RemoteError(FlexemrError):
         super().__init__(message)
 
 
+class DeadlineExceeded(RemoteError, TimeoutError):
+    """The request ran out of time; the message names the stage (queue, embedding servers, client)."""
+
+
 class ControlError(FlexemrError):
     """A control command failed or the daemon could not be reached."""

@@ -81,7 +81,8 @@ def _kjt(names, sparse):
     return codec.decode_client_request(memoryview(blob)[HEADER_SIZE:], FrameType.CLIENT_LOOKUP).kjt
 
 
-def _pipeline(model, max_batch=256, max_wait_s=0.05, local=True, submitter=None, routing=None, pending=None):
+def _pipeline(model, max_batch=256, max_wait_s=0.05, local=True, submitter=None, routing=None, pending=None,
+              health=None):
     stats = ServiceStats(len(model.spec.tables))
     inflight = threading.BoundedSemaphore(4)
     fin = Finisher(model.spec, model.dense, "cpu", stats, inflight)
@@ -94,7 +95,7 @@ def _pipeline(model, max_batch=256, max_wait_s=0.05, local=True, submitter=None,
 
     batcher = Batcher(model.spec, routing, submitter, PendingTable() if pending is None else pending, finish, fin.fail, stats, inflight,
                       max_batch, max_wait_s,
-                      local=LocalPooler(model.spec, model.tables) if local else None)
+                      local=LocalPooler(model.spec, model.tables) if local else None, health=health)
     return batcher, fin, batches
 
 
@@ -138,8 +139,10 @@ def test_batcher_splits_misses_per_server_onto_the_owning_engines_ring(model, in
         submitter = Submitter(rings, connections, owners={0: 1, 1: 0})
         pending = PendingTable()
         replies = Replies()
+        from flexemrd.inference.health import ServerHealth
+
         batcher, _fin, _batches = _pipeline(model, local=False, submitter=submitter, routing=routing,
-                                            pending=pending)
+                                            pending=pending, health=ServerHealth(routing, connections))
         work = _work(model, replies, 7, 16, seed=3)
         batcher._dispatch([work])
         seen = {}
@@ -167,6 +170,15 @@ def test_batcher_splits_misses_per_server_onto_the_owning_engines_ring(model, in
 
 
 # ---------------------------------------------------------------------------------------------- completions
+
+
+def _completions(model, rings, bell, pending, finish, routing, connections, **kw):
+    from flexemrd.inference.health import ServerHealth
+    from flexemrd.inference.stats import FailoverCounters
+
+    submitter = Submitter(kw.pop("sub_rings", []), connections, {c: 0 for c in connections})
+    return Completions(rings, bell, pending, finish, ServerHealth(routing, connections), submitter,
+                       FailoverCounters(), 30.0, **kw)
 
 
 def _server_partials(model, routing, batch_work, server):
@@ -202,12 +214,12 @@ def test_completions_combine_partials_from_every_server_exactly(model, instance)
         batch = Batch(1, [work], model.spec, tables, [work.tables[t][1] for t in tables])
         pending = PendingTable()
         done: list[Batch] = []
-        comp = Completions([ring], bell, pending, done.append, {s: (s, f"srv{s}") for s in range(3)}, 30.0)
+        comp = _completions(model, [ring], bell, pending, done.append, routing, {s: (s, f"srv{s}") for s in range(3)})
         from flexemrd.inference.batch import Part
 
         for server in range(3):
             part, _ = _server_partials(model, routing, work, server)
-            batch.expect(100 + server, Part(server, part.tables, part.lengths))
+            batch.expect(100 + server, Part(server, server, server, part.tables, part.lengths, part.values))
         pending.add_lookups(batch, [100, 101, 102])
         for server in (2, 0, 1):   # any order
             part, pooled = _server_partials(model, routing, work, server)
@@ -238,12 +250,13 @@ def test_completions_fail_a_batch_at_once_when_its_connection_is_lost(model, ins
         batch = Batch(1, [work], model.spec, [0], [work.tables[0][1]])
         from flexemrd.inference.batch import Part
 
-        batch.expect(5, Part(3, [0], [work.tables[0][1]]))
-        batch.expect(6, Part(4, [0], [work.tables[0][1]]))
+        batch.expect(5, Part(0, 0, 3, [0], [work.tables[0][1]], [work.tables[0][0]]))
+        batch.expect(6, Part(1, 1, 4, [0], [work.tables[0][1]], [work.tables[0][0]]))
         pending = PendingTable()
         pending.add_lookups(batch, [5, 6])
         done: list[Batch] = []
-        comp = Completions([ring], bell, pending, done.append, {3: (0, "x"), 4: (1, "y")}, 30.0)
+        comp = _completions(model, [ring], bell, pending, done.append, RoutingTable.build(model.spec, 2),
+                            {3: (0, "x"), 4: (1, "y")})
         ring.write(em.PREFIX.pack(3, 0), b"connection to server 0 (x) lost: reset", kind=em.COMP_LOST, timeout=1)
         comp.drain()
         assert not done, "the other part is still owed"
@@ -251,7 +264,8 @@ def test_completions_fail_a_batch_at_once_when_its_connection_is_lost(model, ins
                    kind=em.COMP_FRAME, timeout=1)
         comp.drain()
         assert done == [batch]
-        assert batch.error == "connection to server 0 (x) lost: reset"
+        assert batch.error.startswith("connection to server 0 (x) lost: reset")
+        assert "embedding server 0 (x)" in batch.error, "the error names the server that is down"
         assert not pending
     finally:
         ring.close()

@@ -63,37 +63,62 @@ class RoutingTable:
             srv = np.array([s.server for s in ranges], dtype=np.int64)
             self._servers.append(srv)
             self._single.append(int(srv[0]) if len(srv) and (srv == srv[0]).all() else -1)
+        # A primary's holders: the servers holding *every* shard of that primary, primary first.
+        self._holders: dict[int, tuple[int, ...]] = {}
+        for s in self.shards:
+            if s.servers and all(0 <= v < n_servers for v in s.servers):
+                prev = self._holders.get(s.server)
+                self._holders[s.server] = s.servers if prev is None else tuple(v for v in prev if v in s.servers)
         if problems:
             raise ConfigError("invalid routing table:\n  " + "\n  ".join(problems))
 
     @classmethod
-    def build(cls, spec: ModelSpec, n_servers: int, strategy: str = "rows") -> "RoutingTable":
-        """Place every table over ``n_servers``.
+    def build(cls, spec: ModelSpec, n_servers: int, strategy: str = "rows", replicas: int = 1) -> "RoutingTable":
+        """Place every table over ``n_servers``, each shard on ``replicas`` distinct servers.
 
         ``rows``: every table is cut into ``n_servers`` contiguous ranges of equal
         size, so each server holds a slice of every table and every bag fans
         out to all servers (each returns one partial per bag).
         ``tables``: whole tables, largest first onto the least-loaded server,
         so a bag is pooled completely on one server.
+
+        Replicas: a shard whose primary is server ``p`` is also held by servers
+        ``p+1, ..., p+R-1`` (mod N).  So server ``s`` holds the shards of primaries
+        ``s, s-1, ..., s-R+1``, every server holds R times its primary share, and
+        a subrequest for primary ``p`` can go to any of its R holders whole.
         """
         if n_servers < 1:
             raise ConfigError(f"need at least one embedding server, got {n_servers}")
+        if not 1 <= replicas <= n_servers:
+            raise ConfigError(f"replicas = {replicas}: must be between 1 and the number of embedding servers "
+                              f"({n_servers})")
+
+        def holders(p: int) -> tuple[int, ...]:
+            return tuple((p + j) % n_servers for j in range(replicas))
         shards: list[Shard] = []
         if strategy == "rows":
             for t in spec.tables:
                 cuts = np.linspace(0, t.rows, n_servers + 1).round().astype(np.int64)
                 for s in range(n_servers):
                     if cuts[s + 1] > cuts[s]:
-                        shards.append(Shard(t.name, int(cuts[s]), int(cuts[s + 1]), (s,)))
+                        shards.append(Shard(t.name, int(cuts[s]), int(cuts[s + 1]), holders(s)))
         elif strategy == "tables":
             load = [0] * n_servers
             for t in sorted(spec.tables, key=lambda t: -t.nbytes):
                 s = min(range(n_servers), key=lambda i: load[i])
                 load[s] += t.nbytes
-                shards.append(Shard(t.name, 0, t.rows, (s,)))
+                shards.append(Shard(t.name, 0, t.rows, holders(s)))
         else:
             raise ConfigError(f"unknown sharding strategy {strategy!r} (expected 'rows' or 'tables')")
         return cls(spec, n_servers, shards)
+
+    def holders_of(self, primary: int) -> tuple[int, ...]:
+        """Servers that hold every shard whose primary is ``primary`` (primary first)."""
+        return self._holders.get(primary, (primary,))
+
+    @property
+    def replicas(self) -> int:
+        return min((len(h) for h in self._holders.values()), default=1)
 
     def shards_of(self, server: int) -> list[Shard]:
         return [s for s in self.shards if server in s.servers]

@@ -10,13 +10,14 @@ no per-element Python) and encodes as a list of buffers for ``sendmsg``::
       i64 values[sum(counts)]  ids, table-major, bag order
 
     LOOKUP        u32 B, u32 T | u32 table_ids[T] (pad) | KJT block
+                  [| u64 budget_us   when flags has DEADLINE: time left when sent]
                   [| u64 granted_ns  when flags has INBAND_CREDIT; aux = credits]
     LOOKUP_RESP   u32 B, u32 T | u32 table_ids[T] (pad) | u32 dims[T] (pad)
                   | f32 partial[B, dims[t]] for each t in order
     FETCH         u32 table_id, u32 0 | i64 ids[n]
     FETCH_RESP    u32 table_id, u32 dim | f32 rows[n, dim]  (unpadded: n = rest / (4 dim))
     PREDICT       u32 B, u32 T, u32 F, u32 names_len | names (utf-8, "\\n"-joined, pad)
-                  | f32 dense[B*F] (pad) | KJT block
+                  | f32 dense[B*F] (pad) | KJT block    (aux = the client's timeout in ms, 0: none)
     CLIENT_LOOKUP same as PREDICT with F = 0
     PREDICT_RESP  f32 scores[B]
     CLIENT_LOOKUP_RESP u32 B, u32 T, u32 names_len, u32 0 | names (pad) | u32 dims[T] (pad)
@@ -49,6 +50,7 @@ from flexemr.wire.frame import FrameType, pack_header
 
 _U32x2 = struct.Struct("<II")
 _U32x4 = struct.Struct("<IIII")
+_U64 = struct.Struct("<Q")
 _SHARD = np.dtype([("table_id", "<u4"), ("dim", "<u4"), ("start", "<u8"), ("end", "<u8")])
 
 BAD_FRAME, SIZE_MISMATCH = 1, 4
@@ -200,6 +202,7 @@ def _read_kjt(r: _Reader, batch: int, ntables: int) -> KJT:
 class LookupRequest:
     table_ids: np.ndarray  # uint32 [T]
     kjt: KJT
+    budget_us: int = 0     # time left for the answer when the ranker sent it (0: no deadline)
 
 
 def encode_lookup(
@@ -211,11 +214,14 @@ def encode_lookup(
     aux: int = 0,
     flags: int = 0,
     credit_trailer: bool = False,
+    budget_us: int = 0,
 ) -> list:
     """Buffers (header first) of a LOOKUP frame; arrays are referenced, not copied.
 
-    ``credit_trailer`` reserves the in-band credit trailer (8 zero bytes) so the
-    engine can fill in credits and their grant time in place just before sending.
+    ``budget_us`` (> 0) is the time the answer may still take: the server drops
+    the work once it has waited longer.  ``credit_trailer`` reserves the in-band
+    credit trailer (8 zero bytes, always last) so the engine can fill in credits
+    and their grant time in place just before sending.
     """
     tids = np.asarray(table_ids, dtype="<u4")
     counts = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
@@ -223,6 +229,9 @@ def encode_lookup(
     w.add(_U32x2.pack(batch, len(tids)))
     w.add(tids)
     _add_kjt(w, counts, lengths, values)
+    if budget_us > 0:
+        w.add(_U64.pack(int(budget_us)))
+        flags |= 2  # FrameFlag.DEADLINE
     if credit_trailer:
         # The flag marks the trailer whether or not credits ride on this frame
         # (aux = 0 then): the receiver must always strip it.
@@ -232,14 +241,21 @@ def encode_lookup(
 
 
 def decode_lookup(payload, flags: int = 0) -> LookupRequest:
+    payload = memoryview(payload)
     if flags & 1:  # INBAND_CREDIT: the last 8 bytes are the grant time, not sections
-        payload = memoryview(payload)[: max(0, len(payload) - 8)]
+        payload = payload[: max(0, len(payload) - 8)]
+    budget = 0
+    if flags & 2:  # DEADLINE: the 8 bytes before any credit trailer
+        if len(payload) < 8:
+            raise ProtocolError("LOOKUP: too short for its deadline", SIZE_MISMATCH)
+        (budget,) = _U64.unpack_from(payload, len(payload) - 8)
+        payload = payload[: len(payload) - 8]
     r = _Reader(payload, "LOOKUP")
     batch, ntables = r.struct(_U32x2, "batch/tables")
     tids = r.array("<u4", ntables, "table_ids")
     kjt = _read_kjt(r, batch, ntables)
     r.finish()
-    return LookupRequest(tids, kjt)
+    return LookupRequest(tids, kjt, budget)
 
 
 def lookup_response_size(batch: int, dims: Sequence[int]) -> int:
@@ -343,8 +359,9 @@ def encode_client_request(
     values: Sequence[np.ndarray],
     batch: int,
     dense: np.ndarray | None = None,
+    timeout_ms: int = 0,
 ) -> list:
-    """Buffers of a PREDICT (dense given) or CLIENT_LOOKUP (dense None) frame."""
+    """Buffers of a PREDICT (dense given) or CLIENT_LOOKUP (dense None) frame (aux = timeout, ms)."""
     blob = _names_blob(names)
     nfeat = 0 if dense is None else dense.shape[1]
     counts = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
@@ -355,7 +372,7 @@ def encode_client_request(
         w.add(np.ascontiguousarray(dense, dtype="<f4"))
     _add_kjt(w, counts, list(lengths), values)
     ftype = FrameType.PREDICT if dense is not None else FrameType.CLIENT_LOOKUP
-    return [pack_header(ftype, request_id, w.size), *w.parts]
+    return [pack_header(ftype, request_id, w.size, aux=max(0, min(int(timeout_ms), 0xFFFFFFFF))), *w.parts]
 
 
 def decode_client_request(payload, ftype: int) -> ClientRequest:

@@ -54,6 +54,7 @@ class FrameType(enum.IntEnum):
 class FrameFlag(enum.IntFlag):
     NONE = 0
     INBAND_CREDIT = 1    # LOOKUP carries credits in aux and a u64 grant time after its sections
+    DEADLINE = 2         # LOOKUP/FETCH carry a u64 time budget (µs, left when sent) before any credit trailer
 
 
 class ErrorCode(enum.IntEnum):
@@ -67,6 +68,7 @@ class ErrorCode(enum.IntEnum):
     BAD_REQUEST = 8      # client request failed validation (field named in the message)
     OVERLOADED = 9
     UNAVAILABLE = 10     # the ranker cannot reach an embedding server
+    DEADLINE_EXCEEDED = 11  # the request ran out of time (the message names the stage)
 
 
 class Header:

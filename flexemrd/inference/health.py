@@ -1,0 +1,162 @@
+"""Which embedding servers are up, and which replica a subrequest should go to.
+
+A server is *down* once every connection to it is lost (the engine reports
+COMP_LOST) or after ``DOWN_AFTER_TIMEOUTS`` consecutive timed-out
+subrequests; it is *up* again when an engine reconnects (COMP_CONNECTED) or
+when it answers.  A subrequest goes to the live holder of its shards with
+the least outstanding work (FlexEMR's replicas, HugeCTR-style least-loaded
+choice); no subrequest is sent to a server known to be down.
+
+Shared by the batcher (choose, sent) and the completion thread (answered,
+lost, connected): every method takes the lock for a few dict operations.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+
+import numpy as np
+
+from flexemr.routing.table import RoutingTable
+
+logger = logging.getLogger(__name__)
+
+DOWN_AFTER_TIMEOUTS = 3
+LATENCY_WINDOW = 256
+
+
+@dataclasses.dataclass(slots=True)
+class ServerState:
+    server: int
+    address: str
+    conns: list[int]
+    conn_up: dict[int, bool]
+    outstanding: int = 0
+    timeouts: int = 0
+    down_reason: str = ""
+    changed_ns: int = 0
+    latencies: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
+    rr: int = 0
+
+    @property
+    def up(self) -> bool:
+        return not self.down_reason and any(self.conn_up.values())
+
+
+class ServerHealth:
+    def __init__(self, routing: RoutingTable, connections: dict[int, tuple[int, str]]) -> None:
+        self.routing = routing
+        self._lock = threading.Lock()
+        self.servers: dict[int, ServerState] = {}
+        for cid, (server, address) in sorted(connections.items()):
+            st = self.servers.get(server)
+            if st is None:
+                st = self.servers[server] = ServerState(server, address, [], {})
+            st.conns.append(cid)
+            st.conn_up[cid] = True
+        self._server_of_conn = {cid: s for cid, (s, _a) in connections.items()}
+        self.failovers = 0
+
+    # ---------------------------------------------------------------- batcher
+
+    def choose(self, primary: int, exclude: tuple[int, ...] = ()) -> tuple[int, int] | None:
+        """(server, connection) for a subrequest of ``primary``'s shards, or None when no holder is up."""
+        with self._lock:
+            best = None
+            for s in self.routing.holders_of(primary):
+                st = self.servers.get(s)
+                if st is None or s in exclude or not st.up:
+                    continue
+                if best is None or st.outstanding < best.outstanding:
+                    best = st
+            if best is None:
+                return None
+            if not self.servers[primary].up:
+                self.failovers += 1    # the primary is down: a replica serves its shards
+            live = [c for c in best.conns if best.conn_up[c]]
+            best.rr += 1
+            conn = live[best.rr % len(live)]
+            best.outstanding += 1
+            return best.server, conn
+
+    def describe_down(self, primary: int) -> str:
+        with self._lock:
+            parts = []
+            for s in self.routing.holders_of(primary):
+                st = self.servers[s]
+                parts.append(f"embedding server {s} ({st.address}): {st.down_reason or 'connection lost'}")
+        return "; ".join(parts) + " — no live replica holds these shards"
+
+    # ---------------------------------------------------------------- completion thread
+
+    def answered(self, server: int, seconds: float) -> None:
+        with self._lock:
+            st = self.servers[server]
+            st.outstanding = max(0, st.outstanding - 1)
+            st.latencies.append(seconds)
+            st.timeouts = 0
+            if st.down_reason and any(st.conn_up.values()):
+                logger.info("embedding server %d (%s) answers again", server, st.address)
+                st.down_reason = ""
+                st.changed_ns = time.monotonic_ns()
+
+    def released(self, server: int) -> None:
+        """A subrequest to ``server`` ended without an answer (failed, lost, or its hedge won)."""
+        with self._lock:
+            st = self.servers[server]
+            st.outstanding = max(0, st.outstanding - 1)
+
+    def timed_out(self, server: int) -> None:
+        with self._lock:
+            st = self.servers[server]
+            st.timeouts += 1
+            if st.timeouts >= DOWN_AFTER_TIMEOUTS and not st.down_reason:
+                st.down_reason = f"{st.timeouts} subrequests in a row timed out"
+                st.changed_ns = time.monotonic_ns()
+                logger.warning("embedding server %d (%s) marked down: %s", server, st.address, st.down_reason)
+
+    def conn_lost(self, conn: int, reason: str) -> int:
+        server = self._server_of_conn[conn]
+        with self._lock:
+            st = self.servers[server]
+            was_up = st.up
+            st.conn_up[conn] = False
+            if was_up and not st.up:
+                st.changed_ns = time.monotonic_ns()
+                logger.warning("embedding server %d (%s) is down: %s", server, st.address, reason)
+        return server
+
+    def conn_connected(self, conn: int) -> None:
+        server = self._server_of_conn[conn]
+        with self._lock:
+            st = self.servers[server]
+            was_up = st.up
+            st.conn_up[conn] = True
+            st.down_reason = ""
+            st.timeouts = 0
+            if not was_up:
+                st.changed_ns = time.monotonic_ns()
+                logger.info("embedding server %d (%s) is up again", server, st.address)
+
+    def server_of_conn(self, conn: int) -> int:
+        return self._server_of_conn[conn]
+
+    # ---------------------------------------------------------------- hedging and status
+
+    def quantile_s(self, server: int, q: float) -> float | None:
+        with self._lock:
+            lat = list(self.servers[server].latencies)
+        if len(lat) < 20:
+            return None
+        return float(np.quantile(np.asarray(lat), q))
+
+    def snapshot(self) -> list[dict]:
+        with self._lock:
+            return [{"server": s, "address": st.address, "state": "up" if st.up else "down",
+                     "outstanding": st.outstanding, "reason": st.down_reason if not st.up else "",
+                     "connections_up": sum(st.conn_up.values())}
+                    for s, st in sorted(self.servers.items())]

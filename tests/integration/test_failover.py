@@ -1,0 +1,232 @@
+"""Failures on a live cluster: killed embedding servers, replicas, deadlines, client recovery.
+
+Named after the failure each test survives.  Every answer is checked against
+the monolithic reference; clients run concurrently while servers die.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from flexemr.client import InferenceClient
+from flexemr.errors import DeadlineExceeded, RemoteError
+from flexemr.monolithic import MonolithicModel
+from flexemr.reqgen import RequestGenerator
+
+from tests.conftest import LocalCluster
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    return MonolithicModel(tiny_model)
+
+
+def server_pids(cluster: LocalCluster) -> dict[int, int]:
+    """embedding server index -> pid (process names are flexemr-emb[i])."""
+    out = {}
+    for pid in cluster.children():
+        try:
+            name = psutil.Process(pid).name()
+        except psutil.NoSuchProcess:
+            continue
+        if name.startswith("flexemr-emb["):
+            out[int(name[len("flexemr-emb["):-1])] = pid
+    return out
+
+
+def wait_restarted(cluster: LocalCluster, index: int, old_pid: int, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = server_pids(cluster).get(index)
+        if pid and pid != old_pid:
+            return pid
+        time.sleep(0.05)
+    raise AssertionError(f"embedding server {index} was not restarted within {timeout} s:\n{cluster.logs()[-3000:]}")
+
+
+class Load:
+    """Concurrent predict clients, each answer checked exactly; failures recorded with their time."""
+
+    def __init__(self, cluster: LocalCluster, reference: MonolithicModel, clients: int = 4,
+                 timeout_ms: int | None = None) -> None:
+        self.cluster, self.reference, self.timeout_ms = cluster, reference, timeout_ms
+        self.stop = threading.Event()
+        self.ok = 0
+        self.failures: list[tuple[float, float, str]] = []   # (started, seconds, message)
+        self.wrong = 0
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(clients)]
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+    def _run(self, k: int) -> None:
+        gen = RequestGenerator(self.reference.spec, ids_per_bag=6, seed=1000 + k)
+        with InferenceClient(self.cluster.socket, timeout=20) as c:
+            while not self.stop.is_set():
+                dense, sparse = gen.batch(16)
+                t0 = time.monotonic()
+                try:
+                    got = c.predict(dense, sparse, timeout_ms=self.timeout_ms)
+                except (RemoteError, ConnectionError, OSError) as e:
+                    with self._lock:
+                        self.failures.append((t0, time.monotonic() - t0, str(e)))
+                    continue
+                want = self.reference.predict(dense, sparse)
+                with self._lock:
+                    if np.allclose(got, want, rtol=1e-5, atol=1e-6):
+                        self.ok += 1
+                    else:
+                        self.wrong += 1
+
+    def count(self) -> int:
+        with self._lock:
+            return self.ok
+
+
+def wait_ok(load: Load, more: int, timeout: float = 20.0) -> None:
+    target = load.count() + more
+    deadline = time.monotonic() + timeout
+    while load.count() < target and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert load.count() >= target, f"only {load.count()} answers; failures: {load.failures[-5:]}"
+
+
+# --------------------------------------------------------------------------------------------- with replicas
+
+
+@pytest.fixture(scope="module")
+def replicated(tiny_model, tmp_path_factory):
+    c = LocalCluster(tiny_model, tmp_path_factory.mktemp("replicated"), servers=3, engines=2,
+                     extra=["--replicas", "2"])
+    yield c
+    c.stop()
+
+
+def test_killing_any_one_server_with_replicas_fails_no_request(replicated, reference):
+    with Load(replicated, reference) as load:
+        wait_ok(load, 50)
+        for index in range(3):
+            pid = server_pids(replicated)[index]
+            os.kill(pid, signal.SIGKILL)
+            wait_ok(load, 40)                       # served by the replicas meanwhile
+            wait_restarted(replicated, index, pid)
+            wait_ok(load, 40)                       # and after the restart
+        # Two servers, one after the other (the first is back before the second dies).
+        pid0 = server_pids(replicated)[0]
+        os.kill(pid0, signal.SIGKILL)
+        wait_ok(load, 30)
+        wait_restarted(replicated, 0, pid0)
+        time.sleep(1.0)                             # its connections are back up
+        wait_ok(load, 30)
+        pid1 = server_pids(replicated)[1]
+        os.kill(pid1, signal.SIGKILL)
+        wait_ok(load, 30)
+        wait_restarted(replicated, 1, pid1)
+        wait_ok(load, 30)
+    assert load.failures == [], load.failures[:5]
+    assert load.wrong == 0
+    assert "re-issued" in replicated.logs() or "is down" in replicated.logs()
+
+
+# --------------------------------------------------------------------------------------------- without replicas
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model, tmp_path_factory):
+    c = LocalCluster(tiny_model, tmp_path_factory.mktemp("single"), servers=2, engines=2)
+    yield c
+    c.stop()
+
+
+def test_without_replicas_a_killed_server_fails_requests_fast_and_serving_returns(single, reference):
+    with Load(single, reference, clients=3) as load:
+        wait_ok(load, 30)
+        pid = server_pids(single)[1]
+        os.kill(pid, signal.SIGKILL)
+        new_pid = wait_restarted(single, 1, pid)
+        restarted = time.monotonic()
+        # Serving is back, exact, within 3 s of the restart.
+        wait_ok(load, 20, timeout=3.0 + 20)
+        back = time.monotonic()
+    assert load.wrong == 0
+    assert load.failures, "requests in flight to the killed server must fail, not hang"
+    for _t0, seconds, message in load.failures:
+        assert seconds < 1.0, f"a failure took {seconds:.2f} s: {message}"
+        assert "embedding server 1" in message or "server 1" in message, message
+    last_failure = max(t0 + s for t0, s, _m in load.failures)
+    assert last_failure - restarted < 3.0 or back - restarted < 3.0, (last_failure - restarted)
+    assert new_pid != pid
+
+
+# --------------------------------------------------------------------------------------------- deadlines and the client
+
+
+def test_an_expired_request_is_dropped_by_the_slow_server_and_names_the_stage(single, reference):
+    gen = RequestGenerator(reference.spec, ids_per_bag=6, seed=5)
+    dense, sparse = gen.batch(8)
+    pid = server_pids(single)[0]
+    before = _server_counter(single, 0, "expired")
+    with InferenceClient(single.socket) as c:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(DeadlineExceeded) as err:
+                c.predict(dense, sparse, timeout_ms=150)
+            took = time.monotonic() - t0
+        finally:
+            time.sleep(0.3)
+            os.kill(pid, signal.SIGCONT)
+        assert "embedding server 0" in str(err.value), str(err.value)
+        assert took < 1.0
+        # The same client is correct afterwards: the late answer never surfaces.
+        for _ in range(5):
+            d, s = gen.batch(4)
+            np.testing.assert_allclose(c.predict(d, s), reference.predict(d, s), rtol=1e-5, atol=1e-6)
+    deadline = time.monotonic() + 5
+    while _server_counter(single, 0, "expired") <= before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _server_counter(single, 0, "expired") > before, "the server computed work whose deadline had passed"
+
+
+def _server_counter(cluster: LocalCluster, index: int, name: str) -> int:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "emrctl", "--instance", cluster.instance, "status", "--json"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    servers = json.loads(out.stdout)["servers"]
+    return int(servers[index].get(name, 0))
+
+
+def test_a_client_is_correct_after_its_own_timeout(single, reference):
+    gen = RequestGenerator(reference.spec, ids_per_bag=6, seed=9)
+    pid = server_pids(single)[1]
+    with InferenceClient(single.socket, timeout=0.3) as c:
+        dense, sparse = gen.batch(8)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(DeadlineExceeded):
+                c.predict(dense, sparse)          # no deadline sent: only the client's socket timeout
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        c.timeout = 20
+        for _ in range(5):
+            d, s = gen.batch(3)
+            np.testing.assert_allclose(c.predict(d, s), reference.predict(d, s), rtol=1e-5, atol=1e-6)
