@@ -6,7 +6,7 @@
     ablations.png    flexemr variants against flexemr: samples/s, p99, wire bytes
     mlperf.png       LoadGen Server probes: p99 against QPS, with the bound
 
-    python -m flexemr.bench.plots DIR      # re-draw from DIR/results.json
+    python -m flexemr_bench.plots DIR      # re-draw from DIR/results.json
 """
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def write_plots(results: dict, out: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m flexemr.bench.plots DIR", file=sys.stderr)
+        print("usage: python -m flexemr_bench.plots DIR", file=sys.stderr)
         return 2
     out = Path(args[0])
     print("\n".join(write_plots(json.loads((out / "results.json").read_text()), out)))

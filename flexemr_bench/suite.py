@@ -36,7 +36,7 @@ What a run does, in order:
                        this build's ``flexemrd local`` lacks is skipped with a
                        note in results.json.
 
-   The runners live in :mod:`flexemr.bench.systems`.
+   The runners live in :mod:`flexemr_bench.systems`.
 
    **How the in-process limit is driven.**  It has no socket, so the load
    generator's client process *is* the system: one process calls
@@ -78,7 +78,7 @@ What a run does, in order:
      redis, flexemr-rawrows).  ``client_cpu_s_per_sample`` is reported
      separately for every system (for socket systems it is the harness).
 
-5. **MLPerf LoadGen** (:mod:`flexemr.bench.mlperf`) drives flexemr's unix
+5. **MLPerf LoadGen** (:mod:`flexemr_bench.mlperf`) drives flexemr's unix
    socket in the Offline and Server scenarios and reports the highest Server
    QPS whose p99 stays under the stated bound.
 
@@ -109,7 +109,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from flexemr.bench.systems import (
+from flexemr_bench.systems import (
     FlexemrDaemon,
     InprocessSystem,
     RawRowsSystem,
@@ -655,7 +655,7 @@ def run_suite(suite: SuiteSpec | str, out: Path, zipf: float = 1.05, seed: int =
         results["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
         _write(out, results)
     try:
-        from flexemr.bench.plots import write_plots
+        from flexemr_bench.plots import write_plots
 
         results["plots"] = write_plots(results, out)
     except Exception as e:  # a plot must never lose the numbers
@@ -876,7 +876,7 @@ def _run_workload(spec: SuiteSpec, wl: ModelWorkload, out: Path, zipf: float, se
 
         # --- MLPerf LoadGen against flexemr's socket
         if do_mlperf and spec.mlperf_workload == wl.name and "flexemr" not in broken:
-            from flexemr.bench.mlperf import run_mlperf
+            from flexemr_bench.mlperf import run_mlperf
 
             mreq = make_requests(gen, spec.mlperf_batch, ids_per_sample, wl, max(spec.requests_per_set, 16))
             results["mlperf"] = run_mlperf(flexemr.sock, mreq, out / "mlperf", seconds=spec.mlperf_seconds,
@@ -1006,10 +1006,10 @@ def format_markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m flexemr.bench.suite DIR``: print the table of DIR/results.json again and rewrite summary.md."""
+    """``python -m flexemr_bench.suite DIR``: print the table of DIR/results.json again and rewrite summary.md."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m flexemr.bench.suite DIR", file=sys.stderr)
+        print("usage: python -m flexemr_bench.suite DIR", file=sys.stderr)
         return 2
     out = Path(args[0])
     results = json.loads((out / "results.json").read_text())

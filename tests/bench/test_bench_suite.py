@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexemr.bench import suite, systems
-from flexemr.bench.mlperf import _parse_summary
-from flexemr.bench.plots import write_plots
-from flexemr.bench.redis_store import encode_keys
+from flexemr_bench import suite, systems
+from flexemr_bench.mlperf import _parse_summary
+from flexemr_bench.plots import write_plots
+from flexemr_bench.redis_store import encode_keys
 
 REPO = Path(__file__).resolve().parents[2]
 needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
@@ -35,7 +35,7 @@ def test_resp_bulk_records():
 @needs_redis
 def test_redis_ranker_pools_what_the_tables_hold(tiny_model):
     """Sharded load + numpy MGET parsing give exactly the monolithic pooled vectors (all pooling modes)."""
-    from flexemr.bench.redis_store import RedisServer
+    from flexemr_bench.redis_store import RedisServer
     from flexemr.model.spec import load_spec
     from flexemr.model.tables import open_tables
     from flexemr.monolithic import MonolithicModel
