@@ -210,6 +210,15 @@ def test_only_daemon_py_imports_the_daemon():
     assert importers == {"daemon.py"}
 
 
+@pytest.mark.parametrize("module", ["suite", "plots", "ranker", "netlayer", "cache", "dataplane", "mlperf"])
+def test_every_benchmark_answers_help(module):
+    """The commands README.md and docs/PERFORMANCE.md give (python -m flexemr_bench.<module>) exist and start."""
+    proc = subprocess.run([sys.executable, "-m", f"flexemr_bench.{module}", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"python -m flexemr_bench.{module}" in proc.stdout
+
+
 def _bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict, Path, float]:
     """Run ``emrctl bench --suite smoke`` in a fresh process (its children fork; see suite's docstring)."""
     import psutil
