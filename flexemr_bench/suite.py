@@ -113,6 +113,8 @@ import time
 from pathlib import Path
 from typing import IO, Any, Sequence
 
+# measure, run_clients, check_answers, ratios, validate_results, machine_info, format_markdown, ABLATIONS,
+# SUITES, ...: re-exported, the public names of this module before the split (see __all__).
 from flexemr_bench.driver import SystemSet, check_answers, measure, run_clients
 from flexemr_bench.inputs import prepare_model, request_generator, request_sets
 from flexemr_bench.phases import (
