@@ -7,7 +7,7 @@ in-process model) and stops it by pid, drives it, writes ``DIR/results.json``
 and PNG plots, and prints a table.  ``quick`` takes under 5 minutes on a
 2-core machine, ``full`` under 45; ``smoke`` (the tiny model, 1-second
 cells) checks the machinery in about a minute.  What is measured and how:
-:mod:`flexemr.bench.suite`.  No daemon instance is needed (``--instance``
+:mod:`flexemr_bench.suite`.  No daemon instance is needed (``--instance``
 is ignored).  Imported only when invoked (emrctl's LAZY_COMMANDS), so
 ``emrctl status`` never pays for numpy or torch.
 """
@@ -36,7 +36,7 @@ import click
 def bench(suite_name: str, out_dir: Path, zipf: float, seed: int, seconds: float | None, workloads: tuple[str, ...],
           no_mlperf: bool, no_ablations: bool) -> None:
     """Benchmark flexemr side by side with the in-process limit and a Redis store."""
-    from flexemr.bench.suite import BenchInterrupted, Progress, format_table, run_suite
+    from flexemr_bench.suite import BenchInterrupted, Progress, format_table, run_suite
 
     parts = ["emrctl", "bench", "--suite", suite_name, "--out", str(out_dir)]
     if zipf != 1.05:

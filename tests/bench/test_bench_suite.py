@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexemr.bench import suite, systems
-from flexemr.bench.mlperf import _parse_summary
-from flexemr.bench.plots import write_plots
-from flexemr.bench.redis_store import encode_keys
+from flexemr_bench import report, suite, systems, workloads
+from flexemr_bench.mlperf import _parse_summary
+from flexemr_bench.plots import write_plots
+from flexemr_bench.redis_store import encode_keys
 
 REPO = Path(__file__).resolve().parents[2]
 needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
@@ -35,7 +35,7 @@ def test_resp_bulk_records():
 @needs_redis
 def test_redis_ranker_pools_what_the_tables_hold(tiny_model):
     """Sharded load + numpy MGET parsing give exactly the monolithic pooled vectors (all pooling modes)."""
-    from flexemr.bench.redis_store import RedisServer
+    from flexemr_bench.redis_store import RedisServer
     from flexemr.model.spec import load_spec
     from flexemr.model.tables import open_tables
     from flexemr.monolithic import MonolithicModel
@@ -81,7 +81,7 @@ def _results() -> dict:
               "failed": {"flexemr-inband": "RemoteError: boom"}}
     cells = [*closed, opened]
     for c in cells:
-        c["ratios"] = suite.ratios(c["systems"])
+        c["ratios"] = report.ratios(c["systems"])
     return {"workloads": cells, "models": {"m": {"tables": 4, "rows_per_table": 5000, "dims": [16],
                                                   "ids_per_bag": 8}},
             "mlperf": {"system": "flexemr", "workload": "m", "batch": 64, "offline": {"qps": 100.0},
@@ -94,7 +94,7 @@ def _results() -> dict:
 def test_ratios_against_each_baseline_and_flexemr():
     systems = {"flexemr": _row(300, 10), "inprocess": _row(600, 5, 0.0), "redis": _row(100, 40),
                "flexemr-shared": _row(150, 20)}
-    r = suite.ratios(systems)
+    r = report.ratios(systems)
     assert r["flexemr/inprocess"]["samples_per_s"] == 0.5
     assert r["flexemr/redis"]["samples_per_s"] == 3.0
     assert r["flexemr/redis"]["p99_ms"] == 0.25
@@ -105,18 +105,18 @@ def test_ratios_against_each_baseline_and_flexemr():
 
 def test_schema_validation_names_what_is_missing():
     res = _results()
-    assert suite.validate_results(res) == []
+    assert report.validate_results(res) == []
     del res["workloads"][0]["systems"]["redis"]
     res["workloads"][1]["systems"]["flexemr"]["p99_ms"] = None
-    problems = suite.validate_results(res)
+    problems = report.validate_results(res)
     assert any("m-b64-closed" in p and "redis missing" in p for p in problems)
     assert any("systems.flexemr.p99_ms" in p for p in problems)
-    assert suite.validate_results({}) == ["workloads: missing or not a non-empty list"]
+    assert report.validate_results({}) == ["workloads: missing or not a non-empty list"]
 
 
 def test_table_and_plots_from_results(tmp_path):
     res = _results()
-    table = suite.format_table(res)
+    table = report.format_table(res)
     assert "m-b512-closed" in table and "flexemr-shared" in table
     assert "FAILED: RemoteError: boom" in table
     assert "p99 4.00" in table                 # open loop: flexemr's p99 against inprocess
@@ -162,12 +162,61 @@ def test_loadgen_summary_parsing(tmp_path):
 
 def test_ablation_flags_are_checked_against_the_daemon_help():
     help_text = "  --mapping [owned|shared]\n  --credits [priority|inband|off]\n"
-    by_name = {a.name: a for a in suite.ABLATIONS}
-    assert suite._ablation_supported(by_name["flexemr-shared"], help_text) is None
-    assert "no --cache-policy" in suite._ablation_supported(by_name["flexemr-cache-fixed"], help_text)
-    assert "does not accept 'inband'" in suite._ablation_supported(
+    by_name = {a.name: a for a in workloads.ABLATIONS}
+    assert workloads.ablation_unsupported(by_name["flexemr-shared"], help_text) is None
+    assert "no --cache-policy" in workloads.ablation_unsupported(by_name["flexemr-cache-fixed"], help_text)
+    assert "does not accept 'inband'" in workloads.ablation_unsupported(
         by_name["flexemr-inband"], "  --credits [priority|off]\n")
-    assert suite._ablation_supported(by_name["flexemr-rawrows"], "") is None   # needs no daemon flag
+    assert workloads.ablation_unsupported(by_name["flexemr-rawrows"], "") is None   # needs no daemon flag
+
+
+def test_open_loop_cells_and_their_windows():
+    """Which open-loop cells a run makes, at what load, and how long each system is driven there."""
+    spec = workloads.SUITES["smoke"]     # levels 0.5 of the slowest and of flexemr; 1 s cells, 20 arrivals, x1.5
+    wl = spec.workloads[0]
+    loads = workloads.open_loop_loads(spec, {"flexemr": 4000.0, "inprocess": 8000.0, "redis": 1000.0})
+    assert [ld.cell_name(wl) for ld in loads] == ["tiny-b64-open50", "tiny-b64-open50-flexemr"]
+    assert [ld.offered_samples_per_s for ld in loads] == [500.0, 2000.0]
+    assert workloads.open_loop_loads(spec, {}) == []     # every closed-loop measurement failed: no open loop
+    # carried load: the base duration, stretched towards 20 arrivals, at most 1.5 times
+    assert workloads.open_loop_seconds(spec, rate=2000 / 64, offered=2000, cap=4000) == (1.0, False)
+    assert workloads.open_loop_seconds(spec, rate=5.0, offered=320, cap=None) == (1.5, False)
+    # a baseline below the offered load: saturated, driven for the same amount of work it can do
+    assert workloads.open_loop_seconds(spec, rate=2000 / 64, offered=2000, cap=1500) == (0.75, True)
+
+
+def test_ablations_wanted_and_skipped_per_workload():
+    quick = workloads.SUITES["quick"]
+    rmc1, rmc2 = quick.workloads[0], quick.workloads[1]
+    help_text = "  --mapping [owned|shared]\n  --credits [priority|inband|off]\n  --engines INTEGER\n"
+    wanted, skipped = workloads.wanted_ablations(quick, rmc1, help_text)
+    assert [a.name for a in wanted] == ["flexemr-rawrows", "flexemr-shared", "flexemr-1engine", "flexemr-inband"]
+    assert set(skipped) == {"flexemr-cache-fixed", "flexemr-cache-adaptive"}
+    assert "no --cache-policy" in skipped["flexemr-cache-fixed"]
+    assert workloads.wanted_ablations(quick, rmc2, help_text) == ([], {})   # ablations run on rmc1 only
+
+
+def test_only_daemon_py_imports_the_daemon():
+    """flexemr_bench reaches flexemrd through one module, so a move inside the daemon is a one-file change."""
+    import ast
+
+    importers = set()
+    for path in sorted((REPO / "flexemr_bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n == "flexemrd" or n.startswith("flexemrd.") for n in names):
+                importers.add(path.name)
+    assert importers == {"daemon.py"}
+
+
+@pytest.mark.parametrize("module", ["suite", "plots", "ranker", "netlayer", "cache", "dataplane", "mlperf"])
+def test_every_benchmark_answers_help(module):
+    """The commands README.md and docs/PERFORMANCE.md give (python -m flexemr_bench.<module>) exist and start."""
+    proc = subprocess.run([sys.executable, "-m", f"flexemr_bench.{module}", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"python -m flexemr_bench.{module}" in proc.stdout
 
 
 def _bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict, Path, float]:
@@ -197,7 +246,7 @@ def _bench(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dic
 def test_bench_starts_measures_and_stops_everything(tmp_path):
     """The real thing, smallest: daemon, redis-servers and clients start, are measured and are all stopped."""
     proc, res, out, took = _bench(tmp_path, "--seconds", "0.5", "--no-mlperf", "--no-ablations")
-    assert suite.validate_results(res) == []
+    assert report.validate_results(res) == []
     assert [c["name"] for c in res["workloads"]] == ["tiny-b64-closed", "tiny-b256-closed", "tiny-b64-open50",
                                                     "tiny-b64-open50-flexemr"]
     for c in res["workloads"]:
@@ -218,7 +267,7 @@ def test_bench_starts_measures_and_stops_everything(tmp_path):
 @needs_redis
 def test_smoke_suite_with_ablation_and_loadgen(tmp_path):
     proc, res, out, took = _bench(tmp_path)
-    assert suite.validate_results(res) == []
+    assert report.validate_results(res) == []
     assert "flexemr-rawrows" in res["workloads"][0]["systems"]
     raw, pooled = res["workloads"][0]["systems"]["flexemr-rawrows"], res["workloads"][0]["systems"]["flexemr"]
     assert raw["errors"] == 0 and raw["wire_bytes_per_sample"] > 0

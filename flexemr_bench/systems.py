@@ -10,7 +10,7 @@
 A system's ``make_call()`` returns a factory that runs in each forked client
 process and returns ``call(dense, sparse) -> scores``.  Resident systems
 (``resident = True``) do their work inside those client processes, so their
-CPU is counted there.  See :mod:`flexemr.bench.suite` for how they are
+CPU is counted there.  See :mod:`flexemr_bench.suite` for how they are
 driven and measured.
 """
 
@@ -285,7 +285,7 @@ class RedisSystem(System):
 
     ``shards`` redis-servers (as many as flexemr has embedding servers), row
     ``r`` of every table on shard ``r % shards``, keys as in
-    :mod:`flexemr.bench.redis_store`.  The client is :class:`RedisRanker`.
+    :mod:`flexemr_bench.redis_store`.  The client is :class:`RedisRanker`.
     """
 
     name = "redis"
@@ -298,7 +298,7 @@ class RedisSystem(System):
         self.servers: list = []
 
     def launch(self) -> None:
-        from flexemr.bench.redis_store import RedisServer
+        from flexemr_bench.redis_store import RedisServer
 
         for _ in range(self.n_shards):
             self.servers.append(RedisServer())
@@ -354,7 +354,7 @@ class RedisSystem(System):
 
 
 def key_bytes(table: int, rows: np.ndarray) -> np.ndarray:
-    """uint8 [n, 5]: the keys of :func:`flexemr.bench.redis_store.encode_keys`, as an array."""
+    """uint8 [n, 5]: the keys of :func:`flexemr_bench.redis_store.encode_keys`, as an array."""
     r = rows.astype(np.uint32, copy=False)
     k = np.empty((len(r), 5), dtype=np.uint8)
     k[:, 0] = 0x80 | table
@@ -423,7 +423,7 @@ class RedisRanker:
 
     def load(self, tables: dict[str, np.ndarray], chunk: int = 65536) -> None:
         """MSET every row (set-up, not timed)."""
-        from flexemr.bench.redis_store import MAX_ROWS
+        from flexemr_bench.redis_store import MAX_ROWS
 
         if len(self.spec.tables) > 128:
             raise ValueError(f"{len(self.spec.tables)} tables: the key format holds at most 128")

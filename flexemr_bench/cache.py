@@ -1,6 +1,6 @@
 """Cache benchmark (FlexEMR 3.1.1, the paper's Figure 7), one run:
 
-    python -m flexemr.bench.cache --out bench-out/cache [--budget 192MiB] [--rows-cap 200000]
+    python -m flexemr_bench.cache --out bench-out/cache [--budget 192MiB] [--rows-cap 200000]
 
 The ranker's memory budget is shared by the NN and the cache.  For fixed
 caches of increasing size, the largest batch that still fits next to the
@@ -56,7 +56,7 @@ class Path_:
     def run_batch(self, dense: np.ndarray, sparse: dict) -> np.ndarray:
         import torch.nn.functional as F
 
-        from flexemrd.batching import Accumulator
+        from flexemr_bench.daemon import Accumulator
 
         torch = self.torch
         pooled = []
@@ -113,7 +113,7 @@ def _run(path: Path_, batches: list[int], seed: int, zipf: float, warm: int) -> 
 
 
 def run(out: Path, budget: int, rows_cap: int, zipf: float, samples_per_point: int, admission: str) -> dict:
-    from flexemr.bench.ranker import ensure_model
+    from flexemr_bench.ranker import ensure_model
     from flexemr.cache.memory_model import estimate_nn_peak_bytes, max_batch_that_fits, weights_bytes
     from flexemr.cache.policy import AdaptivePolicy, CachePolicy, LoadMonitor
     from flexemr.model.spec import load_spec
@@ -219,7 +219,7 @@ def _plot(res: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     from flexemr.config import parse_size
 
-    ap = argparse.ArgumentParser(prog="python -m flexemr.bench.cache", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m flexemr_bench.cache", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench-out/cache"))
     ap.add_argument("--budget", default="192MiB")
     ap.add_argument("--rows-cap", type=int, default=200_000)

@@ -3,7 +3,7 @@
 Rows live in a redis-server as binary values (float32 bytes), one key per
 (table, row).  The client that looks them up as fast as the protocol allows
 (de-duplicated ids, numpy-built MGETs, pooling on the ranker) is
-:class:`flexemr.bench.systems.RedisRanker`.
+:class:`flexemr_bench.systems.RedisRanker`.
 
 Keys are 5 bytes without a zero byte (so numpy's fixed-width bytes views are
 exact): ``0x80|table`` then the row in four 7-bit groups with the high bit set.

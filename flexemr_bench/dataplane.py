@@ -1,6 +1,6 @@
 """Data-plane micro-benchmark: one embedding server over loopback TCP vs embedding_bag in process.
 
-    python -m flexemr.bench.dataplane --out bench-out/dataplane [--rows-cap 100000] [--batch 2048] [--seconds 10]
+    python -m flexemr_bench.dataplane --out bench-out/dataplane [--rows-cap 100000] [--batch 2048] [--seconds 10]
                                       [--threads 1,2] [--reps 10] [--credits priority|off]
 
 Workload: the rmc2 shape (32 tables x 500k rows x 64 dims, capped at
@@ -13,8 +13,9 @@ Side by side, in one run, at each torch intra-op thread count of ``--threads``
 (default: 1, the daemon's ``[embedding].threads``, and every cpu), the same
 count for both systems:
 
-(a) server   ONE embedding server process (the daemon's own entry,
-             ``flexemrd.roles.embedding_main``) holding every table; this process
+(a) server   ONE embedding server process (the daemon's own entry
+             ``embedding_main``, from :mod:`flexemr_bench.daemon`) holding
+             every table; this process
              sends a LOOKUP frame for the whole batch (all tables) and waits for
              the LOOKUP_RESP, keeping 2 requests in flight to hide the round trip
              (a sender and a receiver thread, so a large request and a large
@@ -130,7 +131,7 @@ class ServerProcess:
     def __init__(self, model: Path, threads: int, log: Path) -> None:
         self._log = open(log, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "flexemr.bench.dataplane", "--serve", str(model), "--threads", str(threads)],
+            [sys.executable, "-m", "flexemr_bench.dataplane", "--serve", str(model), "--threads", str(threads)],
             stdout=subprocess.PIPE, stderr=self._log, text=True,
         )
         port_line, ready = self.proc.stdout.readline(), self.proc.stdout.readline()
@@ -158,8 +159,7 @@ def _serve(model: str, threads: int) -> None:
     """Child: the daemon's embedding entry on a loopback port; prints PORT then READY."""
     from flexemr.model.spec import load_spec
     from flexemr.routing.table import RoutingTable
-    from flexemrd.roles import EmbeddingPlan, embedding_main
-    from flexemrd.supervisor import ReadyPipe
+    from flexemr_bench.daemon import EmbeddingPlan, ReadyPipe, embedding_main
 
     spec = load_spec(model)
     routing = RoutingTable.build(spec, 1, "tables")
@@ -524,7 +524,7 @@ def run(out: Path, rows_cap: int, batch: int, seconds: float, threads: list[int]
     wire["partial_1_server"]["measured_by_server_per_sample"] = runs[-1]["wire_measured_by_server_per_sample"]
     results = {
         "benchmark": "dataplane",
-        "command": " ".join(["python -m flexemr.bench.dataplane", "--out", str(out), "--rows-cap", str(rows_cap),
+        "command": " ".join(["python -m flexemr_bench.dataplane", "--out", str(out), "--rows-cap", str(rows_cap),
                              "--batch", str(batch), "--seconds", f"{seconds:g}", "--threads",
                              ",".join(map(str, threads)), "--reps", str(reps), "--credits", credits]),
         "workload": {"preset": PRESET, "tables": T, "rows_per_table": spec.tables[0].rows, "dim": spec.tables[0].dim,
@@ -602,7 +602,7 @@ def _plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flexemr.bench.dataplane", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m flexemr_bench.dataplane", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, help="output directory (model, dataplane.json, dataplane.png)")
     p.add_argument("--rows-cap", type=int, default=100_000, help="rows per table (rmc2 has 500k)")
     p.add_argument("--batch", type=int, default=2048)

@@ -6,7 +6,7 @@
     ablations.png    flexemr variants against flexemr: samples/s, p99, wire bytes
     mlperf.png       LoadGen Server probes: p99 against QPS, with the bound
 
-    python -m flexemr.bench.plots DIR      # re-draw from DIR/results.json
+    python -m flexemr_bench.plots DIR      # re-draw from DIR/results.json
 """
 
 from __future__ import annotations
@@ -245,11 +245,19 @@ def write_plots(results: dict, out: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m flexemr_bench.plots DIR``: draw the PNGs of DIR/results.json again."""
     args = sys.argv[1:] if argv is None else argv
+    usage = "usage: python -m flexemr_bench.plots DIR"
+    if args in (["-h"], ["--help"]):
+        print(f"{usage}\n\n{main.__doc__}")
+        return 0
     if len(args) != 1:
-        print("usage: python -m flexemr.bench.plots DIR", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     out = Path(args[0])
+    if not (out / "results.json").is_file():
+        print(f"{out / 'results.json'}: no such file", file=sys.stderr)
+        return 2
     print("\n".join(write_plots(json.loads((out / "results.json").read_text()), out)))
     return 0
 

@@ -1,6 +1,6 @@
 """Network-layer benchmark (FlexEMR 3.2), one run, side by side:
 
-    python -m flexemr.bench.netlayer --out bench-out/netlayer [--seconds 6]
+    python -m flexemr_bench.netlayer --out bench-out/netlayer [--seconds 6]
 
 1. Engine mapping with 2 engines: "owned" (each connection belongs to one
    engine, no locks) vs "shared" (every engine sends on every connection under
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flexemr.bench.ranker import Daemon
+from flexemr_bench.ranker import Daemon
 from flexemr.loadgen import run_load, socket_caller
 from flexemr.wire import codec
 from flexemr.wire.frame import FrameType, pack_header
@@ -67,7 +67,7 @@ def _migrate(instance: str, conn: int, to: int) -> None:
 
 
 def run(out: Path, rows_cap: int, seconds: float, clients: int, batch: int) -> dict:
-    from flexemr.bench.ranker import ensure_model
+    from flexemr_bench.ranker import ensure_model
     from flexemr.model.spec import load_spec
     from flexemr.reqgen import RequestGenerator
 
@@ -185,7 +185,7 @@ def _plot(res: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flexemr.bench.netlayer", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m flexemr_bench.netlayer", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench-out/netlayer"))
     ap.add_argument("--rows-cap", type=int, default=100_000)
     ap.add_argument("--seconds", type=float, default=6.0)

@@ -1,6 +1,6 @@
 """Ranker benchmark: ``flexemrd local`` against the monolithic layout, same front end, one run.
 
-    python -m flexemr.bench.ranker --out bench-out/ranker [--rows-cap 250000] [--seconds 6] [--reps 3]
+    python -m flexemr_bench.ranker --out bench-out/ranker [--rows-cap 250000] [--seconds 6] [--reps 3]
 
 Workload (the ranker issue's): batches of 2048 samples, 8 tables x 64 dims,
 20 ids per bag, Zipf ids (s = 1.05) scattered over the rows by a permutation.
@@ -249,7 +249,7 @@ def _plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flexemr.bench.ranker", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m flexemr_bench.ranker", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench-out/ranker"))
     ap.add_argument("--rows-cap", type=int, default=250_000)
     ap.add_argument("--seconds", type=float, default=6.0)

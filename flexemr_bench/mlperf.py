@@ -20,7 +20,7 @@ released, so threads suffice.
   do not satisfy LoadGen's early-stopping statistics, so its VALID/INVALID
   verdict is recorded but not required.
 
-    python -m flexemr.bench.mlperf --socket /tmp/r.sock --model DIR [--batch 256] [--bound-ms 50]
+    python -m flexemr_bench.mlperf --socket /tmp/r.sock --model DIR [--batch 256] [--bound-ms 50]
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     from flexemr.model.spec import load_spec
     from flexemr.reqgen import RequestGenerator
 
-    ap = argparse.ArgumentParser(prog="python -m flexemr.bench.mlperf", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m flexemr_bench.mlperf", description=main.__doc__)
     ap.add_argument("--socket", required=True)
     ap.add_argument("--model", required=True)
     ap.add_argument("--batch", type=int, default=256)
