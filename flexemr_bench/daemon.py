@@ -3,10 +3,7 @@
 The benchmarks run the daemon's own code paths so that what they measure is
 what serves: the global-pooling combine (:mod:`flexemr_bench.cache`) and the
 embedding server's entry (:mod:`flexemr_bench.dataplane`).  They reach them
-through here alone, so a move inside the daemon is a one-line change below
-(issue 9 renames them to ``flexemr.routing.combine.Accumulator``,
-``flexemrd.embedding.main.EmbeddingPlan`` / ``embedding_main`` and
-``flexemrd.process.ReadyPipe``).
+through here alone, so a move inside the daemon is a one-line change below.
 
 Callers import this module lazily, inside the function that needs it, so a
 benchmark's parent process pays for none of it unless it uses it.
@@ -14,7 +11,7 @@ benchmark's parent process pays for none of it unless it uses it.
 
 from __future__ import annotations
 
-from flexemrd.batching import Accumulator
+from flexemr.routing.combine import Accumulator
 from flexemrd.roles import EmbeddingPlan, embedding_main
 from flexemrd.supervisor import ReadyPipe
 
