@@ -26,7 +26,7 @@ from flexemr.logs import setup_logging
 from flexemr.model.spec import ModelSpec
 from flexemr.routing.table import RoutingTable
 
-from flexemrd.supervisor import ReadyPipe
+from flexemrd.process import ReadyPipe
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def engine_main(plan: RankerPlan, engine_id: int, ready: ReadyPipe, publish=None
     engine = Engine(engine_id, plan.instance, transport, sub, comp, plan.connections, owned, publish=publish,
                     credits=r.credits, credits_per_connection=r.credits_per_connection, token=plan.token,
                     expected_shards=expected, shared_locks=locks, n_engines=plan.engines)
-    from flexemrd.procutil import TermFlag
+    from flexemrd.process import TermFlag
 
     term = TermFlag()
     threading.Thread(target=lambda: (term.wait(), engine.stop.set()), name="term", daemon=True).start()
@@ -215,7 +215,7 @@ def inference_main(plan: RankerPlan, ready: ReadyPipe, hooks=None) -> None:
     )
     if hooks is not None:
         hooks(svc)
-    from flexemrd.procutil import TermFlag
+    from flexemrd.process import TermFlag
 
     term = TermFlag()
     listener = bind_unix_socket(plan.socket_path, r.socket_mode)

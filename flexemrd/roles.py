@@ -17,13 +17,13 @@ from flexemr.logs import setup_logging
 from flexemr.model.spec import ModelSpec
 from flexemr.routing.table import RoutingTable, Shard
 
-from flexemrd.supervisor import ReadyPipe
+from flexemrd.process import ReadyPipe
 
 logger = logging.getLogger(__name__)
 
 
 def _stop_event_on_term() -> threading.Event:
-    from flexemrd.procutil import TermFlag
+    from flexemrd.process import TermFlag
 
     return TermFlag().event()
 

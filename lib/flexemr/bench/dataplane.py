@@ -159,7 +159,7 @@ def _serve(model: str, threads: int) -> None:
     from flexemr.model.spec import load_spec
     from flexemr.routing.table import RoutingTable
     from flexemrd.roles import EmbeddingPlan, embedding_main
-    from flexemrd.supervisor import ReadyPipe
+    from flexemrd.process import ReadyPipe
 
     spec = load_spec(model)
     routing = RoutingTable.build(spec, 1, "tables")
