@@ -119,7 +119,9 @@ class InferenceService:
         inband_credits: bool = False,
         shared_mapping: bool = False,
         local_pooler=None,
+        heartbeat: Callable[[], None] | None = None,
     ) -> None:
+        self.heartbeat = heartbeat or (lambda: None)  # ReadyPipe.beat: the supervisor's liveness check
         self.local_pooler = local_pooler
         self.inband_credits = inband_credits
         # "shared" mapping: subrequests go to engines in turn, whoever owns the
@@ -296,6 +298,7 @@ class InferenceService:
             try:
                 first = self.queue.get(timeout=0.05)
             except queue.Empty:
+                self.heartbeat()  # the batcher is the only loop without engines (local pooling)
                 self._run_control_hooks()
                 continue
             if first is None:
@@ -326,6 +329,7 @@ class InferenceService:
 
     def _batcher(self) -> None:
         while True:
+            self.heartbeat()
             works = self._next_batch()
             if works is None:
                 return
@@ -432,6 +436,7 @@ class InferenceService:
     def _completion(self) -> None:
         last_check = time.monotonic()
         while not self.stop.is_set():
+            self.heartbeat()
             self.doorbell.wait(0.2)
             for ring in self.comp:
                 while True:

@@ -161,7 +161,8 @@ def engine_main(plan: RankerPlan, engine_id: int, ready: ReadyPipe, publish=None
     r = plan.cfg.ranker
     engine = Engine(engine_id, plan.instance, transport, sub, comp, plan.connections, owned, publish=publish,
                     credits=r.credits, credits_per_connection=r.credits_per_connection, token=plan.token,
-                    expected_shards=expected, shared_locks=locks, n_engines=plan.engines)
+                    expected_shards=expected, shared_locks=locks, n_engines=plan.engines,
+                    heartbeat=ready.beat)
     from flexemrd.process import TermFlag
 
     term = TermFlag()
@@ -211,7 +212,7 @@ def inference_main(plan: RankerPlan, ready: ReadyPipe, hooks=None) -> None:
         dense_model=model, device=device, max_batch=r.max_batch, max_wait_s=r.max_wait_ms / 1e3,
         max_inflight=r.max_inflight_batches, max_request_bytes=r.max_request_bytes,
         inband_credits=r.credits == "inband", shared_mapping=plan.shared, local_pooler=local_pooler,
-        cache=cache,
+        cache=cache, heartbeat=ready.beat,
     )
     if hooks is not None:
         hooks(svc)
