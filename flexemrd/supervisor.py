@@ -45,7 +45,7 @@ import signal
 import sys
 import time
 import traceback
-from typing import Callable
+from typing import Any, Callable
 
 from flexemrd.process import HeartbeatFile, ReadyPipe, die_with_parent, pin_to_cpu, sd_notify, set_process_name
 
@@ -137,7 +137,7 @@ class Supervisor:
         self.started = time.monotonic()
         self._wake_r = self._wake_w = -1
         self._old_wakeup = -1
-        self._old_handlers: dict[int, object] = {}
+        self._old_handlers: dict[int, Any] = {}     # what run() replaced: put back when it returns
 
     # ------------------------------------------------------------ children
 
@@ -153,10 +153,13 @@ class Supervisor:
         child.heartbeat = HeartbeatFile(child.name)
         r, w = os.pipe()
         pid = os.fork()
-        if pid == 0:  # the child
-            os.close(r)
-            code = _run_child(child, ReadyPipe(w, child.heartbeat.fd), self.shared_fds, tuple(ours))
-            os._exit(code)
+        if pid == 0:  # the child: never return into the supervisor's loop, whatever happens
+            code = 1
+            try:
+                os.close(r)
+                code = _run_child(child, ReadyPipe(w, child.heartbeat.fd), self.shared_fds, tuple(ours))
+            finally:
+                os._exit(code)
         os.close(w)
         os.set_blocking(r, False)
         now = time.monotonic()
@@ -183,7 +186,8 @@ class Supervisor:
     def _read_boot(self, c: ChildSpec, exited: bool = False) -> str | None:
         """Non-blocking read of ``c``'s pipe; returns a boot error message, or None."""
         boot = c.boot
-        assert boot is not None
+        if boot is None:
+            return None
         while True:
             try:
                 chunk = os.read(boot.fd, 8192)
