@@ -96,6 +96,15 @@ class ChildSpec:
     def booting(self) -> bool:
         return self.boot is not None
 
+    @property
+    def state(self) -> str:
+        """For status (the control block's EngineState names): starting, ready, stopping, restarting, dead."""
+        if self.stopping:
+            return "stopping"
+        if self.pid == 0:
+            return "restarting" if self.restart_at else "dead"
+        return "starting" if self.boot is not None else "ready"
+
 
 class Supervisor:
     """The main loop of one host: children, signals, restarts, liveness.

@@ -125,6 +125,7 @@ def test_a_slow_restart_does_not_stop_the_loop_from_ticking(tmp_path):
 
     pids: list[int] = []
     ticks: list[tuple[float, bool]] = []   # (when, the child was booting)
+    states: list[str] = []
 
     def on_ready(sup):
         pids.append(sup.children[0].pid)
@@ -133,6 +134,8 @@ def test_a_slow_restart_does_not_stop_the_loop_from_ticking(tmp_path):
     def tick(sup):
         c = sup.children[0]
         ticks.append((time.monotonic(), c.booting))
+        if not states or states[-1] != c.state:
+            states.append(c.state)
         if c.pid and c.ready and c.pid not in pids:
             pids.append(c.pid)
             os.kill(os.getpid(), signal.SIGTERM)
@@ -145,6 +148,7 @@ def test_a_slow_restart_does_not_stop_the_loop_from_ticking(tmp_path):
     gaps = np.diff([t for t, _ in ticks])
     assert gaps.max() < 1.0, f"the loop stalled for {gaps.max():.1f} s during the restart"
     assert len(booting) > 15
+    assert states == ["ready", "restarting", "starting", "ready"], "what emrctl status can show, in order"
 
 
 @pytest.mark.parametrize("how", ["stops-beating", "sigstop"])
