@@ -13,6 +13,6 @@ from __future__ import annotations
 
 from flexemr.routing.combine import Accumulator
 from flexemrd.roles import EmbeddingPlan, embedding_main
-from flexemrd.supervisor import ReadyPipe
+from flexemrd.process import ReadyPipe
 
 __all__ = ["Accumulator", "EmbeddingPlan", "ReadyPipe", "embedding_main"]

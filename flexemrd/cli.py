@@ -68,17 +68,21 @@ def run(config_path: str) -> None:
 @click.option("--torch-threads", default=None, type=click.IntRange(0, 256),
               help="Ranker NN threads. Default: 1 when embedding servers share this host (OpenMP teams stall "
                    "when another process takes their core), else all cores.")
+@click.option("--heartbeat-timeout", "heartbeat_timeout_s", default=10.0, show_default=True,
+              type=click.FloatRange(min=0.0), help="Seconds a worker may miss its heartbeat before it is killed "
+                                                   "and restarted; 0 = never.")
 @click.option("--log-level", default="info", show_default=True)
 def local(model_dir, n_servers, engines, socket_path, instance, routing, replicas, hedging, request_timeout_s, max_batch, max_wait_ms, cache_policy,
           cache_size, cache_budget, cache_margin, mapping, credits, rebalance, metrics_port, server_threads, torch_threads,
-          log_level) -> None:
+          heartbeat_timeout_s, log_level) -> None:
     """Run a whole cluster on this host: N embedding servers and one ranker, TCP on loopback."""
     from flexemrd.hosts import build_local
 
     try:
         cfg = parse_config(
             {
-                "daemon": {"role": "ranker", "instance": instance, "model": model_dir, "log_level": log_level},
+                "daemon": {"role": "ranker", "instance": instance, "model": model_dir, "log_level": log_level,
+                           "heartbeat_timeout_s": heartbeat_timeout_s},
                 "ranker": {"socket": socket_path, "engines": engines, "routing": routing, "max_batch": max_batch,
                            "replicas": replicas, "hedging": hedging, "request_timeout_s": request_timeout_s,
                            "max_wait_ms": max_wait_ms, "mapping": mapping, "credits": credits,

@@ -253,12 +253,15 @@ class EmbeddingServer:
         self._credit_lat = collections.deque(maxlen=8192)
         self.stats = {k: 0 for k in codec.SERVER_STATS}
 
-    def serve_forever(self, on_ready: Callable[[], None] | None = None) -> None:
+    def serve_forever(self, on_ready: Callable[[], None] | None = None,
+                      heartbeat: Callable[[], None] | None = None) -> None:
         self.sock.settimeout(0.2)
         if on_ready:
             on_ready()
         logger.info("serving %d shards on %s:%d", len(self.store.shards), *self.address)
         while not self._stop.is_set():
+            if heartbeat is not None:
+                heartbeat()  # ReadyPipe.beat: the supervisor's liveness check
             try:
                 conn, peer = self.sock.accept()
             except TimeoutError:

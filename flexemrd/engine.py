@@ -93,7 +93,9 @@ class Engine:
         expected_shards: dict[int, list[tuple[int, int, int, int]]] | None = None,
         shared_locks: dict[int, object] | None = None,
         n_engines: int = 1,
+        heartbeat: Callable[[], None] | None = None,
     ) -> None:
+        self.heartbeat = heartbeat or (lambda: None)  # ReadyPipe.beat: the supervisor's liveness check
         # "shared" mapping (the contention FlexEMR removes, kept for comparison):
         # every engine may send on every connection under a cross-process lock.
         self.shared_locks = shared_locks
@@ -412,6 +414,7 @@ class Engine:
 
     def _receiver(self) -> None:
         while not self.stop.is_set():
+            self.heartbeat()
             events = self._sel.select(timeout=0.2)
             for key, _ in events:
                 if key.data is None:
@@ -450,6 +453,7 @@ class Engine:
         slot = None
         while slot is None:
             slot = self.comp.reserve(size, timeout=0.5)
+            self.heartbeat()  # waiting on a full ring is not a hang of ours
             if slot is None and self.stop.is_set():
                 return
         em.PREFIX.pack_into(slot, 0, conn.conn_id, 0)

@@ -33,8 +33,9 @@ def engine_main(plan: RankerPlan, engine_id: int, ready, publish=None) -> None:
     r = plan.cfg.ranker
     engine = Engine(engine_id, plan.instance, transport, sub, comp, plan.connections, owned, publish=publish,
                     credits=r.credits, credits_per_connection=r.credits_per_connection, token=plan.token,
-                    expected_shards=expected, shared_locks=locks, n_engines=plan.engines)
-    from flexemrd.procutil import TermFlag
+                    expected_shards=expected, shared_locks=locks, n_engines=plan.engines,
+                    heartbeat=ready.beat)
+    from flexemrd.process import TermFlag
 
     term = TermFlag()
     threading.Thread(target=lambda: (term.wait(), engine.stop.set()), name="term", daemon=True).start()

@@ -61,6 +61,7 @@ def build_embedding(cfg: Config) -> Supervisor:
     listener = _listen(cfg.embedding.listen)
     children = _embedding_children(cfg, routing, [listener], [cfg.embedding.index])
     return Supervisor(children, graceful_timeout_s=cfg.daemon.graceful_timeout_s,
+                      heartbeat_timeout_s=cfg.daemon.heartbeat_timeout_s, boot_timeout_s=cfg.daemon.boot_timeout_s,
                       shared_fds=(listener.fileno(),), on_ready=_print_ready(f"embedding server {cfg.embedding.index} "
                                                                               f"on {cfg.embedding.listen}"))
 
@@ -104,12 +105,14 @@ def _supervisor(cfg: Config, plan: RankerPlan, children: list[ChildSpec], listen
         create_resources=control.create,
         unlink_resources=control.unlink,
         graceful_timeout_s=cfg.daemon.graceful_timeout_s,
+        heartbeat_timeout_s=cfg.daemon.heartbeat_timeout_s,
+        boot_timeout_s=cfg.daemon.boot_timeout_s,
         on_ready=lambda s: (control.on_ready(s), _print_ready(what)(s)),
         on_tick=control.tick,
         on_child_exit=control.on_child_exit,
+        on_signal=control.on_signal,
         shared_fds=tuple(s.fileno() for s in listeners),
     )
-    control.supervisor = sup
     return sup
 
 

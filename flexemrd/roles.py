@@ -17,13 +17,13 @@ from flexemr.logs import setup_logging
 from flexemr.model.spec import ModelSpec
 from flexemr.routing.table import RoutingTable, Shard
 
-from flexemrd.supervisor import ReadyPipe
+from flexemrd.process import ReadyPipe
 
 logger = logging.getLogger(__name__)
 
 
 def _stop_event_on_term() -> threading.Event:
-    from flexemrd.procutil import TermFlag
+    from flexemrd.process import TermFlag
 
     return TermFlag().event()
 
@@ -56,7 +56,7 @@ def embedding_main(plan: EmbeddingPlan, ready: ReadyPipe) -> None:
     threading.Thread(target=lambda: (stop.wait(), server.stop()), daemon=True).start()
     rows = sum(s.end - s.start for s in plan.shards)
     logger.info("holding %d shards (%d rows) of %d tables", len(plan.shards), rows, len({s.table for s in plan.shards}))
-    server.serve_forever(on_ready=ready.ready)
+    server.serve_forever(on_ready=ready.ready, heartbeat=ready.beat)
 
 
 def embedding_plans(cfg: Config, spec: ModelSpec, routing: RoutingTable, listeners: list[socket.socket],

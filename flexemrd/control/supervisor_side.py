@@ -94,9 +94,13 @@ class SupervisorControl:
 
     def on_ready(self, sup) -> None:
         self._record_children(sup)
-        if self.supervisor is not None:
-            # SIGHUP and emrctl share one dispatcher (circus-style).
-            sup.handle_hup = lambda: self.dispatcher.dispatch_signal("SIGHUP")
+
+    def on_signal(self, name: str) -> bool:
+        """SIGHUP and emrctl share one dispatcher (circus-style); other signals stay the supervisor's."""
+        if name != "SIGHUP" or self.dispatcher is None:
+            return False
+        self.dispatcher.dispatch_signal(name)
+        return True
 
     def _record_children(self, sup) -> None:
         if self.block is None:
@@ -104,10 +108,10 @@ class SupervisorControl:
         for c in sup.children:
             if c.name.startswith("engine[") and c.pid:
                 e = int(c.name[7:-1])
-                self.block.engines[e].set_process(pid=c.pid, cpu=-1 if c.cpu is None else c.cpu, state="ready",
+                self.block.engines[e].set_process(pid=c.pid, cpu=-1 if c.cpu is None else c.cpu, state=c.state,
                                                    restarts=len(c.restarts), started_ns=time.monotonic_ns())
             elif c.name == "inference" and c.pid:
-                self.block.set_inference(pid=c.pid, state="ready", restarts=len(c.restarts),
+                self.block.set_inference(pid=c.pid, state=c.state, restarts=len(c.restarts),
                                          started_ns=time.monotonic_ns())
 
     def on_child_exit(self, child, code: int) -> None:

@@ -31,7 +31,7 @@ def inference_main(plan: RankerPlan, ready) -> None:
     from flexemrd.control.inference_side import InferenceControl
     from flexemrd.inference.frontend import bind_unix_socket
     from flexemrd.inference.service import EngineLinks, InferenceService, ServiceOptions
-    from flexemrd.procutil import TermFlag
+    from flexemrd.process import TermFlag
 
     r = plan.cfg.ranker
     if r.torch_threads:

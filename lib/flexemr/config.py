@@ -50,6 +50,8 @@ class DaemonConfig:
     model: str = ""
     log_level: str = "info"
     graceful_timeout_s: float = 10.0
+    heartbeat_timeout_s: float = 10.0  # a worker silent this long is killed and restarted; 0 = never
+    boot_timeout_s: float = 300.0      # a worker not ready this long after its fork is a boot error
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -196,6 +198,12 @@ def parse_config(doc: dict, source: str = "<config>", overrides: dict | None = N
 def _cross_checks(cfg: Config) -> list[str]:
     problems = []
     src = cfg.source
+    d = cfg.daemon
+    for key in ("graceful_timeout_s", "boot_timeout_s"):
+        if getattr(d, key) <= 0:
+            problems.append(f"{src}: [daemon].{key}: must be > 0, got {getattr(d, key)!r}")
+    if d.heartbeat_timeout_s < 0:
+        problems.append(f"{src}: [daemon].heartbeat_timeout_s: must be >= 0 (0 = never), got {d.heartbeat_timeout_s!r}")
     if not re.match(r"^[A-Za-z0-9_-]{1,32}$", cfg.daemon.instance):
         problems.append(f"{src}: [daemon].instance: {cfg.daemon.instance!r} must match [A-Za-z0-9_-]{{1,32}}")
     if cfg.daemon.role == "ranker":

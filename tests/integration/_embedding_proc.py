@@ -20,7 +20,7 @@ def main() -> None:
     from flexemr.model.spec import load_spec
     from flexemr.routing.table import RoutingTable
     from flexemrd.roles import EmbeddingPlan, embedding_main
-    from flexemrd.supervisor import ReadyPipe
+    from flexemrd.process import ReadyPipe
 
     spec = load_spec(model)
     routing = RoutingTable.build(spec, int(n_servers), strategy)
