@@ -154,6 +154,12 @@ class ServerHealth:
             return None
         return float(np.quantile(np.asarray(lat), q))
 
+    def all_shards_live(self) -> bool:
+        """Every primary's shards have at least one live holder."""
+        with self._lock:
+            return all(any(self.servers[s].up for s in self.routing.holders_of(p) if s in self.servers)
+                       for p in self.servers)
+
     def snapshot(self) -> list[dict]:
         with self._lock:
             return [{"server": s, "address": st.address, "state": "up" if st.up else "down",
