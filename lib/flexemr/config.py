@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flexemr.errors import ConfigError
+from flexemr.types import CacheMode, CreditMode, MappingMode
 
 try:
     import tomllib as _toml
@@ -66,8 +67,8 @@ class RankerConfig:
     max_inflight_batches: int = 4
     ring_bytes: int = 64 << 20
     max_request_bytes: int = 256 << 20
-    mapping: str = "owned"           # "owned" or "shared"
-    credits: str = "priority"        # "priority", "inband" or "off"
+    mapping: str = MappingMode.OWNED.value       # a MappingMode label: "owned" or "shared"
+    credits: str = CreditMode.PRIORITY.value     # a CreditMode label: "priority", "inband" or "off"
     credits_per_connection: int = 4
     rebalance: bool = True
     rebalance_interval_s: float = 1.0
@@ -90,7 +91,7 @@ class EmbeddingConfig:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CacheConfig:
-    policy: str = "off"              # "adaptive", "fixed" or "off"
+    policy: str = CacheMode.OFF.label            # a CacheMode label: "adaptive", "fixed" or "off"
     capacity: int = 64 << 20         # fixed capacity, and the start of adaptive
     budget: int = 2 << 30            # CPU: memory the NN and the cache may share; GPU: device memory
     margin: int = 64 << 20
@@ -114,11 +115,11 @@ _CHOICES = {
     ("daemon", "log_level"): ("debug", "info", "warning", "error"),
     ("ranker", "routing"): ("rows", "tables"),
     ("embedding", "routing"): ("rows", "tables"),
-    ("ranker", "mapping"): ("owned", "shared"),
-    ("ranker", "credits"): ("priority", "inband", "off"),
+    ("ranker", "mapping"): MappingMode.labels(),
+    ("ranker", "credits"): CreditMode.labels(),
     ("ranker", "device"): ("auto", "cpu", "cuda"),
     ("ranker", "transport"): ("auto", "tcp", "rdma"),
-    ("cache", "policy"): ("adaptive", "fixed", "off"),
+    ("cache", "policy"): CacheMode.labels(),
     ("cache", "admission"): ("lru", "tinylfu"),
 }
 _POSITIVE = {"engines", "connections_per_server", "max_batch", "max_inflight_batches", "servers", "threads",

@@ -30,29 +30,28 @@ path.  No torch import except in :func:`memory_budget_bytes` on CUDA.
 
 from __future__ import annotations
 
-import enum
 import time
 from collections import deque
 from typing import Protocol
 
 from flexemr.cache.memory_model import estimate_nn_peak_bytes, max_batch_that_fits
 from flexemr.model.spec import ModelSpec
+from flexemr.types import CacheMode
 
 __all__ = [
     "LoadMonitor",
     "AdaptivePolicy",
     "CachePolicy",
     "PolicyMode",
+    "CacheMode",
     "bucket_batch",
     "memory_budget_bytes",
     "max_batch_that_fits",
 ]
 
 
-class PolicyMode(str, enum.Enum):
-    ADAPTIVE = "adaptive"
-    FIXED = "fixed"
-    OFF = "off"
+# The one cache-policy enum lives in flexemr.types; PolicyMode is its old name here.
+PolicyMode = CacheMode
 
 
 class LoadMonitor:
@@ -215,7 +214,7 @@ class CachePolicy:
         self.set_mode(mode)
 
     def set_mode(self, mode: PolicyMode | str) -> None:
-        mode = PolicyMode(mode)
+        mode = PolicyMode.parse(mode)
         if mode is PolicyMode.ADAPTIVE and self.adaptive is None:
             raise ValueError("cache policy adaptive needs an AdaptivePolicy (a memory budget and the model spec)")
         self.mode = mode

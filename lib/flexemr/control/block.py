@@ -120,6 +120,7 @@ import posix_ipc
 
 from flexemr import naming
 from flexemr.errors import ControlError
+from flexemr.types import CacheMode  # the one cache-policy enum (values stored in this segment)
 
 MAGIC = b"FXCTL\x00\x00\x01"
 VERSION = 1
@@ -173,27 +174,6 @@ class EngineState(enum.IntEnum):
             except KeyError:
                 raise ValueError(f"unknown engine state {value!r} "
                                  f"(expected {', '.join(s.label for s in cls)})") from None
-        return cls(value)
-
-    @property
-    def label(self) -> str:
-        return self.name.lower()
-
-
-class CacheMode(enum.IntEnum):
-    """Embedding-cache policy: off, fixed capacity, or adaptive (grows when idle, shrinks under load)."""
-
-    OFF = 0
-    FIXED = 1
-    ADAPTIVE = 2
-
-    @classmethod
-    def parse(cls, value: CacheMode | str | int) -> CacheMode:
-        if isinstance(value, str):
-            try:
-                return cls[value.upper()]
-            except KeyError:
-                raise ValueError(f"unknown cache policy {value!r} (expected adaptive, fixed or off)") from None
         return cls(value)
 
     @property
