@@ -13,11 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.errors import RequestError
 from flexemr.model.spec import ModelSpec
-from flexemr.routing.split import combine_partials  # noqa: F401  (re-exported for tests)
-from flexemr.types import Pooling
-from flexemr.wire.codec import ClientRequest
+from flexemr.routing.combine import Accumulator, combine_partials  # noqa: F401  (moved to lib; re-exported)
+from flexemr.validation import validate_request as validate  # noqa: F401  (moved to lib; re-exported)
 
 
 @dataclasses.dataclass(slots=True)
@@ -32,80 +30,6 @@ class Work:
     dense: np.ndarray | None
     names: list[str]
     arrived: float = dataclasses.field(default_factory=time.perf_counter)
-
-
-def validate(spec: ModelSpec, req: ClientRequest, predict: bool) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Check a decoded request against the model; returns ids by table index."""
-    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    index = {t.name: i for i, t in enumerate(spec.tables)}
-    for k, name in enumerate(req.names):
-        i = index.get(name)
-        if i is None:
-            raise RequestError(f"sparse: unknown table {name!r} (the model has {', '.join(spec.table_names)})")
-        if i in out:
-            raise RequestError(f"sparse: table {name!r} appears twice")
-        values, lengths = req.kjt.table(k)
-        if len(values):
-            lo, hi = int(values.min()), int(values.max())
-            rows = spec.tables[i].rows
-            if lo < 0:
-                raise RequestError(f"sparse[{name!r}] values: id {lo} is negative")
-            if hi >= rows:
-                raise RequestError(f"sparse[{name!r}] values: id {hi} is past the end of table {name!r} ({rows} rows)")
-        out[i] = (values, lengths)
-    if predict:
-        missing = [t.name for i, t in enumerate(spec.tables) if i not in out]
-        if missing:
-            raise RequestError(f"sparse: predict needs every table; missing {', '.join(map(repr, missing))}")
-        assert req.dense is not None
-        if req.dense.shape[1] != spec.dense_features:
-            raise RequestError(
-                f"dense: has {req.dense.shape[1]} features per sample, the model expects {spec.dense_features}"
-            )
-    return out
-
-
-class Accumulator:
-    """Global pooling of one table, fed partial pools as they arrive (FlexEMR 3.1.2).
-
-    The first partial is copied in (no zero fill first); later ones are added
-    (sum, mean) or max-ed where that server pooled at least one id of the bag.
-    """
-
-    __slots__ = ("pooling", "out", "lengths", "empty")
-
-    def __init__(self, pooling: Pooling, batch: int, dim: int, lengths: np.ndarray) -> None:
-        self.pooling = pooling
-        self.lengths = lengths
-        self.out = np.empty((batch, dim), dtype=np.float32)
-        self.empty = True
-
-    def add(self, partial: np.ndarray, counts: np.ndarray) -> None:
-        if self.pooling is Pooling.MAX:
-            has = (counts > 0)[:, None]
-            if self.empty:
-                np.copyto(self.out, np.float32(-np.inf))
-            np.maximum(self.out, partial, out=self.out, where=has)
-        elif self.empty:
-            np.copyto(self.out, partial)
-        else:
-            self.out += partial
-        self.empty = False
-
-    def set_pooled(self, pooled: np.ndarray) -> None:
-        """The whole bag was pooled in one place (in-ranker tables): take it as final."""
-        self.out = pooled
-        self.empty = False
-        self.pooling = Pooling.SUM  # nothing left to divide or clean up
-
-    def result(self) -> np.ndarray:
-        if self.empty:
-            self.out.fill(0.0)
-        elif self.pooling is Pooling.MAX:
-            self.out[np.isneginf(self.out)] = 0.0
-        elif self.pooling is Pooling.MEAN:
-            self.out /= np.maximum(self.lengths, 1).astype(np.float32)[:, None]
-        return self.out
 
 
 def merge(works: list[Work], tables: list[int]) -> tuple[int, list[np.ndarray], list[np.ndarray]]:
