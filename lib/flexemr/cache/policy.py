@@ -30,6 +30,7 @@ path.  No torch import except in :func:`memory_budget_bytes` on CUDA.
 
 from __future__ import annotations
 
+import enum
 import time
 from collections import deque
 from typing import Protocol
@@ -50,8 +51,11 @@ __all__ = [
 ]
 
 
-# The one cache-policy enum lives in flexemr.types; PolicyMode is its old name here.
-PolicyMode = CacheMode
+# The one cache-policy enum is flexemr.types.CacheMode (integers, stored in the control segment).
+# PolicyMode is its label form (``PolicyMode.FIXED.value == "fixed"``, as the inference process reports
+# it), generated from CacheMode so the two cannot drift apart.
+PolicyMode = enum.Enum("PolicyMode", [(m.name, m.label) for m in reversed(list(CacheMode))],  # type: ignore[misc]
+                       type=str, module=__name__)
 
 
 class LoadMonitor:
@@ -214,7 +218,7 @@ class CachePolicy:
         self.set_mode(mode)
 
     def set_mode(self, mode: PolicyMode | str) -> None:
-        mode = PolicyMode.parse(mode)
+        mode = PolicyMode(CacheMode.parse(mode).label)  # accepts labels, CacheMode, PolicyMode
         if mode is PolicyMode.ADAPTIVE and self.adaptive is None:
             raise ValueError("cache policy adaptive needs an AdaptivePolicy (a memory budget and the model spec)")
         self.mode = mode
