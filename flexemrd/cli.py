@@ -10,6 +10,7 @@ import click
 from flexemr.config import load_config, parse_config
 from flexemr.errors import ConfigError, ModelError
 from flexemr.logs import setup_logging
+from flexemr.types import CacheMode, CreditMode, MappingMode
 
 
 def _fail(message: str, code: int = 2):
@@ -55,13 +56,13 @@ def run(config_path: str) -> None:
               help="Deadline of a request whose client sets none (seconds).")
 @click.option("--max-batch", default=4096, show_default=True, type=click.IntRange(1))
 @click.option("--max-wait-ms", default=1.0, show_default=True, type=float)
-@click.option("--cache-policy", type=click.Choice(["adaptive", "fixed", "off"]), default="off", show_default=True)
+@click.option("--cache-policy", type=click.Choice(CacheMode.labels()), default="off", show_default=True)
 @click.option("--cache-size", default="64MiB", show_default=True)
 @click.option("--cache-budget", default="2GiB", show_default=True,
               help="Memory the NN and the cache share (CPU); on a GPU the device memory is used.")
 @click.option("--cache-margin", default="64MiB", show_default=True, help="Headroom the adaptive policy keeps free.")
-@click.option("--mapping", type=click.Choice(["owned", "shared"]), default="owned", show_default=True)
-@click.option("--credits", type=click.Choice(["priority", "inband", "off"]), default="priority", show_default=True)
+@click.option("--mapping", type=click.Choice(MappingMode.labels()), default="owned", show_default=True)
+@click.option("--credits", type=click.Choice(CreditMode.labels()), default="priority", show_default=True)
 @click.option("--rebalance/--no-rebalance", default=True, show_default=True)
 @click.option("--metrics-port", default=0, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--server-threads", default=1, show_default=True, type=click.IntRange(1, 256))

@@ -40,9 +40,13 @@ class Work:
 class Admission:
     """Turns request frames into Work (session threads; stateless apart from the model)."""
 
-    def __init__(self, spec: ModelSpec, default_timeout_s: float = 30.0) -> None:
+    def __init__(self, spec: ModelSpec, default_timeout_s: float = 30.0, max_batch: int | None = None,
+                 max_ids: int | None = None, allow_nonfinite: bool = False) -> None:
         self.spec = spec
         self.default_timeout_s = default_timeout_s
+        self.max_batch = max_batch
+        self.max_ids = max_ids
+        self.allow_nonfinite = allow_nonfinite
 
     def admit_frame(self, reply: ReplySink, ftype: int, request_id: int, payload: memoryview,
                     timeout_ms: int = 0) -> Work | None:
@@ -57,7 +61,8 @@ class Admission:
               timeout_s: float | None = None) -> Work | None:
         """A Work for the batcher; ``timeout_s`` None means the configured default deadline."""
         arrived = time.perf_counter()
-        tables = validate_request(self.spec, req, predict)
+        tables = validate_request(self.spec, req, predict, allow_nonfinite=self.allow_nonfinite,
+                                  max_batch=self.max_batch, max_ids=self.max_ids)
         if req.batch == 0:
             if predict:
                 reply.scores(request_id, np.zeros(0, np.float32))

@@ -9,14 +9,13 @@ the same checks and errors.
 from __future__ import annotations
 
 import threading
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from flexemr.client import prepare_sparse
 from flexemr.errors import DeadlineExceeded, RemoteError, RequestError
 from flexemr.model.spec import ModelSpec
-from flexemr.wire import codec
+from flexemr.validation import request_from_arrays
 from flexemr.wire.frame import ErrorCode
 
 _CLIENT_ERRORS = (ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_TABLE, ErrorCode.ID_OUT_OF_RANGE,
@@ -51,26 +50,6 @@ class _Answer:
         self.done.set()
 
 
-def build_request(dense: np.ndarray | None, sparse: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> codec.ClientRequest:
-    """The decoded form of a client request, from arrays (checks shapes and dtypes like the client does)."""
-    batch = None
-    if dense is not None:
-        dense = np.asarray(dense)
-        if dense.ndim != 2:
-            raise RequestError(f"dense: must be 2-D [batch, dense_features], got shape {dense.shape}")
-        if dense.dtype.kind != "f":
-            raise RequestError(f"dense: must be float32, got dtype {dense.dtype}")
-        dense = np.ascontiguousarray(dense, dtype=np.float32)
-        batch = dense.shape[0]
-    names, values, lengths, batch = prepare_sparse(sparse, batch)
-    counts = np.array([len(v) for v in values], dtype=np.int64)
-    starts = np.zeros(len(names) + 1, dtype=np.int64)
-    np.cumsum(counts, out=starts[1:])
-    lens = np.stack(lengths) if lengths else np.zeros((0, batch), np.int32)
-    vals = np.concatenate(values) if values else np.zeros(0, np.int64)
-    return codec.ClientRequest(names, dense, codec.KJT(batch, counts, lens, vals, starts))
-
-
 class InProcessBackend:
     """The KServe front's backend inside the inference process (see flexemr.kserve.types.InferenceBackend)."""
 
@@ -79,7 +58,7 @@ class InProcessBackend:
         self.spec: ModelSpec = service.spec
 
     def infer(self, predict: bool, dense: np.ndarray | None, sparse, timeout_s: float | None = None):
-        req = build_request(dense if predict else None, sparse)
+        req = request_from_arrays(dense if predict else None, sparse)
         answer = _Answer()
         work = self.service.admission.admit(answer, 0, predict, req, timeout_s)
         if work is not None:

@@ -43,6 +43,8 @@ class ServiceOptions:
     hedging: bool = False
     hedge_quantile: float = 0.95
     hedge_min_s: float = 0.002
+    max_ids: int = 0                  # ids in one request (0: no limit)
+    allow_nonfinite: bool = False     # NaN/Inf dense features
 
     @classmethod
     def from_config(cls, r: RankerConfig) -> "ServiceOptions":
@@ -50,7 +52,8 @@ class ServiceOptions:
                    max_request_bytes=r.max_request_bytes, request_timeout_s=r.request_timeout_s,
                    inband_credits=r.credits == "inband", shared_mapping=r.mapping == "shared",
                    hedging=r.hedging and r.replicas > 1, hedge_quantile=r.hedge_quantile,
-                   hedge_min_s=r.hedge_min_ms / 1e3)
+                   hedge_min_s=r.hedge_min_ms / 1e3, max_ids=r.max_ids_per_request,
+                   allow_nonfinite=r.allow_nonfinite)
 
 
 @dataclasses.dataclass(slots=True)
@@ -96,7 +99,8 @@ class InferenceService:
                                self.stats, self.inflight, options.max_batch, options.max_wait_s, cache=cache,
                                local=local, inband_credits=options.inband_credits, health=self.health,
                                beat=beat if links is None else (lambda: None))
-        self.admission = Admission(spec, options.request_timeout_s)
+        self.admission = Admission(spec, options.request_timeout_s, max_batch=options.max_batch,
+                                   max_ids=options.max_ids or None, allow_nonfinite=options.allow_nonfinite)
         self.frontend = SocketFrontend(self.admission, self.submit, self.stats.add_errors, options.max_request_bytes)
         self._threads: list[threading.Thread] = []
 

@@ -7,9 +7,11 @@
 
 ``sparse`` maps table name to ``(values, lengths)``: int64 ids and int32 bag
 lengths (TorchRec's KeyedJaggedTensor layout).  Input is checked here first
-(shapes, dtypes, lengths that do not add up) so mistakes fail fast with a
-message naming the field; the ranker checks again (table names, id ranges,
-dense width) and answers an ERROR frame, raised as RequestError.  One client
+(shapes, dtypes, lengths that do not add up: the encoding checks of
+:mod:`flexemr.validation`) so mistakes fail fast with a message naming the
+field; the ranker runs the model checks (``validate_request``: table names, id
+ranges, dense width, finite features) and answers an ERROR frame, raised as
+RequestError.  One client
 object serves one request at a time; use one per thread.
 
 Deadlines: ``predict(..., timeout_ms=50)`` sends the budget with the request;
@@ -25,59 +27,16 @@ from __future__ import annotations
 import itertools
 import socket
 import threading
-from typing import Mapping
 
 import numpy as np
 
 from flexemr.errors import DeadlineExceeded, ProtocolError, RemoteError, RequestError
+from flexemr.validation import Sparse, prepare_dense, prepare_sparse
 from flexemr.wire import codec
 from flexemr.wire.frame import ErrorCode, FrameType
 from flexemr.wire.stream import FrameReader, send_buffers
 
-Sparse = Mapping[str, "tuple[np.ndarray, np.ndarray]"]
-
-
-def _as_ids(name: str, values, lengths) -> tuple[np.ndarray, np.ndarray]:
-    v = np.asarray(values)
-    ln = np.asarray(lengths)
-    if v.ndim != 1:
-        raise RequestError(f"sparse[{name!r}] values: must be 1-D, got shape {v.shape}")
-    if ln.ndim != 1:
-        raise RequestError(f"sparse[{name!r}] lengths: must be 1-D, got shape {ln.shape}")
-    if v.size and v.dtype.kind not in "iu":
-        raise RequestError(f"sparse[{name!r}] values: ids must be integers (int64), got dtype {v.dtype}")
-    if ln.size and ln.dtype.kind not in "iu":
-        raise RequestError(f"sparse[{name!r}] lengths: must be integers (int32), got dtype {ln.dtype}")
-    if ln.size and ln.min() < 0:
-        raise RequestError(f"sparse[{name!r}] lengths: bag lengths must be >= 0 (found {int(ln.min())})")
-    total = int(ln.sum()) if ln.size else 0
-    if total != v.size:
-        raise RequestError(f"sparse[{name!r}] lengths: sum to {total} but there are {v.size} values")
-    if ln.size and ln.max() > np.iinfo(np.int32).max:
-        raise RequestError(f"sparse[{name!r}] lengths: a bag length does not fit int32")
-    return v.astype(np.int64, copy=False), ln.astype(np.int32, copy=False)
-
-
-def prepare_sparse(sparse: Sparse, batch: int | None) -> tuple[list[str], list[np.ndarray], list[np.ndarray], int]:
-    if not isinstance(sparse, Mapping) or not sparse:
-        raise RequestError("sparse: must be a non-empty mapping of table name -> (values, lengths)")
-    names, values, lengths = [], [], []
-    for name, pair in sparse.items():
-        if not isinstance(name, str) or not name or "\n" in name:
-            raise RequestError(f"sparse: invalid table name {name!r}")
-        try:
-            vals, lens = pair
-        except (TypeError, ValueError):
-            raise RequestError(f"sparse[{name!r}]: must be a (values, lengths) pair") from None
-        v, ln = _as_ids(name, vals, lens)
-        if batch is None:
-            batch = len(ln)
-        elif len(ln) != batch:
-            raise RequestError(f"sparse[{name!r}] lengths: has {len(ln)} bags but the batch has {batch}")
-        names.append(name)
-        values.append(v)
-        lengths.append(ln)
-    return names, values, lengths, int(batch or 0)
+__all__ = ["InferenceClient", "Sparse", "prepare_sparse"]
 
 
 def _timeout(timeout_ms: int | None) -> int:
@@ -173,15 +132,10 @@ class InferenceClient:
 
     def predict(self, dense: np.ndarray, sparse: Sparse, timeout_ms: int | None = None) -> np.ndarray:
         """Scores [B] float32 for a batch of B samples (``timeout_ms``: the request's deadline)."""
-        d = np.asarray(dense)
-        if d.ndim != 2:
-            raise RequestError(f"dense: must be 2-D [batch, dense_features], got shape {d.shape}")
-        if d.dtype.kind != "f":
-            raise RequestError(f"dense: must be float32, got dtype {d.dtype}")
+        d = prepare_dense(dense)
         names, values, lengths, batch = prepare_sparse(sparse, d.shape[0])
         rid = next(self._ids)
-        frame = codec.encode_client_request(rid, names, lengths, values, batch, d.astype(np.float32, copy=False),
-                                            timeout_ms=_timeout(timeout_ms))
+        frame = codec.encode_client_request(rid, names, lengths, values, batch, d, timeout_ms=_timeout(timeout_ms))
         payload = self._call(frame, rid, FrameType.PREDICT_RESP, timeout_ms)
         return codec.decode_scores(payload)
 

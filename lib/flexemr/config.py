@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flexemr.errors import ConfigError
+from flexemr.types import CacheMode, CreditMode, MappingMode
 
 try:
     import tomllib as _toml
@@ -68,8 +69,8 @@ class RankerConfig:
     max_inflight_batches: int = 4
     ring_bytes: int = 64 << 20
     max_request_bytes: int = 256 << 20
-    mapping: str = "owned"           # "owned" or "shared"
-    credits: str = "priority"        # "priority", "inband" or "off"
+    mapping: str = MappingMode.OWNED.value       # a MappingMode label: "owned" or "shared"
+    credits: str = CreditMode.PRIORITY.value     # a CreditMode label: "priority", "inband" or "off"
     credits_per_connection: int = 4
     rebalance: bool = True
     rebalance_interval_s: float = 1.0
@@ -83,6 +84,8 @@ class RankerConfig:
     hedging: bool = False            # with replicas: resend a slow subrequest to a second replica
     hedge_quantile: float = 0.95     # ... once it is older than this quantile of its server's recent latency
     hedge_min_ms: float = 2.0        # ... and at least this old
+    max_ids_per_request: int = 0     # ids in one request, over all tables (0: no limit beyond max_request_bytes)
+    allow_nonfinite: bool = False    # accept NaN/Inf dense features (refused by default, naming the field)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -98,7 +101,7 @@ class EmbeddingConfig:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CacheConfig:
-    policy: str = "off"              # "adaptive", "fixed" or "off"
+    policy: str = CacheMode.OFF.label            # a CacheMode label: "adaptive", "fixed" or "off"
     capacity: int = 64 << 20         # fixed capacity, and the start of adaptive
     budget: int = 2 << 30            # CPU: memory the NN and the cache may share; GPU: device memory
     margin: int = 64 << 20
@@ -122,11 +125,11 @@ _CHOICES = {
     ("daemon", "log_level"): ("debug", "info", "warning", "error"),
     ("ranker", "routing"): ("rows", "tables"),
     ("embedding", "routing"): ("rows", "tables"),
-    ("ranker", "mapping"): ("owned", "shared"),
-    ("ranker", "credits"): ("priority", "inband", "off"),
+    ("ranker", "mapping"): MappingMode.labels(),
+    ("ranker", "credits"): CreditMode.labels(),
     ("ranker", "device"): ("auto", "cpu", "cuda"),
     ("ranker", "transport"): ("auto", "tcp", "rdma"),
-    ("cache", "policy"): ("adaptive", "fixed", "off"),
+    ("cache", "policy"): CacheMode.labels(),
     ("cache", "admission"): ("lru", "tinylfu"),
 }
 _POSITIVE = {"engines", "connections_per_server", "max_batch", "max_inflight_batches", "servers", "threads",

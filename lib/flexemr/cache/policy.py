@@ -37,22 +37,25 @@ from typing import Protocol
 
 from flexemr.cache.memory_model import estimate_nn_peak_bytes, max_batch_that_fits
 from flexemr.model.spec import ModelSpec
+from flexemr.types import CacheMode
 
 __all__ = [
     "LoadMonitor",
     "AdaptivePolicy",
     "CachePolicy",
     "PolicyMode",
+    "CacheMode",
     "bucket_batch",
     "memory_budget_bytes",
     "max_batch_that_fits",
 ]
 
 
-class PolicyMode(str, enum.Enum):
-    ADAPTIVE = "adaptive"
-    FIXED = "fixed"
-    OFF = "off"
+# The one cache-policy enum is flexemr.types.CacheMode (integers, stored in the control segment).
+# PolicyMode is its label form (``PolicyMode.FIXED.value == "fixed"``, as the inference process reports
+# it), generated from CacheMode so the two cannot drift apart.
+PolicyMode = enum.Enum("PolicyMode", [(m.name, m.label) for m in reversed(list(CacheMode))],  # type: ignore[misc]
+                       type=str, module=__name__)
 
 
 class LoadMonitor:
@@ -215,7 +218,7 @@ class CachePolicy:
         self.set_mode(mode)
 
     def set_mode(self, mode: PolicyMode | str) -> None:
-        mode = PolicyMode(mode)
+        mode = PolicyMode(CacheMode.parse(mode).label)  # accepts labels, CacheMode, PolicyMode
         if mode is PolicyMode.ADAPTIVE and self.adaptive is None:
             raise ValueError("cache policy adaptive needs an AdaptivePolicy (a memory budget and the model spec)")
         self.mode = mode

@@ -25,8 +25,9 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from flexemr.config import parse_size  # one size grammar for config files and commands
+from flexemr.types import CacheMode
 
-CACHE_POLICIES = ("adaptive", "fixed", "off")
+CACHE_POLICIES = CacheMode.labels()  # derived: flexemr.types.CacheMode is the one home
 
 
 class BadCommand(ValueError):

@@ -19,8 +19,9 @@ by tests to cross-check the torch one; keep it free of any code shared with
 ``DLRM.forward``.
 
 Validation of a ``dense.pt`` against ``model.toml`` lives in
-:mod:`flexemr.model.loader` because it must also work without torch (emrctl and
-the supervisor never import torch); ``load_dense`` applies the same checks.
+:mod:`flexemr.model.dense_file` because it must also work without torch (emrctl and
+the supervisor never import torch); ``load_dense`` applies the same checks.  This
+module never imports :mod:`flexemr.model.loader` (which imports it lazily).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from flexemr.errors import ModelError
-from flexemr.model.loader import check_dense_entries, dense_path, dense_shapes, sniff_dense
+from flexemr.model.dense_file import check_dense_entries, dense_path, dense_shapes, sniff_dense
 from flexemr.model.spec import ModelSpec
 from flexemr.types import Interaction
 

@@ -1,6 +1,9 @@
 """DATA PATH: range routing of ids to embedding servers and combining of partial pools."""
 
-from flexemr.routing.split import ServerPart, SplitPlan, combine_partials, split_batch
+from __future__ import annotations
+
+from flexemr.routing.combine import Accumulator, combine_partials
+from flexemr.routing.split import ServerPart, SplitPlan, split_batch
 from flexemr.routing.table import RoutingTable, Shard
 
-__all__ = ["RoutingTable", "Shard", "ServerPart", "SplitPlan", "split_batch", "combine_partials"]
+__all__ = ["Accumulator", "RoutingTable", "Shard", "ServerPart", "SplitPlan", "split_batch", "combine_partials"]

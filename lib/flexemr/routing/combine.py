@@ -1,28 +1,50 @@
-"""Global pooling: combining per-server partial pools into the final pooled vectors."""
+"""DATA PATH: global pooling, the ranker's half of hierarchical pooling (FlexEMR 3.1.2).
+
+Each embedding server pools the ids it holds for a bag into one partial
+vector; the ranker combines the partials of a bag:
+
+    sum   partial sums add up
+    mean  partial *sums* add up, then divide by the bag's total length
+          (the ranker knows it: it split the bag)
+    max   elementwise max over the partials of servers that pooled at least
+          one id of the bag (an empty partial is zeros, not -inf, on the wire)
+
+:class:`Accumulator` does it incrementally, one partial at a time as the
+responses arrive (serving); :func:`combine_partials` is the same code fed a
+list (tests, the benchmarks' reference paths), so both are checked by the same
+tests.  Whole-array numpy, no loop over bags.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
 from flexemr.types import Pooling
 
+__all__ = ["Accumulator", "combine_partials"]
+
 
 class Accumulator:
-    """Global pooling of one table, fed partial pools as they arrive (FlexEMR 3.1.2).
+    """Global pooling of one table, fed partial pools as they arrive.
 
     The first partial is copied in (no zero fill first); later ones are added
     (sum, mean) or max-ed where that server pooled at least one id of the bag.
+    ``lengths`` are the bags' total id counts (the divisor of mean pooling).
     """
 
     __slots__ = ("pooling", "out", "lengths", "empty")
 
-    def __init__(self, pooling: Pooling, batch: int, dim: int, lengths: np.ndarray) -> None:
+    def __init__(self, pooling: Pooling, batch: int, dim: int, lengths: np.ndarray,
+                 out: np.ndarray | None = None) -> None:
         self.pooling = pooling
         self.lengths = lengths
-        self.out = np.empty((batch, dim), dtype=np.float32)
+        self.out = np.empty((batch, dim), dtype=np.float32) if out is None else out
         self.empty = True
 
     def add(self, partial: np.ndarray, counts: np.ndarray) -> None:
+        """Fold in one server's partial pools [B, dim] and its per-bag id counts [B]."""
         if self.pooling is Pooling.MAX:
             has = (counts > 0)[:, None]
             if self.empty:
@@ -41,6 +63,7 @@ class Accumulator:
         self.pooling = Pooling.SUM  # nothing left to divide or clean up
 
     def result(self) -> np.ndarray:
+        """The pooled vectors [B, dim]; a bag no server had ids of is zeros.  Call once."""
         if self.empty:
             self.out.fill(0.0)
         elif self.pooling is Pooling.MAX:
@@ -48,3 +71,25 @@ class Accumulator:
         elif self.pooling is Pooling.MEAN:
             self.out /= np.maximum(self.lengths, 1).astype(np.float32)[:, None]
         return self.out
+
+
+def combine_partials(
+    pooling: Pooling,
+    partials: Sequence[np.ndarray],
+    counts: Sequence[np.ndarray],
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Global pooling of one table: partial pools [B, d] with their per-bag id counts [B].
+
+    Runs the serving :class:`Accumulator` over the list, so what tests check is
+    what the inference process does.
+    """
+    if not partials or len(partials) != len(counts):
+        raise ValueError(f"combine_partials needs one counts array per partial, got {len(partials)} partials "
+                         f"and {len(counts)} counts")
+    first = partials[0]
+    total = np.sum(counts, axis=0) if len(counts) > 1 else counts[0]
+    acc = Accumulator(pooling, first.shape[0], first.shape[1], total, out=out)
+    for p, c in zip(partials, counts):
+        acc.add(p, c)
+    return acc.result()

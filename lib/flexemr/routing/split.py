@@ -1,13 +1,10 @@
-"""Split a batch into per-server subrequests and combine their partial pools.
+"""Split a batch into per-server subrequests (the first half of hierarchical pooling).
 
 Hierarchical pooling (FlexEMR 3.1.2): each server pools the ids it holds for a
-bag into one partial vector; the ranker combines the partials of a bag:
-
-    sum   partial sums add up
-    mean  partial *sums* add up, then divide by the bag's total length
-          (the ranker knows each server's count per bag from the split)
-    max   elementwise max over the partials of servers that pooled at least
-          one id of the bag (an empty partial is zeros, not -inf, on the wire)
+bag into one partial vector; the ranker combines the partials of a bag in
+:mod:`flexemr.routing.combine` (``combine_partials`` is re-exported here for
+older callers).  The split also yields each server's id count per bag, which
+mean pooling divides by.
 
 Everything is whole-array numpy: per table and server one range mask, one
 compress and one cumsum; no sort, no per-id bag index, no loop over bags.
@@ -20,8 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
+from flexemr.routing.combine import combine_partials  # noqa: F401  (its old home)
 from flexemr.routing.table import RoutingTable
-from flexemr.types import Pooling
 
 
 @dataclasses.dataclass(slots=True)
@@ -103,32 +100,3 @@ def split_batch(
             counted += cnt
             taken = mask if taken is None else (taken | mask)
     return SplitPlan(batch, parts)
-
-
-def combine_partials(
-    pooling: Pooling,
-    partials: Sequence[np.ndarray],
-    counts: Sequence[np.ndarray],
-    out: np.ndarray | None = None,
-) -> np.ndarray:
-    """Global pooling of one table: partial pools [B, d] with their per-bag id counts [B]."""
-    first = partials[0]
-    if out is None:
-        out = np.empty(first.shape, dtype=np.float32)
-    if pooling is Pooling.MAX:
-        np.copyto(out, -np.inf)
-        for p, c in zip(partials, counts):
-            has = (c > 0)[:, None]
-            np.maximum(out, p, out=out, where=has)
-        out[np.isneginf(out)] = 0.0
-        return out
-    if len(partials) == 1:
-        np.copyto(out, first)
-    else:
-        np.add(partials[0], partials[1], out=out)
-        for p in partials[2:]:
-            out += p
-    if pooling is Pooling.MEAN:
-        total = np.sum(counts, axis=0) if len(counts) > 1 else counts[0]
-        out /= np.maximum(total, 1).astype(np.float32)[:, None]
-    return out

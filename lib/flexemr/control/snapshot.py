@@ -1,0 +1,166 @@
+"""The status JSON (``emrctl status --json``) built from the control segment, and the fields derived for it.
+
+Derived in :meth:`ControlBlock.snapshot` (the status JSON), not stored:
+``engines[].connections`` is the owner-map count (what the supervisor
+decided; ``active_connections`` is what the engine serves right now, so the
+two differ only while a migration is in flight); ``hit_rate`` is hits/lookups;
+``heartbeat_age_s`` is now - heartbeat_ns.  Per-engine rates are computed by
+the supervisor once a second (:meth:`ControlBlock.update_rates`, into its own
+engine_proc rows) so a one-shot ``emrctl status`` has them and engines only
+count; ``snapshot(previous)`` recomputes them from two snapshots instead
+(``--watch``).  The ranker's ``requests_per_s`` is computed by the inference
+process itself.
+
+Nothing here writes the segment except :meth:`EngineRates.update` (the supervisor's engine_proc rows).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from flexemr.control.layout import VERSION, EngineState, label_of
+from flexemr.control.slots import EngineSlot
+from flexemr.errors import ControlError
+from flexemr.types import CacheMode
+
+if TYPE_CHECKING:  # only for annotations: block.py imports this module
+    from flexemr.control.block import ControlBlock
+
+__all__ = ["EngineRates", "apply_rates", "build_snapshot", "ratio"]
+
+
+def ratio(num: int, den: int) -> float:
+    """num / den, 0.0 when nothing was counted (a hit rate before the first lookup)."""
+    return float(num) / den if den else 0.0
+
+
+def build_snapshot(block: ControlBlock, previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The status JSON (``emrctl status --json``): every row read consistently.
+
+    Rates: ``engines[].requests_per_s`` etc. come from the supervisor's
+    :meth:`EngineRates.update`; with ``previous`` (an earlier snapshot from any
+    reader) they are recomputed from the counter deltas between the two
+    snapshots instead (``emrctl status --watch``).
+    """
+    if block.closed:
+        raise ControlError(f"control block {block.name} is closed")
+    now = time.monotonic_ns()
+    rt = block.runtime.read()
+    gen, topo = block.read_topology()
+    engines = []
+    owned = [0] * block.n_engines
+    for e in rt.owners:
+        if 0 <= e < block.n_engines:
+            owned[e] += 1
+    for eng in block.engines:
+        d = eng.read()
+        hb = d.pop("heartbeat_ns")
+        d["heartbeat_age_s"] = None if hb == 0 else round(max(0, now - hb) / 1e9, 3)
+        d["connections"] = owned[eng.id]
+        engines.append(d)
+    conns = []
+    addrs = [s.get("address", s.get("name", "")) if isinstance(s, Mapping) else str(s)
+             for s in topo.get("servers", [])]
+    for slot in block.connections:
+        d = slot.read(rt.owners)
+        d["address"] = addrs[slot.server] if 0 <= slot.server < len(addrs) else ""
+        conns.append(d)
+    ranker = block.ranker.read()
+    del ranker["seq"]
+    hb = ranker.pop("heartbeat_ns")
+    ranker["heartbeat_age_s"] = None if hb == 0 else round(max(0, now - hb) / 1e9, 3)
+    inf = block.inference.read()
+    ranker["pid"] = inf["pid"]
+    ranker["state"] = label_of(EngineState, inf["state"])
+    ranker["restarts"] = inf["restarts"]
+    cache = block.cache.read()
+    del cache["seq"]
+    cache["policy"] = label_of(CacheMode, cache["policy"])
+    cache["hit_rate"] = ratio(cache["hits"], cache["lookups"])
+    cache["target_policy"] = rt.cache_policy.label
+    cache["target_capacity_bytes"] = rt.cache_capacity_bytes
+    tables: dict[str, dict[str, Any]] = {}
+    for t, row in block.tables.items():
+        d = row.read()
+        del d["seq"]
+        d["hit_rate"] = ratio(d["hits"], d["lookups"])
+        tables[t] = d
+    cache["tables"] = {t: {"hit_rate": d["hit_rate"], "hits": d["hits"], "lookups": d["lookups"]}
+                       for t, d in tables.items()}
+    snap: dict[str, Any] = {
+        "version": VERSION,
+        "instance": block.instance,
+        "supervisor_pid": block.supervisor_pid,
+        "uptime_s": round((now - block.created_mono_ns) / 1e9, 3),
+        "taken_ns": now,
+        "mode": topo.get("mode", ""),
+        "epoch": rt.epoch,
+        "rebalance": rt.rebalance,
+        "topology_generation": gen,
+        "servers": topo.get("servers", []),
+        "engines": engines,
+        "connections": conns,
+        "ranker": ranker,
+        "cache": cache,
+        "tables": tables,
+    }
+    if previous is not None:
+        apply_rates(snap, previous)
+    return snap
+
+
+def apply_rates(snap: dict[str, Any], previous: Mapping[str, Any]) -> None:
+    """Recompute rates in ``snap`` from counter deltas since ``previous`` (both from snapshot())."""
+    dt = (snap["taken_ns"] - previous.get("taken_ns", 0)) / 1e9
+    if dt <= 0:
+        return
+    prev_eng = {e["id"]: e for e in previous.get("engines", [])}
+    for e in snap["engines"]:
+        p = prev_eng.get(e["id"])
+        if p is not None:
+            e["requests_per_s"] = max(0, e["requests_total"] - p["requests_total"]) / dt
+            e["subrequests_per_s"] = max(0, e["subrequests_total"] - p["subrequests_total"]) / dt
+            e["busy_ratio"] = min(1.0, max(0, e["busy_ns"] - p["busy_ns"]) / 1e9 / dt)
+    prev_conn = {c["id"]: c for c in previous.get("connections", [])}
+    for c in snap["connections"]:
+        p = prev_conn.get(c["id"])
+        if p is not None:
+            c["subrequests_per_s"] = max(0, c["subrequests_total"] - p["subrequests_total"]) / dt
+    pr = previous.get("ranker")
+    if pr:
+        snap["ranker"]["requests_per_s"] = max(0, snap["ranker"]["requests_total"] - pr["requests_total"]) / dt
+
+
+
+class EngineRates:
+    """Supervisor side: per-engine rates from the engines' counters (call from its ~1 s tick).
+
+    Engines only count; the supervisor derives ``requests_per_s``,
+    ``subrequests_per_s`` and ``busy_ratio`` into its own engine_proc rows,
+    so a one-shot ``emrctl status`` shows rates and the data path does no
+    arithmetic for them.  A counter that went backwards (restarted engine)
+    counts as 0 for that interval.
+    """
+
+    __slots__ = ("_prev",)
+
+    def __init__(self) -> None:
+        self._prev: dict[int, tuple[int, int, int, int]] = {}
+
+    def update(self, engines: Sequence[EngineSlot], now_ns: int | None = None, min_interval_s: float = 0.25) -> None:
+        """Write the rates since the previous call (at least ``min_interval_s`` ago) into each engine_proc row."""
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        for eng in engines:
+            st = eng.stats.read()
+            cur = (now, st["requests_total"], st["subrequests_total"], st["busy_ns"])
+            prev = self._prev.get(eng.id)
+            if prev is not None:
+                dt = (now - prev[0]) / 1e9
+                if dt < min_interval_s:
+                    continue
+                eng.process.update(requests_per_s=max(0, cur[1] - prev[1]) / dt,
+                                   subrequests_per_s=max(0, cur[2] - prev[2]) / dt,
+                                   busy_ratio=min(1.0, max(0, cur[3] - prev[3]) / 1e9 / dt))
+            self._prev[eng.id] = cur
