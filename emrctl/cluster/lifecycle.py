@@ -204,21 +204,20 @@ def _build(state: ClusterState, progress: Any) -> None:
     for role in ("embedding", "ranker"):
         hosts = state.of_role(role)
         progress(f"cluster {state.name}: starting {len(hosts)} {role} host(s)")
-        started = {h.name: (h, _start(state, h)) for h in hosts}
-        procs.wait_ready(started)
+        procs.wait_ready([_start(state, h) for h in hosts])
         for h in hosts:
             h.state = "running"
         state.save()
 
 
-def _start(state: ClusterState, h: Host):
+def _start(state: ClusterState, h: Host) -> procs.Started:
     state.record("shm", instance=h.instance)
     h.state = "starting"
     state.record("process", host=h.name)
-    proc = procs.start(h)
-    h.pid, h.pid_start = proc.pid, procs.start_time(proc.pid)
+    started = procs.start(h)
+    h.pid, h.pid_start = started.proc.pid, procs.start_time(started.proc.pid)
     state.save()
-    return proc
+    return started
 
 
 # ------------------------------------------------------------------------------------------------ down
@@ -354,10 +353,10 @@ def restart(name: str, host_name: str, progress: Any = lambda msg: None) -> Host
         Path(h.socket).unlink(missing_ok=True)
     progress(f"cluster {name}: starting {h.name}")
     h.state = "starting"
-    proc = procs.start(h)
-    h.pid, h.pid_start = proc.pid, procs.start_time(proc.pid)
+    started = procs.start(h)
+    h.pid, h.pid_start = started.proc.pid, procs.start_time(started.proc.pid)
     state.save()
-    procs.wait_ready({h.name: (h, proc)})
+    procs.wait_ready([started])
     h.state = "running"
     state.save()
     return h

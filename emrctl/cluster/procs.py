@@ -15,6 +15,7 @@ no such check: everything in them is ours.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -36,7 +37,16 @@ BOOT_TIMEOUT_S = 240.0        # torch imports and model maps on a 2-core machine
 STOP_TIMEOUT_S = 20.0
 
 
-def start(host: Host) -> subprocess.Popen:
+@dataclasses.dataclass
+class Started:
+    """A daemon being started, and where in its (appended) log this run begins."""
+
+    host: Host
+    proc: subprocess.Popen
+    log_offset: int
+
+
+def start(host: Host) -> Started:
     """Start the host's daemon; records nothing (the caller saves pid and start time)."""
     cmd = ["ip", "netns", "exec", host.netns, sys.executable, "-m", "flexemrd", "run", "--config", host.config]
     cgroup = host.cgroup
@@ -46,8 +56,10 @@ def start(host: Host) -> subprocess.Popen:
             limits.join_cgroup(cgroup)
 
     with open(host.log, "ab") as log:
-        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        offset = log.tell()   # a restart appends: only what this run writes can say "ready"
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=in_child, close_fds=True)
+    return Started(host, proc, offset)
 
 
 def start_time(pid: int) -> float:
@@ -57,14 +69,15 @@ def start_time(pid: int) -> float:
         return 0.0
 
 
-def wait_ready(started: dict[str, tuple[Host, subprocess.Popen]], timeout_s: float = BOOT_TIMEOUT_S) -> None:
+def wait_ready(started: list[Started], timeout_s: float = BOOT_TIMEOUT_S) -> None:
     """Until every host's log says ready; a daemon that exits first is an error naming it and its log."""
-    offsets = {name: 0 for name in started}
-    waiting = set(started)
+    by_name = {s.host.name: s for s in started}
+    offsets = {s.host.name: s.log_offset for s in started}
+    waiting = set(by_name)
     deadline = time.monotonic() + timeout_s
     while waiting:
         for name in sorted(waiting):
-            host, proc = started[name]
+            host, proc = by_name[name].host, by_name[name].proc
             seen, offsets[name] = _log_has(host.log, offsets[name])
             if seen:
                 waiting.discard(name)
@@ -75,7 +88,7 @@ def wait_ready(started: dict[str, tuple[Host, subprocess.Popen]], timeout_s: flo
                                    f"it was ready; the end of {host.log}:\n{tail(host.log)}")
         if waiting and time.monotonic() > deadline:
             names = ", ".join(sorted(waiting))
-            first = started[min(waiting)][0]
+            first = by_name[min(waiting)].host
             raise ClusterError(f"hosts {names} not ready after {timeout_s:.0f} s; the end of {first.log}:\n"
                                f"{tail(first.log)}")
         if waiting:
