@@ -43,18 +43,24 @@ def cluster() -> None:
 @click.option("--replicas", type=int, default=1, show_default=True, help="Embedding hosts holding each shard.")
 @click.option("--cpu-quota", type=float, default=None, metavar="CORES",
               help="CPU quota of every host in cores (cgroup v1 cfs quota), e.g. 0.25.")
+@click.option("--ranker-cpu-quota", type=float, default=None, metavar="CORES",
+              help="CPU quota of each ranker (default: --cpu-quota; 0: none).")
 @click.option("--rate-gbit", type=float, default=None, metavar="G", help="Rate limit of every host's link (tc tbf).")
 @click.option("--engines", type=int, default=1, show_default=True, help="Engine processes per ranker.")
+@click.option("--routing", type=click.Choice(["rows", "tables"]), default="rows", show_default=True,
+              help="rows: every table cut into one range per host; tables: whole tables per host.")
 @click.option("--hedging/--no-hedging", default=False, show_default=True,
               help="Rankers resend a slow subrequest to another replica (survives a cut link with replicas).")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON once up.")
 def up_cmd(name: str, model_dir: str, embedding_hosts: int, rankers: int, replicas: int, cpu_quota: float | None,
-           rate_gbit: float | None, engines: int, hedging: bool, as_json: bool) -> None:
+           ranker_cpu_quota: float | None, rate_gbit: float | None, engines: int, routing: str, hedging: bool,
+           as_json: bool) -> None:
     """Create the namespaces, links and limits, and start every host's daemon."""
     from emrctl.cluster import lifecycle
 
     _run(lifecycle.up, name, model_dir, embedding_hosts, rankers, replicas=replicas, cpu_quota=cpu_quota,
-         rate_gbit=rate_gbit, engines=engines, hedging=hedging, progress=_progress)
+         rate_gbit=rate_gbit, engines=engines, hedging=hedging, ranker_cpu_quota=ranker_cpu_quota,
+         routing=routing, progress=_progress)
     st = _run(lifecycle.status, name)
     if as_json:
         click.echo(json.dumps(st, indent=2))

@@ -22,22 +22,23 @@ from emrctl.cluster.state import Host
 EMBEDDING_PORT = 7001
 
 
-def embedding_doc(host: Host, model: str, n_servers: int, replicas: int, quota: bool) -> dict[str, Any]:
+def embedding_doc(host: Host, model: str, n_servers: int, replicas: int, quota: bool,
+                  routing: str = "rows") -> dict[str, Any]:
     return {
         "daemon": {"role": "embedding", "instance": host.instance, "model": model, "log_level": "info",
                    # a throttled host can miss a 10 s beat under load: that is slowness, not a hang
                    "heartbeat_timeout_s": 60.0 if quota else 10.0},
         "embedding": {"listen": f"{host.address}:{host.port}", "index": host.index, "servers": n_servers,
-                      "routing": "rows", "replicas": replicas, "threads": 1},
+                      "routing": routing, "replicas": replicas, "threads": 1},
     }
 
 
 def ranker_doc(host: Host, model: str, servers: list[str], replicas: int, engines: int, hedging: bool,
-               quota: bool) -> dict[str, Any]:
+               quota: bool, routing: str = "rows") -> dict[str, Any]:
     return {
         "daemon": {"role": "ranker", "instance": host.instance, "model": model, "log_level": "info",
                    "heartbeat_timeout_s": 60.0 if quota else 10.0},
-        "ranker": {"socket": host.socket, "engines": engines, "servers": servers, "routing": "rows",
+        "ranker": {"socket": host.socket, "engines": engines, "servers": servers, "routing": routing,
                    "replicas": replicas, "hedging": hedging, "transport": "tcp", "metrics_port": 0,
                    # one NN thread: an OpenMP team stalls when another host takes its core
                    "torch_threads": 1, "rebalance": False},

@@ -41,6 +41,7 @@ def require_root() -> None:
 
 def up(name: str, model: str, embedding_hosts: int, rankers: int, replicas: int = 1, cpu_quota: float | None = None,
        rate_gbit: float | None = None, engines: int = 1, hedging: bool = False,
+       ranker_cpu_quota: float | None = None, routing: str = "rows",
        progress: Any = lambda msg: None) -> ClusterState:
     """Create the cluster and start every daemon; returns its record once every host is ready."""
     validate_name(name)
@@ -48,12 +49,17 @@ def up(name: str, model: str, embedding_hosts: int, rankers: int, replicas: int 
     netns.require_tools("ip", *(["tc"] if rate_gbit is not None else []))
     limits.require_cpu_controller()
     limits.check_quota(cpu_quota)
+    if ranker_cpu_quota != 0:   # 0: rankers run without a quota
+        limits.check_quota(ranker_cpu_quota, "--ranker-cpu-quota")
     limits.check_rate(rate_gbit)
     _check_counts(embedding_hosts, rankers, replicas, engines)
+    if routing not in ("rows", "tables"):
+        raise ClusterError(f"--routing: must be 'rows' or 'tables', got {routing!r}", EXIT_USAGE)
     model = _check_model(model)
     _check_free(name)
 
-    state = _claim(name, model, embedding_hosts, rankers, replicas, cpu_quota, rate_gbit, engines, hedging)
+    state = _claim(name, model, embedding_hosts, rankers, replicas, cpu_quota, rate_gbit, engines, hedging,
+                   cpu_quota if ranker_cpu_quota is None else (ranker_cpu_quota or None), routing)
     try:
         _build(state, progress)
         state.phase = "up"
@@ -109,7 +115,8 @@ def _check_free(name: str) -> None:
 
 
 def _claim(name: str, model: str, n_emb: int, n_rank: int, replicas: int, cpu_quota: float | None,
-           rate_gbit: float | None, engines: int, hedging: bool) -> ClusterState:
+           rate_gbit: float | None, engines: int, hedging: bool, ranker_cpu_quota: float | None,
+           routing: str) -> ClusterState:
     """Take the name (mkdir is atomic), choose a subnet and write the first record."""
     root = root_dir()
     missing = []
@@ -124,9 +131,11 @@ def _claim(name: str, model: str, n_emb: int, n_rank: int, replicas: int, cpu_qu
     except FileExistsError:
         raise ClusterError(f"cluster name {name!r} is in use ({d} exists)", EXIT_USAGE) from None
     options = {"embedding_hosts": n_emb, "rankers": n_rank, "replicas": replicas, "cpu_quota": cpu_quota,
-               "rate_gbit": rate_gbit, "engines": engines, "hedging": hedging}
+               "rate_gbit": rate_gbit, "engines": engines, "hedging": hedging, "ranker_cpu_quota": ranker_cpu_quota,
+               "routing": routing}
     state = ClusterState(name=name, subnet_index=_free_subnet(), model=model, options=options,
-                         bridge_netns=f"flexemr-{name}", bridge=netns.BRIDGE_DEV)
+                         bridge_netns=f"flexemr-{name}", bridge=netns.BRIDGE_DEV, up_pid=os.getpid(),
+                         up_pid_start=procs.start_time(os.getpid()))
     for m in reversed(missing):           # parents first: undone last
         state.journal.append({"kind": "dir", "path": str(m), "removed": False})
     state.journal.append({"kind": "dir", "path": str(d), "removed": False, "tree": True})
@@ -174,7 +183,7 @@ def _build(state: ClusterState, progress: Any) -> None:
     limits.make_cgroup(cpath, None)
     for h in state.hosts:
         state.record("cgroup", path=h.cgroup)
-        limits.make_cgroup(Path(h.cgroup), o["cpu_quota"])
+        limits.make_cgroup(Path(h.cgroup), _quota_of(state, h))
 
     progress(f"cluster {state.name}: network 10.213.{state.subnet_index}.0/24, bridge in netns {state.bridge_netns}")
     state.record("netns", name=state.bridge_netns)
@@ -192,12 +201,13 @@ def _build(state: ClusterState, progress: Any) -> None:
 
     embedding = state.of_role("embedding")
     servers = [f"{h.address}:{h.port}" for h in embedding]
-    quota = o["cpu_quota"] is not None
     for h in state.hosts:
+        quota = _quota_of(state, h) is not None
         if h.role == "embedding":
-            doc = configs.embedding_doc(h, state.model, len(embedding), o["replicas"], quota)
+            doc = configs.embedding_doc(h, state.model, len(embedding), o["replicas"], quota, o["routing"])
         else:
-            doc = configs.ranker_doc(h, state.model, servers, o["replicas"], o["engines"], o["hedging"], quota)
+            doc = configs.ranker_doc(h, state.model, servers, o["replicas"], o["engines"], o["hedging"], quota,
+                                     o["routing"])
         configs.write_config(h.config, doc)
 
     # Servers first: a ranker's engines connect to every server while it boots.
@@ -208,6 +218,11 @@ def _build(state: ClusterState, progress: Any) -> None:
         for h in hosts:
             h.state = "running"
         state.save()
+
+
+def _quota_of(state: ClusterState, h: Host) -> float | None:
+    o = state.options
+    return o.get("ranker_cpu_quota") if h.role == "ranker" else o["cpu_quota"]
 
 
 def _start(state: ClusterState, h: Host) -> procs.Started:
@@ -233,6 +248,10 @@ def down(name: str, progress: Any = lambda msg: None) -> list[str]:
         shutil.rmtree(d, ignore_errors=True)
         return [str(d)]
     state = ClusterState.load(name)
+    if state.phase == "creating" and state.up_pid and state.up_pid != os.getpid() \
+            and abs(procs.start_time(state.up_pid) - state.up_pid_start) < 0.05:
+        raise ClusterError(f"`emrctl cluster up` (pid {state.up_pid}) is still creating cluster {name!r}: wait for it "
+                           f"to finish or fail, or kill it, then run down")
     state.phase = "stopping"
     state.save()
     return _teardown(state, progress)

@@ -27,17 +27,17 @@ PERIOD_US = 100_000
 MIN_QUOTA_US = 1_000   # the kernel refuses quotas under 1 ms
 
 
-def check_quota(cores: float | None) -> None:
+def check_quota(cores: float | None, option: str = "--cpu-quota") -> None:
     if cores is None:
         return
     if not cores > 0:
-        raise ClusterError(f"--cpu-quota: must be > 0 cores, got {cores:g}", EXIT_USAGE)
+        raise ClusterError(f"{option}: must be > 0 cores, got {cores:g}", EXIT_USAGE)
     if cores * PERIOD_US < MIN_QUOTA_US:
-        raise ClusterError(f"--cpu-quota: {cores:g} cores is under the kernel's minimum of "
+        raise ClusterError(f"{option}: {cores:g} cores is under the kernel's minimum of "
                            f"{MIN_QUOTA_US / PERIOD_US:g} cores", EXIT_USAGE)
     ncpu = os.cpu_count() or 1
     if cores > ncpu:
-        raise ClusterError(f"--cpu-quota: {cores:g} cores per host is more than this machine's {ncpu}", EXIT_USAGE)
+        raise ClusterError(f"{option}: {cores:g} cores per host is more than this machine's {ncpu}", EXIT_USAGE)
 
 
 def require_cpu_controller() -> None:

@@ -87,6 +87,8 @@ class ClusterState:
     journal: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     created: float = dataclasses.field(default_factory=time.time)
     phase: str = "creating"                # creating, up, stopping
+    up_pid: int = 0                        # the `emrctl cluster up` creating it (down waits for no live one)
+    up_pid_start: float = 0.0
     version: int = VERSION
 
     @property
