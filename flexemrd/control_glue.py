@@ -389,18 +389,23 @@ class InferenceControl:
             return
         state = self.block.runtime.read()
         self.epoch = state.epoch
-        moved = []
         for cid, eng in enumerate(state.owners):
             if cid in self.svc.owners and self.svc.owners[cid] != eng:
+                # Pending before the engine hears of it: its COMP_MIGRATED can reach
+                # on_migrated (completion thread) before migrate() even returns.
+                with self._lock:
+                    self.pending.add(cid)
                 try:
-                    if self.svc.migrate(cid, eng):
-                        moved.append(cid)
+                    if not self.svc.migrate(cid, eng):
+                        with self._lock:
+                            self.pending.discard(cid)
                 except ValueError as e:
+                    with self._lock:
+                        self.pending.discard(cid)
                     logger.error("cannot migrate connection %d: %s", cid, e)
         if self.svc.cache is not None:
             self.svc.cache.apply_runtime(state.cache_policy.label, state.cache_capacity_bytes)
         with self._lock:
-            self.pending.update(moved)
             self.target_epoch = state.epoch
             if not self.pending:
                 self.block.ranker.update(epoch_seen=state.epoch)
