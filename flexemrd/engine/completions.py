@@ -12,7 +12,7 @@ receiver writes the queue out between two frames::
     ----------------------------------       -------------------------------------------
     post_migrated(conn, to) ──▶ inbox ──┐    frame: reserve -> recv_into slot -> commit
                        wake() ──────────┼──▶ select() returns (wake pipe)
-                                        └──▶ flush(): write_message(...) for each, in order
+                                        └──▶ flush(): ring.write(...) each, in order
 
 So a COMP_MIGRATED lands after every frame this engine received for that
 connection, and no two threads ever reserve in the same ring.  Producer
