@@ -75,20 +75,24 @@ class InferenceControl:
         """Posted to the batcher: runs there between batches."""
 
         def apply(batcher: Batcher) -> None:
-            moved = []
             sub = batcher.submitter
             if sub is not None:
                 for cid, eng in enumerate(state.owners):
                     if cid in sub.owners and sub.owners[cid] != eng:
+                        # Waiting first: the engine may confirm before migrate() returns.
+                        with self._lock:
+                            self._waiting.add(cid)
                         try:
-                            if sub.migrate(cid, eng):
-                                moved.append(cid)
+                            moved = sub.migrate(cid, eng)
                         except ValueError as e:
+                            moved = False
                             logger.error("cannot migrate connection %d: %s", cid, e)
+                        if not moved:
+                            with self._lock:
+                                self._waiting.discard(cid)
             if batcher.cache is not None:
                 batcher.cache.apply_runtime(state.cache_policy.label, state.cache_capacity_bytes)
             with self._lock:
-                self._waiting.update(moved)
                 self._applied_epoch = state.epoch
 
         return apply
