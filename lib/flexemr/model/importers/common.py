@@ -108,6 +108,25 @@ class ImportedTable:
     source: torch.Tensor                      # [rows, dim], any float dtype, typically memory-mapped
     row_scale: torch.Tensor | None = None     # [rows]: per-row weights folded into the rows (exact for sum pooling)
     scale_key: str | None = None
+    projection: torch.Tensor | None = None    # [dim, source dim]: a linear map after pooling, folded into the rows
+    projection_key: str | None = None
+
+    def transform(self, start: int, end: int) -> torch.Tensor:
+        """Rows ``[start, end)`` as they must be stored: float32, weights and projection folded in.
+
+        Both folds are exact for sum pooling: sum(w_r * e_r) @ Pᵀ == sum((w_r * e_r) @ Pᵀ).
+        """
+        rows = self.source[start:end].detach().to(torch.float32)
+        if self.row_scale is not None:
+            rows = rows * self.row_scale[start:end].detach().to(torch.float32).unsqueeze(1)
+        if self.projection is not None:
+            rows = rows @ self.projection.detach().to(torch.float32).T
+        return rows
+
+    @property
+    def where(self) -> str:
+        parts = [k for k in (self.scale_key, self.projection_key) if k]
+        return self.key + (f" (with {', '.join(parts)} folded in)" if parts else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,15 +321,11 @@ def _write_table(out: Path, t: ImportedTable, chunk_bytes: int, progress: Progre
             progress(spec.name, 0, spec.rows)
         for start in range(0, spec.rows, step):
             end = min(spec.rows, start + step)
-            rows = t.source[start:end].detach().to(torch.float32)
-            if t.row_scale is not None:
-                rows = rows * t.row_scale[start:end].detach().to(torch.float32).unsqueeze(1)
-            chunk = rows.numpy()
+            chunk = t.transform(start, end).numpy()
             bad = ~np.isfinite(chunk).all(axis=1)
             if bad.any():
                 row = start + int(np.flatnonzero(bad)[0])
-                where = t.key if t.row_scale is None else f"{t.key} (scaled by {t.scale_key})"
-                raise CheckpointError("checkpoint", [f"{where}: row {row} holds NaN or infinite values"])
+                raise CheckpointError("checkpoint", [f"{t.where}: row {row} holds NaN or infinite values"])
             dst[start:end] = chunk
             if progress is not None:
                 progress(spec.name, end, spec.rows)
