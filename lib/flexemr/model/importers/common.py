@@ -308,29 +308,68 @@ def _chunk_rows(dim: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // max(1, dim * 4))
 
 
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages; never loses data (file pages are re-read on access)
+_libc: Any = None
+
+
+def _page_out(t: torch.Tensor) -> None:
+    """Drop the pages of ``t`` (rows already copied) from this process: a memory-mapped checkpoint
+    otherwise stays resident page by page until the whole table has been read.
+
+    MADV_PAGEOUT rather than MADV_DONTNEED: on memory that is not file-backed (a legacy
+    checkpoint read whole) it is a mere hint, where DONTNEED would zero the rows.
+    Best effort: any failure (another OS, an old kernel) leaves the pages where they are.
+    """
+    global _libc
+    if not sys.platform.startswith("linux") or t.numel() == 0:
+        return
+    try:
+        import ctypes
+
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        page = os.sysconf("SC_PAGE_SIZE")
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        lo = (start + page - 1) // page * page      # whole pages inside the rows only
+        hi = end // page * page
+        if hi > lo:
+            _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_PAGEOUT))
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
 def _write_table(out: Path, t: ImportedTable, chunk_bytes: int, progress: Progress | None) -> Path:
-    """Copy one table chunk by chunk into ``tables/NAME.npy`` (float32, C order)."""
+    """Copy one table chunk by chunk into ``tables/NAME.npy`` (float32, C order).
+
+    open_memmap writes the .npy header and sizes the file; the rows then go in with
+    plain writes, so neither the written table nor (see _page_out) the read one stays
+    mapped in this process: memory holds one chunk, not two tables.
+    """
     spec = t.spec
     path = table_path(out, spec.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     step = _chunk_rows(spec.dim, chunk_bytes)
     try:
-        dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(spec.rows, spec.dim))
+        header = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(spec.rows, spec.dim))
+        offset = int(header.offset)
+        del header
         if progress is not None:
             progress(spec.name, 0, spec.rows)
-        for start in range(0, spec.rows, step):
-            end = min(spec.rows, start + step)
-            chunk = t.transform(start, end).numpy()
-            bad = ~np.isfinite(chunk).all(axis=1)
-            if bad.any():
-                row = start + int(np.flatnonzero(bad)[0])
-                raise CheckpointError("checkpoint", [f"{t.where}: row {row} holds NaN or infinite values"])
-            dst[start:end] = chunk
-            if progress is not None:
-                progress(spec.name, end, spec.rows)
-        dst.flush()
-        del dst  # close the map before the rename
+        with open(tmp, "r+b") as f:
+            f.seek(offset)
+            for start in range(0, spec.rows, step):
+                end = min(spec.rows, start + step)
+                chunk = np.ascontiguousarray(t.transform(start, end).numpy())
+                bad = ~np.isfinite(chunk).all(axis=1)
+                if bad.any():
+                    row = start + int(np.flatnonzero(bad)[0])
+                    raise CheckpointError("checkpoint", [f"{t.where}: row {row} holds NaN or infinite values"])
+                f.write(memoryview(chunk).cast("B"))
+                _page_out(t.source[start:end])
+                if progress is not None:
+                    progress(spec.name, end, spec.rows)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
