@@ -229,7 +229,6 @@ def dense_weights(tensors: Mapping[str, tuple[str, torch.Tensor]], problems: lis
 
 
 def resolve_tables(
-    source: str,
     found: list[tuple[str, str]],
     options: ImportOptions,
     problems: list[str],

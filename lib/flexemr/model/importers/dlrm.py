@@ -213,7 +213,7 @@ def plan_dlrm(checkpoint: str | Path, options: ImportOptions | None = None) -> I
                         "(the click probability)")
     found = [(f"t{i}", t.key) for i, t in enumerate(tables) if t is not None]
     aliases = {f"t{i}": (f"emb_l.{i}", str(i)) for i in range(len(tables))}
-    named = resolve_tables(source, found, options, problems, aliases)
+    named = resolve_tables(found, options, problems, aliases)
     if problems:
         raise CheckpointError(source, problems)
 

@@ -187,7 +187,7 @@ def plan_torchrec(checkpoint: str | Path, options: ImportOptions | None = None) 
     if last_w.shape[0] != 1:
         problems.append(f"over_arch.model.1.weight: {last_w.shape[0]} outputs; flexemr serves one score per "
                         "sample (the last over-arch layer must have 1 output)")
-    tables = resolve_tables(source, [(n, k) for n, k in table_keys], options, problems)
+    tables = resolve_tables(table_keys, options, problems)
     if problems:
         raise CheckpointError(source, problems)
 
