@@ -229,17 +229,24 @@ def import_(source: str, checkpoint: Path, out: Path, name_map: tuple[str, ...],
         raise click.ClickException(f"{checkpoint}: no such file")
 
     # torch and the importers load only now: `emrctl status` and `emrctl model validate` stay torch-free.
-    from flexemr.model.importers import import_checkpoint
-    from flexemr.model.importers.common import CheckpointError, ImportOptions, StderrProgress
+    from flexemr.model.importers import plan_checkpoint
+    from flexemr.model.importers.common import CheckpointError, ImportOptions, StderrProgress, write_model_dir
     from flexemr.types import Interaction
 
     if interaction is not None:
         options_kw["interaction"] = Interaction(interaction)
     options = ImportOptions(**options_kw)
-    if out.is_dir() and force:
-        _clear_model_files(out)
     try:
-        plan = import_checkpoint(source, checkpoint, out, options, None if as_json else StderrProgress())
+        # The whole checkpoint is checked before anything in DIR is touched: a bad
+        # one never costs the model already there, even with --force.
+        plan = plan_checkpoint(source, checkpoint, options)
+        need = plan.spec.embedding_bytes + dense_param_count(plan.spec) * 4
+        free = _free_bytes(out)
+        if need > free:
+            raise click.ClickException(f"{checkpoint} needs {_human(need)} but only {_human(free)} is free under {out}")
+        if out.is_dir() and force:
+            _clear_model_files(out)
+        write_model_dir(out, plan, None if as_json else StderrProgress())
     except CheckpointError as e:
         if as_json:
             click.echo(json.dumps({"ok": False, "path": str(out), "checkpoint": str(checkpoint),

@@ -251,6 +251,14 @@ def test_arch_interaction_itself_is_refused_clearly(tmp_path):
         plan_dlrm(ckpt)
 
 
+def test_tables_missing_from_the_end_are_named(tmp_path):
+    state = dict(build_ref(seed=1).state_dict())
+    del state["emb_l.3.weight"], state["emb_l.2.weight"]
+    torch.save({"state_dict": state}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"emb_l\.2\.weight \.\. emb_l\.3\.weight: missing"):
+        plan_dlrm(tmp_path / "bad.pt")
+
+
 def test_qr_embeddings_are_refused_clearly(tmp_path):
     state = dict(build_ref(seed=1).state_dict())
     w = state.pop("emb_l.1.weight")
@@ -305,3 +313,17 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match=r"junk\.pt: not a loadable torch checkpoint"):
         plan_dlrm(tmp_path / "junk.pt")
+
+
+def test_a_bad_checkpoint_never_costs_the_model_already_there(tmp_path):
+    out = tmp_path / "out"
+    import_dlrm(save_like_save_model(build_ref(seed=1), tmp_path / "good.pt"), out)
+    before = {p.name: p.read_bytes() for p in [out / "model.toml", out / "dense.pt", *sorted((out / "tables").iterdir())]}
+    state = dict(build_ref(seed=2).state_dict())
+    del state["emb_l.1.weight"]
+    torch.save({"state_dict": state}, tmp_path / "bad.pt")
+    res = CliRunner().invoke(model_cli, ["import", "--from", "dlrm", str(tmp_path / "bad.pt"), "--out", str(out),
+                                         "--force", "--json"])
+    assert res.exit_code == 1 and '"emb_l.1.weight: missing' in res.output
+    after = {p.name: p.read_bytes() for p in [out / "model.toml", out / "dense.pt", *sorted((out / "tables").iterdir())]}
+    assert after == before

@@ -19,18 +19,20 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from flexemr.model.importers.common import ImportOptions, ImportPlan, Progress
 
-__all__ = ["SOURCES", "import_checkpoint"]
+__all__ = ["SOURCES", "plan_checkpoint", "import_checkpoint"]
 
-# --from NAME -> "module:function"; every function has the signature of import_checkpoint's tail.
+# --from NAME -> "module:function" reading such a checkpoint: (checkpoint, options) -> ImportPlan.
 SOURCES: dict[str, str] = {
-    "torchrec": "flexemr.model.importers.torchrec:import_torchrec",
-    "dlrm": "flexemr.model.importers.dlrm:import_dlrm",
+    "torchrec": "flexemr.model.importers.torchrec:plan_torchrec",
+    "dlrm": "flexemr.model.importers.dlrm:plan_dlrm",
 }
 
 
-def import_checkpoint(source: str, checkpoint: str | Path, out: str | Path,
-                      options: ImportOptions | None = None, progress: Progress | None = None) -> ImportPlan:
-    """Import ``checkpoint`` (of kind ``source``, a key of SOURCES) into the model directory ``out``."""
+def plan_checkpoint(source: str, checkpoint: str | Path, options: ImportOptions | None = None) -> ImportPlan:
+    """Read and check ``checkpoint`` (of kind ``source``, a key of SOURCES); writes nothing.
+
+    Raises CheckpointError (every problem, each naming its key) or ValueError for an unknown source.
+    """
     import importlib
 
     try:
@@ -39,4 +41,14 @@ def import_checkpoint(source: str, checkpoint: str | Path, out: str | Path,
         raise ValueError(f"unknown checkpoint source {source!r} (expected one of {', '.join(SOURCES)})") from None
     module, _, name = target.partition(":")
     fn: Callable[..., ImportPlan] = getattr(importlib.import_module(module), name)
-    return fn(checkpoint, out, options, progress)
+    return fn(checkpoint, options)
+
+
+def import_checkpoint(source: str, checkpoint: str | Path, out: str | Path,
+                      options: ImportOptions | None = None, progress: Progress | None = None) -> ImportPlan:
+    """Import ``checkpoint`` into the model directory ``out``; returns what was imported."""
+    from flexemr.model.importers.common import write_model_dir
+
+    plan = plan_checkpoint(source, checkpoint, options)
+    write_model_dir(out, plan, progress)
+    return plan

@@ -151,12 +151,22 @@ def _interaction(top_in: int, d: int, dims: list[int], options: ImportOptions, p
         problems.append(f"top_l.0.weight: its {top_in} inputs fit both the dot and the cat interaction; "
                         "pass --interaction dot|cat (dlrm's --arch-interaction-op)")
         return Interaction.DOT
+    t = len(dims)
     if top_in == d + pairs(n) + n and all(x == d for x in dims):
+        # n(n-1)/2 + n == pairs(n + 1): the same width as a dot over one more table.
         raise UnsupportedCheckpoint("checkpoint", [
-            f"top_l.0.weight: {top_in} inputs: a model trained with --arch-interaction-itself (each vector's "
-            "dot product with itself too) is not supported: flexemr's dot interaction keeps only pairs i > j"])
-    problems.append(f"top_l.0.weight: reads {top_in} inputs, but {len(dims)} tables give {width[Interaction.DOT]} "
-                    f"under interaction dot and {width[Interaction.CAT]} under cat")
+            f"top_l.0.weight: {top_in} inputs: a model trained with --arch-interaction-itself (each vector's dot "
+            "product with itself too) is not supported: flexemr's dot interaction keeps only pairs i > j "
+            f"(if the model has {t + 1} tables instead, emb_l.{t}.weight is missing)"])
+    # A wider dot interaction means tables missing from the end of emb_l.
+    more = next((k for k in range(n + 1, n + 1025) if d + pairs(k) >= top_in), None)
+    if more is not None and d + pairs(more) == top_in:
+        last = more - 2
+        problems.append(f"emb_l.{t}.weight{f' .. emb_l.{last}.weight' if last > t else ''}: missing "
+                        f"(top_l.0.weight reads {top_in} inputs: a dot interaction over {more - 1} tables)")
+    else:
+        problems.append(f"top_l.0.weight: reads {top_in} inputs, but {t} tables give {width[Interaction.DOT]} "
+                        f"under interaction dot and {width[Interaction.CAT]} under cat")
     return Interaction.DOT
 
 
