@@ -201,7 +201,7 @@ def _parse_pooling(option: str, value: str):
 @click.option("--name-map", multiple=True, metavar="CKPTNAME=NAME",
               help="Rename a checkpoint table (clients send NAME as the sparse feature). Repeatable.")
 @click.option("--pooling", default="sum", show_default=True, type=click.Choice(["sum", "mean", "max"]),
-              help="Pooling of every table the checkpoint does not say otherwise for.")
+              help="Pooling of every table --table-pooling does not name (a state_dict does not record it).")
 @click.option("--table-pooling", multiple=True, metavar="NAME=MODE",
               help="Pooling of one table (checkpoint or new name): sum, mean or max. Repeatable.")
 @click.option("--dense-features", type=click.IntRange(min=1), default=None,
@@ -209,7 +209,8 @@ def _parse_pooling(option: str, value: str):
 @click.option("--interaction", type=click.Choice(["dot", "cat"]), default=None,
               help="dlrm only: --arch-interaction-op, when the top MLP's width fits both.")
 @click.option("--force", is_flag=True, help="Overwrite the model files of a non-empty DIR.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON {ok, path, problems, spec, notes}.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON {ok, path, checkpoint, from, summary, tables, notes} or {ok, problems}.")
 def import_(source: str, checkpoint: Path, out: Path, name_map: tuple[str, ...], pooling: str,
             table_pooling: tuple[str, ...], dense_features: int | None, interaction: str | None, force: bool,
             as_json: bool) -> None:
