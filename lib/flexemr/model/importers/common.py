@@ -65,7 +65,7 @@ __all__ = [
 # Same rule as model.toml's table names (flexemr.model.spec).
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 
-# Rows copied per step: 64 Ki rows x 128 floats = 32 MiB at most in flight.
+# Bytes of float32 rows copied per step (64 Ki rows of dim 128): the memory an import needs beyond torch.
 DEFAULT_CHUNK_BYTES = 32 << 20
 
 
