@@ -49,7 +49,11 @@ class KServeService:
         return self._metadata[convert.check_model(model, version)]
 
     def model_ready(self, model: str, version: str | None = None) -> bool:
-        convert.check_model(model, version)
+        # an unknown model is simply not ready (as HTTP's 4xx reads to tritonclient), not an error
+        try:
+            convert.check_model(model, version)
+        except convert.UnknownModel:
+            return False
         return self.ready()
 
     def infer(self, model: str, version: str | None, inputs: Sequence[tuple[str, np.ndarray]],
