@@ -260,6 +260,42 @@ def test_predict_csr_on_the_unix_socket(stack, oracle):
     np.testing.assert_allclose(got, oracle.predict(dense, sparse), rtol=1e-5, atol=1e-6)
 
 
+def _embedding_servers(cluster: LocalCluster) -> list:
+    import psutil
+
+    procs = [psutil.Process(pid) for pid in cluster.children()]
+    return [p for p in procs if p.name().startswith("flexemr-emb")]
+
+
+def test_not_ready_while_a_shard_has_no_live_server(stack, oracle):
+    """A frozen embedding server: its shard has no live server, so the front says not ready, then ready again."""
+    import signal
+    import time
+
+    cluster, front = stack
+    h = tritonclient_http.InferenceServerClient(front.url("http"))
+    g = tritonclient_grpc.InferenceServerClient(front.url("grpc"))
+    servers = _embedding_servers(cluster)
+    assert len(servers) == 2, [p.name() for p in servers]
+    assert h.is_server_ready() and g.is_server_ready()
+    servers[1].send_signal(signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 20
+        while (h.is_server_ready() or g.is_server_ready()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not h.is_server_ready() and not g.is_server_ready() and not g.is_model_ready("flexemr")
+        assert h.is_server_live() and g.is_server_live()
+    finally:
+        servers[1].send_signal(signal.SIGCONT)
+    deadline = time.monotonic() + 60
+    while not (h.is_server_ready() and g.is_server_ready()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert h.is_server_ready() and g.is_server_ready()
+    dense, sparse = _batch(oracle.spec, 6, seed=10)
+    np.testing.assert_allclose(_scores(g.infer("flexemr", _inputs(tritonclient_grpc, _kjt_tensors(dense, sparse)))),
+                               oracle.predict(dense, sparse), rtol=1e-5, atol=1e-6)
+
+
 def test_ready_follows_the_ranker(tiny_model, tmp_path, oracle):
     """In-process front (next to tritonclient in one process): not ready once the ranker is gone."""
     from flexemr.kserve.server import KServeServer
