@@ -186,7 +186,8 @@ def run(out: Path, seconds: float, clients: int, batches: list[int], rows_cap: i
             front.stop()
         daemon.stop()
     results = {"benchmark": "fronts", "model": f"bench8 rows_cap={rows_cap}", "ids_per_bag": ids_per_bag,
-               "clients": clients, "seconds": seconds, "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
+               "clients": clients, "seconds": seconds,
+               "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
                "note": "KServe fronts run as their own process over the ranker's unix socket (one extra local hop)",
                "results": cells}
     (out / "fronts.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -62,7 +62,6 @@ def size(spec: Any, embedding_cfg: Any, ranker_cfg: Any) -> dict[str, dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flexemr.config import load_config
     from flexemr.model.presets import get_preset
     from flexemr.model.spec import load_spec
 

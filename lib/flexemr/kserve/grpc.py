@@ -87,7 +87,9 @@ class KServeGrpcServicer:
                 inputs.append((name, convert.decode_list(name, t.datatype, list(t.shape), list(values))))
         requested = [o.name for o in request.outputs] or None
         params = {k: _param_value(v) for k, v in request.parameters.items()}
-        tensors = self.service.infer(request.model_name, request.model_version or None, inputs, requested, params)
+        left = context.time_remaining() if context is not None else None  # None: the client set no deadline
+        tensors = self.service.infer(request.model_name, request.model_version or None, inputs, requested, params,
+                                     deadline_s=left)
         resp = self.pb.ModelInferResponse(model_name=request.model_name,
                                           model_version=request.model_version or MODEL_VERSION, id=request.id)
         for t in tensors:

@@ -57,8 +57,13 @@ class KServeService:
         return self.ready()
 
     def infer(self, model: str, version: str | None, inputs: Sequence[tuple[str, np.ndarray]],
-              requested: Sequence[str] | None, parameters: Mapping[str, Any] | None = None) -> list[Tensor]:
-        """Run one request: named input tensors in, response tensors out (RequestError on bad input)."""
+              requested: Sequence[str] | None, parameters: Mapping[str, Any] | None = None,
+              deadline_s: float | None = None) -> list[Tensor]:
+        """Run one request: named input tensors in, response tensors out (RequestError on bad input).
+
+        The backend gets the tighter of ``parameters.timeout`` (Triton's, in
+        microseconds) and ``deadline_s`` (what is left of a gRPC deadline).
+        """
         convert.check_model(model, version)
         named: dict[str, np.ndarray] = {}
         for name, arr in inputs:
@@ -76,6 +81,8 @@ class KServeService:
                 raise RequestError(f"parameters.{TIMEOUT_PARAMETER}: must be a positive integer of "
                                    f"microseconds, got {raw_timeout!r}")
             timeout_s = raw_timeout / 1e6
+        if deadline_s is not None:
+            timeout_s = deadline_s if timeout_s is None else min(timeout_s, deadline_s)
         try:
             result = self.backend.infer(predict, dense, sparse, timeout_s)
         except RemoteError as e:  # the ranker could not complete it (a shard unreachable, ...)
