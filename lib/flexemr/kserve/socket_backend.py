@@ -95,7 +95,7 @@ class SocketBackend:
                 out = client.lookup(sparse)
             healthy = True
             return out
-        except RequestError:
+        except (RequestError, RemoteError):
             healthy = True  # the ranker answered with an ERROR frame; the connection is in step
             raise
         except (socket.timeout, ConnectionError, OSError, ProtocolError) as e:
