@@ -297,23 +297,39 @@ def test_not_ready_while_a_shard_has_no_live_server(stack, oracle):
 
 
 def test_ready_follows_the_ranker(tiny_model, tmp_path, oracle):
-    """In-process front (next to tritonclient in one process): not ready once the ranker is gone."""
+    """In-process front (next to tritonclient in one process): not ready while the ranker is gone, and a
+    restarted ranker is served again (pooled connections to the old one are replaced, not failed)."""
+    import time
+
     from flexemr.kserve.server import KServeServer
     from flexemr.kserve.socket_backend import SocketBackend
 
     cluster = LocalCluster(tiny_model, tmp_path, servers=1, engines=1)
     backend = SocketBackend(cluster.socket, oracle.spec, pool_size=2)
+    dense, sparse = _batch(oracle.spec, 4, seed=9)
+    want = oracle.predict(dense, sparse)
     try:
         with KServeServer(backend, http_port=0, grpc_port=0, threads=2) as front:
             h = tritonclient_http.InferenceServerClient(f"127.0.0.1:{front.http_port}")
             g = tritonclient_grpc.InferenceServerClient(f"127.0.0.1:{front.grpc_port}")
-            dense, sparse = _batch(oracle.spec, 4, seed=9)
             assert h.is_server_ready() and g.is_server_ready()
-            _scores(g.infer("flexemr", _inputs(tritonclient_grpc, _kjt_tensors(dense, sparse))))
+            np.testing.assert_allclose(_scores(g.infer("flexemr", _inputs(tritonclient_grpc, _kjt_tensors(dense, sparse)))),
+                                       want, rtol=1e-5, atol=1e-6)
             cluster.stop()
+            time.sleep(backend.cache_s)
             assert h.is_server_live() and g.is_server_live()
             assert not h.is_server_ready() and not g.is_server_ready()
             assert not h.is_model_ready("flexemr") and not g.is_model_ready("flexemr")
+
+            cluster = LocalCluster(tiny_model, tmp_path, servers=1, engines=1, instance=cluster.instance)
+            deadline = time.monotonic() + 30
+            while not h.is_server_ready() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert h.is_server_ready() and g.is_server_ready()
+            np.testing.assert_allclose(_scores(g.infer("flexemr", _inputs(tritonclient_grpc, _kjt_tensors(dense, sparse)))),
+                                       want, rtol=1e-5, atol=1e-6)
+
+            cluster.stop()
             with pytest.raises(InferenceServerException, match="UNAVAILABLE"):
                 g.infer("flexemr", _inputs(tritonclient_grpc, _kjt_tensors(dense, sparse)))
             with pytest.raises(InferenceServerException, match="503"):

@@ -58,14 +58,16 @@ class SocketBackend:
         self._slots = threading.BoundedSemaphore(pool_size)
         self._closed = False
 
-    def _acquire(self) -> InferenceClient:
+    def _acquire(self, fresh: bool = False) -> tuple[InferenceClient, bool]:
+        """A client and whether it was reused from the pool (``fresh``: never reuse)."""
         self._slots.acquire()
+        if not fresh:
+            try:
+                return self._idle.get_nowait(), True
+            except queue.Empty:
+                pass
         try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            pass
-        try:
-            return InferenceClient(self.socket_path, timeout=self.timeout_s)
+            return InferenceClient(self.socket_path, timeout=self.timeout_s), False
         except (ConnectionError, OSError) as e:
             self._slots.release()
             raise BackendUnavailable(f"ranker socket {self.socket_path}: {e}") from None
@@ -84,24 +86,30 @@ class SocketBackend:
         ``timeout_s`` is not forwarded: the unix protocol has no per-request
         deadline yet, so every call is bounded by the pool's ``timeout_s``.
         """
-        client = self._acquire()
-        healthy = False
-        try:
-            if predict:
-                if dense is None:
-                    raise RequestError("dense: required for predict")
-                out = client.predict(dense, sparse)
-            else:
-                out = client.lookup(sparse)
-            healthy = True
-            return out
-        except (RequestError, RemoteError):
-            healthy = True  # the ranker answered with an ERROR frame; the connection is in step
-            raise
-        except (socket.timeout, ConnectionError, OSError, ProtocolError) as e:
-            raise BackendUnavailable(f"ranker socket {self.socket_path}: {type(e).__name__}: {e}") from None
-        finally:
-            self._release(client, healthy)
+        fresh = False
+        while True:
+            client, reused = self._acquire(fresh)
+            healthy = False
+            try:
+                if predict:
+                    if dense is None:
+                        raise RequestError("dense: required for predict")
+                    out = client.predict(dense, sparse)
+                else:
+                    out = client.lookup(sparse)
+                healthy = True
+                return out
+            except (RequestError, RemoteError):
+                healthy = True  # the ranker answered with an ERROR frame; the connection is in step
+                raise
+            except (ConnectionError, OSError, ProtocolError) as e:
+                if reused and not isinstance(e, TimeoutError):
+                    # an idle connection the ranker dropped (it restarted): once more on a new one
+                    fresh = True
+                    continue
+                raise BackendUnavailable(f"ranker socket {self.socket_path}: {type(e).__name__}: {e}") from None
+            finally:
+                self._release(client, healthy)
 
     def ready(self) -> bool:
         """The ranker answers a PING and a lookup touching every shard (see the module docstring)."""
