@@ -13,8 +13,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       || echo "    (redis-server not installed: the redis baseline will be skipped)"
   fi
 fi
-echo "==> installing flexemr (editable) with test and bench extras"
-"$PY" -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,bench]"
+echo "==> installing flexemr (editable) with test, bench and kserve extras"
+"$PY" -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,bench,kserve]"
 
 # TorchRec (extra "import") for the importer tests.  torchrec depends on the CUDA
 # build of fbgemm-gpu, which fails to load without a GPU: remove it and put the CPU
