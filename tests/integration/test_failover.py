@@ -235,15 +235,25 @@ def test_an_expired_request_is_dropped_by_the_slow_server_and_names_the_stage(si
 
 
 def _server_counter(cluster: LocalCluster, index: int, name: str) -> int:
+    """One of embedding server ``index``'s own counters (a STATS frame to its port)."""
     import json
+    import socket
     import subprocess
     import sys
+
+    from flexemr.wire import codec
+    from flexemr.wire.frame import FrameType, pack_header
+    from flexemr.wire.stream import FrameReader
 
     out = subprocess.run([sys.executable, "-m", "emrctl", "--instance", cluster.instance, "status", "--json"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    servers = json.loads(out.stdout)["servers"]
-    return int(servers[index].get(name, 0))
+    host, port = json.loads(out.stdout)["servers"][index]["address"].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(pack_header(FrameType.STATS, 1, 0))
+        reader = FrameReader(s, 1 << 20)
+        h = reader.read_header()
+        return int(codec.decode_stats(reader.read_payload(h))[name])
 
 
 def test_a_client_is_correct_after_its_own_timeout(single, reference):

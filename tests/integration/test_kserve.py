@@ -60,9 +60,42 @@ class Front:
         return rc
 
 
-@pytest.fixture(scope="module")
-def stack(tiny_model, tmp_path_factory):
+class DaemonFront:
+    """The front inside the daemon: ``flexemrd local --http-port P --grpc-port Q``."""
+
+    def __init__(self, cluster: LocalCluster, http_port: int, grpc_port: int) -> None:
+        self.cluster, self.http_port, self.grpc_port = cluster, http_port, grpc_port
+
+    def url(self, kind: str) -> str:
+        return f"127.0.0.1:{self.http_port if kind == 'http' else self.grpc_port}"
+
+    def stop(self) -> int:
+        return 0
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module", params=["sidecar", "daemon"])
+def stack(request, tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kserve")
+    if request.param == "daemon":
+        http_port, grpc_port = _free_ports(2)
+        cluster = LocalCluster(tiny_model, tmp, servers=2, engines=1,
+                               extra=["--http-port", str(http_port), "--grpc-port", str(grpc_port)])
+        front = DaemonFront(cluster, http_port, grpc_port)
+        yield cluster, front
+        cluster.stop()
+        return
     cluster = LocalCluster(tiny_model, tmp, servers=2, engines=1)
     try:
         front = Front(cluster, tiny_model, tmp)
