@@ -66,6 +66,8 @@ class InProcessBackend:
         self._rng = np.random.default_rng()
 
     def infer(self, predict: bool, dense: np.ndarray | None, sparse, timeout_s: float | None = None):
+        if timeout_s is not None and not 0 < timeout_s < 86400:
+            timeout_s = None   # gRPC says "no deadline" with a huge time remaining: use the configured one
         req = request_from_arrays(dense if predict else None, sparse)
         answer = _Answer()
         work = self.service.admission.admit(answer, 0, predict, req, timeout_s)
