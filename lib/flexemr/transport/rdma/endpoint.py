@@ -87,9 +87,11 @@ class Region:
         return memoryview(self.array)[offset:offset + nbytes]
 
     def close(self) -> None:
+        """Deregister, then let go of the buffer (an mmap can be closed afterwards)."""
         if self._mr is not None:
             self._mr.close()
             self._mr = None
+            self.array = np.empty(0, np.uint8)
 
 
 class Endpoint:
