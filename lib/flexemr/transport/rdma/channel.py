@@ -117,12 +117,10 @@ class RdmaChannel:
         self.recv_slots = recv_slots
         self.recv_slot_bytes = recv_slot_bytes
         self.regions = regions
-        self.data = QueuePair(endpoint, peer, sl=DATA_SL, traffic_class=DATA_TRAFFIC_CLASS,
+        self.data = QueuePair(endpoint, peer, self, sl=DATA_SL, traffic_class=DATA_TRAFFIC_CLASS,
                               max_send_wr=depth, max_recv_wr=max(depth, recv_slots, 1), role="data")
-        self.credit = QueuePair(endpoint, peer, sl=CREDIT_SL, traffic_class=CREDIT_TRAFFIC_CLASS,
+        self.credit = QueuePair(endpoint, peer, self, sl=CREDIT_SL, traffic_class=CREDIT_TRAFFIC_CLASS,
                                 max_send_wr=CREDIT_RECV_DEPTH, max_recv_wr=CREDIT_RECV_DEPTH, role="credit")
-        self.data.set_owner(self)
-        self.credit.set_owner(self)
         self.remote: ConnectionBlob | None = None
         self._scratch_owed = {self.data.qpn: 0, self.credit.qpn: 0}
         self.bytes_sent = 0  # payload bytes this side posted through verbs (SEND, WRITE)
@@ -316,13 +314,15 @@ class RankerChannel(RdmaChannel):
         return n
 
     def _event(self, qp: QueuePair, wc: Any) -> object | None:
-        e = self.endpoint._pv.enums
+        e = self.endpoint.pv.enums
         op = wc.opcode
         if op == e.IBV_WC_RECV_RDMA_WITH_IMM:
             self._scratch_owed[qp.qpn] += 1
             return Response(int(wc.imm_data), int(wc.byte_len))
-        if op == e.IBV_WC_RECV:  # a credit grant: immediate only
+        if op == e.IBV_WC_RECV:
             self._scratch_owed[qp.qpn] += 1
+            if qp is not self.credit:  # the server sends nothing else; a stray SEND is not a credit
+                return None
             self.credits += int(wc.imm_data)
             return CreditGrant(int(wc.imm_data))
         qp.send_done()
@@ -386,9 +386,12 @@ class ServerChannel(RdmaChannel):
         return ok
 
     def _event(self, qp: QueuePair, wc: Any) -> object | None:
-        e = self.endpoint._pv.enums
+        e = self.endpoint.pv.enums
         op = wc.opcode
         if op == e.IBV_WC_RECV:
+            if qp is self.credit:  # rankers grant nothing; keep the scratch receive posted
+                self._scratch_owed[qp.qpn] += 1
+                return None
             slot = int(wc.wr_id)
             n = int(wc.byte_len)
             return Request(slot, int(wc.imm_data), n, self.receive.view(slot * self.recv_slot_bytes, n))

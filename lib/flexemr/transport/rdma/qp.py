@@ -24,7 +24,7 @@ import secrets
 from typing import Any
 
 from flexemr.transport.rdma.blob import MTUS, ConnectionBlob, RemoteRegion, gid_text
-from flexemr.transport.rdma.endpoint import Endpoint, Region
+from flexemr.transport.rdma.endpoint import CompletionOwner, Endpoint, Region
 from flexemr.transport.rdma.errors import QueuePairError
 
 logger = logging.getLogger(__name__)
@@ -48,10 +48,11 @@ MAX_RD_ATOMIC = 16  # RDMA READs in flight per QP, capped by the device
 class QueuePair:
     """One RC queue pair to ``peer`` on ``endpoint`` (see the module docstring)."""
 
-    def __init__(self, endpoint: Endpoint, peer: str, *, sl: int = 0, traffic_class: int = 0,
-                 max_send_wr: int = 256, max_recv_wr: int = 256, role: str = "data") -> None:
-        endpoint._check_owner()
-        pv = self._pv = endpoint._pv
+    def __init__(self, endpoint: Endpoint, peer: str, owner: CompletionOwner, *, sl: int = 0,
+                 traffic_class: int = 0, max_send_wr: int = 256, max_recv_wr: int = 256,
+                 role: str = "data") -> None:
+        endpoint.check_owner()
+        pv = self._pv = endpoint.pv
         e = pv.enums
         if not 0 <= sl <= 15:
             raise ValueError(f"service level {sl} is outside 0..15")
@@ -59,6 +60,7 @@ class QueuePair:
             raise ValueError(f"traffic class {traffic_class} is outside 0..255")
         self.endpoint = endpoint
         self.peer = peer
+        self.owner = owner  # gets this QP's completions once connected
         self.role = role
         self.sl = sl
         self.traffic_class = traffic_class
@@ -106,13 +108,9 @@ class QueuePair:
         attr.max_rd_atomic = self.rd_atomic
         self._qp.to_rts(attr)
         self.connected_to = remote_qpn
-        self.endpoint.attach(self.qpn, self._owner)
+        self.endpoint.attach(self.qpn, self.owner)
         logger.debug("QP 0x%06x (%s) -> %s QP 0x%06x: RTS, mtu %d, sl %d, tc %d", self.qpn, self.role,
                      self.peer, remote_qpn, mtu, self.sl, self.traffic_class)
-
-    def set_owner(self, owner: Any) -> None:
-        """The channel that receives this QP's completions (before ``connect``)."""
-        self._owner = owner
 
     def state(self) -> str:
         """The QP state as the device reports it ("RTS", "ERR", ...)."""
