@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from flexemr.transport.rdma import BlobError, ConnectionBlob, RemoteRegion
-from flexemr.transport.rdma.blob import HEADER, MAX_REGIONS, REGION, VERSION, gid_bytes, gid_text
+from flexemr.transport.rdma.blob import (FLAG_CREDITS_IN_BAND, HEADER, MAX_REGIONS, REGION, VERSION, gid_bytes,
+                                         gid_text)
 
 REPO = Path(__file__).resolve().parents[2]
 GID = gid_bytes("0000:0000:0000:0000:0000:ffff:0a00:020f")
@@ -22,7 +23,7 @@ GID = gid_bytes("0000:0000:0000:0000:0000:ffff:0a00:020f")
 
 def blob(**kw: object) -> ConnectionBlob:
     fields: dict[str, object] = dict(qpn=0x11, psn=0xABCDEF, credit_qpn=0x12, credit_psn=7, gid=GID, mtu=1024,
-                                     recv_slots=64, recv_slot_bytes=65536,
+                                     recv_slots=64, recv_slot_bytes=65536, flags=FLAG_CREDITS_IN_BAND,
                                      regions=(RemoteRegion(0x7F00_0000_1000, 8 << 20, 0x1234),
                                               RemoteRegion(0x7F00_1000_0000, 4096, 0xFFFF_FFFF)))
     fields.update(kw)
@@ -35,11 +36,12 @@ def test_round_trip_keeps_every_field() -> None:
     assert len(data) == HEADER.size + 2 * REGION.size
     assert data[:4] == b"FXRB" and int.from_bytes(data[4:6], "big") == VERSION
     assert ConnectionBlob.unpack(data) == b
+    assert ConnectionBlob.unpack(data).flags == FLAG_CREDITS_IN_BAND
     assert ConnectionBlob.unpack(memoryview(bytearray(data))) == b
 
 
 def test_blob_without_regions_is_64_bytes() -> None:
-    b = blob(regions=(), recv_slots=0, recv_slot_bytes=0)
+    b = blob(regions=(), recv_slots=0, recv_slot_bytes=0, flags=0)
     assert len(b.pack()) == 64
     assert ConnectionBlob.unpack(b.pack()) == b
 
@@ -60,6 +62,7 @@ def test_gid_text_round_trip() -> None:
     (lambda d: d[:12] + (1 << 24).to_bytes(4, "big") + d[16:], "psn"),
     (lambda d: d[:24] + bytes(16) + d[40:], "gid"),
     (lambda d: d[:40] + (1500).to_bytes(4, "big") + d[44:], "mtu"),
+    (lambda d: d[:52] + (2).to_bytes(4, "big") + d[56:], "flags"),
     (lambda d: d[:64 + 8] + (0).to_bytes(8, "big") + d[64 + 16:], "region[0]"),
 ])
 def test_malformed_blob_is_refused_naming_the_field(mutate, field: str) -> None:

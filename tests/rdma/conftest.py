@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    mine = [i for i in items if Path(str(i.fspath)).resolve().is_relative_to(HERE)]
+    mine = [i for i in items if Path(i.path).resolve().is_relative_to(HERE)]
     for item in mine:
         item.add_marker(pytest.mark.rdma)
         if not IN_GUEST:

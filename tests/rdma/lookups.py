@@ -32,7 +32,7 @@ def reply_count(request_id: int) -> int:
     return 1 + (request_id * 389) % (REPLY_SLOT_BYTES // 4)
 
 
-def serve(pipe: Any, device: str, recv_slots: int, name: str = "ranker") -> None:
+def serve(pipe: Any, device: str, recv_slots: int, credits: str = "priority") -> None:
     """Embedding-server side, run in the peer process; obeys commands from the test between batches.
 
     Commands: "force_error" (move its QPs to ERR), "reconnect" (new channel,
@@ -43,7 +43,8 @@ def serve(pipe: Any, device: str, recv_slots: int, name: str = "ranker") -> None
     replies = ep.register(np.zeros(recv_slots * REPLY_SLOT_BYTES, np.uint8))
     stats = {"requests": 0, "replies": 0, "errors": [], "sessions": 0, "qpns": []}
     while True:
-        ch = ServerChannel(ep, name, receive, replies, recv_slots=recv_slots, depth=max(recv_slots, 16))
+        ch = ServerChannel(ep, "ranker", receive, replies, recv_slots=recv_slots, depth=max(recv_slots, 16),
+                           credits=credits)
         pipe.send(ch.blob())
         ch.connect(pipe.recv())
         stats["sessions"] += 1

@@ -1,8 +1,8 @@
 """Lookups by SEND, replies by WRITE WITH IMM into the ranker's memory, many in flight.
 
 Two processes on the guest's rxe0: this one is the ranker, a forked peer is
-the embedding server.  Eight receive slots on the server and 300 lookups mean
-every receive is reposted dozens of times and the ranker spends and regains
+the embedding server.  Up to 24 lookups in flight through 24 receive slots on
+the server, 300 lookups in all: every receive is reposted a dozen times and the ranker spends and regains
 its credits throughout; each reply is checked byte for byte where it landed.
 """
 
@@ -17,21 +17,21 @@ from tests.rdma.peers import Peer, counter
 
 pytestmark = pytest.mark.rdma
 
-RECV_SLOTS = 8
+RECV_SLOTS = 24
 LOOKUPS = 300
 
 
 def test_many_lookups_in_flight_each_reply_exact(endpoint, rdma_device: str) -> None:
-    requests = endpoint.register(np.zeros(16 * REQUEST_BYTES, np.uint8))
+    requests = endpoint.register(np.zeros(32 * REQUEST_BYTES, np.uint8))
     completions = endpoint.register(np.zeros(LOOKUPS * REPLY_SLOT_BYTES, np.uint8), remote_write=True)
     sent0, rcvd0 = counter(rdma_device, "sent_pkts"), counter(rdma_device, "rcvd_pkts")
     with Peer(serve, rdma_device, RECV_SLOTS) as peer:
-        ch = RankerChannel(endpoint, "server-0", requests, completions, depth=16)
+        ch = RankerChannel(endpoint, "server-0", requests, completions, depth=32)
         server_blob = peer.recv()
         peer.send(ch.blob())
         ch.connect(server_blob)
         assert ch.credits == RECV_SLOTS  # the server's posted receives, announced in its blob
-        got = run_lookups(ch, list(range(LOOKUPS)), request_slots=16)
+        got = run_lookups(ch, list(range(LOOKUPS)), request_slots=32)
         peer.send("stats")
         stats = peer.recv()
         peer.send("stop")

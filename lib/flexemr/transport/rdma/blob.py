@@ -19,7 +19,10 @@ network byte order (big-endian), 64-byte header then ``regions`` entries::
       44      4   recv_slots       receives the sender keeps posted on its data QP
                                    (the peer's initial send credits; 0: none)
       48      4   recv_slot_bytes  largest SEND the sender accepts (0: none)
-      52     12   (zero)
+      52      4   flags            bit 0 FLAG_CREDITS_IN_BAND: credit grants travel on
+                                   the data QP (the comparison mode), not the credit
+                                   QP; other bits must be zero
+      56      8   (zero)
       64   24*n   region[i]        a memory region the peer may access remotely:
                                      +0  8  addr    virtual address
                                      +8  8  length  bytes
@@ -41,9 +44,11 @@ from flexemr.transport.rdma.errors import BlobError
 
 MAGIC = b"FXRB"
 VERSION = 1
-HEADER = struct.Struct("!4sHHIIII16sIII12x")
+HEADER = struct.Struct("!4sHHIIII16sIIII8x")
 REGION = struct.Struct("!QQI4x")
 MAX_REGIONS = 16
+FLAG_CREDITS_IN_BAND = 1
+KNOWN_FLAGS = FLAG_CREDITS_IN_BAND
 MAX_BYTES = HEADER.size + MAX_REGIONS * REGION.size
 MTUS = (256, 512, 1024, 2048, 4096)
 _U24 = 1 << 24
@@ -81,6 +86,7 @@ class ConnectionBlob:
     mtu: int
     recv_slots: int = 0
     recv_slot_bytes: int = 0
+    flags: int = 0
     regions: tuple[RemoteRegion, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -89,7 +95,8 @@ class ConnectionBlob:
     def pack(self) -> bytes:
         """The wire bytes (HEADER.size + 24 * len(regions))."""
         head = HEADER.pack(MAGIC, VERSION, len(self.regions), self.qpn, self.psn, self.credit_qpn,
-                           self.credit_psn, self.gid, self.mtu, self.recv_slots, self.recv_slot_bytes)
+                           self.credit_psn, self.gid, self.mtu, self.recv_slots, self.recv_slot_bytes,
+                           self.flags)
         return head + b"".join(REGION.pack(r.addr, r.length, r.rkey) for r in self.regions)
 
     @classmethod
@@ -98,7 +105,7 @@ class ConnectionBlob:
         data = bytes(data)
         if len(data) < HEADER.size:
             raise BlobError(f"connection blob: {len(data)} bytes, shorter than its {HEADER.size}-byte header")
-        magic, version, nregions, qpn, psn, cqpn, cpsn, gid, mtu, slots, slot_bytes = HEADER.unpack_from(data)
+        magic, version, nregions, qpn, psn, cqpn, cpsn, gid, mtu, slots, slot_bytes, flags = HEADER.unpack_from(data)
         if magic != MAGIC:
             raise BlobError(f"connection blob: bad magic {magic!r} (expected {MAGIC!r})")
         if version != VERSION:
@@ -110,7 +117,7 @@ class ConnectionBlob:
             raise BlobError(f"connection blob: {len(data)} bytes, but {nregions} regions make {want}")
         regions = tuple(RemoteRegion(*REGION.unpack_from(data, HEADER.size + i * REGION.size))
                         for i in range(nregions))
-        return cls(qpn, psn, cqpn, cpsn, gid, mtu, slots, slot_bytes, regions)
+        return cls(qpn, psn, cqpn, cpsn, gid, mtu, slots, slot_bytes, flags, regions)
 
 
 def _validate(b: ConnectionBlob) -> None:
@@ -132,6 +139,9 @@ def _validate(b: ConnectionBlob) -> None:
         v = getattr(b, name)
         if not 0 <= v < 1 << 32:
             raise BlobError(f"connection blob: {name} = {v} does not fit in 32 bits")
+    if b.flags & ~KNOWN_FLAGS or b.flags < 0:
+        raise BlobError(f"connection blob: flags = 0x{b.flags:x} has bits this side does not know "
+                        f"(known: 0x{KNOWN_FLAGS:x})")
     if len(b.regions) > MAX_REGIONS:
         raise BlobError(f"connection blob: {len(b.regions)} regions exceed the cap of {MAX_REGIONS}")
     for i, r in enumerate(b.regions):

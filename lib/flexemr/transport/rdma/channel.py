@@ -17,6 +17,8 @@ owns; the embedding server a ``ServerChannel`` per ranker engine)::
 The data QP runs at the default service level; the credit QP at
 ``CREDIT_SL`` / ``CREDIT_TRAFFIC_CLASS`` (DSCP 46, expedited forwarding), so a
 switch with priority queues forwards credit grants ahead of bulk partials.
+``credits="in_band"`` (for comparison) sends the grants on the data QP
+instead, behind the partials; both ends must agree (the blob's flag says).
 
 Flow control: the server posts ``recv_slots`` receives and announces them in
 its blob; that is the ranker's initial credit.  Each SEND spends one credit;
@@ -38,9 +40,9 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.transport.rdma.blob import ConnectionBlob, RemoteRegion
+from flexemr.transport.rdma.blob import FLAG_CREDITS_IN_BAND, ConnectionBlob, RemoteRegion
 from flexemr.transport.rdma.endpoint import Endpoint, Region
-from flexemr.transport.rdma.errors import QueuePairError
+from flexemr.transport.rdma.errors import BlobError, QueuePairError
 from flexemr.transport.rdma.qp import QueuePair, connect_pair
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ DATA_TRAFFIC_CLASS = 0
 CREDIT_SL = 5
 CREDIT_TRAFFIC_CLASS = 46 << 2  # DSCP EF in the upper six bits, ECN bits clear
 CREDIT_RECV_DEPTH = 64
+CREDIT_MODES = ("priority", "in_band")
 
 # wr_id spaces: receives carry their slot index; sends carry the caller's id
 # with a tag in the top bits so completions of different kinds never collide.
@@ -110,7 +113,12 @@ class RdmaChannel:
     """What both ends share: the two QPs, the blob, completion routing and the error path."""
 
     def __init__(self, endpoint: Endpoint, peer: str, *, depth: int, recv_slots: int = 0,
-                 recv_slot_bytes: int = 0, regions: tuple[Region, ...] = ()) -> None:
+                 recv_slot_bytes: int = 0, regions: tuple[Region, ...] = (), credits: str = "priority") -> None:
+        if credits not in CREDIT_MODES:
+            raise ValueError(f"credits = {credits!r}: expected one of {CREDIT_MODES}")
+        self.in_band = credits == "in_band"
+        # in band, grants use receives of the data QP as well as replies do
+        data_recv = 2 * depth if self.in_band else depth
         self.endpoint = endpoint
         self.peer = peer
         self.depth = depth
@@ -118,7 +126,7 @@ class RdmaChannel:
         self.recv_slot_bytes = recv_slot_bytes
         self.regions = regions
         self.data = QueuePair(endpoint, peer, self, sl=DATA_SL, traffic_class=DATA_TRAFFIC_CLASS,
-                              max_send_wr=depth, max_recv_wr=max(depth, recv_slots, 1), role="data")
+                              max_send_wr=depth, max_recv_wr=max(data_recv, recv_slots, 1), role="data")
         self.credit = QueuePair(endpoint, peer, self, sl=CREDIT_SL, traffic_class=CREDIT_TRAFFIC_CLASS,
                                 max_send_wr=CREDIT_RECV_DEPTH, max_recv_wr=CREDIT_RECV_DEPTH, role="credit")
         self.remote: ConnectionBlob | None = None
@@ -133,17 +141,21 @@ class RdmaChannel:
         dev = self.endpoint.device
         return ConnectionBlob(self.data.qpn, self.data.psn, self.credit.qpn, self.credit.psn, dev.gid, dev.mtu,
                               self.recv_slots, self.recv_slot_bytes,
+                              FLAG_CREDITS_IN_BAND if self.in_band else 0,
                               tuple(r.remote() for r in self.regions)).pack()
 
     def connect(self, remote_blob: bytes | ConnectionBlob) -> None:
         """Bring both QPs to RTS towards the peer and post the receives."""
         blob = remote_blob if isinstance(remote_blob, ConnectionBlob) else ConnectionBlob.unpack(remote_blob)
+        if bool(blob.flags & FLAG_CREDITS_IN_BAND) != self.in_band:
+            mine, theirs = ("in_band", "priority") if self.in_band else ("priority", "in_band")
+            raise BlobError(f"connection blob: {self.peer} sends credits {theirs}, this side expects {mine}")
         connect_pair(self.data, self.credit, blob)
         self.remote = blob
         self._post_initial_receives()
-        logger.info("RDMA channel to %s: data QP 0x%06x -> 0x%06x, credit QP 0x%06x -> 0x%06x (sl %d tc %d)",
+        logger.info("RDMA channel to %s: data QP 0x%06x -> 0x%06x, credit QP 0x%06x -> 0x%06x (sl %d tc %d)%s",
                     self.peer, self.data.qpn, blob.qpn, self.credit.qpn, blob.credit_qpn, CREDIT_SL,
-                    CREDIT_TRAFFIC_CLASS)
+                    CREDIT_TRAFFIC_CLASS, ", credits in band" if self.in_band else "")
 
     def _post_initial_receives(self) -> None:
         raise NotImplementedError
@@ -222,8 +234,8 @@ class RankerChannel(RdmaChannel):
     """
 
     def __init__(self, endpoint: Endpoint, peer: str, requests: Region, completions: Region, *,
-                 depth: int = 256) -> None:
-        super().__init__(endpoint, peer, depth=depth, regions=(completions,))
+                 depth: int = 256, credits: str = "priority") -> None:
+        super().__init__(endpoint, peer, depth=depth, regions=(completions,), credits=credits)
         self.requests = requests
         self.completions = completions
         self.credits = 0
@@ -233,7 +245,7 @@ class RankerChannel(RdmaChannel):
         # More credits than receives for replies would let the server's writes
         # meet an empty receive queue: never grant ourselves more than we posted.
         self.credits = min(remote.recv_slots, self.depth)
-        self._post_scratch(self.data, self.depth)
+        self._post_scratch(self.data, 2 * self.depth if self.in_band else self.depth)
         self._post_scratch(self.credit, CREDIT_RECV_DEPTH)
 
     def send_lookup(self, request_id: int, offset: int, nbytes: int) -> bool:
@@ -321,7 +333,7 @@ class RankerChannel(RdmaChannel):
             return Response(int(wc.imm_data), int(wc.byte_len))
         if op == e.IBV_WC_RECV:
             self._scratch_owed[qp.qpn] += 1
-            if qp is not self.credit:  # the server sends nothing else; a stray SEND is not a credit
+            if qp is not self.credit and not self.in_band:  # a stray SEND is not a credit
                 return None
             self.credits += int(wc.imm_data)
             return CreditGrant(int(wc.imm_data))
@@ -342,12 +354,12 @@ class ServerChannel(RdmaChannel):
     """
 
     def __init__(self, endpoint: Endpoint, peer: str, receive: Region, replies: Region, *, recv_slots: int,
-                 tables: tuple[Region, ...] = (), depth: int = 256) -> None:
+                 tables: tuple[Region, ...] = (), depth: int = 256, credits: str = "priority") -> None:
         if recv_slots <= 0 or receive.length // recv_slots == 0:
             raise ValueError(f"receive region of {receive.length} bytes cannot hold {recv_slots} slots")
         slot_bytes = receive.length // recv_slots
         super().__init__(endpoint, peer, depth=depth, recv_slots=recv_slots, recv_slot_bytes=slot_bytes,
-                         regions=tables)
+                         regions=tables, credits=credits)
         self.receive = receive
         self.replies = replies
         self._grant = 0
@@ -377,10 +389,14 @@ class ServerChannel(RdmaChannel):
         self._grant += len(slots)
 
     def grant(self) -> bool:
-        """Send the credits owed since the last grant on the credit QP (False: nothing owed or queue full)."""
+        """Send the credits owed since the last grant (False: nothing owed or queue full).
+
+        On the credit QP; on the data QP, behind the replies, with ``credits="in_band"``.
+        """
         if self._grant == 0:
             return False
-        ok = self.credit.post_send(self.endpoint.scratch, 0, 0, wr_id=(_KIND_CREDIT << _KIND_SHIFT), imm=self._grant)
+        qp = self.data if self.in_band else self.credit
+        ok = qp.post_send(self.endpoint.scratch, 0, 0, wr_id=(_KIND_CREDIT << _KIND_SHIFT), imm=self._grant)
         if ok:
             self._grant = 0
         return ok
