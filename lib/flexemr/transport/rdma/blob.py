@@ -1,4 +1,4 @@
-'''The connection blob: what one side of an RDMA connection tells the other.
+"""The connection blob: what one side of an RDMA connection tells the other.
 
 It travels inside the authenticated TCP HELLO (the HMAC covers it), so this
 module only checks that it is well formed, never who sent it.  Fixed layout,
@@ -33,7 +33,7 @@ A ranker lists its completion memory (the server WRITEs responses into it);
 an embedding server lists the tables it lets the ranker READ.  Each side
 takes min(own, peer) as the path MTU.  Bumping VERSION is the only way to
 change a field's meaning; new fields go into the zero bytes with a new version.
-'''
+"""
 
 from __future__ import annotations
 

@@ -60,6 +60,7 @@ _RECV_SCRATCH = 1 << 62
 _KIND_SHIFT = 56
 _KIND_SEND, _KIND_WRITE, _KIND_READ, _KIND_CREDIT = 1, 2, 3, 4
 _ID_MASK = (1 << _KIND_SHIFT) - 1
+_IMM_MAX = (1 << 32) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +256,8 @@ class RankerChannel(RdmaChannel):
         ``wait``).  The request bytes must stay untouched until ``SendDone``.
         """
         remote = self._remote()
+        if not 0 <= request_id <= _IMM_MAX:
+            raise ValueError(f"request id {request_id} does not fit the 32-bit immediate")
         if nbytes > remote.recv_slot_bytes:
             raise ValueError(f"lookup of {nbytes} bytes exceeds {self.peer}'s receive slots of "
                              f"{remote.recv_slot_bytes} bytes")
@@ -377,6 +380,8 @@ class ServerChannel(RdmaChannel):
 
         False when the send queue is full (retry after ``wait``).
         """
+        if not 0 <= request_imm <= _IMM_MAX:
+            raise ValueError(f"request id {request_imm} does not fit the 32-bit immediate")
         ok = self.data.post_write_imm(self.replies, offset, nbytes, self._remote().regions[0], dest_offset,
                                       imm=request_imm, wr_id=(_KIND_WRITE << _KIND_SHIFT) | wr_id)
         if ok:

@@ -224,7 +224,10 @@ class Endpoint:
                 self._backlog[owner].append(event)
             touched.add(owner)
         for owner in touched:
-            owner.replenish()
+            try:
+                owner.replenish()
+            except QueuePairError as err:  # a refused repost: that owner's QP is broken, not ours
+                self._backlog[owner].append(err)
         return len(wcs)
 
     def take(self, owner: CompletionOwner) -> list[object]:
