@@ -7,7 +7,7 @@ turns it into the status JSON.
 One POSIX shared-memory segment per daemon instance, created and unlinked by
 the supervisor only; engines, the inference process and emrctl ``attach`` it by
 instance name.  Stats are numpy structured arrays, one row per engine /
-connection / table, each row guarded by its own **seqlock**.  All integers are
+connection / embedding server / table, each row guarded by its own **seqlock**.  All integers are
 little-endian; every stats field is a u64, i64 or f64, 8-byte aligned::
 
     segment offset  size   field                 written by   meaning
@@ -24,7 +24,7 @@ little-endian; every stats field is a u64, i64 or f64, 8-byte aligned::
         48            8    created_mono_ns       creator      CLOCK_MONOTONIC (system-wide on Linux)
         56            8    created_unix_ns       creator      wall clock, for display only
         64            4    n_servers             creator      embedding servers (the topology's servers)
-        68            4    (zero)
+        68           60    (zero)
        128     15 x 24     section table         creator      per section: offset, count, row_bytes
       4096    ...          sections, each 64-byte aligned, in SECTION order:
 
@@ -42,7 +42,8 @@ little-endian; every stats field is a u64, i64 or f64, 8-byte aligned::
                                                              credit_latency_p50_us credit_latency_p99_us
                                                              updated_ns
     server_proc     n_servers         supervisor             pid state restarts started_ns
-                                                             (pid 0: not a child of this daemon)
+                                                             (state unused: not a child of this
+                                                             daemon; pid 0 while it is down)
     server_stats    n_servers         inference              state outstanding connections_up changed_ns
     inference_proc  1                 supervisor             pid state restarts started_ns
     ranker          1                 inference              requests_total errors_total samples_total
