@@ -12,7 +12,7 @@ from flexemr.model.spec import load_spec
 from flexemr.routing.table import RoutingTable
 
 from flexemrd.ranker import RankerPlan, RankerResources, engine_main, inference_main
-from flexemrd.roles import embedding_main, embedding_plans
+from flexemrd.embedding.main import embedding_main, embedding_plans
 from flexemrd.supervisor import ChildSpec, Supervisor
 
 logger = logging.getLogger(__name__)

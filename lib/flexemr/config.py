@@ -86,6 +86,7 @@ class EmbeddingConfig:
     routing: str = "rows"
     threads: int = 1                 # torch intra-op threads for pooling
     max_payload: int = 1 << 30
+    max_connections: int = 256       # ranker connections served at once; one more gets ERROR OVERLOADED
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -122,7 +123,7 @@ _CHOICES = {
     ("cache", "admission"): ("lru", "tinylfu"),
 }
 _POSITIVE = {"engines", "connections_per_server", "max_batch", "max_inflight_batches", "servers", "threads",
-             "credits_per_connection"}
+             "credits_per_connection", "max_connections"}
 
 
 def _coerce(section: str, key: str, default: Any, value: Any, where: str, problems: list[str]) -> Any:

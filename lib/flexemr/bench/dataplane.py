@@ -158,7 +158,7 @@ def _serve(model: str, threads: int) -> None:
     """Child: the daemon's embedding entry on a loopback port; prints PORT then READY."""
     from flexemr.model.spec import load_spec
     from flexemr.routing.table import RoutingTable
-    from flexemrd.roles import EmbeddingPlan, embedding_main
+    from flexemrd.embedding.main import EmbeddingPlan, embedding_main
     from flexemrd.supervisor import ReadyPipe
 
     spec = load_spec(model)
