@@ -50,9 +50,11 @@ def format_address(sockname: tuple) -> str:
 def _tune(sock: socket.socket, priority: bool) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if priority:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, PRIORITY_SO)
+        # IP_TOS first: Linux derives the socket priority from the TOS when it is
+        # set (EF would give priority 4), so SO_PRIORITY must come after it.
         if sock.family == socket.AF_INET:
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, DSCP_EF_TOS)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PRIORITY, PRIORITY_SO)
     else:
         # Large buffers let a whole partial-pool response sit in the kernel
         # while the engine is busy elsewhere.
