@@ -112,6 +112,7 @@ class EmbeddingServer:
     READS_PER_WAKE = 64         # frames read from one connection before the loop serves the others
     TICK_S = 0.25               # loop wake-up when idle: heartbeat and closing deadlines
     CLOSE_GRACE_S = 5.0         # how long a closing connection gets to take its last ERROR frame
+    ACCEPT_BACKOFF_S = 0.5      # pause in accepting after the process ran out of descriptors
 
     def __init__(
         self,
@@ -145,6 +146,7 @@ class EmbeddingServer:
         self._sel = selectors.DefaultSelector()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-pool")
         self._refused = 0
+        self._accept_again = 0.0        # when to watch the listener again after a failed accept
         self._refused_logged = 0.0
         self.stats = {k: 0 for k in codec.SERVER_STATS}
 
@@ -175,6 +177,9 @@ class EmbeddingServer:
                     last_beat = now
                 for peer in [p for p in self._peers.values() if p.closing and now >= p.close_by]:
                     self._drop(peer)
+                if self._accept_again and now >= self._accept_again:
+                    self._accept_again = 0.0
+                    self._sel.register(self.listener.fileno(), selectors.EVENT_READ, _LISTENER)
         finally:
             self._shutdown()
 
@@ -209,7 +214,15 @@ class EmbeddingServer:
 
     def _accept(self) -> None:
         for _ in range(64):  # a burst of connects must not starve the connections already served
-            conn = self.listener.accept()
+            try:
+                conn = self.listener.accept()
+            except OSError as e:
+                # Out of descriptors or memory: the listener stays readable, so stop
+                # watching it for a moment instead of spinning on it.
+                logger.warning("cannot accept connections for now (%s); retrying in %.1f s", e, self.ACCEPT_BACKOFF_S)
+                self._sel.unregister(self.listener.fileno())
+                self._accept_again = time.monotonic() + self.ACCEPT_BACKOFF_S
+                return
             if conn is None:
                 return
             if len(self._peers) >= self.max_connections:

@@ -4,12 +4,15 @@ What a ranker (or an attacker) would notice: idle connections cost no
 threads, a header announcing 1 GiB costs no gigabyte, one connection over the
 cap is told why before it is closed, pipelined frames of every kind come back
 in order, a malformed HELLO is answered, credits on the priority channel
-release the data connection, and the loop beats its heartbeat.
+release the data connection, running out of descriptors pauses accepting
+rather than spinning, and the loop beats its heartbeat.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import resource
 import socket
 import struct
 import threading
@@ -266,3 +269,44 @@ def test_the_loop_beats_at_least_once_a_second_while_idle(world):
         beats = list(r.beats)
     assert len(beats) >= 3, beats
     assert max(np.diff(beats)) < 1.0, np.diff(beats)
+
+
+def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning(world, caplog):
+    """EMFILE leaves the listener readable: the loop must back off, then accept once descriptors free up."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with running(world) as r:
+        first = Client(r.port)
+        first.ping(1)
+        waiting = None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        filler: list[int] = []
+        try:
+            while True:  # take every descriptor left, then give one back for the client's socket
+                try:
+                    filler.append(os.open("/dev/null", os.O_RDONLY))
+                except OSError:
+                    break
+            os.close(filler.pop())
+            waiting = socket.create_connection(("127.0.0.1", r.port), timeout=10)  # the server's accept() gets EMFILE
+            t0 = _process_cpu()  # this thread sleeps and the pool is idle: what is spent is the loop's
+            time.sleep(1.0)
+            spent = _process_cpu() - t0
+            assert spent < 0.2, f"the event loop used {spent:.2f} s of CPU in 1 s while it could not accept"
+            first.ping(2)  # connections already served keep being served
+            assert "cannot accept connections for now" in caplog.text
+        finally:
+            for fd in filler:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert waiting is not None
+        waiting.settimeout(10)
+        send_buffers(waiting, [pack_header(FrameType.PING, 3, 0)])
+        h = FrameReader(waiting).read_header()  # accepted after the back-off
+        assert (h.type, h.request_id) == (FrameType.PONG, 3)
+        waiting.close()
+        first.close()
+
+
+def _process_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)  # needs no descriptor, unlike psutil
+    return ru.ru_utime + ru.ru_stime

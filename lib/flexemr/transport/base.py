@@ -92,7 +92,11 @@ class Listener(abc.ABC):
 
     @abc.abstractmethod
     def accept(self) -> Connection | None:
-        """The next waiting connection, or None when nobody is waiting (never blocks)."""
+        """The next waiting connection, or None when nobody is waiting (never blocks).
+
+        Raises OSError when the process cannot take a connection now (out of
+        descriptors or memory); the caller should stop watching for a moment.
+        """
 
     @abc.abstractmethod
     def fileno(self) -> int:

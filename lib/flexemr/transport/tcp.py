@@ -28,10 +28,11 @@ PRIORITY_SO = 6
 DSCP_EF_TOS = 0xB8
 _BUF_BYTES = 4 << 20
 _IOV_MAX = 1024
-# accept() failures that end one attempt, not the listener: the peer gave up
-# between SYN and accept, or the process is out of descriptors for a moment.
-_TRANSIENT_ACCEPT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
-                                      errno.ENOMEM, errno.EPROTO, errno.EPERM})
+# accept() failures of one connection, not of the listener: the peer gave up
+# between SYN and accept, or a firewall refused it.  Running out of
+# descriptors or memory (EMFILE, ENOMEM...) is raised: the listener stays
+# readable, so the caller must back off rather than retry at once.
+_PEER_ACCEPT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -133,7 +134,7 @@ class TcpListener(Listener):
         except (BlockingIOError, InterruptedError):
             return None
         except OSError as e:
-            if e.errno in _TRANSIENT_ACCEPT_ERRNOS:
+            if e.errno in _PEER_ACCEPT_ERRNOS:
                 return None
             raise
         conn.settimeout(None)
