@@ -18,9 +18,10 @@ Per connection, frames are answered strictly in order (docs/PROTOCOL.md): a
 queue of pending requests, of which at most ``RUNNING_PER_CONN`` are being
 pooled at once; a finished head leaves only when the socket takes it and,
 on a flow-controlled connection, against one credit.  Reading pauses while a
-connection's unsent replies exceed ``PAUSE_OUTBOX_BYTES`` or it has
-``MAX_PENDING`` requests queued (unless it waits for credits, which may ride
-in band on the very frames still unread).
+connection's unsent replies exceed ``PAUSE_OUTBOX_BYTES`` or ``READ_AHEAD``
+requests wait for a worker (unread bytes cost nothing; read ones hold
+buffers), unless its answers wait for credits, which may ride in band on the
+very frames still unread.
 
 A bad request (unknown table, id outside this server's shards, sizes that
 disagree, an oversized frame, a malformed HELLO) is answered with an ERROR
@@ -107,7 +108,9 @@ class EmbeddingServer:
 
     RUNNING_PER_CONN = 2        # one pipelining connection may keep two workers busy
     REPLIES_AHEAD = 2           # pooled replies a connection may hold while waiting for credits
-    MAX_PENDING = 64            # frames queued on one connection before its reading pauses
+    READ_AHEAD = 2              # requests read but not yet pooling before a connection's reading pauses
+    MAX_PENDING = 64            # unanswered frames of any kind before reading pauses
+    MAX_PENDING_FOR_CREDIT = 1024  # ... and while its answers wait for credits
     PAUSE_OUTBOX_BYTES = 16 << 20
     READS_PER_WAKE = 64         # frames read from one connection before the loop serves the others
     TICK_S = 0.25               # loop wake-up when idle: heartbeat and closing deadlines
@@ -296,13 +299,17 @@ class EmbeddingServer:
                 return
 
     def _paused(self, peer: _Peer) -> bool:
+        """Stop reading this connection for now?  Unread requests wait in the kernel for free;
+        read ones hold a buffer, so read only a little ahead of the workers."""
         if peer.outbox_bytes > self.PAUSE_OUTBOX_BYTES:
             return True
-        if len(peer.pending) < self.MAX_PENDING:
+        if len(peer.queued) < self.READ_AHEAD and len(peer.pending) < self.MAX_PENDING:
             return False
-        head = peer.pending[0]
-        waiting_for_credit = peer.flow and head.state == _DONE and head.needs_credit
-        return not waiting_for_credit or len(peer.pending) >= 16 * self.MAX_PENDING
+        # ... except while answers wait for credits: those may ride in band on the
+        # very frames not read yet, so keep reading (up to a hard cap).
+        head = peer.pending[0] if peer.pending else None
+        waiting_for_credit = peer.flow and head is not None and head.state == _DONE and head.needs_credit
+        return not waiting_for_credit or len(peer.pending) >= self.MAX_PENDING_FOR_CREDIT
 
     def _frame(self, peer: _Peer, h: Header, payload: memoryview) -> None:
         t = h.type

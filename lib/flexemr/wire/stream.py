@@ -9,8 +9,9 @@ configured limit, which is checked on the header before any allocation.
 
 ``FrameAssembler`` is the non-blocking counterpart for event loops: it is
 fed whatever bytes have arrived and hands out whole frames.  A payload buffer
-starts small and doubles as bytes arrive (never past the header's length),
-so a header that announces 1 GiB and then stalls costs 64 KiB, not 1 GiB;
+starts small and doubles as bytes arrive (so it stays within about twice
+the bytes received), so a header that announces 1 GiB and then stalls costs
+64 KiB, not 1 GiB;
 an oversized payload is reported and then discarded in bounded chunks.
 """
 
@@ -136,7 +137,7 @@ class FrameAssembler:
     """
 
     START_BYTES = 64 << 10       # first allocation for a payload: a stalled 1 GiB header costs this
-    SPARE_BUFFERS = 4            # recycled payload buffers (a fresh one page-faults on every 4 KiB)
+    SPARE_BUFFERS = 8            # recycled payload buffers (a fresh one page-faults on every 4 KiB)
     SPARE_MAX_BYTES = 64 << 20   # a rare huge request does not pin its buffer
 
     def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
@@ -199,18 +200,25 @@ class FrameAssembler:
 
     def _start_payload(self, n: int) -> None:
         self._got = 0
-        # A recycled buffer that holds the whole payload costs nothing new; otherwise
-        # start small and let the bytes that actually arrive pay for the growth.
-        for _ in range(len(self._spare)):
-            buf = self._spare.pop()
-            if len(buf) >= n:
-                self._buf = buf
-                return
-            self._spare.appendleft(buf)
+        # A recycled buffer costs nothing new (its pages are already faulted in):
+        # take the smallest that holds the payload, else the largest to grow from.
+        # Without one, start small and let the bytes that actually arrive pay.
+        if self._spare:
+            fits = [b for b in self._spare if len(b) >= n]
+            buf = min(fits, key=len) if fits else max(self._spare, key=len)
+            self._spare.remove(buf)
+            self._buf = buf
+            return
         self._buf = bytearray(min(n, self.START_BYTES))
 
     def _grow(self, n: int) -> None:
-        bigger = bytearray(min(n, max(2 * len(self._buf), self.START_BYTES)))
+        # Doubling keeps the allocation within twice the bytes received; the last
+        # step leaves 1/8 headroom so the next, slightly larger request of the
+        # same workload fits the recycled buffer.
+        cap = max(2 * len(self._buf), self.START_BYTES)
+        if cap >= n:
+            cap = n + (n >> 3)
+        bigger = bytearray(cap)
         bigger[: self._got] = memoryview(self._buf)[: self._got]
         self._buf = bigger
 
