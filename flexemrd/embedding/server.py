@@ -37,7 +37,6 @@ import concurrent.futures
 import logging
 import selectors
 import socket
-import threading
 import time
 from typing import Callable
 
