@@ -100,6 +100,7 @@ class EmbeddingConfig:
     replicas: int = 1                # must match the rankers' [ranker].replicas
     threads: int = 1                 # torch intra-op threads for pooling
     max_payload: int = 1 << 30
+    max_connections: int = 256       # ranker connections served at once; one more gets ERROR OVERLOADED
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -136,7 +137,7 @@ _CHOICES = {
     ("cache", "admission"): ("lru", "tinylfu"),
 }
 _POSITIVE = {"engines", "connections_per_server", "max_batch", "max_inflight_batches", "servers", "threads",
-             "credits_per_connection", "replicas"}
+             "credits_per_connection", "replicas", "max_connections"}
 
 
 def _coerce(section: str, key: str, default: Any, value: Any, where: str, problems: list[str]) -> Any:

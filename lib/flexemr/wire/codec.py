@@ -475,7 +475,8 @@ def decode_hello(payload) -> Hello:
 
 
 SERVER_STATS = ("lookups", "fetches", "errors", "bytes_in", "bytes_out", "connections", "credits_received",
-                "credit_waits", "credit_wait_ns", "credit_latency_p50_ns", "credit_latency_p99_ns", "credit_samples")
+                "credit_waits", "credit_wait_ns", "credit_latency_p50_ns", "credit_latency_p99_ns", "credit_samples",
+                "expired")
 
 
 def encode_stats(request_id: int, values: Sequence[int]) -> list:
