@@ -31,7 +31,7 @@ from flexemr.types import Pooling
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TablePooler", "as_weight", "check_bags", "partial_pooling", "pool_reference", "pool_torch"]
+__all__ = ["pool_tensor", "TablePooler", "as_weight", "check_bags", "partial_pooling", "pool_reference", "pool_torch"]
 
 
 def check_bags(rows: int, values: np.ndarray, lengths: np.ndarray, what: str = "bags") -> None:
@@ -116,15 +116,25 @@ def pool_torch(
     # explicitly, so a trailing empty bag needs no special case.
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    out = F.embedding_bag(
-        torch.from_numpy(values), w, torch.from_numpy(offsets), mode=_MODES[Pooling(pooling)], include_last_offset=True
-    )
-    res = out.numpy()
-    if pooling is Pooling.MAX and (lengths == 0).any():
-        # torch gives zeros for empty max bags today; the contract says zeros, so
-        # do not depend on a kernel detail.
-        res[lengths == 0] = 0.0
-    return res
+    empty = (lengths == 0) if pooling is Pooling.MAX else None
+    return pool_tensor(torch.from_numpy(values), w, torch.from_numpy(offsets), pooling, empty).numpy()
+
+
+def pool_tensor(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, pooling: Pooling,
+                empty: np.ndarray | None = None) -> torch.Tensor:
+    """The kernel itself, on tensors of any device: ``offsets`` [B+1] (last offset included).
+
+    Sum and mean pool as ``embedding_bag`` does; max bags listed in ``empty``
+    (bool [B]) are zeros, as the contract says, whatever the kernel gives them.
+    """
+    import torch.nn.functional as F
+
+    out = F.embedding_bag(ids, weight, offsets, mode=_MODES[Pooling(pooling)], include_last_offset=True)
+    if pooling is Pooling.MAX and empty is not None and empty.any():
+        import torch
+
+        out[torch.from_numpy(empty).to(out.device)] = 0.0
+    return out
 
 
 def partial_pooling(pooling: Pooling) -> Pooling:
