@@ -196,7 +196,8 @@ def _id_ranges(ids: Iterable[int]) -> str:
 @click.option("--count", type=click.IntRange(min=1), default=None, help="With --watch: stop after N refreshes.")
 @with_client
 def status(client: DaemonClient, as_json: bool, watch: float | None, count: int | None) -> None:
-    """Engines, connections, queues, credits and cache, read straight from shared memory."""
+    """Engines, connections, embedding servers and shard replicas, queues, credits and cache, read straight
+    from shared memory."""
     if watch is None:
         snap = client.snapshot()
         click.echo(json.dumps(snap, indent=2) if as_json else render_status(snap))

@@ -3,10 +3,14 @@
     emrctl model init --preset NAME --out DIR [--seed N] [--rows-cap R] [--force]
     emrctl model validate DIR [--json]
     emrctl model list-presets [--json]
+    emrctl model import --from torchrec|dlrm CHECKPOINT --out DIR [--name-map CKPT=NAME ...]
+                        [--pooling MODE] [--table-pooling NAME=MODE ...] [--dense-features N]
+                        [--interaction dot|cat] [--force] [--json]
 
 Runs entirely within emrctl (no daemon involved).  Importing this module never
 imports torch: ``validate`` and ``list-presets`` answer without it, and ``init``
-imports it only to write ``dense.pt``.  The integrator adds the group to the
+imports it only to write ``dense.pt``; ``import`` imports torch and the importers
+(flexemr.model.importers) only when it runs.  The integrator adds the group to the
 top-level CLI with ``cli.add_command(model_cmd.model)``.
 """
 
@@ -86,6 +90,14 @@ def list_presets(as_json: bool) -> None:
                    f"{r['interaction']:>5} {_human(r['embedding_bytes']):>10}  {r['description']}")
 
 
+def _clear_model_files(out: Path) -> None:
+    """Remove exactly what a model directory consists of: stale tables would otherwise linger."""
+    for name in _MODEL_FILES:
+        (out / name).unlink(missing_ok=True)
+    for f in (out / "tables").glob("*.npy") if (out / "tables").is_dir() else ():
+        f.unlink()
+
+
 def _free_bytes(path: Path) -> int:
     p = path
     while not p.exists():
@@ -111,12 +123,8 @@ def init(preset: str, out: Path, seed: int, rows_cap: int | None, force: bool) -
             raise click.ClickException(
                 f"{out} is not empty; pass --force to overwrite its model files "
                 f"(model.toml, dense.pt, tables/*.npy), or choose another --out")
-        # Only what a model directory consists of: stale tables of another preset
-        # would otherwise linger; anything else of the user's stays.
-        for name in _MODEL_FILES:
-            (out / name).unlink(missing_ok=True)
-        for f in (out / "tables").glob("*.npy") if (out / "tables").is_dir() else ():
-            f.unlink()
+        # Only what a model directory consists of; anything else of the user's stays.
+        _clear_model_files(out)
     need = spec.embedding_bytes + dense_param_count(spec) * 4
     free = _free_bytes(out)
     if need > free:
@@ -161,3 +169,111 @@ def validate(model_dir: Path, as_json: bool) -> None:
     else:
         click.echo(f"ok: {model_dir}: {_summary_line(summary)}")
     click.get_current_context().exit(EXIT_INVALID if problems else EXIT_OK)
+
+
+# --------------------------------------------------------------------------- import
+
+def _pairs(option: str, values: tuple[str, ...]) -> list[tuple[str, str]]:
+    out = []
+    for v in values:
+        left, sep, right = v.partition("=")
+        if not sep or not left or not right:
+            raise click.BadParameter(f"{v!r}: expected NAME=VALUE", param_hint=option)
+        out.append((left, right))
+    return out
+
+
+def _parse_pooling(option: str, value: str):
+    from flexemr.types import Pooling
+
+    try:
+        return Pooling.parse(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=option) from None
+
+
+@model.command("import")
+@click.option("--from", "source", required=True, type=click.Choice(["torchrec", "dlrm"]),
+              help="torchrec: a torchrec.models.dlrm.DLRM state_dict; dlrm: a facebookresearch/dlrm "
+                   "dlrm_s_pytorch.py --save-model checkpoint.")
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Model directory to write.")
+@click.option("--name-map", multiple=True, metavar="CKPTNAME=NAME",
+              help="Rename a checkpoint table (clients send NAME as the sparse feature). Repeatable.")
+@click.option("--pooling", default="sum", show_default=True, type=click.Choice(["sum", "mean", "max"]),
+              help="Pooling of every table --table-pooling does not name (a state_dict does not record it).")
+@click.option("--table-pooling", multiple=True, metavar="NAME=MODE",
+              help="Pooling of one table (checkpoint or new name): sum, mean or max. Repeatable.")
+@click.option("--dense-features", type=click.IntRange(min=1), default=None,
+              help="Width of the dense input; checked against the weights, which determine it.")
+@click.option("--interaction", type=click.Choice(["dot", "cat"]), default=None,
+              help="dlrm only: --arch-interaction-op, when the top MLP's width fits both.")
+@click.option("--force", is_flag=True, help="Overwrite the model files of a non-empty DIR.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print JSON {ok, path, checkpoint, from, summary, tables, notes} or {ok, problems}.")
+def import_(source: str, checkpoint: Path, out: Path, name_map: tuple[str, ...], pooling: str,
+            table_pooling: tuple[str, ...], dense_features: int | None, interaction: str | None, force: bool,
+            as_json: bool) -> None:
+    """Import a model trained elsewhere (TorchRec or facebookresearch/dlrm) as a model directory."""
+    options_kw = {
+        "name_map": dict(_pairs("--name-map", name_map)),
+        "pooling": _parse_pooling("--pooling", pooling),
+        "table_pooling": {k: _parse_pooling("--table-pooling", v) for k, v in _pairs("--table-pooling", table_pooling)},
+        "dense_features": dense_features,
+    }
+    if out.exists() and not out.is_dir():
+        raise click.ClickException(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise click.ClickException(f"{out} is not empty; pass --force to overwrite its model files "
+                                   "(model.toml, dense.pt, tables/*.npy), or choose another --out")
+    if not checkpoint.is_file():
+        raise click.ClickException(f"{checkpoint}: no such file")
+
+    # torch and the importers load only now: `emrctl status` and `emrctl model validate` stay torch-free.
+    from flexemr.model.importers import plan_checkpoint
+    from flexemr.model.importers.common import CheckpointError, ImportOptions, StderrProgress, write_model_dir
+    from flexemr.types import Interaction
+
+    if interaction is not None:
+        options_kw["interaction"] = Interaction(interaction)
+    options = ImportOptions(**options_kw)
+    try:
+        # The whole checkpoint is checked before anything in DIR is touched: a bad
+        # one never costs the model already there, even with --force.
+        plan = plan_checkpoint(source, checkpoint, options)
+        need = plan.spec.embedding_bytes + dense_param_count(plan.spec) * 4
+        free = _free_bytes(out)
+        if need > free:
+            raise click.ClickException(f"{checkpoint} needs {_human(need)} but only {_human(free)} is free under {out}")
+        if out.is_dir() and force:
+            _clear_model_files(out)
+        write_model_dir(out, plan, None if as_json else StderrProgress())
+    except CheckpointError as e:
+        if as_json:
+            click.echo(json.dumps({"ok": False, "path": str(out), "checkpoint": str(checkpoint),
+                                   "problems": e.problems}))
+        else:
+            click.echo(f"cannot import {checkpoint} (--from {source}):", err=True)
+            for p in e.problems:
+                click.echo(f"  {p}", err=True)
+        click.get_current_context().exit(EXIT_INVALID)
+        return
+    spec = plan.spec
+    if as_json:
+        click.echo(json.dumps({
+            "ok": True, "path": str(out.resolve()), "checkpoint": str(checkpoint), "from": source,
+            "summary": _summary(spec), "notes": list(plan.notes),
+            "tables": [{"name": t.spec.name, "key": t.key, "rows": t.spec.rows, "dim": t.spec.dim,
+                        "pooling": t.spec.pooling.label} for t in plan.tables],
+        }))
+        return
+    click.echo(f"imported {checkpoint} (--from {source}) to {out.resolve()}")
+    click.echo(f"  model:    interaction {spec.interaction.value}, dense_features {spec.dense_features}, "
+               f"bottom_mlp {list(spec.bottom_mlp)}, top_mlp {list(spec.top_mlp)}")
+    for t in plan.tables:
+        click.echo(f"  table:    {t.spec.name:<16} {t.spec.rows:>12,} x {t.spec.dim:<4} {t.spec.pooling.label:<4}  "
+                   f"<- {t.key}")
+    click.echo(f"  wrote:    model.toml, dense.pt ({dense_path(out).stat().st_size:,} bytes), "
+               f"{len(plan.tables)} tables ({_human(spec.embedding_bytes)})")
+    for n in plan.notes:
+        click.echo(f"  note:     {n}")

@@ -1,4 +1,5 @@
-"""Human rendering of a status snapshot: a header line, engine and connection tables, a cache line.
+"""Human rendering of a status snapshot: a header line, engine, connection and embedding-server tables,
+a shard-replica line, a cache line.
 
 Every line fits WIDTH (100) columns: long fields (server addresses) are cut
 with an ellipsis and, as a last guard, lines are clipped.  Only formatting
@@ -103,6 +104,36 @@ def connection_lines(snap: dict[str, Any]) -> list[str]:
     return _table(headers, rows)
 
 
+def server_lines(snap: dict[str, Any]) -> list[str]:
+    """The embedding servers: the ranker's view (STATE) and, for local children, the process (PROC)."""
+    headers = [("SERVER", 6), ("ADDRESS", 23), ("STATE", 12), ("PROC", 10), ("PID", 7), ("RESTARTS", 8),
+               ("OUTSTANDING", 11), ("CONNS", 5)]
+    rows = []
+    for s in snap.get("servers", []):
+        rows.append([str(s["id"]), s.get("address") or "-", s["state"], s.get("process") or "remote",
+                     str(s["pid"] or "-"), str(s["restarts"]), str(s["outstanding"]), str(s["connections_up"])])
+    return _table(headers, rows)
+
+
+def shards_line(snap: dict[str, Any]) -> str:
+    """``shards: 3 groups, all with ≥2 live replicas``, or the groups that have fewer."""
+    shards = snap.get("shards", {})
+    want = max(1, int(snap.get("replicas", 1)))
+    noun = "replica" if want == 1 else "replicas"
+    short = [(p, n) for p, n in shards.items() if n < want]
+    if not short:
+        return f"shards: {len(shards)} groups, all with ≥{want} live {noun}"
+    parts = [f"group {p} {n}/{want} live{' (unavailable)' if n == 0 else ''}" for p, n in short]
+    return f"shards: {len(shards)} groups, {len(short)} short of {want} live {noun}: " + ", ".join(parts)
+
+
+def failover_line(snap: dict[str, Any]) -> str:
+    f = snap["ranker"].get("failover", {})
+    return (f"failover: {_count(f.get('failovers', 0))} subrequests to replicas, "
+            f"{_count(f.get('reissued', 0))} re-issued, hedges {_count(f.get('hedges_sent', 0))} sent / "
+            f"{_count(f.get('hedges_won', 0))} won")
+
+
 def cache_line(snap: dict[str, Any]) -> str:
     c = snap["cache"]
     return (f"cache {c['policy']}  {human_bytes(c['used_bytes'])} / {human_bytes(c['capacity_bytes'])}  "
@@ -133,6 +164,12 @@ def render_status(snap: dict[str, Any], width: int = WIDTH) -> str:
                  f"rebalance {'on' if snap.get('rebalance') else 'off'}")
     lines += connection_lines(snap)
     lines.append("")
+    if snap.get("servers"):
+        lines.append("embedding servers")
+        lines += server_lines(snap)
+        lines.append(shards_line(snap))
+        lines.append(failover_line(snap))
+        lines.append("")
     lines.append(cache_line(snap))
     target = cache_target_line(snap)
     if target:

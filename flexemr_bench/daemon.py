@@ -12,7 +12,7 @@ benchmark's parent process pays for none of it unless it uses it.
 from __future__ import annotations
 
 from flexemr.routing.combine import Accumulator
-from flexemrd.roles import EmbeddingPlan, embedding_main
+from flexemrd.embedding.main import EmbeddingPlan, embedding_main
 from flexemrd.process import ReadyPipe
 
 __all__ = ["Accumulator", "EmbeddingPlan", "ReadyPipe", "embedding_main"]

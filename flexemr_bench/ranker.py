@@ -70,6 +70,7 @@ class Daemon:
 
     def __init__(self, model: Path, servers: int, engines: int, sock: str, instance: str, extra: list[str]) -> None:
         self.sock = sock
+        self.instance = instance
         cmd = [sys.executable, "-m", "flexemrd", "local", "--model", str(model), "--embedding-servers", str(servers),
                "--engines", str(engines), "--socket", sock, "--instance", instance, "--log-level", "warning", *extra]
         self.log = open(f"{sock}.log", "w")

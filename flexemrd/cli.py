@@ -64,6 +64,10 @@ def run(config_path: str) -> None:
 @click.option("--mapping", type=click.Choice(MappingMode.labels()), default="owned", show_default=True)
 @click.option("--credits", type=click.Choice(CreditMode.labels()), default="priority", show_default=True)
 @click.option("--rebalance/--no-rebalance", default=True, show_default=True)
+@click.option("--http-port", default=0, show_default=True, type=click.IntRange(0, 65535),
+              help="KServe v2 (Triton) REST front on 127.0.0.1 (0: off).")
+@click.option("--grpc-port", default=0, show_default=True, type=click.IntRange(0, 65535),
+              help="KServe v2 (Triton) gRPC front on 127.0.0.1 (0: off).")
 @click.option("--metrics-port", default=0, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--server-threads", default=1, show_default=True, type=click.IntRange(1, 256))
 @click.option("--torch-threads", default=None, type=click.IntRange(0, 256),
@@ -74,7 +78,7 @@ def run(config_path: str) -> None:
                                                    "and restarted; 0 = never.")
 @click.option("--log-level", default="info", show_default=True)
 def local(model_dir, n_servers, engines, socket_path, instance, routing, replicas, hedging, request_timeout_s, max_batch, max_wait_ms, cache_policy,
-          cache_size, cache_budget, cache_margin, mapping, credits, rebalance, metrics_port, server_threads, torch_threads,
+          cache_size, cache_budget, cache_margin, mapping, credits, rebalance, http_port, grpc_port, metrics_port, server_threads, torch_threads,
           heartbeat_timeout_s, log_level) -> None:
     """Run a whole cluster on this host: N embedding servers and one ranker, TCP on loopback."""
     from flexemrd.hosts import build_local
@@ -88,6 +92,7 @@ def local(model_dir, n_servers, engines, socket_path, instance, routing, replica
                            "replicas": replicas, "hedging": hedging, "request_timeout_s": request_timeout_s,
                            "max_wait_ms": max_wait_ms, "mapping": mapping, "credits": credits,
                            "rebalance": rebalance, "metrics_port": metrics_port,
+                           "http_port": http_port, "grpc_port": grpc_port,
                            "torch_threads": (1 if n_servers else 0) if torch_threads is None else torch_threads},
                 "embedding": {"threads": server_threads, "servers": max(1, n_servers), "replicas": replicas},
                 "cache": {"policy": cache_policy, "capacity": cache_size, "budget": cache_budget, "margin": cache_margin},

@@ -11,10 +11,10 @@ from flexemr.config import Config, split_hostport
 from flexemr.model.spec import load_spec
 from flexemr.routing.table import RoutingTable
 
-from flexemrd.engine_entry import engine_main
+from flexemrd.embedding.main import embedding_main, embedding_plans
+from flexemrd.engine.main import engine_main
 from flexemrd.inference.main import inference_main
 from flexemrd.plan import RankerPlan, RankerResources
-from flexemrd.roles import embedding_main, embedding_plans
 from flexemrd.supervisor import ChildSpec, Supervisor
 
 logger = logging.getLogger(__name__)

@@ -122,15 +122,3 @@ class RankerResources:
                     pass
             self.doorbell = None
         naming.unlink_instance_segments(self.plan.instance)
-
-
-def current_owners(plan: RankerPlan) -> dict[int, int]:
-    """Connection owners now: after migrations a restarted engine takes what the runtime map gives it."""
-    try:
-        from flexemr.control.block import ControlBlock
-
-        with ControlBlock.attach(plan.instance, wait_s=0.0) as block:
-            owners = block.runtime.read().owners
-        return {c: owners[c] for c in plan.connections}
-    except Exception:
-        return dict(plan.owners)

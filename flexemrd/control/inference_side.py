@@ -5,7 +5,8 @@ epoch becomes a control request the batcher applies between batches
 (migrations, cache size and policy).  It acknowledges the epoch once every
 migration it started is confirmed by the engine that adopted the connection
 (``migrated``, called from the completion thread).  Every ``PUBLISH_INTERVAL_S``
-it publishes the ranker's counters; every ``LOG_INTERVAL_S`` with traffic it
+it publishes the ranker's counters, the failover counters and how it sees each
+embedding server (server_stats rows); every ``LOG_INTERVAL_S`` with traffic it
 logs one summary line.
 """
 
@@ -29,6 +30,18 @@ PUBLISH_INTERVAL_S = 0.2
 LOG_INTERVAL_S = 10.0
 
 
+def server_state(health: dict) -> str:
+    """The ServerState label of one ``ServerHealth.snapshot()`` entry.
+
+    Down with no connection left means the engines are reopening them
+    (they reconnect with backoff); down while still connected means the
+    ranker gave up on it after timeouts.
+    """
+    if health["state"] == "up":
+        return "up"
+    return "reconnecting" if health["connections_up"] == 0 else "down"
+
+
 class InferenceControl:
     def __init__(self, instance: str) -> None:
         self.instance = instance
@@ -40,6 +53,7 @@ class InferenceControl:
         self._acked = -1
         self._lock = threading.Lock()
         self._tables_prev: dict[str, np.ndarray] = {}
+        self._server_states: dict[int, tuple[str, int]] = {}  # server -> (state label, changed_ns)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -75,20 +89,24 @@ class InferenceControl:
         """Posted to the batcher: runs there between batches."""
 
         def apply(batcher: Batcher) -> None:
-            moved = []
             sub = batcher.submitter
             if sub is not None:
                 for cid, eng in enumerate(state.owners):
                     if cid in sub.owners and sub.owners[cid] != eng:
+                        # Waiting first: the engine may confirm before migrate() returns.
+                        with self._lock:
+                            self._waiting.add(cid)
                         try:
-                            if sub.migrate(cid, eng):
-                                moved.append(cid)
+                            moved = sub.migrate(cid, eng)
                         except ValueError as e:
+                            moved = False
                             logger.error("cannot migrate connection %d: %s", cid, e)
+                        if not moved:
+                            with self._lock:
+                                self._waiting.discard(cid)
             if batcher.cache is not None:
                 batcher.cache.apply_runtime(state.cache_policy.label, state.cache_capacity_bytes)
             with self._lock:
-                self._waiting.update(moved)
                 self._applied_epoch = state.epoch
 
         return apply
@@ -140,6 +158,11 @@ class InferenceControl:
                                  latency_p50_ms=s["latency_p50_ms"], latency_p99_ms=s["latency_p99_ms"],
                                  mean_batch=s["mean_batch"], requests_per_s=s["requests_per_s"],
                                  inflight_batches=s["inflight_batches"], heartbeat_ns=time.monotonic_ns())
+        f = s.get("failover")
+        if f:
+            self.block.ranker.update(reissued_total=f["reissued"], hedges_sent=f["hedges_sent"],
+                                     hedges_won=f["hedges_won"], failovers_total=f["failovers"])
+        self._publish_servers(s.get("servers", []))
         counts = self.svc.stats.table_counters()
         cache = self.svc.cache
         if cache is not None:
@@ -153,6 +176,21 @@ class InferenceControl:
             self.block.add_tables(**deltas)
         if cache is not None:
             self._publish_cache(cache)
+
+    def _publish_servers(self, servers: list[dict]) -> None:
+        """One server_stats row per embedding server, from ServerHealth.snapshot()."""
+        now = time.monotonic_ns()
+        slots = self.block.servers
+        for d in servers:
+            sid = d["server"]
+            if not 0 <= sid < len(slots):
+                continue
+            state = server_state(d)
+            prev = self._server_states.get(sid)
+            changed = prev[1] if prev is not None and prev[0] == state else now
+            self._server_states[sid] = (state, changed)
+            slots[sid].update(state=state, outstanding=d["outstanding"], connections_up=d["connections_up"],
+                              changed_ns=changed)
 
     def _publish_cache(self, cache) -> None:
         from flexemr.control.block import CacheMode

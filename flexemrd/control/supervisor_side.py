@@ -20,10 +20,14 @@ ACK_TIMEOUT_S = 4.0  # below emrctl's 5 s, so emrctl hears our reason, not its o
 
 
 def _topology(plan) -> dict[str, Any]:
+    n_srv = len(plan.servers)
     return {
         "instance": plan.instance,
         "mode": "local" if all(a.startswith("127.") for a in plan.servers) else "ranker",
         "servers": [{"name": f"embedding[{i}]", "address": a} for i, a in enumerate(plan.servers)],
+        # per primary, the servers holding its shard group (primary first): status derives live replicas
+        "holders": [list(plan.routing.holders_of(p)) for p in range(n_srv)],
+        "replicas": plan.routing.replicas if n_srv else 0,
         "tables": [t.name for t in plan.spec.tables],
         "engines": plan.engines,
         "mapping": plan.cfg.ranker.mapping,
@@ -32,6 +36,13 @@ def _topology(plan) -> dict[str, Any]:
         "socket": plan.socket_path,
         "connections": [{"id": c, "server": s} for c, (s, _a) in sorted(plan.connections.items())],
     }
+
+
+def _server_index(child_name: str) -> int | None:
+    """``embedding[2]`` -> 2 (the child names of hosts.py); None for other children."""
+    if child_name.startswith("embedding[") and child_name.endswith("]"):
+        return int(child_name[len("embedding["):-1])
+    return None
 
 
 class SupervisorControl:
@@ -49,6 +60,11 @@ class SupervisorControl:
         self._last_rates = 0.0
         self._last_rebalance = 0.0
         self.auto_moves = 0
+        # child name -> (pid, started_ns): started_ns is written once per process, not once per tick
+        self._started: dict[str, tuple[int, int]] = {}
+        # embedding server index -> restarts since the daemon started (the supervisor's own
+        # list only covers its restart window, an operator wants the total)
+        self._server_restarts: dict[int, int] = {}
 
     # -------------------------------------------------------------- lifecycle
 
@@ -63,7 +79,7 @@ class SupervisorControl:
         n_conn = len(p.connections)
         self.block = ControlBlock.create(
             p.instance, max(1, p.engines), n_conn, [t.name for t in p.spec.tables], _topology(p),
-            conn_servers=[p.connections[c][0] for c in range(n_conn)],
+            conn_servers=[p.connections[c][0] for c in range(n_conn)], n_servers=len(p.servers),
             owners=[p.owners[c] for c in range(n_conn)],
             cache_policy=cfg.cache.policy, cache_capacity_bytes=cfg.cache.capacity,
             rebalance=cfg.ranker.rebalance and p.engines > 1 and not p.shared,
@@ -102,17 +118,31 @@ class SupervisorControl:
         self.dispatcher.dispatch_signal(name)
         return True
 
+    def _started_ns(self, child) -> int:
+        """When this process of ``child`` was first recorded (stable across ticks, new after a restart)."""
+        pid, ns = self._started.get(child.name, (0, 0))
+        if pid != child.pid:
+            pid, ns = child.pid, time.monotonic_ns()
+            self._started[child.name] = (pid, ns)
+        return ns
+
     def _record_children(self, sup) -> None:
         if self.block is None:
             return
         for c in sup.children:
-            if c.name.startswith("engine[") and c.pid:
+            if not c.pid:
+                continue  # on_child_exit wrote its state; the restarted process is recorded on a later tick
+            if c.name.startswith("engine["):
                 e = int(c.name[7:-1])
                 self.block.engines[e].set_process(pid=c.pid, cpu=-1 if c.cpu is None else c.cpu, state=c.state,
-                                                   restarts=len(c.restarts), started_ns=time.monotonic_ns())
-            elif c.name == "inference" and c.pid:
+                                                   restarts=len(c.restarts), started_ns=self._started_ns(c))
+            elif c.name == "inference":
                 self.block.set_inference(pid=c.pid, state=c.state, restarts=len(c.restarts),
-                                         started_ns=time.monotonic_ns())
+                                         started_ns=self._started_ns(c))
+            elif (server := _server_index(c.name)) is not None and server < self.block.n_servers:
+                self.block.servers[server].set_process(pid=c.pid, state=c.state,
+                                                       restarts=self._server_restarts.get(server, 0),
+                                                       started_ns=self._started_ns(c))
 
     def on_child_exit(self, child, code: int) -> None:
         if self.block is None:
@@ -126,6 +156,11 @@ class SupervisorControl:
                 self._speak_for_dead_engine(engine, code)
         elif child.name == "inference":
             self.block.set_inference(state=state, pid=0)
+        elif (server := _server_index(child.name)) is not None and server < self.block.n_servers:
+            if not stopping:
+                self._server_restarts[server] = self._server_restarts.get(server, 0) + 1
+            self.block.servers[server].set_process(state=state, pid=0,
+                                                   restarts=self._server_restarts.get(server, 0))
 
     def _speak_for_dead_engine(self, engine: int, code: int) -> None:
         """Fail the dead engine's in-flight subrequests now instead of at their timeout.

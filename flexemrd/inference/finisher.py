@@ -45,7 +45,7 @@ class Finisher:
                 return
             try:
                 if batch.error is not None:
-                    self.fail(batch.works, ErrorCode.UNAVAILABLE, batch.error)
+                    self.fail(batch.works, batch.error_code or ErrorCode.UNAVAILABLE, batch.error)
                 else:
                     self.answer(batch)
             except Exception as e:

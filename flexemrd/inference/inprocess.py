@@ -9,6 +9,7 @@ the same checks and errors.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Sequence
 
 import numpy as np
@@ -53,11 +54,20 @@ class _Answer:
 class InProcessBackend:
     """The KServe front's backend inside the inference process (see flexemr.kserve.types.InferenceBackend)."""
 
+    READY_CACHE_S = 1.0
+    PROBE_TIMEOUT_S = 2.0
+
     def __init__(self, service) -> None:
         self.service = service
         self.spec: ModelSpec = service.spec
+        self._ready = False
+        self._ready_at = -1e9
+        self._ready_lock = threading.Lock()
+        self._rng = np.random.default_rng()
 
     def infer(self, predict: bool, dense: np.ndarray | None, sparse, timeout_s: float | None = None):
+        if timeout_s is not None and not 0 < timeout_s < 86400:
+            timeout_s = None   # gRPC says "no deadline" with a huge time remaining: use the configured one
         req = request_from_arrays(dense if predict else None, sparse)
         answer = _Answer()
         work = self.service.admission.admit(answer, 0, predict, req, timeout_s)
@@ -71,5 +81,28 @@ class InProcessBackend:
         return answer.value
 
     def ready(self) -> bool:
+        """Every shard group has a live server, and a lookup touching every shard comes back in time.
+
+        The probe catches what connection state cannot (a frozen server keeps
+        its connections); its answer is cached for READY_CACHE_S.
+        """
         health = self.service.health
-        return health is None or health.all_shards_live()
+        if health is not None and not health.all_shards_live():
+            return False
+        with self._ready_lock:
+            if time.monotonic() - self._ready_at >= self.READY_CACHE_S:
+                self._ready = self._probe()
+                self._ready_at = time.monotonic()
+            return self._ready
+
+    def _probe(self) -> bool:
+        sparse = {}
+        for t in self.spec.tables:
+            n = min(t.rows, 128)
+            ids = (np.arange(n, dtype=np.int64) * t.rows // n + int(self._rng.integers(t.rows))) % t.rows
+            sparse[t.name] = (np.sort(ids), np.array([n], dtype=np.int32))
+        try:
+            self.infer(False, None, sparse, timeout_s=self.PROBE_TIMEOUT_S)
+            return True
+        except (RequestError, RemoteError):
+            return False

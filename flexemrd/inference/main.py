@@ -21,6 +21,22 @@ def _device(requested: str) -> str:
     return requested
 
 
+def _start_kserve(svc, r):
+    """The KServe v2 fronts, in this process and through the same admission and batcher (None when off)."""
+    if not (r.http_port or r.grpc_port):
+        return None
+    from flexemr.kserve.server import KServeServer
+
+    from flexemrd.inference.inprocess import InProcessBackend
+
+    server = KServeServer(InProcessBackend(svc), host=r.kserve_addr, http_port=r.http_port or None,
+                          grpc_port=r.grpc_port or None, max_request_bytes=r.max_request_bytes)
+    server.start()
+    logger.info("KServe v2 front: http %s, grpc %s on %s", server.http_port or "off", server.grpc_port or "off",
+                r.kserve_addr)
+    return server
+
+
 def inference_main(plan: RankerPlan, ready) -> None:
     setup_logging("inference", None, plan.cfg.daemon.log_level)
     import torch
@@ -66,12 +82,15 @@ def inference_main(plan: RankerPlan, ready) -> None:
     listener = bind_unix_socket(plan.socket_path, r.socket_mode)
     svc.start(listener)
     control.start(svc)
+    kserve = _start_kserve(svc, r)
     logger.info("serving %s (max_batch=%d, max_wait=%.1f ms)", plan.socket_path, r.max_batch, r.max_wait_ms)
     ready.ready()
     try:
         term.wait(poll_s=0.1)
         logger.info("draining")
         t0 = time.monotonic()
+        if kserve is not None:
+            kserve.stop()
         svc.drain_and_stop(plan.cfg.daemon.graceful_timeout_s)
         logger.info("drained in %.2f s", time.monotonic() - t0)
     finally:

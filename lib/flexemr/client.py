@@ -4,6 +4,7 @@
     with InferenceClient("/run/flexemr/ranker.sock") as c:
         scores = c.predict(dense, sparse)   # -> np.ndarray [B] float32
         pooled = c.lookup(sparse)           # -> dict[name, np.ndarray [B, dim] float32]
+        scores = c.predict_csr(dense, keys, row_index, tables=spec.table_names)  # HPS-style CSR
 
 ``sparse`` maps table name to ``(values, lengths)``: int64 ids and int32 bag
 lengths (TorchRec's KeyedJaggedTensor layout).  Input is checked here first
@@ -27,10 +28,13 @@ from __future__ import annotations
 import itertools
 import socket
 import threading
+from typing import Sequence
 
 import numpy as np
 
 from flexemr.errors import DeadlineExceeded, ProtocolError, RemoteError, RequestError
+from flexemr.kserve.convert import csr_to_kjt
+from flexemr.model.spec import ModelSpec
 from flexemr.validation import Sparse, prepare_dense, prepare_sparse
 from flexemr.wire import codec
 from flexemr.wire.frame import ErrorCode, FrameType
@@ -146,3 +150,24 @@ class InferenceClient:
         frame = codec.encode_client_request(rid, names, lengths, values, batch, None, timeout_ms=_timeout(timeout_ms))
         payload = self._call(frame, rid, FrameType.CLIENT_LOOKUP_RESP, timeout_ms)
         return codec.decode_pooled(payload)
+
+    def predict_csr(self, dense: np.ndarray, keys: np.ndarray, row_index: np.ndarray,
+                    tables: Sequence[str] | ModelSpec, timeout_ms: int | None = None) -> np.ndarray:
+        """Scores [B] from HPS-style CSR input, so HugeCTR/HPS batching code keeps working.
+
+        ``keys`` int64 (CATCOLUMN) and ``row_index`` int32 [B*S + 1] (ROWINDEX):
+        the keys of sample b, slot s are ``keys[row_index[b*S+s]:row_index[b*S+s+1]]``,
+        one slot per table in ``tables`` order (the model's ``[[tables]]``, or
+        pass the ModelSpec).  ``dense`` is float32 [B, F] or flat [B*F].
+        Converted by the same code as the KServe front (flexemr.kserve.convert).
+        """
+        names = tables.table_names if isinstance(tables, ModelSpec) else tuple(tables)
+        if not names:
+            raise RequestError("tables: need the table (slot) order of the model")
+        sparse = csr_to_kjt(names, keys, row_index)
+        batch = len(next(iter(sparse.values()))[1])
+        d = np.asarray(dense)
+        if batch == 0 or d.size % batch:
+            raise RequestError(f"dense: {d.size} values do not split into the batch of {batch} samples "
+                               "that ROWINDEX describes")
+        return self.predict(d.reshape(batch, d.size // batch), sparse, timeout_ms)

@@ -86,6 +86,9 @@ class RankerConfig:
     hedge_min_ms: float = 2.0        # ... and at least this old
     max_ids_per_request: int = 0     # ids in one request, over all tables (0: no limit beyond max_request_bytes)
     allow_nonfinite: bool = False    # accept NaN/Inf dense features (refused by default, naming the field)
+    http_port: int = 0               # KServe v2 REST front (0 = off)
+    grpc_port: int = 0               # KServe v2 gRPC front (0 = off)
+    kserve_addr: str = "127.0.0.1"   # where the KServe fronts listen
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -97,6 +100,7 @@ class EmbeddingConfig:
     replicas: int = 1                # must match the rankers' [ranker].replicas
     threads: int = 1                 # torch intra-op threads for pooling
     max_payload: int = 1 << 30
+    max_connections: int = 256       # ranker connections served at once; one more gets ERROR OVERLOADED
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -133,7 +137,7 @@ _CHOICES = {
     ("cache", "admission"): ("lru", "tinylfu"),
 }
 _POSITIVE = {"engines", "connections_per_server", "max_batch", "max_inflight_batches", "servers", "threads",
-             "credits_per_connection", "replicas"}
+             "credits_per_connection", "replicas", "max_connections"}
 
 
 def _coerce(section: str, key: str, default: Any, value: Any, where: str, problems: list[str]) -> Any:

@@ -5,10 +5,10 @@ ring's own ``kind`` field says what follows::
 
     submission ring (inference -> engine)
       SUB_FRAME     prefix(conn, 0)        | a complete wire frame to send as is
-      SUB_MIGRATE   prefix(conn, engine)   | hand ``conn`` to ``engine`` once its
-                                             in-flight subrequests are answered
-                                             (everything for ``conn`` before this
-                                             marker was submitted here)
+      SUB_MIGRATE   prefix(conn, engine)   | hand ``conn`` to ``engine`` now, answers
+                                             still in flight included (everything
+                                             for ``conn`` before this marker was
+                                             submitted here)
       SUB_STOP      prefix(0, 0)           | finish what is queued, then exit
 
     completion ring (engine -> inference)
@@ -17,6 +17,12 @@ ring's own ``kind`` field says what follows::
       COMP_LOST     prefix(conn, 0)        | utf-8 reason: the connection failed
       COMP_MIGRATED prefix(conn, engine)   | the connection now lives in ``engine``
       COMP_CONNECTED prefix(conn, 0)       | the connection is (re)established and serving
+
+Each ring has one producer thread: the inference's batcher for submissions,
+the engine's receiver thread for completions (other engine threads post
+COMP_LOST / COMP_MIGRATED to it: flexemrd/engine/completions.py).  The one
+exception is a dead engine: its completion ring has no producer left, and
+the supervisor writes COMP_LOST for its connections until it restarts.
 """
 
 from __future__ import annotations

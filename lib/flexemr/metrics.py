@@ -14,6 +14,9 @@ label because the writers publish quantiles, not histograms::
     flexemr_connection_{subrequests,migrations,sent_bytes,received_bytes}_total{conn,server}
     flexemr_{requests,request_errors,samples,batches}_total, flexemr_requests_per_second,
     flexemr_request_latency_seconds{quantile}, flexemr_mean_batch_size, flexemr_inflight_batches
+    flexemr_server_{up,reconnecting,outstanding,connections_up}{server,address}
+    flexemr_server_restarts_total{server,address}, flexemr_shard_group_live_replicas{primary}
+    flexemr_{failovers,reissued_subrequests,hedged_subrequests,hedges_won}_total
     flexemr_cache_{hit_ratio,capacity_bytes,used_bytes,entries,policy{policy}}
     flexemr_cache_{hits,lookups,evictions,fills}_total
     flexemr_table_{lookups,hits,ids,wire_bytes}_total{table}, flexemr_table_cache_hit_ratio{table}
@@ -65,6 +68,7 @@ class ControlBlockCollector(Collector):
         yield from _engines(snap["engines"])
         yield from _connections(snap["connections"])
         yield from _ranker(snap["ranker"])
+        yield from _servers(snap.get("servers", []), snap.get("shards", {}))
         yield from _cache(snap["cache"], snap["tables"])
 
 
@@ -153,6 +157,38 @@ def _ranker(r: dict[str, Any]) -> Iterator[Metric]:
     for q, tag in _QUANTILES:
         lat.add_metric([q], r[f"latency_{tag}_ms"] / 1e3)
     yield lat
+    yield from _failover(r.get("failover", {}))
+
+
+def _servers(servers: list[dict[str, Any]], shards: dict[str, int]) -> Iterator[Metric]:
+    lab = ["server", "address"]
+    up = _gauge("flexemr_server_up", "1 when the ranker sees the embedding server up", lab)
+    reconnecting = _gauge("flexemr_server_reconnecting",
+                          "1 while every connection to the server is lost and being reopened", lab)
+    outstanding = _gauge("flexemr_server_outstanding", "Subrequests sent to the server and not answered", lab)
+    conns = _gauge("flexemr_server_connections_up", "Connections to the server that are up", lab)
+    restarts = _counter("flexemr_server_restarts", "Times the supervisor restarted the (local) server", lab)
+    for srv in servers:
+        key = [str(srv["id"]), str(srv.get("address", ""))]
+        up.add_metric(key, 1 if srv["state"] == "up" else 0)
+        reconnecting.add_metric(key, 1 if srv["state"] == "reconnecting" else 0)
+        outstanding.add_metric(key, srv["outstanding"])
+        conns.add_metric(key, srv["connections_up"])
+        restarts.add_metric(key, srv["restarts"])
+    live = _gauge("flexemr_shard_group_live_replicas", "Live servers holding the shards of this primary",
+                  ["primary"])
+    for primary, n in shards.items():
+        live.add_metric([str(primary)], n)
+    yield from (up, reconnecting, outstanding, conns, restarts, live)
+
+
+def _failover(f: dict[str, Any]) -> Iterator[Metric]:
+    for field, name, doc in (
+            ("failovers", "flexemr_failovers", "Subrequests sent to a replica because their primary was down"),
+            ("reissued", "flexemr_reissued_subrequests", "Subrequests re-issued after their connection was lost"),
+            ("hedges_sent", "flexemr_hedged_subrequests", "Hedged copies sent to a second replica"),
+            ("hedges_won", "flexemr_hedges_won", "Hedged copies that answered first")):
+        yield CounterMetricFamily(name, doc, value=f.get(field, 0))
 
 
 def _cache(cache: dict[str, Any], tables: dict[str, dict[str, Any]]) -> Iterator[Metric]:

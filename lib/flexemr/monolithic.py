@@ -1,7 +1,7 @@
 """The whole model in one process over local tables: the correctness oracle and the baseline.
 
 ``MonolithicModel(model_dir)`` maps every table read-only and loads ``dense.pt``;
-``lookup`` pools bags with the same torch kernel the embedding servers use and
+``lookup`` pools bags with the same kernel the embedding servers use (flexemr.pooling) and
 ``predict`` runs the DLRM on top, under ``torch.inference_mode()``.  The
 disaggregated cluster must answer exactly what this answers (up to float32
 summation order), and benchmarks compare against it: nothing crosses a process
@@ -23,7 +23,7 @@ import torch
 
 from flexemr.errors import RequestError
 from flexemr.model.loader import open_model
-from flexemr.pooling import as_weight, check_bags, pool_torch
+from flexemr.pooling import TablePooler, check_bags
 
 __all__ = ["MonolithicModel"]
 
@@ -39,12 +39,12 @@ class MonolithicModel:
         self.spec = loaded.spec
         self.tables = loaded.tables                       # name -> read-only np.memmap
         self.dense = loaded.dense
-        # Wrap each map once (no copy); pool_torch would otherwise redo it per call.
-        self._weights = {name: as_weight(arr) for name, arr in self.tables.items()}
+        # One pooler per table: the map is wrapped for torch once (no copy), not per call.
+        self._poolers = {t.name: TablePooler(self.tables[t.name], t.pooling) for t in self.spec.tables}
 
     def _check(self, sparse: Sparse, batch: int | None) -> int | None:
         for name, bag in sparse.items():
-            if name not in self._weights:
+            if name not in self._poolers:
                 raise RequestError(f"sparse[{name!r}]: unknown table (model has {', '.join(self.spec.table_names)})")
             if not (isinstance(bag, (tuple, list)) and len(bag) == 2):
                 raise RequestError(f"sparse[{name!r}]: must be a (values, lengths) pair")
@@ -67,7 +67,7 @@ class MonolithicModel:
         for t in self.spec.tables:  # model table order, whatever the dict order
             if t.name in sparse:
                 values, lengths = sparse[t.name]
-                out[t.name] = pool_torch(self._weights[t.name], values, lengths, t.pooling, check=False)
+                out[t.name] = self._poolers[t.name].pool(values, lengths, check=False)
         return out
 
     def lookup(self, sparse: Sparse) -> dict[str, np.ndarray]:

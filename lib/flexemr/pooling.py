@@ -7,9 +7,16 @@ docs/CONTRACTS-INTERNAL.md).  Pooling reduces a bag's rows to one vector:
 mode (DESIGN.md).
 
 ``pool_reference`` is the oracle: float64 accumulation, written with numpy's
-``reduceat`` and nothing shared with the torch path.  ``pool_torch`` is what
-serving code uses: ``torch.nn.functional.embedding_bag`` straight over the
-(read-only) table map, without copying the table.
+``reduceat`` and nothing shared with the torch path.  ``pool_torch`` is THE
+serving kernel: ``torch.nn.functional.embedding_bag`` straight over the
+(read-only) table map, without copying the table; every ``embedding_bag`` in
+lib/ and flexemrd/ goes through it.  ``TablePooler`` binds one table to its
+pooling mode (the torch view is built once) and also gives the partial an
+embedding server sends in hierarchical pooling (docs/PROTOCOL.md): a sum for
+sum and mean tables (the ranker divides), a max for max tables.
+
+torch's ``embedding_bag`` releases the GIL while it gathers, so threads
+pooling different requests run in parallel.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from flexemr.types import Pooling
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["check_bags", "pool_reference", "pool_torch", "as_weight"]
+__all__ = ["pool_tensor", "TablePooler", "as_weight", "check_bags", "partial_pooling", "pool_reference", "pool_torch"]
 
 
 def check_bags(rows: int, values: np.ndarray, lengths: np.ndarray, what: str = "bags") -> None:
@@ -109,12 +116,55 @@ def pool_torch(
     # explicitly, so a trailing empty bag needs no special case.
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    out = F.embedding_bag(
-        torch.from_numpy(values), w, torch.from_numpy(offsets), mode=_MODES[Pooling(pooling)], include_last_offset=True
-    )
-    res = out.numpy()
-    if pooling is Pooling.MAX and (lengths == 0).any():
-        # torch gives zeros for empty max bags today; the contract says zeros, so
-        # do not depend on a kernel detail.
-        res[lengths == 0] = 0.0
-    return res
+    empty = (lengths == 0) if pooling is Pooling.MAX else None
+    return pool_tensor(torch.from_numpy(values), w, torch.from_numpy(offsets), pooling, empty).numpy()
+
+
+def pool_tensor(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, pooling: Pooling,
+                empty: np.ndarray | None = None) -> torch.Tensor:
+    """The kernel itself, on tensors of any device: ``offsets`` [B+1] (last offset included).
+
+    Sum and mean pool as ``embedding_bag`` does; max bags listed in ``empty``
+    (bool [B]) are zeros, as the contract says, whatever the kernel gives them.
+    """
+    import torch.nn.functional as F
+
+    out = F.embedding_bag(ids, weight, offsets, mode=_MODES[Pooling(pooling)], include_last_offset=True)
+    if pooling is Pooling.MAX and empty is not None and empty.any():
+        import torch
+
+        out[torch.from_numpy(empty).to(out.device)] = 0.0
+    return out
+
+
+def partial_pooling(pooling: Pooling) -> Pooling:
+    """What one server computes for a table of ``pooling``: mean travels as partial sums."""
+    return Pooling.MAX if Pooling(pooling) is Pooling.MAX else Pooling.SUM
+
+
+class TablePooler:
+    """One table (a read-only map or a tensor) and its pooling mode, ready to pool bags.
+
+    ``pool`` is the global pool of each bag; ``partial`` is what an embedding
+    server holding some of the rows sends (see ``partial_pooling``).  Both
+    return float32 [B, dim]; ``check=False`` leaves the id range check to
+    torch, which raises RuntimeError on an id outside the table.
+    """
+
+    __slots__ = ("table", "weight", "pooling", "rows", "dim")
+
+    def __init__(self, table: np.ndarray | torch.Tensor, pooling: Pooling) -> None:
+        self.weight = as_weight(table)          # no copy: pages stay shared with every other mapper
+        self.table = table if isinstance(table, np.ndarray) else self.weight.numpy()
+        self.pooling = Pooling(pooling)
+        self.rows, self.dim = (int(x) for x in self.weight.shape)
+
+    def pool(self, values: np.ndarray, lengths: np.ndarray, check: bool = True) -> np.ndarray:
+        return pool_torch(self.weight, values, lengths, self.pooling, check=check)
+
+    def partial(self, values: np.ndarray, lengths: np.ndarray, check: bool = True) -> np.ndarray:
+        return pool_torch(self.weight, values, lengths, partial_pooling(self.pooling), check=check)
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Raw rows [n, dim] (a copy), for cache fills; ids must already be checked."""
+        return self.table[ids]

@@ -4,7 +4,7 @@
 
 Builds this server's shards from ``RoutingTable.build(spec, N_SERVERS, STRATEGY)``,
 listens on a loopback port chosen by the kernel, prints ``PORT <n>`` and then
-runs ``flexemrd.roles.embedding_main`` (one torch thread), which prints
+runs ``flexemrd.embedding.main.embedding_main`` (one torch thread), which prints
 ``READY`` on the same stdout once it serves and returns on SIGTERM.
 """
 
@@ -19,7 +19,7 @@ def main() -> None:
     model, index, n_servers, strategy, max_payload = sys.argv[1:6]
     from flexemr.model.spec import load_spec
     from flexemr.routing.table import RoutingTable
-    from flexemrd.roles import EmbeddingPlan, embedding_main
+    from flexemrd.embedding.main import EmbeddingPlan, embedding_main
     from flexemrd.process import ReadyPipe
 
     spec = load_spec(model)

@@ -21,6 +21,7 @@ from flexemr.control.block import (
     CacheMode,
     ControlBlock,
     EngineState,
+    VERSION,
     InstanceNotRunning,
 )
 from flexemr.errors import ControlError
@@ -65,9 +66,9 @@ def test_attach_refuses_bad_magic_and_version(block, instance):
     other = ControlBlock.attach(instance)
     try:
         other.mm[8:12] = struct.pack("<I", 99)
-        with pytest.raises(ControlError, match="layout version 99; this flexemr understands version 1"):
+        with pytest.raises(ControlError, match=f"layout version 99; this flexemr understands version {VERSION}"):
             ControlBlock.attach(instance)
-        other.mm[8:12] = struct.pack("<I", 1)
+        other.mm[8:12] = struct.pack("<I", VERSION)
         other.mm[0:8] = b"GARBAGE!"
         with pytest.raises(ControlError, match="is not a flexemr control segment"):
             ControlBlock.attach(instance)

@@ -60,9 +60,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from flexemr.model.spec import TableSpec
+from flexemr.pooling import pool_tensor
 from flexemr.types import Pooling
 
 __all__ = ["RowCache", "CacheSplit", "ADMISSIONS"]
@@ -259,12 +259,9 @@ class RowCache:
         spec = self.tables[table_idx]
         if slots is None or offsets is None or len(slots) == 0:
             return torch.zeros((len(counts), spec.dim), dtype=torch.float32, device=self.device)
-        out = F.embedding_bag(slots, self._pools[spec.dim].data, offsets, mode="max" if kind is Pooling.MAX else "sum",
-                              include_last_offset=True)
-        if kind is Pooling.MAX and not counts.all():
-            # Zeros for bags without hits is the contract; do not rely on the kernel's choice.
-            out[torch.from_numpy(counts == 0).to(self.device)] = 0.0
-        return out
+        # Zeros for bags without hits is the contract (pool_tensor does not rely on the kernel's choice).
+        return pool_tensor(slots, self._pools[spec.dim].data, offsets, Pooling.MAX if kind is Pooling.MAX else Pooling.SUM,
+                           counts == 0)
 
     def _count(self, table_idx: int, values: np.ndarray) -> None:
         """TinyLFU frequency: count every access; halve all counts once a window's worth was seen."""

@@ -3,11 +3,13 @@
 Who uses what:
 
 * supervisor: ``ControlBlock.create`` / ``unlink``; ``MailboxServer(block).serve_one(Dispatcher(self), t)``;
-  writes process facts (``engines[i].set_process``, ``set_inference``), the owner map
+  writes process facts (``engines[i].set_process``, ``set_inference``, ``servers[i].set_process`` for
+  local embedding servers), the owner map
   (``set_owner``, ``runtime.publish``) and rates (``update_rates``).
 * engine i: ``ControlBlock.attach``; ``engines[i].update(...)``, ``engines[i].conn(c).update(...)``;
   polls ``runtime.epoch`` between batches.
-* inference: ``ranker.update``, ``cache.update``, ``add_tables``; polls ``runtime.epoch``.
+* inference: ``ranker.update`` (with the failover counters), ``servers[i].update``, ``cache.update``,
+  ``add_tables``; polls ``runtime.epoch``.
 * emrctl: ``ControlBlock.attach(...).snapshot()`` and ``MailboxClient(block).request(cmd)``.
 
 Nothing here imports torch, prometheus_client or click; the data path never

@@ -55,6 +55,8 @@ from flexemr.control.layout import (
     SECTION_TABLE_OFF,
     SECTIONS,
     SEGMENT_MODE,
+    SERVER_PROC,
+    SERVER_STATS,
     TABLE_NAME,
     TABLE_NAME_BYTES,
     TABLES,
@@ -62,13 +64,14 @@ from flexemr.control.layout import (
     TOPOLOGY_MIN_BYTES,
     VERSION,
     EngineState,
+    ServerState,
     align,
     plan_layout,
     read_section_table,
     section_dtypes,
 )
 from flexemr.control.seqlock import Row, Runtime, RuntimeState, Section, TopologyArea
-from flexemr.control.slots import ConnSlot, ConnStatsMatrix, EngineSlot
+from flexemr.control.slots import ConnSlot, ConnStatsMatrix, EngineSlot, ServerSlot
 from flexemr.control.snapshot import EngineRates, apply_rates, build_snapshot
 from flexemr.errors import ControlError
 from flexemr.types import CacheMode  # the one cache-policy enum (values stored in this segment)
@@ -80,9 +83,9 @@ __all__ = [
     "CACHE", "CONN_CTL", "CONN_STATIC", "CONN_STATS", "ENGINE_PROC", "ENGINE_STATS", "HEADER_BYTES",
     "INFERENCE_PROC", "MAGIC", "MAILBOX_HEADER_BYTES", "MAILBOX_REQUEST_BYTES", "MAILBOX_RESPONSE_BYTES", "PAGE",
     "RANKER", "ROW_ALIGN", "RT_CACHE_CAPACITY", "RT_CACHE_POLICY", "RT_EPOCH", "RT_OWNERS", "RT_PUBLICATIONS",
-    "RT_REBALANCE", "SECTIONS", "SEGMENT_MODE", "TABLE_NAME", "TABLE_NAME_BYTES", "TABLES", "TOPO_DATA_OFF",
+    "RT_REBALANCE", "SECTIONS", "SEGMENT_MODE", "SERVER_PROC", "SERVER_STATS", "TABLE_NAME", "TABLE_NAME_BYTES", "TABLES", "TOPO_DATA_OFF",
     "TOPOLOGY_MIN_BYTES", "VERSION", "CacheMode", "ConnSlot", "EngineSlot", "EngineState", "Row", "Runtime",
-    "RuntimeState", "apply_rates",
+    "RuntimeState", "ServerSlot", "ServerState", "apply_rates",
 ]
 
 
@@ -123,12 +126,13 @@ class ControlBlock:
         self._mm: mmap.mmap | None = mm
         self._owner = owner
         (_magic, version, _hb, total, n_eng, n_conn, n_tab, _row_align, sup_pid, mono_ns,
-         unix_ns) = HEADER.unpack_from(mm, 0)
+         unix_ns, n_srv) = HEADER.unpack_from(mm, 0)
         self.version = version
         self.total_bytes = total
         self.n_engines = n_eng
         self.n_connections = n_conn
         self.n_tables = n_tab
+        self.n_servers = n_srv
         self.supervisor_pid = sup_pid
         self.created_mono_ns = mono_ns
         self.created_unix_ns = unix_ns
@@ -148,6 +152,8 @@ class ControlBlock:
         self.runtime = Runtime(mm, self._layout["runtime"][0], n_conn)
         self.connections = [ConnSlot(c, int(servers[c]), self._sec["conn_ctl"], mm, self._conn_stats, self.runtime)
                             for c in range(n_conn)]
+        self.servers = [ServerSlot(s, self._sec["server_proc"], self._sec["server_stats"], mm)
+                        for s in range(n_srv)]
         self.inference = Row(self._sec["inference_proc"], 0, mm, "inference.process")
         self.ranker = Row(self._sec["ranker"], 0, mm, "ranker")
         self.cache = Row(self._sec["cache"], 0, mm, "cache")
@@ -163,13 +169,15 @@ class ControlBlock:
                topology: Mapping[str, Any], *, conn_servers: Sequence[int] | None = None,
                owners: Sequence[int] | None = None, cache_policy: CacheMode | str = CacheMode.OFF,
                cache_capacity_bytes: int = 0, rebalance: bool = False,
-               supervisor_pid: int | None = None) -> ControlBlock:
+               supervisor_pid: int | None = None, n_servers: int | None = None) -> ControlBlock:
         """Create the segment and the mailbox semaphores (supervisor only).
 
         ``conn_servers[c]`` is the topology server index of connection ``c``
         (default: ``topology["connections"][c]["server"]`` if present, else
         connections numbered in server order, as the ranker plan numbers
         them).  ``owners[c]`` is its first engine (default ``c % n_engines``).
+        ``n_servers``: embedding servers with a server_proc / server_stats row
+        (default: the length of ``topology["servers"]``).
         A stale segment whose supervisor is gone is replaced; a live one is an
         error.  On failure nothing is left behind.
         """
@@ -180,13 +188,16 @@ class ControlBlock:
         for t in names:
             if not t or len(t.encode()) >= TABLE_NAME_BYTES:
                 raise ValueError(f"table name {t!r} must be 1-{TABLE_NAME_BYTES - 1} bytes")
+        n_srv = len(topology.get("servers", [])) if n_servers is None else n_servers
+        if n_srv < 0:
+            raise ValueError(f"n_servers must be >= 0, got {n_srv}")
         servers = _conn_servers(topology, n_connections, conn_servers)
         own = list(owners) if owners is not None else [c % n_engines for c in range(n_connections)]
         if len(own) != n_connections or any(not 0 <= e < n_engines for e in own):
             raise ValueError(f"owners must list an engine in [0, {n_engines}) for each of {n_connections} connections")
         topo = TopologyArea.encode(topology)
         topo_bytes = align(max(TOPOLOGY_MIN_BYTES, 4 * len(topo) + TOPO_DATA_OFF), PAGE)
-        layout, total = plan_layout(n_engines, n_connections, len(names), topo_bytes)
+        layout, total = plan_layout(n_engines, n_connections, len(names), topo_bytes, n_srv)
 
         name = naming.control_name(instance)
         _remove_stale(instance, name)
@@ -211,7 +222,7 @@ class ControlBlock:
                 created_sems.append(sem_name)
             pid = os.getpid() if supervisor_pid is None else supervisor_pid
             HEADER.pack_into(mm, 0, b"\0" * 8, VERSION, HEADER_BYTES, total, n_engines, n_connections, len(names),
-                              ROW_ALIGN, pid, time.monotonic_ns(), time.time_ns())
+                              ROW_ALIGN, pid, time.monotonic_ns(), time.time_ns(), n_srv)
             for i, sname in enumerate(SECTIONS):
                 SECTION_ENTRY.pack_into(mm, SECTION_TABLE_OFF + i * SECTION_ENTRY.size, *layout[sname])
             # cpu -1 = "not pinned yet", not "cpu 0"
@@ -289,7 +300,7 @@ class ControlBlock:
         if mm is None:
             return
         self._mm = None
-        self.engines, self.connections, self.tables = [], [], {}
+        self.engines, self.connections, self.servers, self.tables = [], [], [], {}
         self._sec.clear()
         del self.runtime, self.inference, self.ranker, self.cache, self._topology, self._conn_stats
         try:

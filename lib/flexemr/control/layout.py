@@ -7,7 +7,7 @@ turns it into the status JSON.
 One POSIX shared-memory segment per daemon instance, created and unlinked by
 the supervisor only; engines, the inference process and emrctl ``attach`` it by
 instance name.  Stats are numpy structured arrays, one row per engine /
-connection / table, each row guarded by its own **seqlock**.  All integers are
+connection / embedding server / table, each row guarded by its own **seqlock**.  All integers are
 little-endian; every stats field is a u64, i64 or f64, 8-byte aligned::
 
     segment offset  size   field                 written by   meaning
@@ -23,7 +23,9 @@ little-endian; every stats field is a u64, i64 or f64, 8-byte aligned::
         40            8    supervisor_pid        creator
         48            8    created_mono_ns       creator      CLOCK_MONOTONIC (system-wide on Linux)
         56            8    created_unix_ns       creator      wall clock, for display only
-        64     13 x 24     section table         creator      per section: offset, count, row_bytes
+        64            4    n_servers             creator      embedding servers (the topology's servers)
+        68           60    (zero)
+       128     15 x 24     section table         creator      per section: offset, count, row_bytes
       4096    ...          sections, each 64-byte aligned, in SECTION order:
 
     section         rows              writer (one process)   fields
@@ -39,11 +41,16 @@ little-endian; every stats field is a u64, i64 or f64, 8-byte aligned::
                                                              bytes_sent bytes_received rtt_p50_us rtt_p99_us
                                                              credit_latency_p50_us credit_latency_p99_us
                                                              updated_ns
+    server_proc     n_servers         supervisor             pid state restarts started_ns
+                                                             (state unused: not a child of this
+                                                             daemon; pid 0 while it is down)
+    server_stats    n_servers         inference              state outstanding connections_up changed_ns
     inference_proc  1                 supervisor             pid state restarts started_ns
     ranker          1                 inference              requests_total errors_total samples_total
                                                              batches_total latency_p50_ms latency_p99_ms
                                                              mean_batch requests_per_s inflight_batches
-                                                             heartbeat_ns epoch_seen
+                                                             heartbeat_ns epoch_seen reissued_total
+                                                             hedges_sent hedges_won failovers_total
     cache           1                 inference              policy capacity_bytes used_bytes hits lookups
                                                              evictions fills entries
     table_names     n_tables          creator (no seqlock)   name (64 bytes, NUL-padded UTF-8)
@@ -55,6 +62,15 @@ little-endian; every stats field is a u64, i64 or f64, 8-byte aligned::
 
 Every stats row starts with ``seq`` (u64), its seqlock (:mod:`flexemr.control.seqlock`), and is
 padded to ROW_ALIGN so two writers never share a cache line.
+
+An embedding server has two rows, like an engine: ``server_proc`` holds the
+supervisor's process facts (``state`` an EngineState; only for servers that
+are children of this daemon, as under ``flexemrd local``), ``server_stats``
+the inference process's view of it (``state`` a ServerState: up, down = marked
+down while connected (timeouts), reconnecting = every connection lost and the
+engines reopening them; ``changed_ns`` when that view last changed).  Which
+servers hold which shard group is in the topology JSON (``holders``: per
+primary, its replicas, primary first).
 
 Runtime area (the supervisor's mutable control state, polled by the data
 path between batches with ONE u64 load of ``epoch``)::
@@ -87,7 +103,7 @@ import numpy as np
 from flexemr.types import CacheMode  # the one cache-policy enum; its values are stored here
 
 MAGIC = b"FXCTL\x00\x00\x01"
-VERSION = 1
+VERSION = 2  # 2: n_servers, server_proc/server_stats, failover counters in ranker
 HEADER_BYTES = 4096
 ROW_ALIGN = 64
 PAGE = 4096
@@ -95,12 +111,14 @@ TABLE_NAME_BYTES = 64
 SEGMENT_MODE = 0o660  # group members may run emrctl, like the inference socket's default mode
 
 # magic, version, header_bytes, total_bytes, n_engines, n_connections, n_tables,
-# row_align, supervisor_pid, created_mono_ns, created_unix_ns
-HEADER = struct.Struct("<8sIIQIIIIqQQ")
-SECTION_TABLE_OFF = 64
+# row_align, supervisor_pid, created_mono_ns, created_unix_ns, n_servers
+# (magic and version keep their offsets in every version, so any build can refuse any other)
+HEADER = struct.Struct("<8sIIQIIIIqQQI4x")
+SECTION_TABLE_OFF = 128
 SECTION_ENTRY = struct.Struct("<QQQ")  # offset, count, row_bytes
-SECTIONS = ("engine_proc", "engine_stats", "conn_static", "conn_ctl", "conn_stats", "inference_proc",
-            "ranker", "cache", "table_names", "tables", "runtime", "topology", "mailbox")
+SECTIONS = ("engine_proc", "engine_stats", "conn_static", "conn_ctl", "conn_stats", "server_proc",
+            "server_stats", "inference_proc", "ranker", "cache", "table_names", "tables", "runtime", "topology",
+            "mailbox")
 
 # runtime area words
 RT_EPOCH, RT_CACHE_POLICY, RT_CACHE_CAPACITY, RT_REBALANCE, RT_PUBLICATIONS = 0, 1, 2, 3, 4
@@ -139,6 +157,29 @@ class EngineState(enum.IntEnum):
         return self.name.lower()
 
 
+class ServerState(enum.IntEnum):
+    """An embedding server as the inference process sees it (``server_stats.state``)."""
+
+    UNKNOWN = 0        # the inference process has not published yet
+    UP = 1
+    DOWN = 2           # connected but marked down (subrequests timed out in a row)
+    RECONNECTING = 3   # every connection lost; the engines reopen them with backoff
+
+    @classmethod
+    def parse(cls, value: ServerState | str | int) -> ServerState:
+        if isinstance(value, str):
+            try:
+                return cls[value.upper()]
+            except KeyError:
+                raise ValueError(f"unknown server state {value!r} "
+                                 f"(expected {', '.join(s.label for s in cls)})") from None
+        return cls(value)
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
 def row_dtype(fields: Sequence[tuple[str, str]]) -> np.dtype:
     """``seq`` + 8-byte fields, padded to a multiple of ROW_ALIGN so two writers never share a line."""
     names = ["seq", *(n for n, _ in fields)]
@@ -159,10 +200,13 @@ CONN_CTL = row_dtype([("migrations", U), ("last_migration_ns", U)])
 CONN_STATS = row_dtype([("queued", U), ("inflight", U), ("credits", U), ("subrequests_total", U),
                         ("bytes_sent", U), ("bytes_received", U), ("rtt_p50_us", F), ("rtt_p99_us", F),
                         ("credit_latency_p50_us", F), ("credit_latency_p99_us", F), ("updated_ns", U)])
+SERVER_PROC = row_dtype([("pid", I), ("state", I), ("restarts", U), ("started_ns", U)])
+SERVER_STATS = row_dtype([("state", I), ("outstanding", U), ("connections_up", U), ("changed_ns", U)])
 INFERENCE_PROC = row_dtype([("pid", I), ("state", I), ("restarts", U), ("started_ns", U)])
 RANKER = row_dtype([("requests_total", U), ("errors_total", U), ("samples_total", U), ("batches_total", U),
                     ("latency_p50_ms", F), ("latency_p99_ms", F), ("mean_batch", F), ("requests_per_s", F),
-                    ("inflight_batches", U), ("heartbeat_ns", U), ("epoch_seen", U)])
+                    ("inflight_batches", U), ("heartbeat_ns", U), ("epoch_seen", U), ("reissued_total", U),
+                    ("hedges_sent", U), ("hedges_won", U), ("failovers_total", U)])
 CACHE = row_dtype([("policy", I), ("capacity_bytes", U), ("used_bytes", U), ("hits", U), ("lookups", U),
                    ("evictions", U), ("fills", U), ("entries", U)])
 TABLE_NAME = np.dtype([("name", f"S{TABLE_NAME_BYTES}")])
@@ -180,14 +224,16 @@ def align(n: int, a: int) -> int:
 def section_dtypes() -> dict[str, np.dtype]:
     """The row dtype of every section that holds rows (the areas have none)."""
     return {"engine_proc": ENGINE_PROC, "engine_stats": ENGINE_STATS, "conn_static": CONN_STATIC,
-            "conn_ctl": CONN_CTL, "conn_stats": CONN_STATS, "inference_proc": INFERENCE_PROC,
+            "conn_ctl": CONN_CTL, "conn_stats": CONN_STATS, "server_proc": SERVER_PROC,
+            "server_stats": SERVER_STATS, "inference_proc": INFERENCE_PROC,
             "ranker": RANKER, "cache": CACHE, "table_names": TABLE_NAME, "tables": TABLES}
 
 
-def plan_layout(n_eng: int, n_conn: int, n_tab: int, topo_bytes: int) -> tuple[Layout, int]:
+def plan_layout(n_eng: int, n_conn: int, n_tab: int, topo_bytes: int, n_srv: int = 0) -> tuple[Layout, int]:
     """(section table, total segment bytes) for these counts: sections in SECTIONS order, 64-byte aligned."""
     counts = {"engine_proc": n_eng, "engine_stats": n_eng, "conn_static": n_conn, "conn_ctl": n_conn,
-              "conn_stats": n_eng * n_conn, "inference_proc": 1, "ranker": 1, "cache": 1,
+              "conn_stats": n_eng * n_conn, "server_proc": n_srv, "server_stats": n_srv,
+              "inference_proc": 1, "ranker": 1, "cache": 1,
               "table_names": n_tab, "tables": n_tab}
     dtypes = section_dtypes()
     layout: Layout = {}
@@ -216,7 +262,7 @@ def read_section_table(mm: mmap.mmap) -> Layout:
             for i, sname in enumerate(SECTIONS)}
 
 
-def label_of(enum_cls: type[EngineState] | type[CacheMode], value: int) -> str:
+def label_of(enum_cls: type[EngineState] | type[ServerState] | type[CacheMode], value: int) -> str:
     """The label of a stored enum value; a value from a newer build shows as ``unknown(N)`` rather than failing."""
     try:
         return enum_cls(value).label

@@ -1,7 +1,9 @@
-"""Per-entity views of the control segment: the rows of one engine and of one connection.
+"""Per-entity views of the control segment: the rows of one engine, one embedding server, one connection.
 
 An engine has two rows (``engine_proc`` written by the supervisor,
-``engine_stats`` by the engine itself); a connection has a ``conn_ctl`` row
+``engine_stats`` by the engine itself); so has an embedding server
+(``server_proc`` by the supervisor when the server is its child,
+``server_stats`` by the inference process); a connection has a ``conn_ctl`` row
 (supervisor) and one ``conn_stats`` row per engine, so whichever engine owns it
 writes only its own row and a migration never has two writers on one row.
 These classes bundle those rows and merge them for readers.
@@ -13,10 +15,10 @@ import mmap
 from collections.abc import Sequence
 from typing import Any
 
-from flexemr.control.layout import EngineState, label_of
+from flexemr.control.layout import EngineState, ServerState, label_of
 from flexemr.control.seqlock import Row, Runtime, Section
 
-__all__ = ["ConnSlot", "ConnStatsMatrix", "EngineSlot"]
+__all__ = ["ConnSlot", "ConnStatsMatrix", "EngineSlot", "ServerSlot"]
 
 
 class ConnStatsMatrix:
@@ -85,6 +87,60 @@ class EngineSlot:
         del proc["seq"], stats["seq"]
         proc["state"] = label_of(EngineState, proc["state"])
         return {"id": self.id, **proc, **stats}
+
+
+class ServerSlot:
+    """Embedding server ``id``: ``process`` (the supervisor's row) and ``stats`` (the inference process's row)."""
+
+    __slots__ = ("id", "process", "stats")
+
+    def __init__(self, server_id: int, proc: Section, stats: Section, mm: mmap.mmap) -> None:
+        self.id = server_id
+        self.process = Row(proc, server_id, mm, f"server[{server_id}].process")
+        self.stats = Row(stats, server_id, mm, f"server[{server_id}].stats")
+
+    def set_process(self, *, pid: int | None = None, state: EngineState | str | None = None,
+                    restarts: int | None = None, started_ns: int | None = None) -> None:
+        """Supervisor side: process facts of a server that is this daemon's child (one seqlock write)."""
+        fields: dict[str, int] = {}
+        if pid is not None:
+            fields["pid"] = pid
+        if state is not None:
+            fields["state"] = int(EngineState.parse(state))
+        if restarts is not None:
+            fields["restarts"] = restarts
+        if started_ns is not None:
+            fields["started_ns"] = started_ns
+        self.process.update(**fields)
+
+    def update(self, *, state: ServerState | str | int | None = None, outstanding: int | None = None,
+               connections_up: int | None = None, changed_ns: int | None = None) -> None:
+        """Inference side: how the ranker sees this server right now (one seqlock write)."""
+        fields: dict[str, int] = {}
+        if state is not None:
+            fields["state"] = int(ServerState.parse(state))
+        if outstanding is not None:
+            fields["outstanding"] = outstanding
+        if connections_up is not None:
+            fields["connections_up"] = connections_up
+        if changed_ns is not None:
+            fields["changed_ns"] = changed_ns
+        self.stats.update(**fields)
+
+    def read(self) -> dict[str, Any]:
+        """Both rows merged (each one consistent): ``state`` is the ranker's view, ``process`` the supervisor's.
+
+        ``process`` is None when the server is not a child of this daemon
+        (a remote embedding host: the supervisor never wrote its row).
+        """
+        proc = self.process.read()
+        stats = self.stats.read()
+        local = proc["state"] != EngineState.UNUSED
+        return {"id": self.id, "state": label_of(ServerState, stats["state"]),
+                "process": label_of(EngineState, proc["state"]) if local else None,
+                "pid": proc["pid"], "restarts": proc["restarts"], "started_ns": proc["started_ns"],
+                "outstanding": stats["outstanding"], "connections_up": stats["connections_up"],
+                "changed_ns": stats["changed_ns"]}
 
 
 class ConnSlot:

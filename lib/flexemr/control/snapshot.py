@@ -4,7 +4,10 @@ Derived in :meth:`ControlBlock.snapshot` (the status JSON), not stored:
 ``engines[].connections`` is the owner-map count (what the supervisor
 decided; ``active_connections`` is what the engine serves right now, so the
 two differ only while a migration is in flight); ``hit_rate`` is hits/lookups;
-``heartbeat_age_s`` is now - heartbeat_ns.  Per-engine rates are computed by
+``heartbeat_age_s`` is now - heartbeat_ns; ``shards`` is, per shard group
+(the shards of one primary), how many of its holders (topology ``holders``)
+the ranker sees up, and ``replicas`` how many each group should have.
+Per-engine rates are computed by
 the supervisor once a second (:meth:`ControlBlock.update_rates`, into its own
 engine_proc rows) so a one-shot ``emrctl status`` has them and engines only
 count; ``snapshot(previous)`` recomputes them from two snapshots instead
@@ -28,7 +31,8 @@ from flexemr.types import CacheMode
 if TYPE_CHECKING:  # only for annotations: block.py imports this module
     from flexemr.control.block import ControlBlock
 
-__all__ = ["EngineRates", "apply_rates", "build_snapshot", "ratio"]
+__all__ = ["EngineRates", "apply_rates", "build_snapshot", "live_replicas", "ratio", "server_entries",
+           "shard_holders"]
 
 
 def ratio(num: int, den: int) -> float:
@@ -61,8 +65,8 @@ def build_snapshot(block: ControlBlock, previous: Mapping[str, Any] | None = Non
         d["connections"] = owned[eng.id]
         engines.append(d)
     conns = []
-    addrs = [s.get("address", s.get("name", "")) if isinstance(s, Mapping) else str(s)
-             for s in topo.get("servers", [])]
+    topo_servers = topo.get("servers", [])
+    addrs = [s.get("address", s.get("name", "")) if isinstance(s, Mapping) else str(s) for s in topo_servers]
     for slot in block.connections:
         d = slot.read(rt.owners)
         d["address"] = addrs[slot.server] if 0 <= slot.server < len(addrs) else ""
@@ -75,6 +79,10 @@ def build_snapshot(block: ControlBlock, previous: Mapping[str, Any] | None = Non
     ranker["pid"] = inf["pid"]
     ranker["state"] = label_of(EngineState, inf["state"])
     ranker["restarts"] = inf["restarts"]
+    ranker["failover"] = {"reissued": ranker.pop("reissued_total"), "hedges_sent": ranker.pop("hedges_sent"),
+                          "hedges_won": ranker.pop("hedges_won"), "failovers": ranker.pop("failovers_total")}
+    servers = server_entries(block, topo_servers, now)
+    holders = shard_holders(topo, block.n_servers)
     cache = block.cache.read()
     del cache["seq"]
     cache["policy"] = label_of(CacheMode, cache["policy"])
@@ -99,7 +107,9 @@ def build_snapshot(block: ControlBlock, previous: Mapping[str, Any] | None = Non
         "epoch": rt.epoch,
         "rebalance": rt.rebalance,
         "topology_generation": gen,
-        "servers": topo.get("servers", []),
+        "servers": servers,
+        "shards": live_replicas(holders, servers),
+        "replicas": min((len(h) for h in holders.values()), default=1),
         "engines": engines,
         "connections": conns,
         "ranker": ranker,
@@ -109,6 +119,34 @@ def build_snapshot(block: ControlBlock, previous: Mapping[str, Any] | None = Non
     if previous is not None:
         apply_rates(snap, previous)
     return snap
+
+
+def server_entries(block: ControlBlock, topo_servers: Sequence[Any], now_ns: int) -> list[dict[str, Any]]:
+    """One entry per embedding server: its topology name and address merged with its two rows."""
+    out = []
+    for slot in block.servers:
+        t = topo_servers[slot.id] if slot.id < len(topo_servers) else {}
+        t = t if isinstance(t, Mapping) else {"address": str(t)}
+        d = slot.read()
+        changed = d.pop("changed_ns")
+        d["changed_age_s"] = None if changed == 0 else round(max(0, now_ns - changed) / 1e9, 3)
+        out.append({"id": slot.id, "name": t.get("name", f"embedding[{slot.id}]"),
+                    "address": t.get("address", ""), **d})
+    return out
+
+
+def shard_holders(topo: Mapping[str, Any], n_servers: int) -> dict[int, list[int]]:
+    """Primary -> servers holding its shards (topology ``holders``; without it each primary holds its own)."""
+    listed = topo.get("holders")
+    if isinstance(listed, Sequence) and listed:
+        return {p: [int(s) for s in h] for p, h in enumerate(listed)}
+    return {p: [p] for p in range(n_servers)}
+
+
+def live_replicas(holders: Mapping[int, Sequence[int]], servers: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Shard group (primary, as a JSON key) -> how many of its holders the ranker sees up."""
+    up = {s["id"] for s in servers if s["state"] == "up"}
+    return {str(p): sum(1 for s in h if s in up) for p, h in holders.items()}
 
 
 def apply_rates(snap: dict[str, Any], previous: Mapping[str, Any]) -> None:

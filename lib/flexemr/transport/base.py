@@ -1,37 +1,56 @@
-"""The transport interface that engines program against.
+"""The transport interface, both ends: ranker engines connect, embedding servers listen.
 
-A ``Connection`` carries whole frames to one embedding server.  Buffer
-management and message layout live above it (the engine receives payloads
-straight into shared-memory ring slots through ``recv_payload_into``), so an
-RDMA implementation only has to move bytes: one queue pair per connection,
-one thread domain + parent domain per engine so QPs of different engines
-never share a UAR (FlexEMR 3.2).  ``detach``/``Transport.adopt`` move a live
+A ``Connection`` carries whole frames between a ranker engine and one
+embedding server, and is the same object on both ends.  Buffer management
+and message layout live above it (the engine receives payloads straight into
+shared-memory ring slots through ``recv_payload_into``), so an RDMA
+implementation only has to move bytes: one queue pair per connection, one
+thread domain + parent domain per engine so QPs of different engines never
+share a UAR (FlexEMR 3.2).  ``detach``/``Transport.adopt`` move a live
 connection to another engine process (TCP: the socket itself over
 SCM_RIGHTS; RDMA: re-associating the QP with the new engine's domain).
+
+Two styles of use:
+
+- blocking (engines, tools): ``send_frame``, ``recv_header``, ``recv_payload``,
+  ``recv_payload_into``;
+- non-blocking (the embedding server's event loop): ``recv_nowait`` and
+  ``send_nowait`` move what can be moved now and never wait, and ``fileno()``
+  is what the loop's selector watches.
+
+A ``Listener`` (``Transport.listen``) hands out server-side connections; its
+``accept`` never blocks (None when nobody is waiting), so one event loop can
+watch the listener and every connection.
+
+This module imports no implementation (tcp.py and verbs.py import it), so
+there is no import loop; ``flexemr.transport.registry`` picks one.
 """
 
 from __future__ import annotations
 
 import abc
-import logging
+from typing import Sequence
 
 from flexemr.wire.frame import Header
 
-logger = logging.getLogger(__name__)
+__all__ = ["Connection", "Listener", "Transport"]
 
 
 class Connection(abc.ABC):
+    """One frame stream; ``peer`` names the other end for log lines."""
+
     conn_id: int
     server: int
     address: str
+    peer: str
 
     @abc.abstractmethod
-    def send_frame(self, buffers: list) -> int:
-        """Send one frame given as a buffer list; returns bytes sent."""
+    def send_frame(self, buffers: Sequence) -> int:
+        """Send one frame given as a buffer list (blocking); returns bytes sent."""
 
     @abc.abstractmethod
     def recv_header(self) -> Header:
-        """Block until the next frame header (ConnectionError on EOF)."""
+        """Block until the next frame header (ProtocolError if invalid, ConnectionError on EOF)."""
 
     @abc.abstractmethod
     def recv_payload_into(self, header: Header, view: memoryview) -> None:
@@ -39,7 +58,19 @@ class Connection(abc.ABC):
 
     @abc.abstractmethod
     def recv_payload(self, header: Header) -> memoryview:
-        """Receive a payload into the connection's own reusable buffer."""
+        """Receive a payload into the connection's own reusable buffer (valid until the next read)."""
+
+    @abc.abstractmethod
+    def recv_nowait(self, view: memoryview) -> int:
+        """Receive what has arrived, up to ``len(view)`` bytes, without waiting.
+
+        Returns the number of bytes received, 0 when nothing is there yet;
+        raises ConnectionError when the peer has closed.
+        """
+
+    @abc.abstractmethod
+    def send_nowait(self, views: Sequence[memoryview]) -> int:
+        """Send as much of ``views`` (in order) as fits now; returns bytes sent, maybe 0."""
 
     @abc.abstractmethod
     def fileno(self) -> int:
@@ -50,10 +81,35 @@ class Connection(abc.ABC):
         """Give up the connection for migration; returns the handle to pass on."""
 
     @abc.abstractmethod
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Close the connection (idempotent; never raises)."""
+
+
+class Listener(abc.ABC):
+    """Where a server accepts connections; ``address`` is what peers connect to."""
+
+    address: str
+
+    @abc.abstractmethod
+    def accept(self) -> Connection | None:
+        """The next waiting connection, or None when nobody is waiting (never blocks).
+
+        Raises OSError when the process cannot take a connection now (out of
+        descriptors or memory); the caller should stop watching for a moment.
+        """
+
+    @abc.abstractmethod
+    def fileno(self) -> int:
+        """A pollable descriptor that is readable when a connection is waiting."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop accepting (idempotent)."""
 
 
 class Transport(abc.ABC):
+    """A way to reach embedding servers (ranker side) and to be reached (server side)."""
+
     name: str
 
     @abc.abstractmethod
@@ -64,22 +120,6 @@ class Transport(abc.ABC):
     def adopt(self, handle: int, conn_id: int, server: int, address: str) -> Connection:
         """Take over a connection detached by another engine."""
 
-
-def select_transport(preference: str = "auto") -> Transport:
-    """Pick the transport for this host and log which one and why."""
-    from flexemr.transport.tcp import TcpTransport
-    from flexemr.transport import verbs
-
-    if preference == "tcp":
-        logger.info("transport: tcp (configured)")
-        return TcpTransport()
-    devices, why = verbs.probe_devices()
-    if preference == "rdma":
-        if not devices:
-            raise RuntimeError(f"transport 'rdma' configured but unusable: {why}")
-        return verbs.RdmaTransport(devices[0])
-    if devices and verbs.IMPLEMENTED:
-        logger.info("transport: rdma on %s", devices[0])
-        return verbs.RdmaTransport(devices[0])
-    logger.info("transport: tcp (%s)", why)
-    return TcpTransport()
+    @abc.abstractmethod
+    def listen(self, address: str) -> Listener:
+        """Accept connections on ``address`` ("host:port"; port 0 lets the system choose)."""

@@ -2,17 +2,19 @@
 
 Where it stands: ``probe_devices`` finds RNICs through pyverbs (Debian's
 python3-pyverbs; PyPI's does not build against Debian's rdma-core) and
-``select_transport`` logs what it found.  The verbs data path (one RC QP per
+``select_transport`` (registry.py) logs what it found.  The verbs data path (one RC QP per
 connection inside a parent domain whose thread domain belongs to the engine,
 credit QPs at a higher service level, RDMA READ for cache fills) is not
 written yet, so ``IMPLEMENTED`` is False and hosts with RNICs use TCP, saying
 so in the log.  Nothing above this module changes when it lands: engines only
-see ``Connection``.
+see ``Connection``, and the embedding server only ``Listener`` (server side:
+a listener backed by an rdma_cm id, each accepted QP a ``Connection`` whose
+``fileno`` is its completion channel).
 """
 
 from __future__ import annotations
 
-from flexemr.transport.base import Connection, Transport
+from flexemr.transport.base import Connection, Listener, Transport
 
 IMPLEMENTED = False
 
@@ -44,7 +46,13 @@ class RdmaTransport(Transport):
         )
 
     def connect(self, address: str, conn_id: int, server: int, priority: bool = False) -> Connection:
-        raise NotImplementedError
+        raise NotImplementedError(_NOT_YET.format(what=f"connecting to {address}", key="[ranker].transport"))
 
     def adopt(self, handle: int, conn_id: int, server: int, address: str) -> Connection:
-        raise NotImplementedError
+        raise NotImplementedError(_NOT_YET.format(what=f"adopting connection {conn_id}", key="[ranker].transport"))
+
+    def listen(self, address: str) -> Listener:
+        raise NotImplementedError(_NOT_YET.format(what=f"listening on {address}", key="the embedding host's transport"))
+
+
+_NOT_YET = "the rdma transport is not implemented yet ({what}); use tcp ({key} = \"tcp\")"

@@ -46,7 +46,7 @@ from typing import Sequence
 import numpy as np
 
 from flexemr.errors import ProtocolError
-from flexemr.wire.frame import FrameType, pack_header
+from flexemr.wire.frame import HEADER_SIZE, FrameFlag, FrameType, header_flags, pack_header, set_header_aux
 
 _U32x2 = struct.Struct("<II")
 _U32x4 = struct.Struct("<IIII")
@@ -452,13 +452,17 @@ class Hello:
     shards: np.ndarray  # structured [n] of (table_id, dim, start, end)
 
 
-def encode_hello(request_id: int, role: int, name: str, shards: Sequence[tuple[int, int, int, int]] = ()) -> list:
+def encode_hello(request_id: int, role: int, name: str, shards: Sequence[tuple[int, int, int, int]] = (),
+                 credits: int = 0) -> list:
+    """Buffers of a HELLO; a ranker's ``credits`` (aux) are the response slots it grants up front (0: no flow control)."""
+    if not 0 <= credits <= 0xFFFF_FFFF:
+        raise ValueError(f"HELLO credits must fit a u32, got {credits}")
     arr = np.array(list(shards), dtype=_SHARD)
     w = _Writer()
     w.add(_U32x2.pack(role, len(arr)))
     w.add(arr)
     w.add(name.encode())
-    return [pack_header(FrameType.HELLO, request_id, w.size), *w.parts]
+    return [pack_header(FrameType.HELLO, request_id, w.size, aux=credits), *w.parts]
 
 
 def decode_hello(payload) -> Hello:
@@ -471,7 +475,8 @@ def decode_hello(payload) -> Hello:
 
 
 SERVER_STATS = ("lookups", "fetches", "errors", "bytes_in", "bytes_out", "connections", "credits_received",
-                "credit_waits", "credit_wait_ns", "credit_latency_p50_ns", "credit_latency_p99_ns", "credit_samples")
+                "credit_waits", "credit_wait_ns", "credit_latency_p50_ns", "credit_latency_p99_ns", "credit_samples",
+                "expired")
 
 
 def encode_stats(request_id: int, values: Sequence[int]) -> list:
@@ -492,6 +497,20 @@ def inband_grant_ns(payload) -> int:
     if len(payload) < 8:
         raise ProtocolError("LOOKUP: flagged INBAND_CREDIT but shorter than its 8-byte trailer", SIZE_MISMATCH)
     return struct.unpack_from("<Q", payload, len(payload) - 8)[0]
+
+
+def set_inband_credit(frame, credits: int, granted_ns: int) -> None:
+    """Piggyback ``credits`` on a whole LOOKUP frame in place (header + payload, e.g. a ring slot).
+
+    The frame must have been encoded with ``credit_trailer=True``: its flag is
+    already set and its last 8 bytes are the reserved trailer that receives
+    ``granted_ns``; aux receives ``credits``.  Nothing is copied.
+    """
+    if len(frame) < HEADER_SIZE + 8 or not header_flags(frame) & FrameFlag.INBAND_CREDIT:
+        raise ValueError("set_inband_credit: the frame has no in-band credit trailer "
+                         "(encode it with encode_lookup(..., credit_trailer=True))")
+    set_header_aux(frame, credits)
+    _U64.pack_into(frame, len(frame) - 8, granted_ns)
 
 
 def encode_credit(request_id: int, credits: int, sent_ns: int) -> list:

@@ -30,6 +30,9 @@ MAGIC = b"FXMR"
 VERSION = 1
 HEADER = struct.Struct("<4sHHIIQQ")
 HEADER_SIZE = HEADER.size  # 32
+_FLAGS_AT = struct.Struct("<I")     # offset 8
+_AUX_AT = struct.Struct("<I")       # offset 12
+_REQUEST_ID_AT = struct.Struct("<Q")  # offset 16
 DEFAULT_MAX_PAYLOAD = 1 << 30  # 1 GiB; configurable per endpoint
 
 
@@ -97,6 +100,21 @@ def pack_header(ftype: int, request_id: int, payload_len: int, aux: int = 0, fla
 
 def pack_header_into(buf, offset: int, ftype: int, request_id: int, payload_len: int, aux: int = 0, flags: int = 0) -> None:
     HEADER.pack_into(buf, offset, MAGIC, VERSION, ftype, flags, aux, request_id, payload_len)
+
+
+def header_request_id(frame) -> int:
+    """``request_id`` of the frame whose header starts ``frame`` (no full decode: hot path)."""
+    return _REQUEST_ID_AT.unpack_from(frame, 16)[0]
+
+
+def header_flags(frame) -> int:
+    """``flags`` of the frame whose header starts ``frame``."""
+    return _FLAGS_AT.unpack_from(frame, 8)[0]
+
+
+def set_header_aux(frame, aux: int) -> None:
+    """Overwrite ``aux`` in place in the header that starts the writable buffer ``frame``."""
+    _AUX_AT.pack_into(frame, 12, aux)
 
 
 def unpack_header(buf, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Header:

@@ -1,0 +1,99 @@
+"""The embedding server process: its plan (what the supervisor hands it) and its entry function.
+
+``embedding_main`` sets up logging, maps the shards, wraps the listening
+socket inherited from the supervisor in the transport's ``Listener`` and runs
+the server's event loop until SIGTERM.  Heavy imports (torch) happen here,
+after the fork.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import threading
+from typing import TYPE_CHECKING, Protocol
+
+from flexemr.config import Config
+from flexemr.logs import setup_logging
+from flexemr.model.spec import ModelSpec
+from flexemr.routing.table import RoutingTable, Shard
+
+if TYPE_CHECKING:
+    from flexemrd.embedding.server import EmbeddingServer
+
+__all__ = ["EmbeddingPlan", "embedding_main", "embedding_plans", "default_workers"]
+
+logger = logging.getLogger(__name__)
+
+
+class Ready(Protocol):
+    """The child's end of its readiness pipe (flexemrd's ReadyPipe); ``beat()`` when it has one."""
+
+    def ready(self) -> None: ...
+
+
+@dataclasses.dataclass
+class EmbeddingPlan:
+    """What one embedding server process serves, and on which inherited listening socket."""
+
+    index: int
+    model_dir: str
+    spec: ModelSpec
+    shards: list[Shard]
+    listener: socket.socket
+    threads: int                 # torch intra-op threads per pooling call
+    max_payload: int
+    log_level: str = "info"
+    max_connections: int = 256
+    workers: int = 0             # pooling workers; 0 = default_workers()
+
+
+def default_workers() -> int:
+    """Pooling workers when not configured: enough to overlap two connections, at most one per core up to 8."""
+    return max(2, min(8, os.cpu_count() or 2))
+
+
+def embedding_main(plan: EmbeddingPlan, ready: Ready) -> None:
+    setup_logging("embedding", plan.index, plan.log_level)
+    import torch
+
+    from flexemr.transport.tcp import TcpTransport
+    from flexemrd.embedding.server import EmbeddingServer
+    from flexemrd.embedding.store import EmbeddingStore
+
+    torch.set_num_threads(max(1, plan.threads))
+    stop = _stop_event_on_term()
+    store = EmbeddingStore(plan.model_dir, plan.spec, plan.shards)
+    listener = TcpTransport(max_payload=plan.max_payload).listener_from_socket(plan.listener)
+    server = EmbeddingServer(
+        store, listener, name=f"embedding[{plan.index}]", max_payload=plan.max_payload,
+        max_connections=plan.max_connections, workers=plan.workers or default_workers(),
+        beat=getattr(ready, "beat", None),
+    )
+    _stop_on(stop, server)
+    rows = sum(s.end - s.start for s in plan.shards)
+    logger.info("holding %d shards (%d rows) of %d tables", len(plan.shards), rows, len({s.table for s in plan.shards}))
+    server.serve_forever(on_ready=ready.ready)
+
+
+def embedding_plans(cfg: Config, spec: ModelSpec, routing: RoutingTable, listeners: list[socket.socket],
+                    indices: list[int]) -> list[EmbeddingPlan]:
+    """One plan per (index, listening socket) pair of this host."""
+    e = cfg.embedding
+    return [
+        EmbeddingPlan(i, cfg.daemon.model, spec, routing.shards_of(i), sock, e.threads, e.max_payload,
+                      cfg.daemon.log_level, max_connections=e.max_connections)
+        for i, sock in zip(indices, listeners)
+    ]
+
+
+def _stop_event_on_term() -> threading.Event:
+    from flexemrd.process import TermFlag
+
+    return TermFlag().event()
+
+
+def _stop_on(stop: threading.Event, server: EmbeddingServer) -> None:
+    threading.Thread(target=lambda: (stop.wait(), server.stop()), daemon=True, name="stop-on-term").start()

@@ -1,0 +1,48 @@
+"""The rdma suite: real verbs on a real (soft-RoCE or hardware) RDMA device.
+
+Outside the guest these tests skip unless ``FLEXEMR_RDMA_GUEST=1`` says an
+RDMA device is there (scripts/test-rdma.sh sets it inside the soft-RoCE
+guest; a host with an RNIC may set it too).  With the variable set, a missing
+device or pyverbs is a failure, never a skip: the suite must not pass
+without having moved a byte over verbs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+IN_GUEST = os.environ.get("FLEXEMR_RDMA_GUEST") == "1"
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    mine = [i for i in items if Path(i.path).resolve().is_relative_to(HERE)]
+    for item in mine:
+        item.add_marker(pytest.mark.rdma)
+        if not IN_GUEST:
+            item.add_marker(pytest.mark.skip(
+                reason="needs an RDMA device: run scripts/test-rdma.sh (boots a soft-RoCE guest), "
+                       "or set FLEXEMR_RDMA_GUEST=1 on a host with an RNIC"))
+
+
+@pytest.fixture(scope="session")
+def rdma_device() -> str:
+    """The device the suite runs on (fails, not skips, when there is none)."""
+    from flexemr.transport.rdma import device
+
+    names, why = device.probe()
+    assert names, f"FLEXEMR_RDMA_GUEST=1 but no usable RDMA device: {why}"
+    return os.environ.get("FLEXEMR_RDMA_DEVICE", names[0])
+
+
+@pytest.fixture(scope="module")
+def endpoint(rdma_device: str):
+    """This (ranker) process's endpoint; peers open their own after fork."""
+    from flexemr.transport.rdma.endpoint import Endpoint
+
+    ep = Endpoint(rdma_device)
+    yield ep
+    ep.close()
