@@ -1,6 +1,6 @@
 """Scale-out: throughput against embedding hosts and rankers, on a real namespace cluster (issue 14).
 
-    python -m flexemr_bench.scale --out DIR [--seconds 10] [--host-quota 0.2] [--ranker-quota 0.1]
+    python -m flexemr_bench.scale --out DIR [--seconds 9] [--rounds 6] [--host-quota 0.2] [--ranker-quota 0.1]
     emrctl bench --suite scale --out DIR
 
 Needs root (it runs ``emrctl cluster up``).  One run measures, side by side:
@@ -21,8 +21,13 @@ every host returns a partial for every bag and table, and the ranker's
 receive-and-add work grows with the number of hosts (measured: 8.5 -> 15.6
 ms of ranker CPU per request from 1 to 4 hosts).  Requests are made
 once, before any cluster starts, and replayed by closed-loop clients (a few
-per ranker) in this process; every cell checks one answer against the
+per ranker) in this process; every cluster's rankers are checked against the
 monolithic reference first.
+
+The machine is shared (other tenants' load comes and goes), so the cells of
+a series run side by side: the 1-, 2- and 4-host clusters are all up at once
+(idle ones cost nothing) and measured in short rounds in rotating order; the
+1- and 2-ranker cells are one cluster, driven through one ranker or both.
 
 Per cell it measures samples/s and, per host, the CPU it used (psutil over
 the host's processes) and its cgroup's ``cpu.stat`` (share of periods
@@ -43,7 +48,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,6 +60,7 @@ CLUSTER = "scale"
 TARGETS = {"hosts_2x": 1.8, "hosts_4x": 3.2, "rankers_2x": 1.8}
 SATURATED_USE = 0.85        # of the quota
 SATURATED_THROTTLE = 0.5    # of the periods
+ROUND_WARMUP_S = 0.4        # clients connect and fill the pipeline before a round counts
 
 
 @dataclass(frozen=True)
@@ -98,16 +104,16 @@ def make_requests(model: Path, w: Workload) -> list[tuple[np.ndarray, dict]]:
 
 
 class Clients:
-    """Closed-loop clients replaying the requests on every ranker socket; counts answered samples."""
+    """Closed-loop clients replaying the requests on the given ranker sockets; counts answered samples."""
 
-    def __init__(self, sockets: list[str], requests: list, per_ranker: int) -> None:
+    def __init__(self, sockets: list[str], requests: list, per_ranker: int, offset: int = 0) -> None:
         self.requests = requests
         self.stop = threading.Event()
         self.samples = 0
         self.errors: list[str] = []
         self._counting = False
         self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(s, k), daemon=True)
+        self.threads = [threading.Thread(target=self._run, args=(s, offset + k), daemon=True)
                         for s in sockets for k in range(per_ranker)]
 
     def _run(self, socket: str, k: int) -> None:
@@ -128,23 +134,22 @@ class Clients:
                     if self._counting:
                         self.samples += len(dense)
 
-    def measure(self, seconds: float, warmup: float, sample: Callable[[], dict]) -> tuple[float, dict, dict]:
+    def measure(self, seconds: float, warmup: float, sample: Callable[[], dict]) -> tuple[int, dict, dict]:
+        """Samples answered in ``seconds`` after ``warmup``; the CPU samples around that window."""
         for t in self.threads:
             t.start()
         time.sleep(warmup)
         before = sample()
         with self._lock:
             self._counting, self.samples = True, 0
-        t0 = time.monotonic()
         time.sleep(seconds)
         with self._lock:
             n, self._counting = self.samples, False
-        elapsed = time.monotonic() - t0
         after = sample()
         self.stop.set()
         for t in self.threads:
-            t.join(60)
-        return n / elapsed, before, after
+            t.join(120)
+        return n, before, after
 
 
 def _sample_hosts(state) -> dict[str, Any]:
@@ -172,59 +177,63 @@ def _sample_hosts(state) -> dict[str, Any]:
     return out
 
 
-def run_cell(model: Path, requests: list, reference, hosts: int, rankers: int, host_quota: float,
-             ranker_quota: float | None, seconds: float, clients_per_ranker: int,
-             log: Callable[[str], None], routing: str = "tables") -> dict[str, Any]:
-    from emrctl.cluster import lifecycle
-    from flexemr.client import InferenceClient
+@dataclass
+class Cell:
+    """One configuration, measured over several short rounds interleaved with the other cells."""
 
-    log(f"cell: {hosts} embedding hosts x {host_quota:g} core, {rankers} ranker(s) x "
-        f"{'no quota' if ranker_quota is None else f'{ranker_quota:g} core'}")
-    state = lifecycle.up(CLUSTER, str(model), hosts, rankers, cpu_quota=host_quota,
-                         ranker_cpu_quota=ranker_quota if ranker_quota is not None else 0, engines=1,
-                         routing=routing)
-    try:
-        sockets = [h.socket for h in state.of_role("ranker")]
-        dense, sparse = requests[0]
-        want = reference.predict(dense, sparse)
-        for s in sockets:
-            with InferenceClient(s, timeout=120) as c:
-                got = c.predict(dense, sparse)
-            if not np.allclose(got, want, rtol=1e-4, atol=1e-5):
-                raise RuntimeError(f"cluster answered wrongly on {s}: max error {np.abs(got - want).max():g}")
-        clients = Clients(sockets, requests, clients_per_ranker)
-        rate, before, after = clients.measure(seconds, warmup=min(3.0, seconds / 2),
-                                              sample=lambda: _sample_hosts(state))
-        wall = after["t"] - before["t"]
-        per_host = {}
-        for h in state.hosts:
-            b, a = before[h.name], after[h.name]
-            quota = host_quota if h.role == "embedding" else ranker_quota
-            periods = a.get("nr_periods", 0) - b.get("nr_periods", 0)
-            throttled = a.get("nr_throttled", 0) - b.get("nr_throttled", 0)
-            used = (a["cpu_s"] - b["cpu_s"]) / wall
-            procs_used = {n: round((v - b["procs"].get(n, 0.0)) / wall, 3) for n, v in a["procs"].items()}
-            per_host[h.name] = {
-                "role": h.role, "quota_cores": quota, "cpu_cores": round(used, 3), "processes": procs_used,
-                "throttled_share": round(throttled / periods, 3) if periods else 0.0,
-                "throttled_ms": round((a.get("throttled_time", 0) - b.get("throttled_time", 0)) / 1e6, 1),
-                "saturated": _saturated(used, quota, throttled / periods if periods else 0.0, procs_used),
-            }
+    series: str                   # "hosts" or "rankers"
+    hosts: int
+    rankers: int                  # rankers driven (the cluster may have more, idle)
+    ranker_quota: float | None
+    cluster: str
+    samples: int = 0
+    wall: float = 0.0
+    errors: list = field(default_factory=list)
+    sums: dict = field(default_factory=dict)     # accumulated deltas: (host, key) and machine keys
+
+    def add(self, n: int, before: dict, after: dict, errors: list[str]) -> None:
+        self.samples += n
+        self.wall += after["t"] - before["t"]
+        self.errors += errors
+        for key in ("machine_busy_s", "clients_s"):
+            self.sums[key] = self.sums.get(key, 0.0) + after[key] - before[key]
+        for name, a in after.items():
+            if not isinstance(a, dict):
+                continue
+            b = before.get(name, {})
+            for k in ("cpu_s", "nr_periods", "nr_throttled", "throttled_time"):
+                self.sums[(name, k)] = self.sums.get((name, k), 0) + a.get(k, 0) - b.get(k, 0)
+            for proc, v in a["procs"].items():
+                self.sums[(name, "proc", proc)] = self.sums.get((name, "proc", proc), 0.0) + v - b["procs"].get(proc, v)
+
+    def result(self, state, host_quota: float, batch: int) -> dict[str, Any]:
         import os
 
-        machine = {"cores": os.cpu_count() or 1,
-                   "busy_cores": round((after["machine_busy_s"] - before["machine_busy_s"]) / wall, 3),
-                   "clients_cores": round((after["clients_s"] - before["clients_s"]) / wall, 3)}
+        wall = self.wall or float("nan")
+        per_host = {}
+        for h in state.hosts:
+            quota = host_quota if h.role == "embedding" else self.ranker_quota
+            used = self.sums.get((h.name, "cpu_s"), 0.0) / wall
+            periods = self.sums.get((h.name, "nr_periods"), 0)
+            throttled = self.sums.get((h.name, "nr_throttled"), 0) / periods if periods else 0.0
+            procs_used = {k[2]: round(v / wall, 3) for k, v in self.sums.items()
+                          if isinstance(k, tuple) and k[0] == h.name and k[1] == "proc"}
+            per_host[h.name] = {
+                "role": h.role, "quota_cores": quota, "cpu_cores": round(used, 3), "processes": procs_used,
+                "throttled_share": round(throttled, 3),
+                "throttled_ms": round(self.sums.get((h.name, "throttled_time"), 0) / 1e6, 1),
+                "saturated": _saturated(used, quota, throttled, procs_used),
+            }
+        machine = {"cores": os.cpu_count() or 1, "busy_cores": round(self.sums["machine_busy_s"] / wall, 3),
+                   "clients_cores": round(self.sums["clients_s"] / wall, 3)}
         machine["others_cores"] = round(machine["busy_cores"] - machine["clients_cores"]
                                         - sum(h["cpu_cores"] for h in per_host.values()), 3)
-        cell = {"embedding_hosts": hosts, "rankers": rankers, "samples_per_s": round(rate, 1),
-                "requests_per_s": round(rate / len(dense), 2), "errors": len(clients.errors),
-                "error_examples": clients.errors[:3], "hosts": per_host, "machine": machine,
-                "saturates": _what_saturates(per_host, machine)}
-        log(f"  {rate:,.0f} samples/s; saturated: {cell['saturates']}")
-        return cell
-    finally:
-        lifecycle.down(CLUSTER)
+        rate = self.samples / wall
+        return {"series": self.series, "embedding_hosts": self.hosts, "rankers": self.rankers,
+                "ranker_quota_cores": self.ranker_quota, "samples_per_s": round(rate, 1),
+                "requests_per_s": round(rate / batch, 2), "measured_s": round(self.wall, 1),
+                "errors": len(self.errors), "error_examples": self.errors[:3], "hosts": per_host,
+                "machine": machine, "saturates": _what_saturates(per_host, machine)}
 
 
 def _saturated(used: float, quota: float | None, throttled: float, processes: dict[str, float]) -> bool:
@@ -251,9 +260,55 @@ def _what_saturates(per_host: dict[str, dict], machine: dict[str, float]) -> str
 # ------------------------------------------------------------------------------------------ the run
 
 
-def run_scale(out: Path, seconds: float = 10.0, host_quota: float = 0.2, ranker_quota: float = 0.1,
+def _up_checked(name: str, model: Path, hosts: int, rankers: int, host_quota: float, ranker_quota: float | None,
+                routing: str, requests: list, reference):
+    """A cluster for the benchmark, each ranker's answer checked against the monolithic reference."""
+    from emrctl.cluster import lifecycle
+    from flexemr.client import InferenceClient
+
+    state = lifecycle.up(name, str(model), hosts, rankers, cpu_quota=host_quota,
+                         ranker_cpu_quota=ranker_quota if ranker_quota is not None else 0, engines=1,
+                         routing=routing)
+    dense, sparse = requests[0]
+    want = reference.predict(dense, sparse)
+    for h in state.of_role("ranker"):
+        with InferenceClient(h.socket, timeout=120) as c:
+            got = c.predict(dense, sparse)
+        if not np.allclose(got, want, rtol=1e-4, atol=1e-5):
+            raise RuntimeError(f"cluster {name} answered wrongly on {h.socket}: max error "
+                               f"{np.abs(got - want).max():g}")
+    return state
+
+
+def _interleave(cells: list[Cell], states: dict, requests: list, rounds: int, round_s: float, per_ranker: int,
+                log: Callable[[str], None]) -> None:
+    """Every cell gets ``rounds`` rounds of ``round_s``, in rotating order: other tenants' load falls on all alike.
+
+    Round 0 is not counted: a fresh host's first lookups fault in its table pages.
+    """
+    for r in range(rounds + 1):
+        order = cells[r % len(cells):] + cells[:r % len(cells)]
+        for cell in order:
+            state = states[cell.cluster]
+            sockets = [h.socket for h in state.of_role("ranker")][:cell.rankers]
+            clients = Clients(sockets, requests, per_ranker, offset=r)
+            n, before, after = clients.measure(round_s, warmup=ROUND_WARMUP_S, sample=lambda: _sample_hosts(state))
+            if r:
+                cell.add(n, before, after, clients.errors)
+        if not r:
+            log("  warm-up round done")
+            continue
+        log(f"  round {r}/{rounds}: " + ", ".join(
+            f"{c.hosts}h/{c.rankers}r {c.samples / (c.wall or 1):,.0f}" for c in cells))
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+def run_scale(out: Path, seconds: float = 9.0, host_quota: float = 0.2, ranker_quota: float = 0.1,
               clients_per_ranker: int = 3, workload: Workload = Workload(), routing: str = "tables",
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              rounds: int = 6, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from emrctl.cluster import lifecycle
     from flexemr.monolithic import MonolithicModel
 
     out.mkdir(parents=True, exist_ok=True)
@@ -262,14 +317,31 @@ def run_scale(out: Path, seconds: float = 10.0, host_quota: float = 0.2, ranker_
     reference = MonolithicModel(model)
     ids = sum(len(v) for v, _l in requests[0][1].values())
     log(f"scale: {workload.tables} tables x {workload.dim} dims, {workload.ids_per_bag} ids/bag, "
-        f"{workload.batch} samples/request ({ids:,} ids, {ids * 8 / 1e6:.1f} MB of ids per request)")
-    cells = []
-    # (series, embedding hosts, rankers, ranker quota)
-    for series, hosts, rankers, rq in (("hosts", 1, 1, None), ("hosts", 2, 1, None), ("hosts", 4, 1, None),
-                                       ("rankers", 4, 1, ranker_quota), ("rankers", 4, 2, ranker_quota)):
-        cell = run_cell(model, requests, reference, hosts, rankers, host_quota, rq, seconds, clients_per_ranker,
-                        log, routing)
-        cells.append({"series": series, "ranker_quota_cores": rq, **cell})
+        f"{workload.batch} samples/request ({ids:,} ids, {ids * 8 / 1e6:.1f} MB of ids per request), "
+        f"{rounds} interleaved rounds of {seconds / rounds:.1f} s per cell")
+    hosts_cells = [Cell("hosts", n, 1, None, f"{CLUSTER}-h{n}") for n in (1, 2, 4)]
+    ranker_cells = [Cell("rankers", 4, n, ranker_quota, f"{CLUSTER}-r") for n in (1, 2)]
+    results_cells = []
+    # (cells, clusters to bring up: name -> (hosts, rankers, ranker quota))
+    phases = [(hosts_cells, {c.cluster: (c.hosts, 1, None) for c in hosts_cells}),
+              (ranker_cells, {f"{CLUSTER}-r": (4, 2, ranker_quota)})]
+    for cells, clusters in phases:
+        states = {}
+        try:
+            for name, (h, r, rq) in clusters.items():
+                log(f"cluster {name}: {h} embedding hosts x {host_quota:g} core, {r} ranker(s) x "
+                    f"{'no quota' if rq is None else f'{rq:g} core'}")
+                states[name] = _up_checked(name, model, h, r, host_quota, rq, routing, requests, reference)
+            _interleave(cells, states, requests, rounds, seconds / rounds, clients_per_ranker, log)
+            results_cells += [c.result(states[c.cluster], host_quota, workload.batch) for c in cells]
+        finally:
+            for name in reversed(list(clusters)):
+                if (lifecycle.cluster_dir(name) / "state.json").exists():
+                    lifecycle.down(name)
+    cells = results_cells
+    for c in cells:
+        log(f"  {c['embedding_hosts']} hosts, {c['rankers']} ranker(s): {c['samples_per_s']:,.0f} samples/s; "
+            f"saturated: {c['saturates']}")
     h1, h2, h4, r1, r2 = cells
     nan = float("nan")
     verdicts = {}
@@ -279,7 +351,7 @@ def run_scale(out: Path, seconds: float = 10.0, host_quota: float = 0.2, ranker_
         verdicts[key] = {"ratio": round(ratio, 2), "target": TARGETS[key], "met": ok,
                          "note": "" if ok else f"saturates: {num['saturates']}"}
     results = {
-        "workload": workload.__dict__, "seconds": seconds, "host_quota_cores": host_quota,
+        "workload": workload.__dict__, "seconds": seconds, "rounds": rounds, "host_quota_cores": host_quota,
         "ranker_quota_cores": ranker_quota, "clients_per_ranker": clients_per_ranker, "routing": routing,
         "cells": cells,
         "ratios": verdicts,
@@ -334,7 +406,8 @@ def format_ratios(results: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flexemr_bench.scale", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--seconds", type=float, default=9.0, help="measured seconds per cell, over all its rounds")
+    p.add_argument("--rounds", type=int, default=6, help="interleaved rounds per cell")
     p.add_argument("--host-quota", type=float, default=0.2, help="cores per embedding host")
     p.add_argument("--ranker-quota", type=float, default=0.1, help="cores per ranker in the ranker series")
     p.add_argument("--clients", type=int, default=3, help="closed-loop clients per ranker")
@@ -350,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     from emrctl.cluster.errors import ClusterError
 
     try:
-        results = run_scale(args.out, args.seconds, args.host_quota, args.ranker_quota, args.clients, w, args.routing)
+        results = run_scale(args.out, args.seconds, args.host_quota, args.ranker_quota, args.clients, w, args.routing,
+                            args.rounds)
     except ClusterError as e:
         print(f"flexemr_bench.scale: {e}")
         return e.code
