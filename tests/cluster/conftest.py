@@ -72,8 +72,8 @@ def machine(name: str) -> dict:
     """What a cluster may create, as seen from the root namespace.
 
     Namespaces, root-namespace links, cpu cgroup directories, /run/netns and
-    its mount, the cluster record tree, and the processes and /dev/shm
-    entries that carry the cluster's name (other engineers' tests run on this
+    its mount, the cluster record tree (/run/flexemr/cluster), and the
+    processes and /dev/shm entries that carry the cluster's name (other engineers' tests run on this
     machine at the same time: their shm and processes are not ours to compare).
     """
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
@@ -81,7 +81,9 @@ def machine(name: str) -> dict:
     cgroups = sorted(str(p) for p in CPU_CGROUPS.rglob("*") if p.is_dir())
     with open("/proc/self/mountinfo") as f:
         mounts = sorted(line.split()[4] for line in f if "/run/netns" in line or "/run/flexemr" in line)
-    run = sorted(str(p) for p in Path("/run/flexemr").rglob("*")) if Path("/run/flexemr").exists() else []
+    # /run/flexemr itself is shared with other daemons and tests (secrets, sockets): only our subtree counts
+    records = Path("/run/flexemr/cluster")
+    run = sorted(str(p) for p in records.rglob("*")) if records.exists() else []
     procs = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -99,7 +101,7 @@ def machine(name: str) -> dict:
         "cgroups": cgroups,
         "netns_dir": os.path.isdir("/run/netns"),
         "mounts": mounts,
-        "run_flexemr": [Path("/run/flexemr").exists(), run],
+        "cluster_records": [records.exists(), run],
         "processes": sorted(procs),
         "shm": shm,
     }
