@@ -199,6 +199,7 @@ class ControlBlock:
         mm: mmap.mmap | None = None
         try:
             try:
+                os.fchmod(shm.fd, SEGMENT_MODE)  # exactly 0660: the umask would turn it into 0640 or 0600
                 mm = mmap.mmap(shm.fd, total)
             finally:
                 shm.close_fd()
@@ -209,6 +210,7 @@ class ControlBlock:
                     pass
                 posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=SEGMENT_MODE, initial_value=initial).close()
                 created_sems.append(sem_name)
+                os.chmod(os.path.join(naming.SHM_DIR, naming.SEM_FILE_PREFIX + sem_name.lstrip("/")), SEGMENT_MODE)
             pid = os.getpid() if supervisor_pid is None else supervisor_pid
             HEADER.pack_into(mm, 0, b"\0" * 8, VERSION, HEADER_BYTES, total, n_engines, n_connections, len(names),
                               ROW_ALIGN, pid, time.monotonic_ns(), time.time_ns())
