@@ -1,11 +1,12 @@
 """Shared memory, semaphores and the inference socket get their mode explicitly, whatever the umask.
 
-The control segment, its mailbox semaphores and the inference socket are 0660
-(members of the daemon's group run emrctl and clients); rings and their
-doorbells are 0600 (only the daemon's own processes map them).  Each object is
-created under a restrictive umask (0o077, which used to turn 0660 into 0600)
-and a permissive one (0, which must not widen anything), and its mode is read
-back from the file system.
+The inference socket is 0660 (the daemon's group runs clients).  The control
+segment is 0640 (the group reads ``emrctl status``; only the daemon's uid and
+root write, see test_hardening_mailbox.py) and its mailbox semaphores 0600.
+Rings and their doorbells are 0600 (only the daemon's own processes map
+them).  Each object is created under a restrictive umask (0o077, which used to
+turn 0660 into 0600) and a permissive one (0, which must not widen anything),
+and its mode is read back from the file system.
 """
 
 from __future__ import annotations
@@ -44,13 +45,13 @@ def _sem_mode(name: str) -> int:
 
 
 @pytest.mark.parametrize("mask", UMASKS, ids=oct)
-def test_control_segment_and_mailbox_semaphores_are_0660(instance, mask):
+def test_control_segment_is_0640_and_mailbox_semaphores_0600(instance, mask):
     with umask(mask):
         block = ControlBlock.create(instance, 1, 1, ["t0"], {})
     try:
-        assert oct(_shm_mode(naming.control_name(instance))) == oct(0o660)
+        assert oct(_shm_mode(naming.control_name(instance))) == oct(0o640)
         for sem in mailbox_semaphore_names(instance):
-            assert oct(_sem_mode(sem)) == oct(0o660), sem
+            assert oct(_sem_mode(sem)) == oct(0o600), sem
     finally:
         block.close()
         block.unlink()
