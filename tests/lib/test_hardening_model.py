@@ -205,3 +205,26 @@ def test_pickled_code_and_object_tables_are_still_refused(tmp_path):
     with pytest.raises(ModelError):
         load_dense(tmp_path, SPEC)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_legacy_pickle_checkpoint_with_a_giant_view_is_refused_by_torch_path_with_bounded_memory(tmp_path):
+    """torch < 1.6 files are bare pickles the torch-free reader leaves to torch: shapes are compared first there too.
+
+    The baseline is a valid legacy checkpoint, which imports torch the same way.
+    """
+    dirs = {}
+    for name in ("good", "bad"):
+        d = dirs[name] = tmp_path / name
+        init_model_dir(d, "tiny", seed=1)
+        state = init_dense_state(SPEC, 1)
+        if name == "bad":
+            state[KEY] = torch.zeros(1).expand(20000, 20000)
+        torch.save(state, d / "dense.pt", _use_new_zipfile_serialization=False)
+        assert not zipfile.is_zipfile(d / "dense.pt")
+    for run in (_validate, _load):
+        base, out_good = run(dirs["good"])
+        assert out_good.startswith("exit 0"), out_good
+        peak, out = run(dirs["bad"])
+        assert out.startswith("exit 1"), out
+        assert f"{KEY} has shape (20000, 20000), model.toml implies (32, 13)" in out
+        assert peak - base < EXTRA_LIMIT, f"{run.__name__} grew by {(peak - base) / MIB:.0f} MiB"
