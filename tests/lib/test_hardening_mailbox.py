@@ -150,3 +150,19 @@ def test_a_uid_outside_the_group_cannot_even_read_status(served, instance):
     code, out = run_as(NOBODY, NOBODY - 1, emrctl("--instance", instance, "status"))
     assert code != 0
     assert "permission" in out.lower(), out
+
+
+def test_the_daemons_own_uid_is_served_and_others_are_told_who_is(served, instance):
+    """A daemon running as uid 65534 (its segment and semaphores are that uid's) serves that uid."""
+    block, seen = served
+    os.chown(Path(naming.SHM_DIR) / naming.control_name(instance).lstrip("/"), NOBODY, NOBODY)
+    for sem in mailbox_semaphore_names(instance):
+        os.chown(Path(naming.SHM_DIR) / (naming.SEM_FILE_PREFIX + sem.lstrip("/")), NOBODY, NOBODY)
+    code, out = run_as(NOBODY, NOBODY, emrctl("--instance", instance, "rebalance", "off"))
+    assert code == 0, out
+    assert seen == [{"cmd": "rebalance", "enabled": False}]
+    code, out = run_as(1001, NOBODY, emrctl("--instance", instance, "reload"))
+    assert code == EXIT_FAILED, out
+    assert ("refused: emrctl runs as uid 1001, the daemon accepts commands from uid 65534 and root (uid 0) only"
+            in out)
+    assert len(seen) == 1
