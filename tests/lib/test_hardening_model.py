@@ -173,7 +173,8 @@ def test_deflated_storage_bomb_is_refused_before_inflating(tmp_path):
             f"p = dense_problems({str(tmp_path)!r}, PRESETS['tiny'].spec)\n"
             "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "print(p); print('extra_kib', after - before)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env(), cwd=REPO)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env(),
+                         cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert "storage" in out.stdout and KEY in out.stdout, out.stdout
     extra = int(out.stdout.rsplit("extra_kib", 1)[1]) * 1024
