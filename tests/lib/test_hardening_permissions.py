@@ -4,9 +4,10 @@ The inference socket is 0660 (the daemon's group runs clients).  The control
 segment is 0640 (the group reads ``emrctl status``; only the daemon's uid and
 root write, see test_hardening_mailbox.py) and its mailbox semaphores 0600.
 Rings and their doorbells are 0600 (only the daemon's own processes map
-them).  Each object is created under a restrictive umask (0o077, which used to
-turn 0660 into 0600) and a permissive one (0, which must not widen anything),
-and its mode is read back from the file system.
+them).  Each object is created under restrictive umasks (0o077 used to turn
+0660 into 0600; 0o277 would leave even the owner unable to open a semaphore
+for writing) and a permissive one (0, which must not widen anything), and its
+mode is read back from the file system.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from flexemr.control.block import ControlBlock, mailbox_semaphore_names
 from flexemr.ring.ring import Ring
 from flexemrd.inference.frontend import bind_unix_socket
 
-UMASKS = [0o077, 0o027, 0o000]
+UMASKS = [0o077, 0o027, 0o277, 0o000]  # 0o277 would even take the owner's write bit
 
 
 @contextmanager
