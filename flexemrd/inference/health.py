@@ -150,12 +150,16 @@ class ServerHealth:
 
     # ---------------------------------------------------------------- hedging and status
 
-    def quantile_s(self, server: int, q: float) -> float | None:
+    def hedge_after_s(self, server: int, q: float) -> float | None:
+        """How old a subrequest to ``server`` may get before it is hedged: its recent ``q`` quantile,
+        capped at 3x its median (a replica that stalls often inflates its own tail, which would
+        otherwise delay exactly the hedges it needs); None until 20 answers were seen."""
         with self._lock:
             lat = list(self.servers[server].latencies)
         if len(lat) < 20:
             return None
-        return float(np.quantile(np.asarray(lat), q))
+        tail, median = np.quantile(np.asarray(lat), [q, 0.5])
+        return float(min(tail, 3.0 * median))
 
     def all_shards_live(self) -> bool:
         """Every primary's shards have at least one live holder."""
