@@ -207,7 +207,7 @@ class Completions:
         if self.pending.take_lookup(rid) is None:
             return
         self.health.released(part.server)
-        self.health.timed_out(part.server)
+        self.health.timed_out(part.server, now - part.sent_at)
         if batch.drop_copy(rid):
             return
         waited = (now - batch.works[0].arrived) * 1e3
