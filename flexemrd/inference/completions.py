@@ -195,7 +195,7 @@ class Completions:
                 continue
             next_due = min(next_due, batch.deadline)
             if self.hedging and not batch.hedged(rid):
-                q = self.health.quantile_s(part.server, self.hedge_quantile)
+                q = self.health.hedge_after_s(part.server, self.hedge_quantile)
                 due = part.sent_at + max(self.hedge_min_s, q if q is not None else float("inf"))
                 if due <= now:
                     self._hedge(batch, part)
@@ -207,7 +207,7 @@ class Completions:
         if self.pending.take_lookup(rid) is None:
             return
         self.health.released(part.server)
-        self.health.timed_out(part.server)
+        self.health.timed_out(part.server, now - part.sent_at)
         if batch.drop_copy(rid):
             return
         waited = (now - batch.works[0].arrived) * 1e3
