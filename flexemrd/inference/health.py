@@ -165,6 +165,11 @@ class ServerHealth:
 
     # ---------------------------------------------------------------- hedging and status
 
+    def median_s(self, server: int) -> float | None:
+        with self._lock:
+            lat = list(self.servers[server].latencies)
+        return float(np.median(np.asarray(lat))) if len(lat) >= 20 else None
+
     def hedge_after_s(self, server: int, q: float) -> float | None:
         """How old a subrequest to ``server`` may get before it is hedged: its recent ``q`` quantile,
         capped at 3x its median (a replica that stalls often inflates its own tail, which would

@@ -127,10 +127,10 @@ def test_clear_errors_name_what_is_wrong(tiny_model, tmp_path):
 
 @pytest.fixture(scope="module")
 def shared(tiny_model):
-    """3 embedding hosts with replicas 2, shared by 2 rankers (hedging on: a cut link is slowness, not loss)."""
+    """3 embedding hosts with replicas 2, shared by 2 rankers (no hedging: a cut link must still fail nothing)."""
     name = unique_name()
     emrctl("cluster", "up", "--name", name, "--model", str(tiny_model), "--embedding-hosts", "3", "--rankers", "2",
-           "--replicas", "2", "--engines", "2", "--hedging")
+           "--replicas", "2", "--engines", "2")
     try:
         yield cluster_status(name)
     finally:
