@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Protocol
 
 import numpy as np
@@ -42,6 +44,14 @@ class LocalPooling(Protocol):
     def pool(self, table: int, values: np.ndarray, lengths: np.ndarray) -> np.ndarray: ...
 
 
+def local_pooling_threads() -> int:
+    """Pooling threads of the monolithic layout: the cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class Batcher:
     def __init__(self, spec: ModelSpec, routing: RoutingTable, submitter: Submitter | None, pending: PendingTable,
                  finish: Callable[[Batch], None], fail: Callable[[list[Work], int, str], None],
@@ -68,6 +78,11 @@ class Batcher:
         self.stop = threading.Event()
         self._carry: Work | None = None
         self._seqs = itertools.count(1)
+        # Monolithic layout: tables are pooled on their own threads (embedding_bag
+        # releases the GIL), one per core, so the batcher goes on coalescing the
+        # next batch while this one pools and two tables pool at once.
+        self._poolers = (ThreadPoolExecutor(local_pooling_threads(), thread_name_prefix="pool")
+                         if local is not None else None)
 
     def idle(self) -> bool:
         return self.queue.empty() and self._carry is None
@@ -142,9 +157,7 @@ class Batcher:
         values, lengths = merge(works, tables)
         batch = Batch(next(self._seqs), works, self.spec, tables, lengths)
         if self.local is not None:
-            for t, v, ln in zip(tables, values, lengths):
-                batch.set_pooled(t, self.local.pool(t, v, ln))
-            self.finish(batch)
+            self._pool_locally(batch, tables, values, lengths)
             return
         if self.cache is not None:
             values, lengths = self.cache.serve(batch, tables, values, lengths, self.queue.qsize())
@@ -183,6 +196,28 @@ class Batcher:
                 self._fail_part(rid, f"engine {engine} did not accept the subrequest in time")
         if self.cache is not None:
             self._send_fills()
+
+    def _pool_locally(self, batch: Batch, tables: list[int], values: list[np.ndarray],
+                      lengths: list[np.ndarray]) -> None:
+        """Pool every table on the pooling threads; the last table to finish hands the batch on."""
+        left = [len(tables)]
+        lock = threading.Lock()
+
+        def pool(t: int, v: np.ndarray, ln: np.ndarray) -> None:
+            try:
+                batch.set_pooled(t, self.local.pool(t, v, ln))
+            except Exception as e:
+                logger.exception("pooling table %d failed", t)
+                batch.fail(None, f"internal error while pooling table {self.spec.tables[t].name!r}: {e}",
+                           ErrorCode.INTERNAL)
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self.finish(batch)
+
+        for t, v, ln in zip(tables, values, lengths):
+            self._poolers.submit(pool, t, v, ln)
 
     def _drop_expired(self, works: list[Work]) -> list[Work]:
         """Answer requests whose deadline passed while they queued; keep the rest."""
