@@ -78,6 +78,8 @@ class Batcher:
         self.stop = threading.Event()
         self._carry: Work | None = None
         self._seqs = itertools.count(1)
+        # Ids of tables under 2^31 rows travel as int32 (admission checked every id against its table).
+        self._narrow = [t.rows <= 2**31 for t in spec.tables]
         # Monolithic layout: tables are pooled on their own threads (embedding_bag
         # releases the GIL), one per core, so the batcher goes on coalescing the
         # next batch while this one pools and two tables pool at once.
@@ -190,7 +192,8 @@ class Batcher:
         for cid, rid in frames:
             part = batch.parts[rid]
             frame = codec.encode_lookup(rid, batch.size, part.tables, part.counts, part.values,
-                                        credit_trailer=self.inband_credits, budget_us=budget_us)
+                                        credit_trailer=self.inband_credits, budget_us=budget_us,
+                                        narrow_ids=all(self._narrow[t] for t in part.tables))
             engine = self.submitter.submit(cid, frame)
             if engine is not None:
                 self._fail_part(rid, f"engine {engine} did not accept the subrequest in time")

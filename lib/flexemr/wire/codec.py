@@ -5,9 +5,10 @@ boundary, so that every array decodes as an ``np.frombuffer`` view (no copy,
 no per-element Python) and encodes as a list of buffers for ``sendmsg``::
 
     KJT block (ids of T tables for B bags, TorchRec KeyedJaggedTensor layout)
+      u32 id_bytes, u32 0      width of every id: 4 (i32) or 8 (i64)     (protocol 2)
       i64 counts[T]            ids per table
       i32 lengths[T*B]         bag lengths, table-major        (padded to 8)
-      i64 values[sum(counts)]  ids, table-major, bag order
+      i32|i64 values[sum(counts)]  ids, table-major, bag order  (padded to 8)
 
     LOOKUP        u32 B, u32 T | u32 table_ids[T] (pad) | KJT block
                   [| u64 budget_us   when flags has DEADLINE: time left when sent]
@@ -30,6 +31,10 @@ no per-element Python) and encodes as a list of buffers for ``sendmsg``::
     HELLO (ranker -> server) aux = initial credits (0: no flow control);
                   name = "<ranker token>/<conn id>/<data|credit>"
     STATS_RESP    u64 counters[len(SERVER_STATS)]
+
+Ids travel as int32 when every id of the block fits (the ranker narrows a
+subrequest whose tables all have fewer than 2^31 rows; the client narrows
+when its ids allow), else as int64: half the id bytes on every hop.
 
 Decoders check every size against the payload length before building a
 view, so truncated or hostile payloads raise ProtocolError, never IndexError
@@ -143,14 +148,41 @@ class KJT:
     batch: int
     counts: np.ndarray   # int64 [T]
     lengths: np.ndarray  # int32 [T, B]
-    values: np.ndarray   # int64 [sum(counts)]
+    values: np.ndarray   # int32 or int64 [sum(counts)] (as sent)
     starts: np.ndarray   # int64 [T + 1]: value offset of each table
 
     def table(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         return self.values[self.starts[i] : self.starts[i + 1]], self.lengths[i]
 
 
-def _add_kjt(w: _Writer, counts: np.ndarray, lengths: Sequence[np.ndarray] | np.ndarray, values: Sequence[np.ndarray]) -> None:
+ID_DTYPES = {4: np.dtype("<i4"), 8: np.dtype("<i8")}
+_INT32_MAX = 2**31 - 1
+
+
+def ids_wire_dtype(values: Sequence[np.ndarray], narrow: bool = False) -> np.dtype:
+    """The id width of a KJT block: int32 if every (non-empty) array is int32 already, or ``narrow``; else int64.
+
+    ``narrow`` is the sender's promise that every id fits int32 (every table
+    of the block has fewer than 2^31 rows and the ids were checked, or
+    :func:`fits_int32` said so).
+    """
+    if narrow or all(v.dtype == np.int32 or not len(v) for v in values):
+        return ID_DTYPES[4]
+    return ID_DTYPES[8]
+
+
+def fits_int32(values: np.ndarray) -> bool:
+    """True when every id is in [0, 2^31): one max over the ids read as unsigned (a negative id is huge)."""
+    if not len(values) or values.dtype == np.int32:
+        return True
+    u = values if values.dtype.kind == "u" else values.view(values.dtype.str.replace("i", "u"))
+    return int(u.max()) <= _INT32_MAX
+
+
+def _add_kjt(w: _Writer, counts: np.ndarray, lengths: Sequence[np.ndarray] | np.ndarray,
+             values: Sequence[np.ndarray], ids: np.dtype | None = None) -> None:
+    ids = ids_wire_dtype(values) if ids is None else np.dtype(ids)
+    w.add(_U32x2.pack(ids.itemsize, 0))
     w.add(np.ascontiguousarray(counts, dtype="<i8"))
     if isinstance(lengths, np.ndarray):
         w.add(np.ascontiguousarray(lengths, dtype="<i4"))
@@ -166,14 +198,24 @@ def _add_kjt(w: _Writer, counts: np.ndarray, lengths: Sequence[np.ndarray] | np.
         if p:
             w.parts.append(_ZEROS[:p])
             w.size += p
+    total = 0
     for v in values:
-        a = np.ascontiguousarray(v, dtype="<i8")
+        a = np.ascontiguousarray(v, dtype=ids)
         if a.nbytes:
             w.parts.append(a)
-            w.size += a.nbytes
+            total += a.nbytes
+    w.size += total
+    p = _pad(total)
+    if p:
+        w.parts.append(_ZEROS[:p])
+        w.size += p
 
 
 def _read_kjt(r: _Reader, batch: int, ntables: int) -> KJT:
+    id_bytes, _ = r.struct(_U32x2, "id width")
+    ids = ID_DTYPES.get(id_bytes)
+    if ids is None:
+        raise ProtocolError(f"{r.what}: ids are {id_bytes} bytes wide; protocol 2 sends 4 or 8", BAD_FRAME)
     counts = r.array("<i8", ntables, "counts")
     lengths = r.array("<i4", ntables * batch, "lengths").reshape(ntables, batch)
     if ntables and counts.min(initial=0) < 0:
@@ -189,7 +231,7 @@ def _read_kjt(r: _Reader, batch: int, ntables: int) -> KJT:
             f"{r.what}: table #{t}: bag lengths sum to {int(sums[t])} but {int(counts[t])} ids were sent",
             SIZE_MISMATCH,
         )
-    values = r.array("<i8", total, "values")
+    values = r.array(ids, total, "values")
     starts = np.zeros(ntables + 1, dtype=np.int64)
     np.cumsum(counts, out=starts[1:])
     return KJT(batch, counts, lengths, values, starts)
@@ -215,8 +257,13 @@ def encode_lookup(
     flags: int = 0,
     credit_trailer: bool = False,
     budget_us: int = 0,
+    narrow_ids: bool = False,
 ) -> list:
     """Buffers (header first) of a LOOKUP frame; arrays are referenced, not copied.
+
+    Ids go as int32 when they are int32 already or ``narrow_ids`` says they
+    all fit (the caller knows every table has fewer than 2^31 rows; int64 ids
+    are then converted, one pass), else as int64.
 
     ``budget_us`` (> 0) is the time the answer may still take: the server drops
     the work once it has waited longer.  ``credit_trailer`` reserves the in-band
@@ -228,7 +275,7 @@ def encode_lookup(
     w = _Writer()
     w.add(_U32x2.pack(batch, len(tids)))
     w.add(tids)
-    _add_kjt(w, counts, lengths, values)
+    _add_kjt(w, counts, lengths, values, ids_wire_dtype(values, narrow_ids))
     if budget_us > 0:
         w.add(_U64.pack(int(budget_us)))
         flags |= 2  # FrameFlag.DEADLINE
@@ -360,8 +407,12 @@ def encode_client_request(
     batch: int,
     dense: np.ndarray | None = None,
     timeout_ms: int = 0,
+    narrow_ids: bool = False,
 ) -> list:
-    """Buffers of a PREDICT (dense given) or CLIENT_LOOKUP (dense None) frame (aux = timeout, ms)."""
+    """Buffers of a PREDICT (dense given) or CLIENT_LOOKUP (dense None) frame (aux = timeout, ms).
+
+    ``narrow_ids``: every id is known to fit int32 (see :func:`fits_int32`): send them as int32.
+    """
     blob = _names_blob(names)
     nfeat = 0 if dense is None else dense.shape[1]
     counts = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
@@ -370,7 +421,7 @@ def encode_client_request(
     w.add(blob)
     if dense is not None:
         w.add(np.ascontiguousarray(dense, dtype="<f4"))
-    _add_kjt(w, counts, list(lengths), values)
+    _add_kjt(w, counts, list(lengths), values, ids_wire_dtype(values, narrow_ids))
     ftype = FrameType.PREDICT if dense is not None else FrameType.CLIENT_LOOKUP
     return [pack_header(ftype, request_id, w.size, aux=max(0, min(int(timeout_ms), 0xFFFFFFFF))), *w.parts]
 
