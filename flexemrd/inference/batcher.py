@@ -57,7 +57,8 @@ class Batcher:
                  finish: Callable[[Batch], None], fail: Callable[[list[Work], int, str], None],
                  stats: ServiceStats, inflight: threading.BoundedSemaphore, max_batch: int, max_wait_s: float,
                  cache=None, local: LocalPooling | None = None, inband_credits: bool = False,
-                 health: ServerHealth | None = None, beat: Callable[[], None] = lambda: None) -> None:
+                 health: ServerHealth | None = None, beat: Callable[[], None] = lambda: None,
+                 partials: str = "fp32") -> None:
         self.spec = spec
         self.routing = routing
         self.submitter = submitter
@@ -73,6 +74,7 @@ class Batcher:
         self.inband_credits = inband_credits
         self.health = health
         self.beat = beat
+        self._partials_flags = codec.partials_flags(partials)   # LOOKUP flags asking for f16/bf16 partials
         self.queue: queue.Queue[Work | None] = queue.Queue()
         self.controls: queue.SimpleQueue[ControlRequest] = queue.SimpleQueue()
         self.stop = threading.Event()
@@ -192,7 +194,8 @@ class Batcher:
         for cid, rid in frames:
             part = batch.parts[rid]
             frame = codec.encode_lookup(rid, batch.size, part.tables, part.counts, part.values,
-                                        credit_trailer=self.inband_credits, budget_us=budget_us,
+                                        flags=self._partials_flags, credit_trailer=self.inband_credits,
+                                        budget_us=budget_us,
                                         narrow_ids=all(self._narrow[t] for t in part.tables))
             engine = self.submitter.submit(cid, frame)
             if engine is not None:

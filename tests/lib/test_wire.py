@@ -698,3 +698,43 @@ def test_a_kjt_block_with_an_unknown_id_width_is_refused_by_name():
     struct.pack_into("<I", bad, 16, 2)
     with pytest.raises(ProtocolError, match="ids are 2 bytes wide"):
         codec.decode_lookup(bytes(bad))
+
+
+# ------------------------------------------------------------------ protocol 2: reduced-precision partials
+
+
+@pytest.mark.parametrize("partials, rel, floor", [("fp32", 0.0, 0.0), ("fp16", 2.0**-11, 2.0**-25),
+                                                  ("bf16", 2.0**-8, 0.0)])
+def test_partials_travel_in_the_asked_precision_within_the_stated_bound(partials, rel, floor):
+    rng = np.random.default_rng(3)
+    pooled = [(rng.standard_normal((64, 16)) * 10.0 ** rng.integers(-3, 3, (64, 1))).astype(np.float32)
+              for _ in range(2)]
+    h, payload = _split(codec.encode_lookup_response(9, np.array([4, 7], np.uint32), pooled, partials=partials))
+    width = {"fp32": 4, "fp16": 2, "bf16": 2}[partials]
+    assert len(payload) == codec.lookup_response_size(64, [16, 16], partials)
+    assert len(payload) == 8 + 8 + 8 + 2 * 64 * 16 * width
+    tids, got = codec.decode_lookup_response(payload)
+    np.testing.assert_array_equal(tids, [4, 7])
+    for g, p in zip(got, pooled):
+        assert g.dtype == np.float32 and g.shape == p.shape
+        # One rounding to nearest: |error| <= rel * |x|, or half fp16's smallest step below 2^-14
+        assert np.all(np.abs(g - p) <= rel * np.abs(p) + floor)
+
+
+def test_fp16_partials_a_half_cannot_hold_travel_as_fp32_not_as_inf():
+    big = [np.array([[70000.0, -1.0]], np.float32)]
+    _, payload = _split(codec.encode_lookup_response(1, np.array([0], np.uint32), big, partials="fp16"))
+    _, got = codec.decode_lookup_response(payload)
+    np.testing.assert_array_equal(got[0], big[0])
+
+
+def test_partials_flags_round_trip_and_a_bad_precision_is_refused():
+    for p in ("fp32", "fp16", "bf16"):
+        assert codec.partials_of_flags(codec.partials_flags(p) | int(FrameFlag.DEADLINE)) == p
+    with pytest.raises(ValueError, match="partials must be one of"):
+        codec.partials_flags("fp8")
+    _, payload = _split(codec.encode_lookup_response(1, np.array([0], np.uint32), [np.zeros((1, 2), np.float32)]))
+    bad = bytearray(payload)
+    struct.pack_into("<H", bad, 6, 3)
+    with pytest.raises(ProtocolError, match="unknown partials precision 3"):
+        codec.decode_lookup_response(bytes(bad))

@@ -13,8 +13,9 @@ no per-element Python) and encodes as a list of buffers for ``sendmsg``::
     LOOKUP        u32 B, u32 T | u32 table_ids[T] (pad) | KJT block
                   [| u64 budget_us   when flags has DEADLINE: time left when sent]
                   [| u64 granted_ns  when flags has INBAND_CREDIT; aux = credits]
-    LOOKUP_RESP   u32 B, u32 T | u32 table_ids[T] (pad) | u32 dims[T] (pad)
-                  | f32 partial[B, dims[t]] for each t in order
+    LOOKUP_RESP   u32 B, u16 T, u16 partials | u32 table_ids[T] (pad) | u32 dims[T] (pad)
+                  | partial[B, dims[t]] for each t in order, as ``partials`` says:
+                  0 f32, 1 f16, 2 bf16 (the top half of an f32, rounded to nearest even)
     FETCH         u32 table_id, u32 0 | i64 ids[n]
     FETCH_RESP    u32 table_id, u32 dim | f32 rows[n, dim]  (unpadded: n = rest / (4 dim))
     PREDICT       u32 B, u32 T, u32 F, u32 names_len | names (utf-8, "\\n"-joined, pad)
@@ -56,6 +57,7 @@ from flexemr.wire.frame import HEADER_SIZE, FrameFlag, FrameType, header_flags, 
 _U32x2 = struct.Struct("<II")
 _U32x4 = struct.Struct("<IIII")
 _U64 = struct.Struct("<Q")
+_U32_U16x2 = struct.Struct("<IHH")
 _SHARD = np.dtype([("table_id", "<u4"), ("dim", "<u4"), ("start", "<u8"), ("end", "<u8")])
 
 BAD_FRAME, SIZE_MISMATCH = 1, 4
@@ -305,33 +307,98 @@ def decode_lookup(payload, flags: int = 0) -> LookupRequest:
     return LookupRequest(tids, kjt, budget)
 
 
-def lookup_response_size(batch: int, dims: Sequence[int]) -> int:
+# Partials' precision on the wire (LOOKUP_RESP's ``partials`` field; the ranker
+# asks with a LOOKUP flag).  f16 rounds to within 2^-11 relative (|x| <= 65504;
+# a partial outside that range travels as f32), bf16 to within 2^-8 relative
+# over f32's whole range.
+PARTIALS = {"fp32": 0, "fp16": 1, "bf16": 2}
+_PARTIAL_BYTES = {0: 4, 1: 2, 2: 2}
+_FP16_MAX = 65504.0
+FLAG_PARTIALS_FP16 = 4    # LOOKUP: the ranker takes f16 partials (FrameFlag.PARTIALS_FP16)
+FLAG_PARTIALS_BF16 = 8    # LOOKUP: the ranker takes bf16 partials (FrameFlag.PARTIALS_BF16)
+
+
+def partials_flags(partials: str) -> int:
+    """LOOKUP flag bits asking for ``partials`` ("fp32", "fp16" or "bf16")."""
+    if partials not in PARTIALS:
+        raise ValueError(f"partials must be one of {', '.join(PARTIALS)}, got {partials!r}")
+    return {"fp32": 0, "fp16": FLAG_PARTIALS_FP16, "bf16": FLAG_PARTIALS_BF16}[partials]
+
+
+def partials_of_flags(flags: int) -> str:
+    """The partials' precision a LOOKUP's flags ask for (fp32 when none)."""
+    if flags & FLAG_PARTIALS_BF16:
+        return "bf16"
+    if flags & FLAG_PARTIALS_FP16:
+        return "fp16"
+    return "fp32"
+
+
+def _to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), rounded to nearest even; NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype="<f4").view("<u4")
+    rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+    out = rounded.astype("<u2")
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def _from_bf16(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype("<u4") << 16).view("<f4")
+
+
+def lookup_response_size(batch: int, dims: Sequence[int], partials: str = "fp32") -> int:
     """Payload bytes of a LOOKUP_RESP: lets a receiver reserve its slot up front."""
     t = len(dims)
+    width = _PARTIAL_BYTES[PARTIALS[partials]]
     head = 8 + (4 * t + _pad(4 * t)) * 2
-    return head + sum(4 * batch * d + _pad(4 * batch * d) for d in dims)  # each partial starts 8-aligned
+    return head + sum(width * batch * d + _pad(width * batch * d) for d in dims)  # each partial starts 8-aligned
 
 
-def encode_lookup_response(request_id: int, table_ids: np.ndarray, pooled: Sequence[np.ndarray], aux: int = 0) -> list:
-    """Buffers of a LOOKUP_RESP; ``pooled[i]`` is float32 [B, dim_i] (C order)."""
+def encode_lookup_response(request_id: int, table_ids: np.ndarray, pooled: Sequence[np.ndarray], aux: int = 0,
+                           partials: str = "fp32") -> list:
+    """Buffers of a LOOKUP_RESP; ``pooled[i]`` is float32 [B, dim_i] (C order).
+
+    ``partials`` "fp16" or "bf16" halves the bytes (one rounding per value; see
+    PARTIALS); f16 falls back to f32 for a frame with a value f16 cannot hold.
+    """
     batch = pooled[0].shape[0] if pooled else 0
+    if len(pooled) > 0xFFFF:
+        raise ValueError(f"a LOOKUP_RESP carries at most 65535 tables, got {len(pooled)}")
+    code = PARTIALS[partials]
+    if code == 1 and any(p.size and not (np.abs(p).max() <= _FP16_MAX) for p in pooled):
+        code = 0
     w = _Writer()
-    w.add(_U32x2.pack(batch, len(pooled)))
+    w.add(_U32_U16x2.pack(batch, len(pooled), code))
     w.add(np.asarray(table_ids, dtype="<u4"))
     w.add(np.fromiter((p.shape[1] for p in pooled), dtype="<u4", count=len(pooled)))
     for p in pooled:
-        w.add(np.ascontiguousarray(p, dtype="<f4"))
+        if code == 0:
+            w.add(np.ascontiguousarray(p, dtype="<f4"))
+        elif code == 1:
+            w.add(np.asarray(p).astype("<f2"))
+        else:
+            w.add(_to_bf16(p))
     return [pack_header(FrameType.LOOKUP_RESP, request_id, w.size, aux), *w.parts]
 
 
 def decode_lookup_response(payload) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(table_ids, [float32 [B, dim] views]) of a LOOKUP_RESP payload."""
+    """(table_ids, [float32 [B, dim]]) of a LOOKUP_RESP payload (views when sent as f32)."""
     r = _Reader(payload, "LOOKUP_RESP")
-    batch, ntables = r.struct(_U32x2, "batch/tables")
+    batch, ntables, code = r.struct(_U32_U16x2, "batch/tables/partials")
+    if code not in _PARTIAL_BYTES:
+        raise ProtocolError(f"LOOKUP_RESP: unknown partials precision {code} (0 f32, 1 f16, 2 bf16)", BAD_FRAME)
     tids = r.array("<u4", ntables, "table_ids")
     dims = r.array("<u4", ntables, "dims")
-    out = [r.array("<f4", batch * int(d), f"partial[{i}]").reshape(batch, int(d)) for i, d in enumerate(dims)]
+    wire = ("<f4", "<f2", "<u2")[code]
+    out = [r.array(wire, batch * int(d), f"partial[{i}]").reshape(batch, int(d)) for i, d in enumerate(dims)]
     r.finish()
+    if code == 1:
+        out = [p.astype(np.float32) for p in out]
+    elif code == 2:
+        out = [_from_bf16(p) for p in out]
     return tids, out
 
 

@@ -58,6 +58,8 @@ class FrameFlag(enum.IntFlag):
     NONE = 0
     INBAND_CREDIT = 1    # LOOKUP carries credits in aux and a u64 grant time after its sections
     DEADLINE = 2         # LOOKUP/FETCH carry a u64 time budget (µs, left when sent) before any credit trailer
+    PARTIALS_FP16 = 4    # LOOKUP: answer with f16 partials (LOOKUP_RESP says what it sent)
+    PARTIALS_BF16 = 8    # LOOKUP: answer with bf16 partials
 
 
 class ErrorCode(enum.IntEnum):
