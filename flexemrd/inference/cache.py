@@ -78,7 +78,7 @@ class RankerCache:
         gated = self.policy.mode is PolicyMode.ADAPTIVE
         if gated:
             self._harvest_probes()
-            use = self.gate.use_cache()
+            use = self.gate.use_cache(batch.size)
             probing = self.gate.state is GateState.PROBING
             if not use:
                 self._bypassing = True
