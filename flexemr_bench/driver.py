@@ -48,7 +48,12 @@ class SystemSet:
 
     def __init__(self, model: Path, logdir: Path, ablations: Sequence[Ablation], log: Log) -> None:
         self.flexemr = FlexemrDaemon("flexemr", model, logdir)
+        # Baselines beside flexemr: the in-process limit with one caller and with
+        # concurrent callers (the stronger one), the monolithic daemon (the same
+        # ranker pooling its own tables: what the socket path alone costs), Redis.
         self.core: dict[str, System] = {"flexemr": self.flexemr, "inprocess": InprocessSystem(model),
+                                        "inprocess-all": InprocessSystem(model, concurrent=True),
+                                        "monolithic": FlexemrDaemon("monolithic", model, logdir, servers=0),
                                         "redis": RedisSystem(model, log)}
         self.ablations: dict[str, System] = {
             ab.name: RawRowsSystem(self.flexemr) if ab.raw_rows else FlexemrDaemon(ab.name, model, logdir, ab.flags)

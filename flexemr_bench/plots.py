@@ -18,7 +18,7 @@ from pathlib import Path
 _COLORS = {"flexemr": "#1f77b4", "inprocess": "#2ca02c", "redis": "#d62728", "flexemr-rawrows": "#ff7f0e",
            "flexemr-shared": "#9467bd", "flexemr-1engine": "#8c564b", "flexemr-inband": "#e377c2",
            "flexemr-cache-fixed": "#7f7f7f", "flexemr-cache-adaptive": "#17becf"}
-_CORE = ("flexemr", "inprocess", "redis")
+_CORE = ("flexemr", "inprocess", "inprocess-all", "monolithic", "redis")
 
 
 def _color(name: str) -> str | None:

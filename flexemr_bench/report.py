@@ -47,6 +47,15 @@ def ratios(systems: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
+def strongest_ratio(ratios: dict[str, dict], key: str = "samples_per_s") -> float | None:
+    """flexemr against the stronger in-process baseline: the lowest throughput ratio (the highest p99 one)."""
+    vals = [ratios.get(f"flexemr/{b}", {}).get(key) for b in ("inprocess", "inprocess-all")]
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None
+    return min(vals) if key == "samples_per_s" else max(vals)
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or not b or (isinstance(a, float) and math.isnan(a)) or math.isnan(b):
         return None
@@ -167,8 +176,12 @@ def format_markdown(results: dict) -> str:
            "Closed loop: samples/s ratio (> 1: flexemr is faster).  Open loop (same Poisson load for every "
            "system): p99 ratio (< 1: flexemr answers faster).",
            "",
-           "| workload | flexemr samples/s | p99 ms | flexemr / inprocess | flexemr / redis |",
-           "|---|---:|---:|---:|---:|"]
+           "The in-process limit is the stronger of `inprocess` (one caller, all cores) and `inprocess-all` "
+           "(concurrent callers); `monolithic` is the same daemon pooling its own tables (`--embedding-servers 0`).",
+           "",
+           "| workload | flexemr samples/s | p99 ms | flexemr / in-process limit | flexemr / monolithic "
+           "| flexemr / redis |",
+           "|---|---:|---:|---:|---:|---:|"]
     for c in results["workloads"]:
         f = c["systems"].get("flexemr")
         if f is None:
@@ -177,7 +190,8 @@ def format_markdown(results: dict) -> str:
         tag = "" if c["mode"] == "closed" else "p99 "
         r = c.get("ratios", {})
         out.append(f"| {c['name']} | {f['samples_per_s']:,.0f} | {f['p99_ms']:.1f} | "
-                   f"{_fmt_ratio(r.get('flexemr/inprocess', {}).get(key), tag)} | "
+                   f"{_fmt_ratio(strongest_ratio(r, key), tag)} | "
+                   f"{_fmt_ratio(r.get('flexemr/monolithic', {}).get(key), tag)} | "
                    f"{_fmt_ratio(r.get('flexemr/redis', {}).get(key), tag)} |")
     out += ["", "### Every measurement", "",
             "| workload | system | samples/s | p50 ms | p95 ms | p99 ms | wire B/sample | CPU us/sample | other CPU (cores) |",

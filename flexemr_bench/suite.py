@@ -21,7 +21,12 @@ What a run does, in order:
                        engines, the daemon's defaults (owned mapping, priority
                        credits, cache off).  Clients talk to its unix socket.
    ``inprocess``       the monolithic reference (:class:`~flexemr.monolithic.MonolithicModel`):
-                       same model and tables in one process, torch on all cores.
+                       same model and tables in one process, torch on all cores, one caller.
+   ``inprocess-all``   the same in every client process at once (one torch thread
+                       each, table pages shared): the in-process limit with
+                       concurrent callers.  Ratios are against the stronger one.
+   ``monolithic``      ``flexemrd local --embedding-servers 0``: the same ranker
+                       (socket, validation, batching, NN) pooling its own tables.
    ``redis``           2 redis-servers holding every row, one key per row
                        (HugeCTR HPS's Redis tier); the ranker de-duplicates
                        ids per batch, fetches rows with MGETs pipelined to

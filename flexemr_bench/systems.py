@@ -253,29 +253,42 @@ def server_stats(addr: tuple[str, int], timeout: float = 5.0) -> dict[str, int]:
 
 
 class InprocessSystem(System):
-    """The monolithic reference: the client process holds the model and calls it (all cores)."""
+    """The monolithic reference: the client process holds the model and calls it (all cores).
 
-    name = "inprocess"
+    ``concurrent=False`` (``inprocess``): one caller, torch threads on every
+    core, one request at a time.  ``concurrent=True`` (``inprocess-all``): as
+    many callers as the daemons get clients, each with its share of the cores
+    and the tables' pages shared: the most the host gets out of the model
+    without a socket, so flexemr's ratios are against the stronger of the two.
+    """
+
     resident = True
-    workers = 1
 
-    def __init__(self, model: Path) -> None:
+    def __init__(self, model: Path, concurrent: bool = False) -> None:
         self.model = model
+        self.concurrent = concurrent
+        self.name = "inprocess-all" if concurrent else "inprocess"
+        self.workers = None if concurrent else 1   # None: the suite's client count
 
     def make_call(self) -> Callable[[], Callable]:
         model = str(self.model)
+        concurrent = self.concurrent
 
         def make() -> Callable:
             import torch
 
             from flexemr.monolithic import MonolithicModel
 
-            torch.set_num_threads(os.cpu_count() or 1)
+            cores = os.cpu_count() or 1
+            torch.set_num_threads(1 if concurrent else cores)
             return MonolithicModel(model).predict
 
         return make
 
     def describe(self) -> dict:
+        if self.concurrent:
+            return {"how": "MonolithicModel.predict in every load-generator process at once (the suite's client "
+                           "count), one torch thread each, the tables' pages shared: all cores busy"}
         return {"how": "MonolithicModel.predict in the load-generator process, torch threads = all cores, "
                        "one request at a time"}
 

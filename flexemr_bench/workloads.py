@@ -19,7 +19,7 @@ import sys
 from typing import Mapping
 
 CORE_SYSTEMS = ("flexemr", "inprocess", "redis")
-BASELINES = ("inprocess", "redis")
+BASELINES = ("inprocess", "inprocess-all", "monolithic", "redis")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -397,7 +397,8 @@ class EmbeddingServer:
                     req.stat = "expired"
                 else:
                     pooled = self.store.pool(lookup)
-                    req.reply = codec.encode_lookup_response(h.request_id, lookup.table_ids, pooled)
+                    req.reply = codec.encode_lookup_response(h.request_id, lookup.table_ids, pooled,
+                                                             partials=codec.partials_of_flags(h.flags))
                     req.stat = "lookups"
             else:
                 tid, ids = codec.decode_fetch(payload)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Protocol
 
 import numpy as np
@@ -42,12 +44,21 @@ class LocalPooling(Protocol):
     def pool(self, table: int, values: np.ndarray, lengths: np.ndarray) -> np.ndarray: ...
 
 
+def local_pooling_threads() -> int:
+    """Pooling threads of the monolithic layout: the cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class Batcher:
     def __init__(self, spec: ModelSpec, routing: RoutingTable, submitter: Submitter | None, pending: PendingTable,
                  finish: Callable[[Batch], None], fail: Callable[[list[Work], int, str], None],
                  stats: ServiceStats, inflight: threading.BoundedSemaphore, max_batch: int, max_wait_s: float,
                  cache=None, local: LocalPooling | None = None, inband_credits: bool = False,
-                 health: ServerHealth | None = None, beat: Callable[[], None] = lambda: None) -> None:
+                 health: ServerHealth | None = None, beat: Callable[[], None] = lambda: None,
+                 partials: str = "fp32") -> None:
         self.spec = spec
         self.routing = routing
         self.submitter = submitter
@@ -63,11 +74,19 @@ class Batcher:
         self.inband_credits = inband_credits
         self.health = health
         self.beat = beat
+        self._partials_flags = codec.partials_flags(partials)   # LOOKUP flags asking for f16/bf16 partials
         self.queue: queue.Queue[Work | None] = queue.Queue()
         self.controls: queue.SimpleQueue[ControlRequest] = queue.SimpleQueue()
         self.stop = threading.Event()
         self._carry: Work | None = None
         self._seqs = itertools.count(1)
+        # Ids of tables under 2^31 rows travel as int32 (admission checked every id against its table).
+        self._narrow = [t.rows <= 2**31 for t in spec.tables]
+        # Monolithic layout: tables are pooled on their own threads (embedding_bag
+        # releases the GIL), one per core, so the batcher goes on coalescing the
+        # next batch while this one pools and two tables pool at once.
+        self._poolers = (ThreadPoolExecutor(local_pooling_threads(), thread_name_prefix="pool")
+                         if local is not None else None)
 
     def idle(self) -> bool:
         return self.queue.empty() and self._carry is None
@@ -142,9 +161,7 @@ class Batcher:
         values, lengths = merge(works, tables)
         batch = Batch(next(self._seqs), works, self.spec, tables, lengths)
         if self.local is not None:
-            for t, v, ln in zip(tables, values, lengths):
-                batch.set_pooled(t, self.local.pool(t, v, ln))
-            self.finish(batch)
+            self._pool_locally(batch, tables, values, lengths)
             return
         if self.cache is not None:
             values, lengths = self.cache.serve(batch, tables, values, lengths, self.queue.qsize())
@@ -177,12 +194,36 @@ class Batcher:
         for cid, rid in frames:
             part = batch.parts[rid]
             frame = codec.encode_lookup(rid, batch.size, part.tables, part.counts, part.values,
-                                        credit_trailer=self.inband_credits, budget_us=budget_us)
+                                        flags=self._partials_flags, credit_trailer=self.inband_credits,
+                                        budget_us=budget_us,
+                                        narrow_ids=all(self._narrow[t] for t in part.tables))
             engine = self.submitter.submit(cid, frame)
             if engine is not None:
                 self._fail_part(rid, f"engine {engine} did not accept the subrequest in time")
         if self.cache is not None:
             self._send_fills()
+
+    def _pool_locally(self, batch: Batch, tables: list[int], values: list[np.ndarray],
+                      lengths: list[np.ndarray]) -> None:
+        """Pool every table on the pooling threads; the last table to finish hands the batch on."""
+        left = [len(tables)]
+        lock = threading.Lock()
+
+        def pool(t: int, v: np.ndarray, ln: np.ndarray) -> None:
+            try:
+                batch.set_pooled(t, self.local.pool(t, v, ln))
+            except Exception as e:
+                logger.exception("pooling table %d failed", t)
+                batch.fail(None, f"internal error while pooling table {self.spec.tables[t].name!r}: {e}",
+                           ErrorCode.INTERNAL)
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self.finish(batch)
+
+        for t, v, ln in zip(tables, values, lengths):
+            self._poolers.submit(pool, t, v, ln)
 
     def _drop_expired(self, works: list[Work]) -> list[Work]:
         """Answer requests whose deadline passed while they queued; keep the rest."""

@@ -10,15 +10,24 @@ Off the request path: after dispatching a batch, a bounded number of FETCH
 subrequests for hot missed rows go to the servers that hold them, through the
 same engines and rings; their raw rows fill the cache when they come back
 (completion thread).  A fill never holds up a request.
+
+Whether serving hits pays is measured, not assumed: with the adaptive policy
+a ``PayoffGate`` A/B-tests batches served through the cache against batches
+that bypass it; where hits save nothing (loopback, shared memory) the cache
+is bypassed entirely (no lookups, no hit pooling, no fills) until the next
+probe.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import time
 from typing import Any
 
 import numpy as np
 
+from flexemr.cache.gate import GateState, PayoffGate
 from flexemr.cache.policy import AdaptivePolicy, CachePolicy, LoadMonitor, PolicyMode, memory_budget_bytes
 from flexemr.cache.rowcache import RowCache
 from flexemr.config import CacheConfig
@@ -49,6 +58,9 @@ class RankerCache:
             self.cache.resize(min(cfg.capacity, self.adaptive.target_capacity(self.monitor)))
         self.fills_inflight = 0
         self.budget = budget
+        self.gate = PayoffGate()
+        self._probes: collections.deque = collections.deque()   # (used cache, batch, t0, served) of the probe
+        self._bypassing = False
         logger.info("cache: policy %s, capacity %d bytes, budget %d bytes on %s, admission %s",
                     cfg.policy, self.cache.capacity_bytes, budget, device, cfg.admission)
 
@@ -57,10 +69,22 @@ class RankerCache:
     def serve(self, batch: Batch, tables: list[int], values: list[np.ndarray], lengths: list[np.ndarray],
               queue_depth: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Pool the cached rows into ``batch``'s accumulators; return the ids left for the servers."""
+        t0 = time.perf_counter()
         self.monitor.observe(batch.size, queue_depth)
         self.policy.update(self.monitor)
+        self._bypassing = False
         if self.cache.capacity_bytes == 0:
             return values, lengths
+        gated = self.policy.mode is PolicyMode.ADAPTIVE
+        if gated:
+            self._harvest_probes()
+            use = self.gate.use_cache(batch.size)
+            probing = self.gate.state is GateState.PROBING
+            if not use:
+                self._bypassing = True
+                if probing:
+                    self._probes.append((False, batch, t0, t0))
+                return values, lengths
         miss_v, miss_l = [], []
         for t, v, ln in zip(tables, values, lengths):
             sp = self.cache.split(t, v, ln, check=False)
@@ -68,11 +92,27 @@ class RankerCache:
                 batch.add_cached(t, sp.hit_pooled().cpu().numpy(), sp.hit_counts)
             miss_v.append(sp.miss_values)
             miss_l.append(sp.miss_lengths)
+        if gated and probing:
+            self._probes.append((True, batch, t0, time.perf_counter()))
         return miss_v, miss_l
+
+    def _harvest_probes(self) -> None:
+        """Hand the gate the lookup time per sample of every probe batch whose partials are all in."""
+        while self._probes:
+            used, batch, t0, served = self._probes[0]
+            if batch._remaining > 0 and batch.error is None:
+                if time.perf_counter() - t0 < 30.0:
+                    return                 # answers still to come (batches finish about in order)
+                self._probes.popleft()     # a part that never answers tells nothing
+                continue
+            self._probes.popleft()
+            if batch.error is None:
+                done = max(served, batch.parts_done if batch.parts else served)
+                self.gate.record(used, (done - t0) / max(1, batch.size))
 
     def fill_requests(self) -> list[tuple[int, int, np.ndarray]]:
         """(server, table, rows) FETCHes worth sending now (bounded; may be empty)."""
-        if self.cache.capacity_bytes == 0 or self.fills_inflight >= MAX_FILLS_INFLIGHT:
+        if self.cache.capacity_bytes == 0 or self.fills_inflight >= MAX_FILLS_INFLIGHT or self._bypassing:
             return []
         out = []
         for t, rows in self.cache.candidates_for_fill(FILL_ROWS_PER_BATCH).items():
@@ -108,6 +148,8 @@ class RankerCache:
         s["policy"] = self.policy.mode.value
         s["budget_bytes"] = self.budget
         s["planned_batch"] = self.adaptive.planned_batch(self.monitor)
+        if self.policy.mode is PolicyMode.ADAPTIVE:
+            s["payoff"] = self.gate.snapshot()
         return s
 
     def hits_by_table(self) -> np.ndarray:

@@ -45,6 +45,7 @@ class ServiceOptions:
     hedge_min_s: float = 0.002
     max_ids: int = 0                  # ids in one request (0: no limit)
     allow_nonfinite: bool = False     # NaN/Inf dense features
+    partials: str = "fp32"            # precision the servers' partials travel in ([ranker].partials)
 
     @classmethod
     def from_config(cls, r: RankerConfig) -> "ServiceOptions":
@@ -53,7 +54,7 @@ class ServiceOptions:
                    inband_credits=r.credits == "inband", shared_mapping=r.mapping == "shared",
                    hedging=r.hedging and r.replicas > 1, hedge_quantile=r.hedge_quantile,
                    hedge_min_s=r.hedge_min_ms / 1e3, max_ids=r.max_ids_per_request,
-                   allow_nonfinite=r.allow_nonfinite)
+                   allow_nonfinite=r.allow_nonfinite, partials=r.partials)
 
 
 @dataclasses.dataclass(slots=True)
@@ -98,6 +99,7 @@ class InferenceService:
         self.batcher = Batcher(spec, routing, self.submitter, self.pending, self.finisher.put, self.finisher.fail,
                                self.stats, self.inflight, options.max_batch, options.max_wait_s, cache=cache,
                                local=local, inband_credits=options.inband_credits, health=self.health,
+                               partials=options.partials,
                                beat=beat if links is None else (lambda: None))
         self.admission = Admission(spec, options.request_timeout_s, max_batch=options.max_batch,
                                    max_ids=options.max_ids or None, allow_nonfinite=options.allow_nonfinite)

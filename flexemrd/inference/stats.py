@@ -78,7 +78,8 @@ class ServiceStats:
 
     def count_wire(self, spec: ModelSpec, size: int, tables: list[int], values: list[np.ndarray]) -> None:
         for t, v in zip(tables, values):
-            self.t_wire[t] += 8 * len(v) + 4 * size + 4 * size * spec.tables[t].dim
+            ids = 4 if spec.tables[t].rows <= 2**31 else 8   # the id width the batcher sends (protocol 2)
+            self.t_wire[t] += ids * len(v) + 4 * size + 4 * size * spec.tables[t].dim
 
     # ---------------------------------------------------------------- finisher
 

@@ -54,8 +54,11 @@ def _timeout(timeout_ms: int | None) -> int:
 class InferenceClient:
     """A connection to a ranker's inference socket."""
 
-    def __init__(self, path: str, timeout: float | None = 60.0, max_payload: int = 1 << 30) -> None:
+    def __init__(self, path: str, timeout: float | None = 60.0, max_payload: int = 1 << 30,
+                 narrow_ids: bool = True) -> None:
+        """``narrow_ids``: send ids as int32 when they all fit (one max pass per table; half the id bytes)."""
         self.path = path
+        self.narrow_ids = narrow_ids
         self.timeout = timeout
         self.max_payload = max_payload
         self._sock: socket.socket | None = None
@@ -134,12 +137,17 @@ class InferenceClient:
                 raise ProtocolError(f"expected {expect.name}, got frame type {h.type}")
             return payload
 
+    def _narrow(self, values: list[np.ndarray]) -> bool:
+        """Whether these ids may travel as int32 (negative or huge ids go as int64, for the ranker to name)."""
+        return self.narrow_ids and all(codec.fits_int32(v) for v in values)
+
     def predict(self, dense: np.ndarray, sparse: Sparse, timeout_ms: int | None = None) -> np.ndarray:
         """Scores [B] float32 for a batch of B samples (``timeout_ms``: the request's deadline)."""
         d = prepare_dense(dense)
         names, values, lengths, batch = prepare_sparse(sparse, d.shape[0])
         rid = next(self._ids)
-        frame = codec.encode_client_request(rid, names, lengths, values, batch, d, timeout_ms=_timeout(timeout_ms))
+        frame = codec.encode_client_request(rid, names, lengths, values, batch, d, timeout_ms=_timeout(timeout_ms),
+                                            narrow_ids=self._narrow(values))
         payload = self._call(frame, rid, FrameType.PREDICT_RESP, timeout_ms)
         return codec.decode_scores(payload)
 
@@ -147,7 +155,8 @@ class InferenceClient:
         """Pooled embeddings [B, dim] per requested table (``timeout_ms``: the request's deadline)."""
         names, values, lengths, batch = prepare_sparse(sparse, None)
         rid = next(self._ids)
-        frame = codec.encode_client_request(rid, names, lengths, values, batch, None, timeout_ms=_timeout(timeout_ms))
+        frame = codec.encode_client_request(rid, names, lengths, values, batch, None, timeout_ms=_timeout(timeout_ms),
+                                            narrow_ids=self._narrow(values))
         payload = self._call(frame, rid, FrameType.CLIENT_LOOKUP_RESP, timeout_ms)
         return codec.decode_pooled(payload)
 

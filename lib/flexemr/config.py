@@ -117,6 +117,7 @@ class RankerConfig:
     hedge_min_ms: float = 2.0        # ... and at least this old
     max_ids_per_request: int = 0     # ids in one request, over all tables (0: no limit beyond max_request_bytes)
     allow_nonfinite: bool = False    # accept NaN/Inf dense features (refused by default, naming the field)
+    partials: str = "fp32"           # precision of servers' partials on the wire: "fp32", "fp16" or "bf16"
     http_port: int = 0               # KServe v2 REST front (0 = off)
     grpc_port: int = 0               # KServe v2 gRPC front (0 = off)
     kserve_addr: str = "127.0.0.1"   # where the KServe fronts listen
@@ -164,6 +165,7 @@ _CHOICES = {
     ("ranker", "credits"): CreditMode.labels(),
     ("ranker", "device"): ("auto", "cpu", "cuda"),
     ("ranker", "transport"): ("auto", "tcp", "rdma"),
+    ("ranker", "partials"): ("fp32", "fp16", "bf16"),
     ("cache", "policy"): CacheMode.labels(),
     ("cache", "admission"): ("lru", "tinylfu"),
 }

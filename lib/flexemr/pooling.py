@@ -108,13 +108,16 @@ def pool_torch(
     import torch.nn.functional as F
 
     w = as_weight(weight)
-    values = np.ascontiguousarray(values, dtype=np.int64)
+    # int32 ids (protocol 2 sends them where tables allow) pool as they are,
+    # with int32 offsets (embedding_bag wants both alike): no widening copy.
+    narrow = values.dtype == np.int32 and len(values) < 2**31
+    values = np.ascontiguousarray(values, dtype=np.int32 if narrow else np.int64)
     lengths = np.asarray(lengths)
     if check:
         check_bags(w.shape[0], values, lengths)
     # include_last_offset=True with offsets [B+1]: the last bag is closed
     # explicitly, so a trailing empty bag needs no special case.
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    offsets = np.zeros(len(lengths) + 1, dtype=values.dtype)
     np.cumsum(lengths, out=offsets[1:])
     empty = (lengths == 0) if pooling is Pooling.MAX else None
     return pool_tensor(torch.from_numpy(values), w, torch.from_numpy(offsets), pooling, empty).numpy()

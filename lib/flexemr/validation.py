@@ -70,7 +70,9 @@ def validate_request(spec: ModelSpec, req: ClientRequest, predict: bool, *, allo
         if i in out:
             raise RequestError(f"sparse: table {name!r} appears twice")
         values, lengths = req.kjt.table(k)
-        if len(values):
+        # One pass over the ids: read as unsigned, a negative id is larger than any
+        # table, so one max finds both kinds of bad id; min and max only on failure.
+        if len(values) and int(_unsigned(values).max()) >= spec.tables[i].rows:
             lo, hi = int(values.min()), int(values.max())
             rows = spec.tables[i].rows
             if lo < 0:
@@ -91,6 +93,13 @@ def validate_request(spec: ModelSpec, req: ClientRequest, predict: bool, *, allo
     if req.dense is not None and not allow_nonfinite:
         check_dense_finite(req.dense)
     return out
+
+
+def _unsigned(values: np.ndarray) -> np.ndarray:
+    """The same bytes as unsigned integers of the same width (a view, no copy)."""
+    if values.dtype.kind == "u":
+        return values
+    return values.view(values.dtype.str.replace("i", "u"))
 
 
 def check_dense_finite(dense: np.ndarray) -> None:

@@ -310,3 +310,28 @@ def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning(world, 
 def _process_cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)  # needs no descriptor, unlike psutil
     return ru.ru_utime + ru.ru_stime
+
+
+@pytest.mark.parametrize("partials, rel", [("fp16", 2.0**-11), ("bf16", 2.0**-8)])
+def test_a_server_answers_int32_ids_with_the_partials_precision_the_ranker_asked_for(world, partials, rel):
+    """Protocol 2 on a real server: int32 ids pool like int64 ones; the answer is half the bytes and
+    within one rounding of the fp32 partial."""
+    spec, _store, _tables = world
+    with running(world) as r:
+        c = Client(r.port)
+        try:
+            _, sparse = RequestGenerator(spec, ids_per_bag=10, seed=8).batch(64)
+            tids = [0, 1]
+            v = [sparse[spec.tables[t].name][0].astype(np.int32) for t in tids]
+            ln = [sparse[spec.tables[t].name][1] for t in tids]
+            c.send(codec.encode_lookup(1, 64, tids, ln, v))
+            _h, full = c.recv()
+            c.send(codec.encode_lookup(2, 64, tids, ln, v, flags=codec.partials_flags(partials)))
+            h, half = c.recv()
+            assert h.type == FrameType.LOOKUP_RESP, codec.decode_error(half) if h.type == 6 else ""
+            assert len(half) < 0.6 * len(full), "reduced-precision partials halve the answer"
+            _check_lookup(world, full, tids, v, ln)
+            for exact, got in zip(codec.decode_lookup_response(full)[1], codec.decode_lookup_response(half)[1]):
+                assert np.all(np.abs(got - exact) <= rel * np.abs(exact) + 2.0**-24)
+        finally:
+            c.close()

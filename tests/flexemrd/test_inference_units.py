@@ -128,6 +128,45 @@ def test_batcher_coalesces_requests_up_to_max_batch_and_carries_the_rest(model):
         np.testing.assert_allclose(scores, model.predict(dense, sparse), rtol=1e-5, atol=1e-6)
 
 
+def test_monolithic_pooling_off_the_batcher_answers_exactly_and_a_table_that_fails_is_named(model):
+    """Tables pool on their own threads (several batches in flight); a pooling failure answers the
+    batch's requests with an error naming the table instead of hanging them, and later batches still work."""
+    replies = Replies()
+    batcher, fin, _batches = _pipeline(model, max_batch=64, max_wait_s=0.01)
+    local = batcher.local
+    broken = {"on": False}
+    real_pool = local.pool
+
+    def pool(table, values, lengths):
+        if broken["on"] and table == 1:
+            raise RuntimeError("simulated kernel failure")
+        return real_pool(table, values, lengths)
+
+    local.pool = pool
+    _run(batcher.run, fin.run)
+    try:
+        for i in range(1, 9):                       # 8 batches of 64: several pool at once
+            batcher.queue.put(_work(model, replies, i, 64, seed=i))
+        replies.wait(8)
+        for i in range(1, 9):
+            what, scores = replies.got[i]
+            dense, sparse = _request(model, 64, seed=i)
+            assert what == "scores"
+            np.testing.assert_allclose(scores, model.predict(dense, sparse), rtol=1e-5, atol=1e-6)
+        broken["on"] = True
+        batcher.queue.put(_work(model, replies, 20, 64, seed=20))
+        replies.wait(9)
+        what, msg = replies.got[20]
+        assert what == "error" and model.spec.tables[1].name in msg and "simulated kernel failure" in msg, msg
+        broken["on"] = False
+        batcher.queue.put(_work(model, replies, 21, 64, seed=21))
+        replies.wait(10)
+        assert replies.got[21][0] == "scores"
+    finally:
+        batcher.stop.set()
+        fin.queue.put(None)
+
+
 def test_batcher_splits_misses_per_server_onto_the_owning_engines_ring(model, instance):
     from flexemr import naming
     from flexemr.ring import Ring

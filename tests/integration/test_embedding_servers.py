@@ -306,9 +306,10 @@ def test_malformed_payloads_get_errors_and_connection_keeps_serving(servers, wor
     try:
         lo = world[1].ranges_of(0, 1)[0][0]
         raw = _lookup_bytes(51, [0], [np.array([2, 1], np.int32)], [np.array([lo, lo + 1, lo + 2])])
-        # Layout after the header: u32 B, u32 T | u32 tid, pad | i64 counts[1] | i32 lengths[2] | i64 values[3]
+        # Layout after the header: u32 B, u32 T | u32 tid, pad | u32 id_bytes, u32 0 | i64 counts[1]
+        # | i32 lengths[2] | i64 values[3]
         disagree = bytearray(raw)
-        struct.pack_into("<i", disagree, HEADER_SIZE + 24, 5)  # lengths now sum to 6, counts say 3
+        struct.pack_into("<i", disagree, HEADER_SIZE + 32, 5)  # lengths now sum to 6, counts say 3
         conn.send([bytes(disagree)])
         assert "sum to 6 but 3" in conn.expect_error(51, ErrorCode.SIZE_MISMATCH)
         _valid(world, conn, 1, 52)

@@ -214,10 +214,12 @@ def test_engine_crash_under_load_fails_fast_and_recovers(tiny_model, tmp_path, r
                     np.testing.assert_allclose(cl.predict(dense, sparse), reference.predict(dense, sparse),
                                                rtol=1e-5, atol=1e-6)
                 break
-            except Exception:
+            except Exception as e:
+                last_error = repr(e)
                 time.sleep(0.5)
         else:
-            raise AssertionError("the ranker did not recover after the engine restart:\n" + c.logs()[-2000:])
+            raise AssertionError(f"the ranker did not recover after the engine restart ({last_error}):\n"
+                                 + c.logs()[-2000:])
         assert "restarting" in c.logs()
     finally:
         c.stop()

@@ -61,18 +61,24 @@ def _split(buffers: list, max_payload: int = DEFAULT_MAX_PAYLOAD):
 # ------------------------------------------------------------------ strategies
 
 ids64 = st.integers(-(2**63), 2**63 - 1)
+ids32 = st.integers(-(2**31), 2**31 - 1)
 names_st = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n"), max_size=12)
 
 
 @st.composite
 def kjt(draw, max_tables: int = 4, max_batch: int = 6, max_len: int = 5):
-    """(batch, lengths per table, values per table): zero bags, zero tables and zero ids included."""
+    """(batch, lengths per table, values per table): zero bags, zero tables and zero ids included.
+
+    The ids are int64 over their whole range or int32 (the narrow wire form of protocol 2).
+    """
     t = draw(st.integers(0, max_tables))
     b = draw(st.integers(0, max_batch))
+    narrow = draw(st.booleans())
+    ids, dtype = (ids32, np.int32) if narrow else (ids64, np.int64)
     lengths, values = [], []
     for _ in range(t):
         ln = np.array(draw(st.lists(st.integers(0, max_len), min_size=b, max_size=b)), dtype=np.int32)
-        v = np.array(draw(st.lists(ids64, min_size=int(ln.sum()), max_size=int(ln.sum()))), dtype=np.int64)
+        v = np.array(draw(st.lists(ids, min_size=int(ln.sum()), max_size=int(ln.sum()))), dtype=dtype)
         lengths.append(ln)
         values.append(v)
     return b, lengths, values
@@ -99,7 +105,8 @@ def _assert_kjt(got: codec.KJT, batch: int, lengths, values) -> None:
         gv, gl = got.table(i)
         np.testing.assert_array_equal(gl, ln)
         np.testing.assert_array_equal(gv, v)
-        assert gv.dtype == np.int64 and gl.dtype == np.int32
+        # int32 on the wire exactly when every non-empty table's ids were int32 (nothing narrowed silently)
+        assert gv.dtype == codec.ids_wire_dtype(values) and gl.dtype == np.int32
 
 
 # ------------------------------------------------------------------ round trips
@@ -386,13 +393,13 @@ def test_lookup_rejects_lengths_that_disagree_with_counts():
     lengths = [np.array([2, 1], np.int32)]
     values = [np.array([1, 2, 3], np.int64)]
     payload = bytearray(_split(codec.encode_lookup(1, 2, [0], lengths, values))[1])
-    # Layout: u32 B, u32 T | u32 tids[1] pad 4 | i64 counts[1] | i32 lengths[2] | i64 values[3]
-    struct.pack_into("<i", payload, 24, 3)  # bag 0 claims 3 ids: lengths sum to 4, counts say 3
+    # Layout: u32 B, u32 T | u32 tids[1] pad 4 | u32 id_bytes, u32 0 | i64 counts[1] | i32 lengths[2] | i64 values[3]
+    struct.pack_into("<i", payload, 32, 3)  # bag 0 claims 3 ids: lengths sum to 4, counts say 3
     with pytest.raises(ProtocolError, match="sum to 4 but 3") as e:
         codec.decode_lookup(bytes(payload))
     assert e.value.code == ErrorCode.SIZE_MISMATCH
-    struct.pack_into("<i", payload, 24, -1)
-    struct.pack_into("<i", payload, 28, 4)
+    struct.pack_into("<i", payload, 32, -1)
+    struct.pack_into("<i", payload, 36, 4)
     with pytest.raises(ProtocolError, match="negative bag length") as e:
         codec.decode_lookup(bytes(payload))
     assert e.value.code == ErrorCode.SIZE_MISMATCH
@@ -650,3 +657,84 @@ def test_garbage_on_the_stream_is_a_protocol_error(pair):
     with pytest.raises(ProtocolError, match="version"):
         FrameReader(b).read_header()
     assert HEADER.unpack(bytes(bad_version))[1] == VERSION + 1
+
+
+# ------------------------------------------------------------------ protocol 2: int32 ids
+
+
+def test_int32_ids_halve_the_id_bytes_and_decode_to_the_same_ids():
+    rng = np.random.default_rng(5)
+    lengths = [np.full(256, 20, np.int32) for _ in range(3)]
+    values = [rng.integers(0, 2**31 - 1, 256 * 20, dtype=np.int64) for _ in range(3)]
+    wide = codec.encode_lookup(1, 256, [0, 1, 2], lengths, values)
+    narrow = codec.encode_lookup(1, 256, [0, 1, 2], lengths, values, narrow_ids=True)
+    _, wide_payload = _split(wide)
+    _, narrow_payload = _split(narrow)
+    assert len(wide_payload) - len(narrow_payload) == 4 * 3 * 256 * 20
+    req = codec.decode_lookup(narrow_payload)
+    for i, v in enumerate(values):
+        got, _ln = req.kjt.table(i)
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, v)
+
+
+def test_int64_ids_that_do_not_fit_int32_stay_int64():
+    big = np.array([2**31, 5], np.int64)
+    assert not codec.fits_int32(big)
+    assert not codec.fits_int32(np.array([-1], np.int64)), "a negative id must not be narrowed"
+    assert codec.fits_int32(np.array([2**31 - 1, 0], np.int64))
+    frame = codec.encode_client_request(1, ["t"], [np.array([2], np.int32)], [big], 1)
+    _, payload = _split(frame)
+    got, _ = codec.decode_client_request(payload, FrameType.CLIENT_LOOKUP).kjt.table(0)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, big)
+
+
+def test_a_kjt_block_with_an_unknown_id_width_is_refused_by_name():
+    frame = codec.encode_lookup(1, 1, [0], [np.array([1], np.int32)], [np.array([3], np.int64)])
+    _, payload = _split(frame)
+    bad = bytearray(payload)
+    # LOOKUP: u32 B, u32 T | u32 table_ids (padded to 8) | u32 id_bytes ...
+    struct.pack_into("<I", bad, 16, 2)
+    with pytest.raises(ProtocolError, match="ids are 2 bytes wide"):
+        codec.decode_lookup(bytes(bad))
+
+
+# ------------------------------------------------------------------ protocol 2: reduced-precision partials
+
+
+@pytest.mark.parametrize("partials, rel, floor", [("fp32", 0.0, 0.0), ("fp16", 2.0**-11, 2.0**-25),
+                                                  ("bf16", 2.0**-8, 0.0)])
+def test_partials_travel_in_the_asked_precision_within_the_stated_bound(partials, rel, floor):
+    rng = np.random.default_rng(3)
+    pooled = [(rng.standard_normal((64, 16)) * 10.0 ** rng.integers(-3, 3, (64, 1))).astype(np.float32)
+              for _ in range(2)]
+    h, payload = _split(codec.encode_lookup_response(9, np.array([4, 7], np.uint32), pooled, partials=partials))
+    width = {"fp32": 4, "fp16": 2, "bf16": 2}[partials]
+    assert len(payload) == codec.lookup_response_size(64, [16, 16], partials)
+    assert len(payload) == 8 + 8 + 8 + 2 * 64 * 16 * width
+    tids, got = codec.decode_lookup_response(payload)
+    np.testing.assert_array_equal(tids, [4, 7])
+    for g, p in zip(got, pooled):
+        assert g.dtype == np.float32 and g.shape == p.shape
+        # One rounding to nearest: |error| <= rel * |x|, or half fp16's smallest step below 2^-14
+        assert np.all(np.abs(g - p) <= rel * np.abs(p) + floor)
+
+
+def test_fp16_partials_a_half_cannot_hold_travel_as_fp32_not_as_inf():
+    big = [np.array([[70000.0, -1.0]], np.float32)]
+    _, payload = _split(codec.encode_lookup_response(1, np.array([0], np.uint32), big, partials="fp16"))
+    _, got = codec.decode_lookup_response(payload)
+    np.testing.assert_array_equal(got[0], big[0])
+
+
+def test_partials_flags_round_trip_and_a_bad_precision_is_refused():
+    for p in ("fp32", "fp16", "bf16"):
+        assert codec.partials_of_flags(codec.partials_flags(p) | int(FrameFlag.DEADLINE)) == p
+    with pytest.raises(ValueError, match="partials must be one of"):
+        codec.partials_flags("fp8")
+    _, payload = _split(codec.encode_lookup_response(1, np.array([0], np.uint32), [np.zeros((1, 2), np.float32)]))
+    bad = bytearray(payload)
+    struct.pack_into("<H", bad, 6, 3)
+    with pytest.raises(ProtocolError, match="unknown partials precision 3"):
+        codec.decode_lookup_response(bytes(bad))

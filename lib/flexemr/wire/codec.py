@@ -5,15 +5,17 @@ boundary, so that every array decodes as an ``np.frombuffer`` view (no copy,
 no per-element Python) and encodes as a list of buffers for ``sendmsg``::
 
     KJT block (ids of T tables for B bags, TorchRec KeyedJaggedTensor layout)
+      u32 id_bytes, u32 0      width of every id: 4 (i32) or 8 (i64)     (protocol 2)
       i64 counts[T]            ids per table
       i32 lengths[T*B]         bag lengths, table-major        (padded to 8)
-      i64 values[sum(counts)]  ids, table-major, bag order
+      i32|i64 values[sum(counts)]  ids, table-major, bag order  (padded to 8)
 
     LOOKUP        u32 B, u32 T | u32 table_ids[T] (pad) | KJT block
                   [| u64 budget_us   when flags has DEADLINE: time left when sent]
                   [| u64 granted_ns  when flags has INBAND_CREDIT; aux = credits]
-    LOOKUP_RESP   u32 B, u32 T | u32 table_ids[T] (pad) | u32 dims[T] (pad)
-                  | f32 partial[B, dims[t]] for each t in order
+    LOOKUP_RESP   u32 B, u16 T, u16 partials | u32 table_ids[T] (pad) | u32 dims[T] (pad)
+                  | partial[B, dims[t]] for each t in order, as ``partials`` says:
+                  0 f32, 1 f16, 2 bf16 (the top half of an f32, rounded to nearest even)
     FETCH         u32 table_id, u32 0 | i64 ids[n]
     FETCH_RESP    u32 table_id, u32 dim | f32 rows[n, dim]  (unpadded: n = rest / (4 dim))
     PREDICT       u32 B, u32 T, u32 F, u32 names_len | names (utf-8, "\\n"-joined, pad)
@@ -30,6 +32,10 @@ no per-element Python) and encodes as a list of buffers for ``sendmsg``::
     HELLO (ranker -> server) aux = initial credits (0: no flow control);
                   name = "<ranker token>/<conn id>/<data|credit>"
     STATS_RESP    u64 counters[len(SERVER_STATS)]
+
+Ids travel as int32 when every id of the block fits (the ranker narrows a
+subrequest whose tables all have fewer than 2^31 rows; the client narrows
+when its ids allow), else as int64: half the id bytes on every hop.
 
 Decoders check every size against the payload length before building a
 view, so truncated or hostile payloads raise ProtocolError, never IndexError
@@ -51,6 +57,7 @@ from flexemr.wire.frame import HEADER_SIZE, FrameFlag, FrameType, header_flags, 
 _U32x2 = struct.Struct("<II")
 _U32x4 = struct.Struct("<IIII")
 _U64 = struct.Struct("<Q")
+_U32_U16x2 = struct.Struct("<IHH")
 _SHARD = np.dtype([("table_id", "<u4"), ("dim", "<u4"), ("start", "<u8"), ("end", "<u8")])
 
 BAD_FRAME, SIZE_MISMATCH = 1, 4
@@ -143,14 +150,41 @@ class KJT:
     batch: int
     counts: np.ndarray   # int64 [T]
     lengths: np.ndarray  # int32 [T, B]
-    values: np.ndarray   # int64 [sum(counts)]
+    values: np.ndarray   # int32 or int64 [sum(counts)] (as sent)
     starts: np.ndarray   # int64 [T + 1]: value offset of each table
 
     def table(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         return self.values[self.starts[i] : self.starts[i + 1]], self.lengths[i]
 
 
-def _add_kjt(w: _Writer, counts: np.ndarray, lengths: Sequence[np.ndarray] | np.ndarray, values: Sequence[np.ndarray]) -> None:
+ID_DTYPES = {4: np.dtype("<i4"), 8: np.dtype("<i8")}
+_INT32_MAX = 2**31 - 1
+
+
+def ids_wire_dtype(values: Sequence[np.ndarray], narrow: bool = False) -> np.dtype:
+    """The id width of a KJT block: int32 if every (non-empty) array is int32 already, or ``narrow``; else int64.
+
+    ``narrow`` is the sender's promise that every id fits int32 (every table
+    of the block has fewer than 2^31 rows and the ids were checked, or
+    :func:`fits_int32` said so).
+    """
+    if narrow or all(v.dtype == np.int32 or not len(v) for v in values):
+        return ID_DTYPES[4]
+    return ID_DTYPES[8]
+
+
+def fits_int32(values: np.ndarray) -> bool:
+    """True when every id is in [0, 2^31): one max over the ids read as unsigned (a negative id is huge)."""
+    if not len(values) or values.dtype == np.int32:
+        return True
+    u = values if values.dtype.kind == "u" else values.view(values.dtype.str.replace("i", "u"))
+    return int(u.max()) <= _INT32_MAX
+
+
+def _add_kjt(w: _Writer, counts: np.ndarray, lengths: Sequence[np.ndarray] | np.ndarray,
+             values: Sequence[np.ndarray], ids: np.dtype | None = None) -> None:
+    ids = ids_wire_dtype(values) if ids is None else np.dtype(ids)
+    w.add(_U32x2.pack(ids.itemsize, 0))
     w.add(np.ascontiguousarray(counts, dtype="<i8"))
     if isinstance(lengths, np.ndarray):
         w.add(np.ascontiguousarray(lengths, dtype="<i4"))
@@ -166,14 +200,24 @@ def _add_kjt(w: _Writer, counts: np.ndarray, lengths: Sequence[np.ndarray] | np.
         if p:
             w.parts.append(_ZEROS[:p])
             w.size += p
+    total = 0
     for v in values:
-        a = np.ascontiguousarray(v, dtype="<i8")
+        a = np.ascontiguousarray(v, dtype=ids)
         if a.nbytes:
             w.parts.append(a)
-            w.size += a.nbytes
+            total += a.nbytes
+    w.size += total
+    p = _pad(total)
+    if p:
+        w.parts.append(_ZEROS[:p])
+        w.size += p
 
 
 def _read_kjt(r: _Reader, batch: int, ntables: int) -> KJT:
+    id_bytes, _ = r.struct(_U32x2, "id width")
+    ids = ID_DTYPES.get(id_bytes)
+    if ids is None:
+        raise ProtocolError(f"{r.what}: ids are {id_bytes} bytes wide; protocol 2 sends 4 or 8", BAD_FRAME)
     counts = r.array("<i8", ntables, "counts")
     lengths = r.array("<i4", ntables * batch, "lengths").reshape(ntables, batch)
     if ntables and counts.min(initial=0) < 0:
@@ -189,7 +233,7 @@ def _read_kjt(r: _Reader, batch: int, ntables: int) -> KJT:
             f"{r.what}: table #{t}: bag lengths sum to {int(sums[t])} but {int(counts[t])} ids were sent",
             SIZE_MISMATCH,
         )
-    values = r.array("<i8", total, "values")
+    values = r.array(ids, total, "values")
     starts = np.zeros(ntables + 1, dtype=np.int64)
     np.cumsum(counts, out=starts[1:])
     return KJT(batch, counts, lengths, values, starts)
@@ -215,8 +259,13 @@ def encode_lookup(
     flags: int = 0,
     credit_trailer: bool = False,
     budget_us: int = 0,
+    narrow_ids: bool = False,
 ) -> list:
     """Buffers (header first) of a LOOKUP frame; arrays are referenced, not copied.
+
+    Ids go as int32 when they are int32 already or ``narrow_ids`` says they
+    all fit (the caller knows every table has fewer than 2^31 rows; int64 ids
+    are then converted, one pass), else as int64.
 
     ``budget_us`` (> 0) is the time the answer may still take: the server drops
     the work once it has waited longer.  ``credit_trailer`` reserves the in-band
@@ -228,7 +277,7 @@ def encode_lookup(
     w = _Writer()
     w.add(_U32x2.pack(batch, len(tids)))
     w.add(tids)
-    _add_kjt(w, counts, lengths, values)
+    _add_kjt(w, counts, lengths, values, ids_wire_dtype(values, narrow_ids))
     if budget_us > 0:
         w.add(_U64.pack(int(budget_us)))
         flags |= 2  # FrameFlag.DEADLINE
@@ -258,33 +307,98 @@ def decode_lookup(payload, flags: int = 0) -> LookupRequest:
     return LookupRequest(tids, kjt, budget)
 
 
-def lookup_response_size(batch: int, dims: Sequence[int]) -> int:
+# Partials' precision on the wire (LOOKUP_RESP's ``partials`` field; the ranker
+# asks with a LOOKUP flag).  f16 rounds to within 2^-11 relative (|x| <= 65504;
+# a partial outside that range travels as f32), bf16 to within 2^-8 relative
+# over f32's whole range.
+PARTIALS = {"fp32": 0, "fp16": 1, "bf16": 2}
+_PARTIAL_BYTES = {0: 4, 1: 2, 2: 2}
+_FP16_MAX = 65504.0
+FLAG_PARTIALS_FP16 = 4    # LOOKUP: the ranker takes f16 partials (FrameFlag.PARTIALS_FP16)
+FLAG_PARTIALS_BF16 = 8    # LOOKUP: the ranker takes bf16 partials (FrameFlag.PARTIALS_BF16)
+
+
+def partials_flags(partials: str) -> int:
+    """LOOKUP flag bits asking for ``partials`` ("fp32", "fp16" or "bf16")."""
+    if partials not in PARTIALS:
+        raise ValueError(f"partials must be one of {', '.join(PARTIALS)}, got {partials!r}")
+    return {"fp32": 0, "fp16": FLAG_PARTIALS_FP16, "bf16": FLAG_PARTIALS_BF16}[partials]
+
+
+def partials_of_flags(flags: int) -> str:
+    """The partials' precision a LOOKUP's flags ask for (fp32 when none)."""
+    if flags & FLAG_PARTIALS_BF16:
+        return "bf16"
+    if flags & FLAG_PARTIALS_FP16:
+        return "fp16"
+    return "fp32"
+
+
+def _to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), rounded to nearest even; NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype="<f4").view("<u4")
+    rounded = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+    out = rounded.astype("<u2")
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def _from_bf16(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype("<u4") << 16).view("<f4")
+
+
+def lookup_response_size(batch: int, dims: Sequence[int], partials: str = "fp32") -> int:
     """Payload bytes of a LOOKUP_RESP: lets a receiver reserve its slot up front."""
     t = len(dims)
+    width = _PARTIAL_BYTES[PARTIALS[partials]]
     head = 8 + (4 * t + _pad(4 * t)) * 2
-    return head + sum(4 * batch * d + _pad(4 * batch * d) for d in dims)  # each partial starts 8-aligned
+    return head + sum(width * batch * d + _pad(width * batch * d) for d in dims)  # each partial starts 8-aligned
 
 
-def encode_lookup_response(request_id: int, table_ids: np.ndarray, pooled: Sequence[np.ndarray], aux: int = 0) -> list:
-    """Buffers of a LOOKUP_RESP; ``pooled[i]`` is float32 [B, dim_i] (C order)."""
+def encode_lookup_response(request_id: int, table_ids: np.ndarray, pooled: Sequence[np.ndarray], aux: int = 0,
+                           partials: str = "fp32") -> list:
+    """Buffers of a LOOKUP_RESP; ``pooled[i]`` is float32 [B, dim_i] (C order).
+
+    ``partials`` "fp16" or "bf16" halves the bytes (one rounding per value; see
+    PARTIALS); f16 falls back to f32 for a frame with a value f16 cannot hold.
+    """
     batch = pooled[0].shape[0] if pooled else 0
+    if len(pooled) > 0xFFFF:
+        raise ValueError(f"a LOOKUP_RESP carries at most 65535 tables, got {len(pooled)}")
+    code = PARTIALS[partials]
+    if code == 1 and any(p.size and not (np.abs(p).max() <= _FP16_MAX) for p in pooled):
+        code = 0
     w = _Writer()
-    w.add(_U32x2.pack(batch, len(pooled)))
+    w.add(_U32_U16x2.pack(batch, len(pooled), code))
     w.add(np.asarray(table_ids, dtype="<u4"))
     w.add(np.fromiter((p.shape[1] for p in pooled), dtype="<u4", count=len(pooled)))
     for p in pooled:
-        w.add(np.ascontiguousarray(p, dtype="<f4"))
+        if code == 0:
+            w.add(np.ascontiguousarray(p, dtype="<f4"))
+        elif code == 1:
+            w.add(np.asarray(p).astype("<f2"))
+        else:
+            w.add(_to_bf16(p))
     return [pack_header(FrameType.LOOKUP_RESP, request_id, w.size, aux), *w.parts]
 
 
 def decode_lookup_response(payload) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(table_ids, [float32 [B, dim] views]) of a LOOKUP_RESP payload."""
+    """(table_ids, [float32 [B, dim]]) of a LOOKUP_RESP payload (views when sent as f32)."""
     r = _Reader(payload, "LOOKUP_RESP")
-    batch, ntables = r.struct(_U32x2, "batch/tables")
+    batch, ntables, code = r.struct(_U32_U16x2, "batch/tables/partials")
+    if code not in _PARTIAL_BYTES:
+        raise ProtocolError(f"LOOKUP_RESP: unknown partials precision {code} (0 f32, 1 f16, 2 bf16)", BAD_FRAME)
     tids = r.array("<u4", ntables, "table_ids")
     dims = r.array("<u4", ntables, "dims")
-    out = [r.array("<f4", batch * int(d), f"partial[{i}]").reshape(batch, int(d)) for i, d in enumerate(dims)]
+    wire = ("<f4", "<f2", "<u2")[code]
+    out = [r.array(wire, batch * int(d), f"partial[{i}]").reshape(batch, int(d)) for i, d in enumerate(dims)]
     r.finish()
+    if code == 1:
+        out = [p.astype(np.float32) for p in out]
+    elif code == 2:
+        out = [_from_bf16(p) for p in out]
     return tids, out
 
 
@@ -360,8 +474,12 @@ def encode_client_request(
     batch: int,
     dense: np.ndarray | None = None,
     timeout_ms: int = 0,
+    narrow_ids: bool = False,
 ) -> list:
-    """Buffers of a PREDICT (dense given) or CLIENT_LOOKUP (dense None) frame (aux = timeout, ms)."""
+    """Buffers of a PREDICT (dense given) or CLIENT_LOOKUP (dense None) frame (aux = timeout, ms).
+
+    ``narrow_ids``: every id is known to fit int32 (see :func:`fits_int32`): send them as int32.
+    """
     blob = _names_blob(names)
     nfeat = 0 if dense is None else dense.shape[1]
     counts = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
@@ -370,7 +488,7 @@ def encode_client_request(
     w.add(blob)
     if dense is not None:
         w.add(np.ascontiguousarray(dense, dtype="<f4"))
-    _add_kjt(w, counts, list(lengths), values)
+    _add_kjt(w, counts, list(lengths), values, ids_wire_dtype(values, narrow_ids))
     ftype = FrameType.PREDICT if dense is not None else FrameType.CLIENT_LOOKUP
     return [pack_header(ftype, request_id, w.size, aux=max(0, min(int(timeout_ms), 0xFFFFFFFF))), *w.parts]
 

@@ -27,7 +27,7 @@ import struct
 from flexemr.errors import ProtocolError
 
 MAGIC = b"FXMR"
-VERSION = 1
+VERSION = 2   # 2: KJT blocks say their id width (int32 or int64); see docs/PROTOCOL.md
 HEADER = struct.Struct("<4sHHIIQQ")
 HEADER_SIZE = HEADER.size  # 32
 _FLAGS_AT = struct.Struct("<I")     # offset 8
@@ -58,6 +58,8 @@ class FrameFlag(enum.IntFlag):
     NONE = 0
     INBAND_CREDIT = 1    # LOOKUP carries credits in aux and a u64 grant time after its sections
     DEADLINE = 2         # LOOKUP/FETCH carry a u64 time budget (µs, left when sent) before any credit trailer
+    PARTIALS_FP16 = 4    # LOOKUP: answer with f16 partials (LOOKUP_RESP says what it sent)
+    PARTIALS_BF16 = 8    # LOOKUP: answer with bf16 partials
 
 
 class ErrorCode(enum.IntEnum):
