@@ -199,13 +199,21 @@ def embedding_server_line(s: dict[str, Any]) -> str:
             f"out {human_bytes(s.get('bytes_out', 0))}")
 
 
+def _cut_middle(text: str, width: int) -> str:
+    """Keep both ends: a ranker token's tail (``<pid>.<run>``) tells two runs of one instance apart."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
+
+
 def ranker_lines(s: dict[str, Any], now_unix: float) -> list[str]:
-    """One row per ranker this server serves: its channels, connections, traffic and credits."""
-    headers = [("RANKER", 20), ("ADDRESS", 15), ("CH", 2), ("CONN", 4), ("UP", 6), ("LOOKUPS", 7), ("IN", 9),
-               ("OUT", 9), ("CRED", 5), ("SEEN", 5)]
+    """One row per ranker this server serves: its connections/channels, traffic and credits outstanding."""
+    headers = [("RANKER", 26), ("ADDRESS", 15), ("CN/CH", 5), ("UP", 5), ("LOOKUP", 6), ("IN", 9), ("OUT", 9),
+               ("CRED", 5), ("SEEN", 4)]
     rows = []
     for r in s.get("rankers", []):
-        rows.append([r["token"], r["address"], str(r["channels"]), str(r["connections"]),
+        rows.append([_cut_middle(r["token"], 26), r["address"], f"{r['connections']}/{r['channels']}",
                      human_duration(now_unix - r["since_unix"]), _count(r["lookups"]), human_bytes(r["bytes_in"]),
                      human_bytes(r["bytes_out"]), _count(r["credits"]), f"{r['last_seen_s']:.0f}s"])
     if not rows:

@@ -106,7 +106,7 @@ def _publishing_beat(get_server: Callable[[], EmbeddingServer], plan: EmbeddingP
         return {"index": plan.index, "name": server.name, "address": str(server.address),
                 "shards": len(plan.shards), "workers": server.workers, "lookups": stats["lookups"],
                 "errors": stats["errors"], "bytes_in": stats["bytes_in"], "bytes_out": stats["bytes_out"],
-                "rankers": server.rankers.snapshot()}
+                "pools": len(server.rankers.pools), "rankers": server.rankers.snapshot()}
 
     publisher = StatusPublisher(plan.instance, plan.status_slot, describe)
 
