@@ -231,15 +231,13 @@ def _host_snapshot(client: DaemonClient, previous: dict[str, Any] | None
     it runs and their rankers, from its embedding status segment."""
     try:
         return client.snapshot(previous), render_status
-    except InstanceNotRunning:
+    except InstanceNotRunning as not_running:
         from flexemr.control.embedding_status import EmbeddingStatusArea
 
         try:
             area = EmbeddingStatusArea.attach(client.instance)
         except InstanceNotRunning:
-            raise InstanceNotRunning(f"flexemr instance {client.instance!r} is not running (no control segment "
-                                     f"{naming.control_name(client.instance)} and no embedding status segment "
-                                     f"{naming.embedding_status_name(client.instance)})") from None
+            raise not_running from None   # neither a ranker nor an embedding host: the ranker's message
         with area:
             if not area.supervisor_alive():
                 raise InstanceNotRunning(f"flexemr instance {client.instance!r} is not running (supervisor pid "

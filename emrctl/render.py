@@ -199,12 +199,12 @@ def embedding_server_line(s: dict[str, Any]) -> str:
             f"out {human_bytes(s.get('bytes_out', 0))}")
 
 
-def _cut_middle(text: str, width: int) -> str:
-    """Keep both ends: a ranker token's tail (``<pid>.<run>``) tells two runs of one instance apart."""
+def _cut_middle(text: str, width: int, tail: int = 15) -> str:
+    """Keep both ends: a ranker token (``<instance>.<pid>.<run>``) ends in what tells two runs apart."""
     if len(text) <= width:
         return text
-    head = (width - 1) // 2
-    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
+    tail = min(tail, width - 2)
+    return text[:width - 1 - tail] + "…" + text[len(text) - tail:]
 
 
 def ranker_lines(s: dict[str, Any], now_unix: float) -> list[str]:

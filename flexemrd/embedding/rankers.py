@@ -215,6 +215,7 @@ class StatusPublisher:
         self.area = EmbeddingStatusArea.attach(instance, writable=True)
         self.slot, self.describe, self.interval_s = slot, describe, interval_s
         self._last = 0.0
+        self._truncated = False
         self._failed = False
 
     def maybe_publish(self) -> None:
@@ -224,13 +225,26 @@ class StatusPublisher:
         self._last = now
         doc = self.describe()
         doc.update(pid=os.getpid(), updated_unix=round(time.time(), 3))
+        everyone = list(doc.get("rankers", []))
+        shown = everyone
         try:
-            self.area.write(self.slot, doc)
-            self._failed = False
-        except ValueError as e:   # too many rankers for the slot: say so once, keep serving
+            while True:
+                try:
+                    self.area.write(self.slot, doc)
+                    return
+                except ValueError:
+                    if not shown:
+                        raise
+                    # More rankers than the slot holds: list the oldest that fit, count the rest.
+                    shown = shown[:len(shown) // 2]
+                    doc = dict(doc, rankers=shown, rankers_omitted=len(everyone) - len(shown))
+                    if not self._truncated:
+                        logger.warning("status segment slot too small for %d rankers: listing fewer", len(everyone))
+                        self._truncated = True
+        except Exception as e:   # status is for operators: it must never stop the serving loop
             if not self._failed:
                 logger.warning("cannot publish status: %s", e)
-            self._failed = True
+                self._failed = True
 
     def close(self) -> None:
         self.area.close()

@@ -153,7 +153,7 @@ class EmbeddingServer:
         self._sel = selectors.DefaultSelector()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-pool")
         # pooling work is taken round-robin across rankers, not in arrival order
-        self._sched = FairScheduler(self._pool, workers, skip=lambda peer, _req: peer.dead)
+        self._sched = FairScheduler(self._pool, workers, skip=lambda peer, _req: peer.dead or peer.closing)
         self._refused = 0
         self._accept_again = 0.0        # when to watch the listener again after a failed accept
         self._refused_logged = 0.0

@@ -189,9 +189,9 @@ def test_two_saturating_rankers_get_equal_shares_whatever_their_connection_count
     """Ranker a has 1 connection, ranker b 3, each keeps its connections full: first come first
     served would give b about three quarters of the pooling; round-robin gives each about half."""
     spec, store = world
-    _, sparse = RequestGenerator(spec, ids_per_bag=20, seed=3).batch(512)
+    _, sparse = RequestGenerator(spec, ids_per_bag=20, seed=3).batch(256)
     tids = list(range(len(spec.tables)))
-    lookup = codec.encode_lookup(1, 512, tids, [sparse[spec.tables[t].name][1] for t in tids],
+    lookup = codec.encode_lookup(1, 256, tids, [sparse[spec.tables[t].name][1] for t in tids],
                                  [sparse[spec.tables[t].name][0] for t in tids])
     with serving(store, workers=1) as (server, port):
         stop = threading.Event()
@@ -203,13 +203,13 @@ def test_two_saturating_rankers_get_equal_shares_whatever_their_connection_count
         _until(lambda: len(server.rankers.rankers) == 2)
         time.sleep(1.0)                                     # warm up: every connection full
         start = {r["token"]: r["lookups"] for r in server.rankers.snapshot()}
-        time.sleep(4.0)
+        # 80 lookups served while both saturate (however long that takes on a loaded machine)
+        _until(lambda: sum(r["lookups"] for r in server.rankers.snapshot()) - sum(start.values()) >= 80, 120)
         end = {r["token"]: r["lookups"] for r in server.rankers.snapshot()}
         stop.set()
         for t in threads:
             t.join(20)
     a, b = end["a"] - start["a"], end["b"] - start["b"]
-    assert a > 20 and b > 20, (a, b)
     assert abs(a - b) <= 0.2 * max(a, b), f"ranker a (1 connection) pooled {a}, ranker b (3 connections) {b}"
 
 
@@ -236,3 +236,39 @@ def test_the_status_segment_round_trips_documents_and_refuses_a_live_owners_name
     assert naming.list_instance_segments(inst) == []
     with pytest.raises(InstanceNotRunning):
         EmbeddingStatusArea.attach(inst)
+
+
+def test_more_rankers_than_a_slot_holds_are_counted_not_fatal():
+    from flexemrd.embedding.rankers import StatusPublisher
+
+    inst = "t" + uuid.uuid4().hex[:8]
+    area = EmbeddingStatusArea.create(inst, n_slots=1, slot_bytes=4096)
+    try:
+        many = [{"token": f"ranker{i:03d}." + "x" * 40} for i in range(200)]
+        pub = StatusPublisher(inst, 0, lambda: {"index": 0, "rankers": list(many)})
+        pub.maybe_publish()
+        pub.close()
+        doc = area.read(0)
+        assert 0 < len(doc["rankers"]) < 200 and doc["rankers_omitted"] == 200 - len(doc["rankers"])
+        assert doc["rankers"][0]["token"].startswith("ranker000")      # the oldest stay listed
+    finally:
+        area.unlink()
+        area.close()
+
+
+def test_the_embedding_host_screen_fits_100_columns_with_long_tokens_and_ipv6_peers():
+    from emrctl.render import render_embedding_status
+
+    now = time.time()
+    ranker = {"token": "a-very-long-instance-name-of-32c." + "4194304.abcdef", "address": "fd00:1234:5678::abcd:1",
+              "channels": 32, "connections": 16, "since_unix": now - 4000, "lookups": 123456789,
+              "errors": 0, "bytes_in": 987654321012, "bytes_out": 123456789012345, "credits": 4096,
+              "last_seen_s": 0.4}
+    snap = {"instance": "x" * 32, "role": "embedding", "supervisor_pid": 4194304, "uptime_s": 400000.0,
+            "servers": [{"slot": 0, "index": 12, "address": "[fd00:1234:5678::abcd:1]:7000", "pid": 4194305,
+                         "state": "serving", "lookups": 10**12, "errors": 10**9, "bytes_in": 10**15,
+                         "bytes_out": 10**15, "rankers": [ranker]},
+                        {"slot": 1, "state": "starting", "rankers": []}]}
+    text = render_embedding_status(snap)
+    assert all(len(line) <= 100 for line in text.splitlines()), text
+    assert "4194304.abcdef" in text and "16/32" in text and "starting" in text
