@@ -23,6 +23,11 @@ requests wait for a worker (unread bytes cost nothing; read ones hold
 buffers), unless its answers wait for credits, which may ride in band on the
 very frames still unread.
 
+Pooling work waits in one queue per ranker and is handed to the workers
+round-robin across rankers (``rankers.FairScheduler``), so a ranker's share
+does not grow with its connections; ``rankers.RankerBook`` knows who is
+connected and prunes a connection's credit pool when its last channel closes.
+
 A bad request (unknown table, id outside this server's shards, sizes that
 disagree, an oversized frame, a malformed HELLO) is answered with an ERROR
 frame and the connection keeps serving.  Only a frame whose *header* is
