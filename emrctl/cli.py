@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import click
 
 from emrctl.client import CommandFailed, DaemonClient
-from emrctl.render import render_status
+from emrctl.render import render_embedding_status, render_status
 from flexemr import naming
 from flexemr.control.block import InstanceNotRunning
 from flexemr.control.commands import (
@@ -199,15 +199,15 @@ def status(client: DaemonClient, as_json: bool, watch: float | None, count: int 
     """Engines, connections, embedding servers and shard replicas, queues, credits and cache, read straight
     from shared memory."""
     if watch is None:
-        snap = client.snapshot()
-        click.echo(json.dumps(snap, indent=2) if as_json else render_status(snap))
+        snap, render = _host_snapshot(client, None)
+        click.echo(json.dumps(snap, indent=2) if as_json else render(snap))
         return
     tty = sys.stdout.isatty()
     previous: dict[str, Any] | None = None
     shown = 0
     try:
         while True:
-            snap = client.snapshot(previous)
+            snap, render = _host_snapshot(client, previous)
             if as_json:
                 click.echo(json.dumps(snap, separators=(",", ":")))  # one JSON document per line
             else:
@@ -215,7 +215,7 @@ def status(client: DaemonClient, as_json: bool, watch: float | None, count: int 
                     click.clear()
                 elif shown:
                     click.echo()
-                click.echo(render_status(snap))
+                click.echo(render(snap))
             shown += 1
             if count is not None and shown >= count:
                 return
@@ -223,6 +223,26 @@ def status(client: DaemonClient, as_json: bool, watch: float | None, count: int 
             time.sleep(watch)
     except KeyboardInterrupt:
         return
+
+
+def _host_snapshot(client: DaemonClient, previous: dict[str, Any] | None
+                   ) -> tuple[dict[str, Any], Callable[[dict[str, Any]], str]]:
+    """A ranker's status from its control segment; on an embedding host (no control segment) the servers
+    it runs and their rankers, from its embedding status segment."""
+    try:
+        return client.snapshot(previous), render_status
+    except InstanceNotRunning as not_running:
+        from flexemr.control.embedding_status import EmbeddingStatusArea
+
+        try:
+            area = EmbeddingStatusArea.attach(client.instance)
+        except InstanceNotRunning:
+            raise not_running from None   # neither a ranker nor an embedding host: the ranker's message
+        with area:
+            if not area.supervisor_alive():
+                raise InstanceNotRunning(f"flexemr instance {client.instance!r} is not running (supervisor pid "
+                                         f"{area.supervisor_pid} is gone; stale segment {area.name})") from None
+            return area.snapshot(), render_embedding_status
 
 
 # ---------------------------------------------------------------------- migrate

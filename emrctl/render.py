@@ -176,3 +176,60 @@ def render_status(snap: dict[str, Any], width: int = WIDTH) -> str:
         lines.append(target)
     lines.append(tables_line(snap))
     return "\n".join(_cut(line, width) for line in lines)
+
+
+# ---------------------------------------------------------------------- embedding host
+
+
+def embedding_header_line(snap: dict[str, Any]) -> str:
+    servers = snap.get("servers", [])
+    rankers = {r["token"] for s in servers for r in s.get("rankers", [])}
+    return (f"flexemr {snap['instance']!r} embedding host  up {human_duration(snap['uptime_s'])}  "
+            f"{len(servers)} server{'s' if len(servers) != 1 else ''}  {len(rankers)} "
+            f"ranker{'s' if len(rankers) != 1 else ''}  supervisor pid {snap.get('supervisor_pid', '-')}")
+
+
+def embedding_server_line(s: dict[str, Any]) -> str:
+    if s.get("state") == "starting":
+        return f"server slot {s['slot']}: starting (not published yet)"
+    age = s.get("updated_age_s", 0.0)
+    return (f"server {s.get('index', s['slot'])} on {s.get('address', '-')}  pid {s.get('pid', '-')}  {s['state']}"
+            f"{'' if s['state'] == 'serving' else f' ({age:.0f}s old)'}  lookups {_count(s.get('lookups', 0))}  "
+            f"errors {_count(s.get('errors', 0))}  in {human_bytes(s.get('bytes_in', 0))}  "
+            f"out {human_bytes(s.get('bytes_out', 0))}")
+
+
+def _cut_middle(text: str, width: int, tail: int = 15) -> str:
+    """Keep both ends: a ranker token (``<instance>.<pid>.<run>``) ends in what tells two runs apart."""
+    if len(text) <= width:
+        return text
+    tail = min(tail, width - 2)
+    return text[:width - 1 - tail] + "…" + text[len(text) - tail:]
+
+
+def ranker_lines(s: dict[str, Any], now_unix: float) -> list[str]:
+    """One row per ranker this server serves: its connections/channels, traffic and credits outstanding."""
+    headers = [("RANKER", 26), ("ADDRESS", 15), ("CN/CH", 5), ("UP", 5), ("LOOKUP", 6), ("IN", 9), ("OUT", 9),
+               ("CRED", 5), ("SEEN", 4)]
+    rows = []
+    for r in s.get("rankers", []):
+        rows.append([_cut_middle(r["token"], 26), r["address"], f"{r['connections']}/{r['channels']}",
+                     human_duration(now_unix - r["since_unix"]), _count(r["lookups"]), human_bytes(r["bytes_in"]),
+                     human_bytes(r["bytes_out"]), _count(r["credits"]), f"{r['last_seen_s']:.0f}s"])
+    if not rows:
+        return ["  (no rankers connected)"]
+    return _table(headers, rows)
+
+
+def render_embedding_status(snap: dict[str, Any], width: int = WIDTH) -> str:
+    """``emrctl status`` on an embedding host: its servers and, under each, the rankers it serves."""
+    import time
+
+    now = time.time()
+    lines = [embedding_header_line(snap)]
+    for s in snap.get("servers", []):
+        lines.append("")
+        lines.append(embedding_server_line(s))
+        if s.get("state") != "starting":
+            lines += ranker_lines(s, now)
+    return "\n".join(_cut(line, width) for line in lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import sys
@@ -25,9 +26,14 @@ def _listen(address: str) -> socket.socket:
     return socket.create_server((host, port), backlog=128)
 
 
-def _embedding_children(cfg: Config, routing: RoutingTable, listeners: list[socket.socket], indices: list[int]) -> list[ChildSpec]:
+def _embedding_children(cfg: Config, routing: RoutingTable, listeners: list[socket.socket], indices: list[int],
+                        status_instance: str = "") -> list[ChildSpec]:
+    """One child per embedding server; with ``status_instance``, server k publishes into slot k of that
+    instance's embedding status segment."""
     spec = routing.spec
     plans = embedding_plans(cfg, spec, routing, listeners, indices)
+    if status_instance:
+        plans = [dataclasses.replace(p, instance=status_instance, status_slot=k) for k, p in enumerate(plans)]
     return [
         ChildSpec(f"embedding[{p.index}]", partial(embedding_main, p), stop_order=2, keep_fds=(p.listener.fileno(),))
         for p in plans
@@ -59,11 +65,32 @@ def build_embedding(cfg: Config) -> Supervisor:
     spec = load_spec(cfg.daemon.model)
     routing = RoutingTable.build(spec, cfg.embedding.servers, cfg.embedding.routing, cfg.embedding.replicas)
     listener = _listen(cfg.embedding.listen)
-    children = _embedding_children(cfg, routing, [listener], [cfg.embedding.index])
+    instance = cfg.daemon.instance
+    children = _embedding_children(cfg, routing, [listener], [cfg.embedding.index], status_instance=instance)
+    status = _EmbeddingStatus(instance, len(children))
     return Supervisor(children, graceful_timeout_s=cfg.daemon.graceful_timeout_s,
+                      create_resources=status.create, unlink_resources=status.unlink,
                       heartbeat_timeout_s=cfg.daemon.heartbeat_timeout_s, boot_timeout_s=cfg.daemon.boot_timeout_s,
                       shared_fds=(listener.fileno(),), on_ready=_print_ready(f"embedding server {cfg.embedding.index} "
                                                                               f"on {cfg.embedding.listen}"))
+
+
+class _EmbeddingStatus:
+    """The embedding host's status segment (its servers' rankers, for emrctl status): the supervisor
+    creates it before forking the servers and unlinks it when it stops."""
+
+    def __init__(self, instance: str, n_servers: int) -> None:
+        self.instance, self.n_servers = instance, n_servers
+
+    def create(self) -> None:
+        from flexemr.control.embedding_status import EmbeddingStatusArea
+
+        EmbeddingStatusArea.create(self.instance, self.n_servers).close()   # servers attach by name
+
+    def unlink(self) -> None:
+        from flexemr.control.embedding_status import unlink_embedding_status
+
+        unlink_embedding_status(self.instance)
 
 
 def build_local(cfg: Config, n_servers: int) -> Supervisor:

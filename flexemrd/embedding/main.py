@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import threading
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from flexemr.config import Config
 from flexemr.logs import setup_logging
@@ -48,6 +48,8 @@ class EmbeddingPlan:
     log_level: str = "info"
     max_connections: int = 256
     workers: int = 0             # pooling workers; 0 = default_workers()
+    instance: str = ""           # with status_slot >= 0: publish this server's rankers in the host's
+    status_slot: int = -1        # status segment (flexemr.control.embedding_status), slot status_slot
 
 
 def default_workers() -> int:
@@ -67,10 +69,13 @@ def embedding_main(plan: EmbeddingPlan, ready: Ready) -> None:
     stop = _stop_event_on_term()
     store = EmbeddingStore(plan.model_dir, plan.spec, plan.shards)
     listener = TcpTransport(max_payload=plan.max_payload).listener_from_socket(plan.listener)
+    beat = getattr(ready, "beat", None)
+    if plan.status_slot >= 0:
+        beat = _publishing_beat(lambda: server, plan, beat)   # called only once the server runs
     server = EmbeddingServer(
         store, listener, name=f"embedding[{plan.index}]", max_payload=plan.max_payload,
         max_connections=plan.max_connections, workers=plan.workers or default_workers(),
-        beat=getattr(ready, "beat", None),
+        beat=beat,
     )
     _stop_on(stop, server)
     rows = sum(s.end - s.start for s in plan.shards)
@@ -87,6 +92,30 @@ def embedding_plans(cfg: Config, spec: ModelSpec, routing: RoutingTable, listene
                       cfg.daemon.log_level, max_connections=e.max_connections)
         for i, sock in zip(indices, listeners)
     ]
+
+
+def _publishing_beat(get_server: Callable[[], EmbeddingServer], plan: EmbeddingPlan,
+                     beat: Callable[[], None] | None) -> Callable[[], None]:
+    """The loop's heartbeat, also publishing the server's rankers about once a second (on the loop thread,
+    which owns the bookkeeping)."""
+    from flexemrd.embedding.rankers import StatusPublisher
+
+    def describe() -> dict[str, Any]:
+        server = get_server()
+        stats = server.stats
+        return {"index": plan.index, "name": server.name, "address": str(server.address),
+                "shards": len(plan.shards), "workers": server.workers, "lookups": stats["lookups"],
+                "errors": stats["errors"], "bytes_in": stats["bytes_in"], "bytes_out": stats["bytes_out"],
+                "pools": len(server.rankers.pools), "rankers": server.rankers.snapshot()}
+
+    publisher = StatusPublisher(plan.instance, plan.status_slot, describe)
+
+    def tick() -> None:
+        if beat is not None:
+            beat()
+        publisher.maybe_publish()
+
+    return tick
 
 
 def _stop_event_on_term() -> threading.Event:

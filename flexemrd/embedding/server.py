@@ -23,6 +23,11 @@ requests wait for a worker (unread bytes cost nothing; read ones hold
 buffers), unless its answers wait for credits, which may ride in band on the
 very frames still unread.
 
+Pooling work waits in one queue per ranker and is handed to the workers
+round-robin across rankers (``rankers.FairScheduler``), so a ranker's share
+does not grow with its connections; ``rankers.RankerBook`` knows who is
+connected and prunes a connection's credit pool when its last channel closes.
+
 A bad request (unknown table, id outside this server's shards, sizes that
 disagree, an oversized frame, a malformed HELLO) is answered with an ERROR
 frame and the connection keeps serving.  Only a frame whose *header* is
@@ -49,6 +54,7 @@ from flexemr.wire.frame import DEFAULT_MAX_PAYLOAD, ErrorCode, FrameFlag, FrameT
 from flexemr.wire.stream import FrameAssembler, Oversized
 
 from flexemrd.embedding.credits import CreditPool
+from flexemrd.embedding.rankers import Channel, FairScheduler, RankerBook
 from flexemrd.embedding.store import EmbeddingStore, RequestRejected
 
 __all__ = ["EmbeddingServer"]
@@ -80,7 +86,8 @@ class _Peer:
     """Everything the loop knows about one connection."""
 
     __slots__ = ("conn", "fd", "reader", "pending", "queued", "running", "done", "outbox", "outbox_bytes",
-                 "queued_bytes", "sent_bytes", "recycle", "pool", "flow", "closing", "close_by", "dead", "events")
+                 "queued_bytes", "sent_bytes", "recycle", "pool", "flow", "closing", "close_by", "dead", "events",
+                 "member")
 
     def __init__(self, conn: Connection, max_payload: int) -> None:
         self.conn = conn
@@ -101,6 +108,7 @@ class _Peer:
         self.close_by = 0.0
         self.dead = False
         self.events = 0
+        self.member: Channel | None = None   # which ranker (and connection) this channel belongs to
 
 
 class EmbeddingServer:
@@ -139,7 +147,8 @@ class EmbeddingServer:
         self._beat = beat
         self._stop = False
         self._peers: dict[int, _Peer] = {}                 # fd -> peer
-        self._pools: dict[str, CreditPool] = {}            # "<token>/<conn id>" -> credits
+        self.rankers = RankerBook()                        # who is connected; pools pruned as they leave
+        self._pools: dict[str, CreditPool] = self.rankers.pools  # "<token>/<conn id>" -> credits
         self._data_peer: dict[int, _Peer] = {}             # id(pool) -> the data connection it releases
         self._credit_lat: collections.deque[int] = collections.deque(maxlen=8192)
         self._done: collections.deque[tuple[_Peer, _Request]] = collections.deque()  # workers -> loop
@@ -148,6 +157,8 @@ class EmbeddingServer:
         self._wake_w.setblocking(False)
         self._sel = selectors.DefaultSelector()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-pool")
+        # pooling work is taken round-robin across rankers, not in arrival order
+        self._sched = FairScheduler(self._pool, workers, skip=lambda peer, _req: peer.dead or peer.closing)
         self._refused = 0
         self._accept_again = 0.0        # when to watch the listener again after a failed accept
         self._refused_logged = 0.0
@@ -174,6 +185,7 @@ class EmbeddingServer:
                     else:
                         self._ready(key.data, mask)
                 self._finish_done()
+                self._sched.dispatch()
                 now = time.monotonic()
                 if self._beat is not None and now - last_beat >= self.TICK_S:
                     self._beat()
@@ -203,10 +215,7 @@ class EmbeddingServer:
     def counters(self) -> list[int]:
         """STATS_RESP values, in codec.SERVER_STATS order."""
         s = dict(self.stats)
-        pools = list(self._pools.values())
-        s["credits_received"] = sum(p.received for p in pools)
-        s["credit_waits"] = sum(p.waits for p in pools)
-        s["credit_wait_ns"] = sum(p.wait_ns for p in pools)
+        s["credits_received"], s["credit_waits"], s["credit_wait_ns"] = self.rankers.credit_totals()
         if self._credit_lat:
             lat = np.fromiter(self._credit_lat, dtype=np.int64)
             s["credit_latency_p50_ns"], s["credit_latency_p99_ns"] = (int(x) for x in np.percentile(lat, [50, 99]))
@@ -294,6 +303,7 @@ class EmbeddingServer:
                 continue
             h, payload = got
             self.stats["bytes_in"] += 32 + h.payload_len
+            self.rankers.count_in(peer.member, 32 + h.payload_len)
             self._frame(peer, h, payload)
             if peer.dead:  # in-band credits flushed this connection, and the send failed
                 return
@@ -353,10 +363,10 @@ class EmbeddingServer:
         parts = hello.name.split("/")
         if hello.role == codec.ROLE_RANKER and len(parts) == 3:
             # "<token>/<conn id>/data|credit": both channels of one ranker connection share a pool.
-            key, channel = "/".join(parts[:2]), parts[2]
-            pool = self._pools.get(key)
-            if pool is None:
-                pool = self._pools[key] = CreditPool()
+            channel = parts[2]
+            if peer.member is not None:
+                self.rankers.leave(peer.member)
+            peer.member, pool = self.rankers.join(parts[0], parts[1], peer.conn.peer)
             peer.pool = pool
             if channel == "data" and h.aux > 0:
                 peer.flow = True
@@ -420,6 +430,8 @@ class EmbeddingServer:
             peer.running -= 1
             peer.done += 1
             self.stats[req.stat] += 1
+            self._sched.finished()
+            self.rankers.count_answer(peer.member, req.stat)
             if not peer.dead:
                 touched[id(peer)] = peer
         for peer in touched.values():
@@ -441,10 +453,7 @@ class EmbeddingServer:
             req = peer.queued.popleft()
             req.state = _RUNNING
             peer.running += 1
-            try:
-                self._pool.submit(self._work, peer, req)
-            except RuntimeError:  # the pool is shut down: the server is stopping
-                return
+            self._sched.push(peer.fd if peer.member is None else peer.member.ranker.token, self._work, peer, req)
 
     def _answer_now(self, peer: _Peer, reply: list) -> None:
         """An answer the loop made itself: it still waits behind earlier requests of this connection."""
@@ -475,6 +484,7 @@ class EmbeddingServer:
             peer.sent_bytes += n
             peer.outbox_bytes -= n
             self.stats["bytes_out"] += n
+            self.rankers.count_out(peer.member, n)
             while out and n >= len(out[0]):
                 n -= len(out.popleft())
             if n:
@@ -521,6 +531,9 @@ class EmbeddingServer:
             del self._peers[peer.fd]
         if peer.pool is not None and self._data_peer.get(id(peer.pool)) is peer:
             del self._data_peer[id(peer.pool)]
+        if peer.member is not None:
+            self.rankers.leave(peer.member)
+            peer.member = None
         peer.pending.clear()
         peer.queued.clear()
         peer.outbox.clear()

@@ -5,6 +5,7 @@ Every POSIX IPC object of one daemon instance lives under the prefix
 up by name alone (``emrctl``, tests, a supervisor recovering from a crash)::
 
     /flexemr.<instance>.ctl                    control segment (status + mailbox)
+    /flexemr.<instance>.emb                    an embedding host's status (its servers' rankers)
     /flexemr.<instance>.ring.e03.sub           submission ring, inference -> engine 3
     /flexemr.<instance>.ring.e03.cmp           completion ring, engine 3 -> inference
     /flexemr.<instance>.ring.e03.sub.data      a ring's own data doorbell (semaphore)
@@ -109,6 +110,11 @@ def doorbell_name(instance: str, what: str) -> str:
 def control_name(instance: str) -> str:
     """``/flexemr.<instance>.ctl``: the control segment."""
     return shm_name(instance, "ctl")
+
+
+def embedding_status_name(instance: str) -> str:
+    """``/flexemr.<instance>.emb``: an embedding host's status segment (which rankers each server serves)."""
+    return shm_name(instance, "emb")
 
 
 def runtime_dir() -> str:
