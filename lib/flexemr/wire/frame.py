@@ -52,12 +52,16 @@ class FrameType(enum.IntEnum):
     PONG = 13
     STATS = 14           # ranker/tool -> server: counters request
     STATS_RESP = 15      # server -> requester: fixed u64 counters (codec.SERVER_STATS)
+    MODEL = 16           # ranker/tool -> server: load, retire or list model versions (codec.encode_model)
+    MODEL_RESP = 17      # server -> requester: every version it holds and its state
 
 
 class FrameFlag(enum.IntFlag):
     NONE = 0
     INBAND_CREDIT = 1    # LOOKUP carries credits in aux and a u64 grant time after its sections
     DEADLINE = 2         # LOOKUP/FETCH carry a u64 time budget (µs, left when sent) before any credit trailer
+    MODEL_VERSION = 4    # LOOKUP: a u32 model version before the other trailers; FETCH: the version in its
+                         # second u32; PREDICT_RESP: a u32 version trailer; CLIENT_LOOKUP_RESP: in its 4th u32
 
 
 class ErrorCode(enum.IntEnum):
@@ -72,6 +76,7 @@ class ErrorCode(enum.IntEnum):
     OVERLOADED = 9
     UNAVAILABLE = 10     # the ranker cannot reach an embedding server
     DEADLINE_EXCEEDED = 11  # the request ran out of time (the message names the stage)
+    UNKNOWN_VERSION = 12    # a LOOKUP/FETCH names a model version this server does not hold (any more)
 
 
 class Header:
