@@ -52,8 +52,9 @@ class Batch:
     """Coalesced requests on their way through the servers to the finisher."""
 
     def __init__(self, seq: int, works: list[Work], spec: ModelSpec, tables: list[int],
-                 lengths: list[np.ndarray]) -> None:
+                 lengths: list[np.ndarray], version: int = 0) -> None:
         self.seq = seq
+        self.version = version     # the model version every part and the NN of this batch use
         self.works = works
         self.size = sum(w.batch for w in works)
         self.tables = tables

@@ -29,6 +29,7 @@ from flexemrd.inference.health import ServerHealth
 from flexemrd.inference.pending import Fill, PendingTable
 from flexemrd.inference.stats import ServiceStats
 from flexemrd.inference.submission import Submitter
+from flexemrd.inference.versions import ModelVersions
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ class Batcher:
                  finish: Callable[[Batch], None], fail: Callable[[list[Work], int, str], None],
                  stats: ServiceStats, inflight: threading.BoundedSemaphore, max_batch: int, max_wait_s: float,
                  cache=None, local: LocalPooling | None = None, inband_credits: bool = False,
-                 health: ServerHealth | None = None, beat: Callable[[], None] = lambda: None) -> None:
+                 health: ServerHealth | None = None, beat: Callable[[], None] = lambda: None,
+                 versions: ModelVersions | None = None) -> None:
         self.spec = spec
         self.routing = routing
         self.submitter = submitter
@@ -63,6 +65,7 @@ class Batcher:
         self.inband_credits = inband_credits
         self.health = health
         self.beat = beat
+        self.versions = versions if versions is not None else ModelVersions(None)
         self.queue: queue.Queue[Work | None] = queue.Queue()
         self.controls: queue.SimpleQueue[ControlRequest] = queue.SimpleQueue()
         self.stop = threading.Event()
@@ -140,7 +143,8 @@ class Batcher:
             return
         tables = sorted({t for w in works for t in w.tables})
         values, lengths = merge(works, tables)
-        batch = Batch(next(self._seqs), works, self.spec, tables, lengths)
+        # The version is fixed here, between batches: every part, fill and the NN of this batch use it.
+        batch = Batch(next(self._seqs), works, self.spec, tables, lengths, self.versions.begin())
         if self.local is not None:
             for t, v, ln in zip(tables, values, lengths):
                 batch.set_pooled(t, self.local.pool(t, v, ln))
@@ -177,12 +181,13 @@ class Batcher:
         for cid, rid in frames:
             part = batch.parts[rid]
             frame = codec.encode_lookup(rid, batch.size, part.tables, part.counts, part.values,
-                                        credit_trailer=self.inband_credits, budget_us=budget_us)
+                                        credit_trailer=self.inband_credits, budget_us=budget_us,
+                                        version=batch.version)
             engine = self.submitter.submit(cid, frame)
             if engine is not None:
                 self._fail_part(rid, f"engine {engine} did not accept the subrequest in time")
         if self.cache is not None:
-            self._send_fills()
+            self._send_fills(batch.version)
 
     def _drop_expired(self, works: list[Work]) -> list[Work]:
         """Answer requests whose deadline passed while they queued; keep the rest."""
@@ -203,7 +208,13 @@ class Batcher:
             if batch.fail(rid, error):
                 self.finish(batch)
 
-    def _send_fills(self) -> None:
+    def switch_version(self, version: int) -> None:
+        """Serve ``version`` from the next batch on (runs here, between batches); the cache starts empty."""
+        self.versions.switch(version)
+        if self.cache is not None:
+            self.cache.switch_version(version)
+
+    def _send_fills(self, version: int) -> None:
         """Fetch hot missed rows for the cache, after the batch's own subrequests (off the request path)."""
         for primary, table, rows in self.cache.fill_requests():
             choice = self.health.choose(primary)
@@ -213,8 +224,8 @@ class Batcher:
             server, cid = choice
             self.health.released(server)   # fills are not counted as outstanding work
             rid = self.pending.next_rid()
-            self.pending.add_fill(rid, Fill(cid, table, rows))
+            self.pending.add_fill(rid, Fill(cid, table, rows, version))
             # Never wait for ring space on behalf of a fill: skip it instead.
-            if self.submitter.submit(cid, codec.encode_fetch(rid, table, rows), wait=False) is not None:
+            if self.submitter.submit(cid, codec.encode_fetch(rid, table, rows, version), wait=False) is not None:
                 if self.pending.take_fill(rid) is not None:
                     self.cache.filled(table, rows, None)

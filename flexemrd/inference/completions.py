@@ -92,9 +92,9 @@ class Completions:
             h = unpack_header(data[em.PREFIX_SIZE : em.PREFIX_SIZE + HEADER_SIZE])
             payload = data[em.PREFIX_SIZE + HEADER_SIZE : em.PREFIX_SIZE + HEADER_SIZE + h.payload_len]
             if h.type == FrameType.LOOKUP_RESP:
-                self._answer(h.request_id, payload)
+                self._answer(h.request_id, payload, h.aux)
             elif h.type == FrameType.FETCH_RESP:
-                self._fill_done(h.request_id, payload)
+                self._fill_done(h.request_id, payload, h.aux)
             elif h.type == FrameType.ERROR:
                 if not self._fill_done(h.request_id, None):
                     self._server_error(h.request_id, h.aux, codec.decode_error(payload))
@@ -109,11 +109,19 @@ class Completions:
 
     # ---------------------------------------------------------------- answers
 
-    def _answer(self, rid: int, payload: memoryview) -> None:
+    def _answer(self, rid: int, payload: memoryview, version: int = 0) -> None:
         batch = self.pending.take_lookup(rid)
         if batch is None:
             return   # a late copy, or the batch failed already
         part = batch.parts[rid]
+        if version and batch.version and version != batch.version:
+            # Never mix: a partial of another version fails the part instead of joining the batch.
+            self.health.released(part.server)
+            if not batch.drop_copy(rid) and batch.fail(
+                    rid, f"embedding server {part.server} answered with model version {version}, the batch "
+                         f"asked for {batch.version}", ErrorCode.INTERNAL):
+                self.finish(batch)
+            return
         accepted, done, moot = batch.complete(rid, payload)
         if accepted:
             self.health.answered(part.server, time.perf_counter() - part.sent_at)
@@ -225,7 +233,7 @@ class Completions:
 
     # ---------------------------------------------------------------- cache fills
 
-    def _fill_done(self, rid: int, payload: memoryview | None) -> bool:
+    def _fill_done(self, rid: int, payload: memoryview | None, version: int = 0) -> bool:
         """Completion of a cache fill (False if ``rid`` is not a fill)."""
         fill = self.pending.take_fill(rid)
         if fill is None:
@@ -233,8 +241,8 @@ class Completions:
         data = None
         if payload is not None:
             tid, data = codec.decode_fetch_response(payload)
-            if tid != fill.table:
+            if tid != fill.table or (version and fill.version and version != fill.version):
                 data = None
         if self.cache is not None:
-            self.cache.filled(fill.table, fill.rows, data)
+            self.cache.filled(fill.table, fill.rows, data, fill.version)
         return True

@@ -139,23 +139,3 @@ def dense_dir_of(path: str | Path, base_dense_dir: str | None) -> str | None:
     """Where a pushed version's dense NN comes from: its own dense.pt, else (a delta) its base's."""
     return str(path) if (Path(path) / "dense.pt").exists() else base_dense_dir
 
-
-def check_dense(dense_dir: str | Path, spec_dir: str | Path) -> None:
-    """Load ``dense_dir``/dense.pt against the architecture of ``spec_dir`` (ModelError naming the problem).
-
-    Run in a child process by the supervisor (which never imports torch).
-    """
-    from flexemr.model.dense import load_dense
-    from flexemr.model.spec import load_spec
-
-    load_dense(dense_dir, load_spec(spec_dir))
-
-
-if __name__ == "__main__":  # python -m flexemr.model.versions DENSE_DIR SPEC_DIR
-    import sys
-
-    try:
-        check_dense(sys.argv[1], sys.argv[2])
-    except Exception as e:
-        print(f"{sys.argv[1]}/dense.pt: {e}", file=sys.stderr)
-        sys.exit(1)
