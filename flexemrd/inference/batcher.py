@@ -210,9 +210,12 @@ class Batcher:
 
     def switch_version(self, version: int) -> None:
         """Serve ``version`` from the next batch on (runs here, between batches); the cache starts empty."""
-        self.versions.switch(version)
+        t0 = time.perf_counter()
+        old = self.versions.switch(version)
         if self.cache is not None:
             self.cache.switch_version(version)
+        logger.info("switched from model version %d to %d between batches in %.2f ms", old, version,
+                    (time.perf_counter() - t0) * 1e3)
 
     def _send_fills(self, version: int) -> None:
         """Fetch hot missed rows for the cache, after the batch's own subrequests (off the request path)."""

@@ -107,12 +107,13 @@ def _server_lookup(address: str, version: int, spec) -> tuple[int, int, str]:
         reader = FrameReader(s)
         send_buffers(s, codec.encode_hello(1, codec.ROLE_CLIENT, "test"))
         _h, payload = reader.read_frame()
-        shard = codec.decode_hello(payload).shards[0]   # a row this server holds
+        first = codec.decode_hello(payload).shards[0]   # a row this server holds (copied: the buffer is reused)
+        table, row = int(first["table_id"]), int(first["start"])
         send_buffers(s, codec.encode_model(2, codec.ModelOp.LIST))
         _h, payload = reader.read_frame()
         held = codec.decode_model_status(payload)
-        send_buffers(s, codec.encode_lookup(3, 1, [int(shard["table_id"])], [np.array([1], np.int32)],
-                                            [np.array([shard["start"]], np.int64)], version=version))
+        send_buffers(s, codec.encode_lookup(3, 1, [table], [np.array([1], np.int32)],
+                                            [np.array([row], np.int64)], version=version))
         h, payload = reader.read_frame()
         return h.type, h.aux, codec.decode_error(payload) if h.type == FrameType.ERROR else str(held.versions)
 
@@ -124,11 +125,11 @@ def test_full_push_under_four_clients_never_mixes_versions_nor_pauses(cluster, m
     refs = {1: MonolithicModel(models / "v1"), 2: MonolithicModel(models / "v2")}
     stop = threading.Event()
     threads, answers, errors = _run_clients(cluster.socket, spec, refs, stop)
-    time.sleep(1.5)
+    time.sleep(3.0)
     t_push = time.perf_counter()
     result = _emrctl(cluster.instance, "model", "push", str(models / "v2"))
     t_done = time.perf_counter()
-    time.sleep(1.5)
+    time.sleep(2.0)
     stop.set()
     for t in threads:
         t.join(30)
@@ -151,8 +152,8 @@ def test_full_push_under_four_clients_never_mixes_versions_nor_pauses(cluster, m
     gaps = np.diff(times)
     during = (times[1:] >= sw_start) & (times[:-1] <= sw_end)   # gaps overlapping the switch
     switch_gap = float(gaps[during].max()) if during.any() else 0.0
-    steady = np.diff(np.array(sorted(a[0] for a in answers if a[0] < t_push)))
-    batch_s = float(np.percentile([a[3] for a in answers if a[0] < t_push], 99))   # one batch, end to end
+    steady = gaps[~during & (times[1:] > times[0] + 0.5)]   # the same clients outside the switch
+    batch_s = float(np.percentile([a[3] for a in answers], 99))   # one batch, end to end (p99 request latency)
     snap = _emrctl(cluster.instance, "status")
     peaks = {i: (e.get("rss_bytes", 0), e.get("peak_rss_bytes", 0)) for i, e in snap["model"]["servers"].items()}
     print(f"\nfull push: {len(answers)} answers, live after {result['live_after_s']:.2f} s, switched after "
@@ -160,8 +161,12 @@ def test_full_push_under_four_clients_never_mixes_versions_nor_pauses(cluster, m
           f"(steady state: max gap {steady.max() * 1e3:.1f} ms, request latency p99 {batch_s * 1e3:.1f} ms); "
           f"embedding servers, RSS now / peak during the switch: "
           + ", ".join(f"{i}: {r / 2**20:.1f} / {p / 2**20:.1f} MiB" for i, (r, p) in sorted(peaks.items())))
-    # "never pauses longer than one batch": no gap longer than the worst gap of steady serving plus one
-    # batch (a request's p99 latency before the push; this host is shared, so absolute times vary)
+    # "never pauses longer than one batch": the batcher spends almost nothing on the switch itself, and no
+    # gap between answers during the switch is longer than the worst gap outside it plus one batch
+    # (this host is shared by many, so absolute times vary from run to run)
+    switched = [ln for ln in cluster.logs().splitlines() if "switched from model version 1 to 2" in ln]
+    assert switched and float(switched[0].split(" in ")[-1].split()[0]) < 50.0, switched
+    print(f"batcher: {switched[0].split('INFO ')[-1]}")
     assert switch_gap <= steady.max() + batch_s, (switch_gap, steady.max(), batch_s)
     assert snap["model"]["active"] == 2 and snap["model"]["previous"] == 1 and snap["model"]["loading"] is None
     # The old version is released everywhere: a server refuses it, naming it.
