@@ -179,8 +179,10 @@ class Completions:
             self.health.released(part.server)
             return True   # settled meanwhile: nothing to send
         self.pending.add_lookups(batch, [rid])
+        # A copy asks for the batch's version, whatever the ranker serves by now.
         frame = codec.encode_lookup(rid, batch.size, part.tables, part.counts, part.values,
-                                    credit_trailer=self.inband_credits, budget_us=batch.budget_us())
+                                    credit_trailer=self.inband_credits, budget_us=batch.budget_us(),
+                                    version=batch.version)
         if self.submitter.submit(part.conn, frame, wait=False) is None:
             return True
         self.pending.take_lookup(rid)
