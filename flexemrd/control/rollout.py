@@ -15,7 +15,14 @@ tick then drives one rollout at a time through its states::
                request); ``model.active`` is the new version
 
 A failure (a server cannot load it, the dense NN is wrong, timeout) leaves the
-old version serving, retires the new one and records why.  Everything is
+old version serving, retires the new one and records why.
+
+Repair: an embedding server that restarts comes back with only the model it
+boots with (version 1).  Every ``REPAIR_S`` the supervisor lists each server's
+versions and replays the active version's recipe (its last full version and
+the deltas since, in order) on any server that lacks it, then retires what it
+booted with.  Meanwhile the ranker re-issues a part refused with
+UNKNOWN_VERSION to another replica.  Everything is
 published in the topology JSON under ``model`` (``emrctl status``).
 """
 
@@ -41,6 +48,7 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.05               # LIST polls while a version loads
 LOAD_TIMEOUT_S = 600.0      # a version not live everywhere by then fails
 SWITCH_TIMEOUT_S = 120.0    # the inference process must switch and drain by then
+REPAIR_S = 1.0              # how often servers are checked for the active version
 LINK_TIMEOUT_S = 2.0
 
 
@@ -110,7 +118,11 @@ class ModelRollout:
             "active": BOOT_VERSION, "loading": None, "previous": None, "last_error": None,
             "dirs": {str(BOOT_VERSION): model_dir}, "dense_dirs": {str(BOOT_VERSION): model_dir},
             "history": [], "servers": {},
+            # how to rebuild the active version on a server that booted with version 1:
+            # its last full version (if not version 1) and the deltas since, in order
+            "recipe": [],
         }
+        self._last_repair = 0.0
         self._last_poll = 0.0
         self._switch_epoch = 0
 
@@ -186,6 +198,9 @@ class ModelRollout:
     # -------------------------------------------------------------- supervisor tick
 
     def tick(self, now: float) -> None:
+        if self.state["recipe"] and now - self._last_repair >= REPAIR_S:
+            self._last_repair = now
+            self._repair()
         job = self.state["loading"]
         if job is None or now - self._last_poll < POLL_S:
             return
@@ -288,12 +303,52 @@ class ModelRollout:
                  "live_after_s": job["live_after_s"],
                  "switched_after_s": round(done - job["started_unix"], 3), "replaced": old}
         self.state["history"] = (self.state["history"] + [entry])[-16:]
+        step = {"version": v, "delta": job["delta"], "base": job["base"], "dir": job["dir"]}
+        self.state["recipe"] = (self.state["recipe"] if job["delta"] else []) + [step]
         self.state["dirs"] = {k: d for k, d in self.state["dirs"].items() if int(k) >= v}
         self.state["dense_dirs"] = {k: d for k, d in self.state["dense_dirs"].items() if int(k) >= v}
         self.state["loading"] = None
         self.publish()
         logger.info("model version %d active (live after %.2f s, switched after %.2f s); version %s released", v,
                     entry["live_after_s"], entry["switched_after_s"], old)
+
+    def _repair(self) -> None:
+        """Replay the active version's recipe on servers that lack it (restarted), one step per poll."""
+        active = int(self.state["active"])
+        job = self.state["loading"]
+        for i, link in enumerate(self.links):
+            try:
+                st = link.model(ModelOp.LIST)
+                live = {v for v, (s, _b, _t) in st.versions.items() if s == VersionState.LIVE}
+                if active in live:
+                    continue
+                busy = [v for v, (s, _b, _t) in st.versions.items() if s == VersionState.LOADING]
+                if busy:
+                    continue   # one step at a time: the next one may need this one as its base
+                for step in self.state["recipe"]:
+                    if step["version"] in live:
+                        continue
+                    logger.warning("embedding[%d] lacks model version %d (restarted?): loading version %d again",
+                                   i, active, step["version"])
+                    op = ModelOp.LOAD_DELTA if step["delta"] else ModelOp.LOAD
+                    st = link.model(op, step["version"], step["base"], step["dir"])
+                    break
+                self._record(i, st)
+            except (OSError, ConnectionError, PushRefused) as e:
+                logger.debug("repair of embedding[%d]: %s", i, e)
+                continue
+        # Once active everywhere, drop what restarted servers booted with (and steps in between).
+        keep = {active} | ({job["version"]} if job else set())
+        for i, link in enumerate(self.links):
+            entry = self.state["servers"].get(str(i), {})
+            stale = [int(v) for v, s in entry.get("versions", {}).items()
+                     if s == "live" and int(v) not in keep and int(v) < active]
+            if stale and entry.get("versions", {}).get(str(active)) == "live":
+                for v in stale:
+                    try:
+                        self._record(i, link.model(ModelOp.RETIRE, v))
+                    except (OSError, ConnectionError, PushRefused):
+                        pass
 
     def _fail(self, message: str, switched: bool = False) -> None:
         job = self.state["loading"]

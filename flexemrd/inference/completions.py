@@ -141,6 +141,8 @@ class Completions:
             return
         part = batch.parts[rid]
         self.health.answered(part.server, time.perf_counter() - part.sent_at)
+        if code == ErrorCode.UNKNOWN_VERSION and self._reissue_elsewhere(batch, rid, part):
+            return   # a replica that restarted and does not hold the version yet: another one answers
         if batch.drop_copy(rid):
             return   # another copy of this part is still on its way
         if batch.fail(rid, f"embedding server {part.server}: {message}", code):
@@ -161,6 +163,17 @@ class Completions:
             self._reissue(batch, rid, reason)
         for rid in fills:
             self._fill_done(rid, None)
+
+    def _reissue_elsewhere(self, batch: Batch, rid: int, part: Part) -> bool:
+        """Send ``rid``'s part to another live replica than the one that refused it; False if none."""
+        choice = self.health.choose(part.primary, exclude=(part.server,))
+        if choice is None:
+            return False
+        if not self._send_copy(batch, part.copy_to(*choice)):
+            return False
+        self.counters.reissued += 1
+        batch.drop_copy(rid)
+        return True
 
     def _reissue(self, batch: Batch, rid: int, reason: str) -> None:
         """Send a lost part again to a live holder of its shards, or fail it naming the server."""

@@ -217,3 +217,34 @@ def test_a_bad_push_is_refused_naming_the_problem_and_serving_goes_on(cluster, m
     assert out.returncode == 1 and "cannot replace the serving model live" in out.stderr, out.stderr
     status = _emrctl(cluster.instance, "status")
     assert status["model"]["loading"] is None
+
+
+def test_a_restarted_embedding_server_gets_the_active_version_back(cluster, models):
+    """After the pushes above (v2 full, v3 delta), kill a server: it reboots with v1 and is repaired to v3."""
+    import os
+    import signal
+
+    before = _emrctl(cluster.instance, "status")
+    assert before["model"]["active"] == 3
+    victim = before["servers"][0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    held, ftype = "", 0
+    while time.monotonic() < deadline:
+        snap = _emrctl(cluster.instance, "status")
+        srv = snap["servers"][0]
+        if srv["pid"] and srv["pid"] != victim["pid"]:
+            try:
+                ftype, _aux, held = _server_lookup(srv["address"], 3, load_spec(models / "v1"))
+            except OSError:
+                ftype, held = 0, ""
+            if ftype == FrameType.LOOKUP_RESP:
+                break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"embedding[0] did not get version 3 back: {held}\n{cluster.logs()[-3000:]}")
+    spec = load_spec(models / "v1")
+    with InferenceClient(cluster.socket) as c:
+        for dense, sparse in _requests(spec, 10, seed=7):
+            c.predict(dense, sparse)
+            assert c.last_version == 3
