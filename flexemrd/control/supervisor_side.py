@@ -98,6 +98,8 @@ class SupervisorControl:
             self.metrics = start_metrics_server(cfg.ranker.metrics_port, self.block, addr=cfg.ranker.metrics_addr)
 
     def unlink(self) -> None:
+        if self.rollout is not None:
+            self.rollout.close()
         for obj, fn in ((self.metrics, "stop"), (self.mailbox, "close")):
             if obj is not None and hasattr(obj, fn):
                 try:
