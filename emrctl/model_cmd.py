@@ -3,6 +3,8 @@
     emrctl model init --preset NAME --out DIR [--seed N] [--rows-cap R] [--force]
     emrctl model validate DIR [--json]
     emrctl model list-presets [--json]
+    emrctl model push DIR [--delta] [--version N] [--base N] [--no-wait] [--json]   (a running instance:
+                        emrctl/push_cmd.py)
     emrctl model import --from torchrec|dlrm CHECKPOINT --out DIR [--name-map CKPT=NAME ...]
                         [--pooling MODE] [--table-pooling NAME=MODE ...] [--dense-features N]
                         [--interaction dot|cat] [--force] [--json]
@@ -277,3 +279,12 @@ def import_(source: str, checkpoint: Path, out: Path, name_map: tuple[str, ...],
                f"{len(plan.tables)} tables ({_human(spec.embedding_bytes)})")
     for n in plan.notes:
         click.echo(f"  note:     {n}")
+
+
+def _add_push() -> None:
+    from emrctl.push_cmd import push
+
+    model.add_command(push)
+
+
+_add_push()

@@ -155,6 +155,24 @@ def tables_line(snap: dict[str, Any]) -> str:
     return "table hit rates: " + ("  ".join(parts) if parts else "-")
 
 
+def model_line(snap: dict[str, Any]) -> str:
+    """``model: version 2 active (previous 1); loading 3 (delta): 1/2 servers live``."""
+    m = snap.get("model") or {}
+    text = f"model: version {m.get('active', 1)} active"
+    if m.get("previous") is not None:
+        text += f" (previous {m['previous']})"
+    job = m.get("loading")
+    if job:
+        text += (f"; loading {job['version']} ({'delta' if job.get('delta') else 'full'}, {job.get('state')}): "
+                 f"{job.get('servers_live', 0)}/{job.get('servers_total', 0)} servers live")
+    elif m.get("last_error"):
+        text += f"; last push failed: {m['last_error']}"
+    elif m.get("history"):
+        h = m["history"][-1]
+        text += f"; live after {h['live_after_s']:.2f} s, switched after {h['switched_after_s']:.2f} s"
+    return text
+
+
 def render_status(snap: dict[str, Any], width: int = WIDTH) -> str:
     """The whole ``emrctl status`` screen, every line at most ``width`` columns."""
     lines = [header_line(snap), ""]
@@ -175,6 +193,7 @@ def render_status(snap: dict[str, Any], width: int = WIDTH) -> str:
     if target:
         lines.append(target)
     lines.append(tables_line(snap))
+    lines.append(model_line(snap))
     return "\n".join(_cut(line, width) for line in lines)
 
 

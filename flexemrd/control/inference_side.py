@@ -4,7 +4,17 @@ Every ``POLL_S`` it reads the control block's epoch (one u64 load); a new
 epoch becomes a control request the batcher applies between batches
 (migrations, cache size and policy).  It acknowledges the epoch once every
 migration it started is confirmed by the engine that adopted the connection
-(``migrated``, called from the completion thread).  Every ``PUBLISH_INTERVAL_S``
+(``migrated``, called from the completion thread).
+
+Model versions: while a version loads on the embedding servers the topology
+JSON shows it under ``model.loading``; this thread preloads its dense NN (off
+the data path), registers it and tells the supervisor through the mailbox
+(ModelDense, like an emrctl command).  When every shard is live the
+supervisor names it ``model.active`` and bumps the epoch; the switch is then
+posted to the batcher, which applies it between batches.  The
+epoch is acknowledged only once no batch of an older version is in flight,
+so the supervisor may release the old version on the embedding servers as
+soon as it sees the ack.  Every ``PUBLISH_INTERVAL_S``
 it publishes the ranker's counters, the failover counters and how it sees each
 embedding server (server_stats rows); every ``LOG_INTERVAL_S`` with traffic it
 logs one summary line.
@@ -53,6 +63,7 @@ class InferenceControl:
         self._acked = -1
         self._lock = threading.Lock()
         self._tables_prev: dict[str, np.ndarray] = {}
+        self._reported = 0      # the pushed version whose dense NN we told the supervisor about
         self._server_states: dict[int, tuple[str, int]] = {}  # server -> (state label, changed_ns)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -69,6 +80,9 @@ class InferenceControl:
         self.epoch = self._applied_epoch = self.block.runtime.epoch
         self.block.ranker.update(epoch_seen=self.epoch)
         self._acked = self.epoch
+        version = self._prepare_version()   # a restarted inference process catches up with a pushed version
+        if version and version != svc.versions.active:
+            svc.post_control(lambda batcher: batcher.switch_version(version))
         self._thread = threading.Thread(target=self._loop, name="control", daemon=True)
         self._thread.start()
 
@@ -85,7 +99,7 @@ class InferenceControl:
 
     # ---------------------------------------------------------------- batcher thread
 
-    def _apply(self, state) -> None:
+    def _apply(self, state, version: int = 0) -> None:
         """Posted to the batcher: runs there between batches."""
 
         def apply(batcher: Batcher) -> None:
@@ -106,6 +120,8 @@ class InferenceControl:
                                 self._waiting.discard(cid)
             if batcher.cache is not None:
                 batcher.cache.apply_runtime(state.cache_policy.label, state.cache_capacity_bytes)
+            if version and version != batcher.versions.active and batcher.versions.has_model(version):
+                batcher.switch_version(version)
             with self._lock:
                 self._applied_epoch = state.epoch
 
@@ -118,6 +134,7 @@ class InferenceControl:
         last_log, last_count = time.monotonic(), 0
         while not self._stop.wait(POLL_S):
             try:
+                self._preload_version()
                 self._poll_epoch()
                 now = time.monotonic()
                 if now - last_pub >= PUBLISH_INTERVAL_S:
@@ -136,13 +153,65 @@ class InferenceControl:
         if epoch != self.epoch and not epoch & 1:
             state = self.block.runtime.read()
             self.epoch = state.epoch
-            self.svc.post_control(self._apply(state))
+            self.svc.post_control(self._apply(state, self._prepare_version()))
         with self._lock:
-            done = not self._waiting and self._applied_epoch > self._acked
+            done = not self._waiting and self._applied_epoch > self._acked and not self.svc.versions.draining()
             applied = self._applied_epoch
         if done:
             self._acked = applied
             self.block.ranker.update(epoch_seen=applied)
+
+    def _preload_version(self) -> None:
+        """Load the dense NN of the version being pushed before the switch, and report it."""
+        job = (self.block.topology.get("model") or {}).get("loading")
+        if not job or job.get("state") != "loading" or job.get("dense_loaded"):
+            return
+        version = int(job["version"])
+        if version == self._reported:
+            return
+        self._reported = version
+        error = self._load_dense(version, job.get("dense_dir"))
+        from flexemr.control.commands import ModelDense
+        from flexemr.control.mailbox import MailboxClient
+
+        try:
+            MailboxClient(self.block).request(ModelDense(version=version, error=error).to_dict(), timeout=10.0)
+        except Exception as e:
+            logger.warning("could not tell the supervisor about version %d's dense NN: %s", version, e)
+            self._reported = 0   # try again on the next loop
+
+    def _load_dense(self, version: int, dense_dir: str | None) -> str:
+        """Register ``version``'s dense NN; '' when loaded, else why not."""
+        versions = self.svc.versions
+        if versions.has_model(version):
+            return ""
+        if not dense_dir:
+            return "the topology names no dense NN directory"
+        from flexemr.model.dense import load_dense
+
+        t0 = time.monotonic()
+        try:
+            nn = load_dense(dense_dir, self.svc.spec).to(self.svc.device)
+        except Exception as e:
+            logger.error("model version %d: cannot load the dense NN from %s: %s", version, dense_dir, e)
+            return f"{dense_dir}/dense.pt: {e}"
+        versions.add_model(version, nn)
+        logger.info("model version %d: dense NN from %s loaded in %.2f s", version, dense_dir, time.monotonic() - t0)
+        return ""
+
+    def _prepare_version(self) -> int:
+        """The version the topology asks for, its dense NN loaded and registered (0: nothing to switch)."""
+        model = self.block.topology.get("model") or {}
+        version = int(model.get("active") or 0)
+        versions = self.svc.versions
+        if not version or version == versions.active or versions.has_model(version):
+            return version
+        # Normally preloaded; a restarted inference process loads it here.
+        error = self._load_dense(version, (model.get("dense_dirs") or {}).get(str(version)))
+        if error:
+            logger.error("model version %d: %s; not switching", version, error)
+            return 0
+        return version
 
     def _log_summary(self, requests: int, seconds: float) -> None:
         """One line every LOG_INTERVAL_S with traffic: rate, latency and where the time goes."""

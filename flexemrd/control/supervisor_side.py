@@ -58,6 +58,7 @@ class SupervisorControl:
         self.dispatcher = None
         self.metrics = None
         self.rebalancer = Rebalancer()
+        self.rollout = None   # ModelRollout, built with the control block
         self._last_rates = 0.0
         self._last_rebalance = 0.0
         self.auto_moves = 0
@@ -88,12 +89,18 @@ class SupervisorControl:
         )
         self.mailbox = MailboxServer(self.block)
         self.dispatcher = Dispatcher(self)
+        from flexemrd.control.rollout import ModelRollout
+
+        self.rollout = ModelRollout(p, self.block)
+        self.rollout.publish()
         if cfg.ranker.metrics_port:
             from flexemr.metrics import start_metrics_server
 
             self.metrics = start_metrics_server(cfg.ranker.metrics_port, self.block, addr=cfg.ranker.metrics_addr)
 
     def unlink(self) -> None:
+        if self.rollout is not None:
+            self.rollout.close()
         for obj, fn in ((self.metrics, "stop"), (self.mailbox, "close")):
             if obj is not None and hasattr(obj, fn):
                 try:
@@ -200,6 +207,8 @@ class SupervisorControl:
         while self.mailbox.serve_one(self.dispatcher, timeout=0.0):
             pass
         now = time.monotonic()
+        if self.rollout is not None:
+            self.rollout.tick(now)
         if now - self._last_rates >= 1.0:
             self._last_rates = now
             self._record_children(sup) if any(c.pid and c.ready for c in sup.children) else None
@@ -286,6 +295,14 @@ class SupervisorControl:
     def cmd_reload(self, cmd) -> dict:
         return {"reloaded": [], "message": "nothing to reload: cache size/policy and migrations change live through "
                                            "emrctl; other settings need a restart"}
+
+    def cmd_model_push(self, cmd) -> dict:
+        """Start rolling out a model version (flexemrd/control/rollout.py drives it from the tick)."""
+        return self.rollout.push(cmd.path, cmd.delta, cmd.version, cmd.base)
+
+    def cmd_model_dense(self, cmd) -> dict:
+        """The inference process reports a pushed version's dense NN loaded (or why not)."""
+        return self.rollout.dense_loaded(cmd.version, cmd.error)
 
     def cmd_shutdown(self, cmd) -> dict:
         if self.supervisor is not None:

@@ -56,6 +56,7 @@ from flexemr.wire.stream import FrameAssembler, Oversized
 from flexemrd.embedding.credits import CreditPool
 from flexemrd.embedding.rankers import Channel, FairScheduler, RankerBook
 from flexemrd.embedding.store import EmbeddingStore, RequestRejected
+from flexemrd.embedding.versions import ServerVersions
 
 __all__ = ["EmbeddingServer"]
 
@@ -163,6 +164,7 @@ class EmbeddingServer:
         self._accept_again = 0.0        # when to watch the listener again after a failed accept
         self._refused_logged = 0.0
         self.stats = {k: 0 for k in codec.SERVER_STATS}
+        self.model_versions = ServerVersions(store, name)   # MODEL frames (embedding/versions.py)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -342,7 +344,7 @@ class EmbeddingServer:
             if t == FrameType.CREDIT:
                 self._credit(peer.pool, h.aux, codec.decode_credit(payload))
                 return
-            reply = self._hello(peer, h, payload) if t == FrameType.HELLO else self._control_answer(h)
+            reply = self._hello(peer, h, payload) if t == FrameType.HELLO else self._control_answer(h, payload)
         except (ProtocolError, RequestRejected) as e:
             self.stats["errors"] += 1
             reply = codec.encode_error(h.request_id, e.code, str(e))
@@ -350,11 +352,13 @@ class EmbeddingServer:
             peer.reader.recycle(payload)
         self._answer_now(peer, reply)
 
-    def _control_answer(self, h: Header) -> list:
+    def _control_answer(self, h: Header, payload: memoryview) -> list:
         if h.type == FrameType.PING:
             return [pack_header(FrameType.PONG, h.request_id, 0)]
         if h.type == FrameType.STATS:
             return codec.encode_stats(h.request_id, self.counters())
+        if h.type == FrameType.MODEL:
+            return self.model_versions.answer(h.request_id, payload)
         raise RequestRejected(ErrorCode.UNSUPPORTED,
                               f"an embedding server does not serve {FrameType(h.type).name} frames")
 
@@ -407,12 +411,16 @@ class EmbeddingServer:
                     req.stat = "expired"
                 else:
                     pooled = self.store.pool(lookup)
+                    # aux: the version that served it, so the ranker can check it never mixes versions
                     req.reply = codec.encode_lookup_response(h.request_id, lookup.table_ids, pooled,
+                                                             aux=lookup.version or self.store.boot_version,
                                                              partials=codec.partials_of_flags(h.flags))
                     req.stat = "lookups"
             else:
                 tid, ids = codec.decode_fetch(payload)
-                req.reply = codec.encode_fetch_response(h.request_id, tid, self.store.fetch(tid, ids))
+                version = codec.fetch_version(payload, h.flags) or self.store.boot_version
+                req.reply = codec.encode_fetch_response(h.request_id, tid, self.store.fetch(tid, ids, version),
+                                                        aux=version)
                 req.stat = "fetches"
         except (ProtocolError, RequestRejected) as e:
             req.reply, req.stat = codec.encode_error(h.request_id, e.code, str(e)), "errors"

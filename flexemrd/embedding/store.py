@@ -4,19 +4,30 @@ Tables are mapped read-only from the model directory's ``.npy`` files (whole
 files: ids stay global, only the pages of this server's shards are touched)
 and pooled through THE kernel, ``flexemr.pooling.TablePooler``: each server
 sends a partial per bag (sums for mean tables; docs/PROTOCOL.md,
-*Hierarchical pooling*).  Safe to call from several threads at once: nothing
-here is written after construction.
+*Hierarchical pooling*).
+
+Model versions (docs/MODEL-UPDATES.md): the store holds one or more versions
+side by side, each a dict of read-only pooled tables.  A full version maps
+another model directory; a delta version shares its base's unchanged tables
+and holds a copy-on-write map of each changed one
+(:func:`flexemr.model.versions.apply_delta`), so every version pools
+exactly.  Versions are added and retired by replacing the ``versions`` dict
+(one reference assignment): pooling workers read it without a lock, and a
+retired version's maps live on until the last request that holds them ends.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 from typing import Sequence
 
 import numpy as np
 
-from flexemr.model.spec import ModelSpec
-from flexemr.model.tables import open_tables
+from flexemr.model.spec import ModelSpec, load_spec
+from flexemr.model.tables import open_tables, table_path
+from flexemr.model.versions import BOOT_VERSION, apply_delta, read_delta, same_architecture
 from flexemr.pooling import TablePooler
 from flexemr.routing.table import Shard
 from flexemr.wire import codec
@@ -42,34 +53,111 @@ class _HeldTable:
     whole: bool            # every row is held here: the kernel's own bounds check suffices
 
 
-class EmbeddingStore:
-    """The shards this server holds: range checks, partial pooling and raw rows."""
+@dataclasses.dataclass(slots=True)
+class HeldVersion:
+    """One model version's tables on this server."""
 
-    def __init__(self, model_dir: str, spec: ModelSpec, shards: Sequence[Shard]) -> None:
+    version: int
+    base: int                       # 0 for a full version
+    root_dir: str                   # the full model directory its table files come from
+    deltas: tuple[str, ...]         # delta directories applied on top, oldest first
+    tables: dict[int, _HeldTable]
+    load_s: float = 0.0
+
+
+class EmbeddingStore:
+    """The shards this server holds, per model version: range checks, partial pooling and raw rows."""
+
+    def __init__(self, model_dir: str, spec: ModelSpec, shards: Sequence[Shard], version: int = BOOT_VERSION) -> None:
         self.spec = spec
         self.shards = list(shards)
-        names = sorted({s.table for s in shards}, key=spec.table_index)
-        maps = open_tables(model_dir, spec, names)
-        self.tables: dict[int, _HeldTable] = {}
-        for name in names:
-            t = spec.table(name)
-            mine = sorted((s for s in shards if s.table == name), key=lambda s: s.start)
-            self.tables[spec.table_index(name)] = _HeldTable(
-                name=name,
-                pooler=TablePooler(maps[name], t.pooling),
-                starts=np.array([s.start for s in mine], dtype=np.int64),
-                ends=np.array([s.end for s in mine], dtype=np.int64),
-                whole=len(mine) == 1 and mine[0].start == 0 and mine[0].end == t.rows,
-            )
+        self.boot_version = version
+        self._names = sorted({s.table for s in shards}, key=spec.table_index)
+        self._ranges = {name: sorted(((s.start, s.end) for s in shards if s.table == name)) for name in self._names}
+        self._lock = threading.Lock()   # serialises add/retire (writers); readers need none
+        first = HeldVersion(version, 0, str(model_dir), (), self._open_full(model_dir))
+        self.versions: dict[int, HeldVersion] = {version: first}
+        self.tables = first.tables      # the boot version's tables (older callers)
+
+    # ------------------------------------------------------------------ versions
+
+    def _held(self, name: str, arr: np.ndarray) -> _HeldTable:
+        t = self.spec.table(name)
+        mine = self._ranges[name]
+        return _HeldTable(
+            name=name,
+            pooler=TablePooler(arr, t.pooling),
+            starts=np.array([a for a, _ in mine], dtype=np.int64),
+            ends=np.array([b for _, b in mine], dtype=np.int64),
+            whole=len(mine) == 1 and mine[0] == (0, t.rows),
+        )
+
+    def _open_full(self, model_dir: str) -> dict[int, _HeldTable]:
+        maps = open_tables(model_dir, self.spec, self._names)
+        return {self.spec.table_index(n): self._held(n, maps[n]) for n in self._names}
+
+    def load_full(self, version: int, model_dir: str) -> HeldVersion:
+        """Map ``model_dir`` as ``version`` beside the others (ModelError if it cannot replace them)."""
+        from flexemr.errors import ModelError
+
+        t0 = time.perf_counter()
+        problems = same_architecture(self.spec, load_spec(model_dir))
+        if problems:
+            raise ModelError([f"{model_dir}: {p}" for p in problems])
+        held = HeldVersion(version, 0, str(model_dir), (), self._open_full(model_dir))
+        held.load_s = time.perf_counter() - t0
+        self._add(held)
+        return held
+
+    def load_delta(self, version: int, base: int, delta_dir: str) -> HeldVersion:
+        """``version`` = ``base`` with the delta's changed rows (copy-on-write maps of the changed tables only)."""
+        t0 = time.perf_counter()
+        b = self.hold(base)
+        chain = (*b.deltas, str(delta_dir))
+        deltas = [read_delta(d, self.spec) for d in chain]
+        changed = deltas[-1]
+        tables = dict(b.tables)
+        for name in self._names:
+            if name not in changed:
+                continue   # unchanged here: share the base's map and pooler
+            steps = [d[name] for d in deltas if name in d]
+            arr = apply_delta(table_path(b.root_dir, name), steps, self._ranges[name])
+            tables[self.spec.table_index(name)] = self._held(name, arr)
+        held = HeldVersion(version, base, b.root_dir, chain, tables)
+        held.load_s = time.perf_counter() - t0
+        self._add(held)
+        return held
+
+    def _add(self, held: HeldVersion) -> None:
+        with self._lock:
+            self.versions = {**self.versions, held.version: held}
+
+    def retire(self, version: int) -> bool:
+        """Stop serving ``version``; requests pooling it now finish on the maps they hold."""
+        with self._lock:
+            if version not in self.versions:
+                return False
+            self.versions = {v: h for v, h in self.versions.items() if v != version}
+            return True
+
+    def hold(self, version: int) -> HeldVersion:
+        """The version a request names (0: the boot version); UNKNOWN_VERSION if not held."""
+        held = self.versions.get(version or self.boot_version)
+        if held is None:
+            raise RequestRejected(ErrorCode.UNKNOWN_VERSION,
+                                  f"model version {version or self.boot_version} is not held by this server "
+                                  f"(it holds {', '.join(map(str, sorted(self.versions))) or 'none'})")
+        return held
 
     def hello_shards(self) -> list[tuple[int, int, int, int]]:
         """(table_id, dim, start, end) of every shard, as HELLO announces them."""
         return [(self.spec.table_index(s.table), self.spec.table(s.table).dim, s.start, s.end) for s in self.shards]
 
     def pool(self, req: codec.LookupRequest) -> list[np.ndarray]:
-        """Partial pools float32 [B, dim] per requested table, after checking every id of every table."""
+        """Partial pools float32 [B, dim] per requested table of the version the request names."""
         kjt = req.kjt
-        held = [self._table(t) for t in req.table_ids]
+        version = self.hold(req.version)
+        held = [self._table(t, version) for t in req.table_ids]
         for i, st in enumerate(held):
             if not st.whole:  # ids of other servers' shards are valid rows to torch: check here
                 self._check_ids(st, kjt.table(i)[0])
@@ -85,14 +173,14 @@ class EmbeddingStore:
                 raise
         return out
 
-    def fetch(self, table_id: int, ids: np.ndarray) -> np.ndarray:
-        """Raw rows [n, dim] for cache fills."""
-        st = self._table(table_id)
+    def fetch(self, table_id: int, ids: np.ndarray, version: int = 0) -> np.ndarray:
+        """Raw rows [n, dim] of ``version`` (0: the boot version) for cache fills."""
+        st = self._table(table_id, self.hold(version))
         self._check_ids(st, ids)
         return st.pooler.rows_of(ids)
 
-    def _table(self, tid: int) -> _HeldTable:
-        st = self.tables.get(int(tid))
+    def _table(self, tid: int, version: HeldVersion) -> _HeldTable:
+        st = version.tables.get(int(tid))
         if st is None:
             what = self.spec.tables[tid].name if tid < len(self.spec.tables) else f"#{tid}"
             raise RequestRejected(ErrorCode.UNKNOWN_TABLE, f"table {what} is not held by this server")

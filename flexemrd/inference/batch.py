@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from flexemr.model.spec import ModelSpec
+from flexemr.model.versions import BOOT_VERSION
 from flexemr.routing.combine import Accumulator
 from flexemr.wire import codec
 
@@ -53,8 +54,9 @@ class Batch:
     """Coalesced requests on their way through the servers to the finisher."""
 
     def __init__(self, seq: int, works: list[Work], spec: ModelSpec, tables: list[int],
-                 lengths: list[np.ndarray]) -> None:
+                 lengths: list[np.ndarray], version: int = BOOT_VERSION) -> None:
         self.seq = seq
+        self.version = version     # the model version every part and the NN of this batch use
         self.works = works
         self.size = sum(w.batch for w in works)
         self.tables = tables

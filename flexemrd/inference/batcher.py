@@ -31,6 +31,7 @@ from flexemrd.inference.health import ServerHealth
 from flexemrd.inference.pending import Fill, PendingTable
 from flexemrd.inference.stats import ServiceStats
 from flexemrd.inference.submission import Submitter
+from flexemrd.inference.versions import ModelVersions
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class Batcher:
                  stats: ServiceStats, inflight: threading.BoundedSemaphore, max_batch: int, max_wait_s: float,
                  cache=None, local: LocalPooling | None = None, inband_credits: bool = False,
                  health: ServerHealth | None = None, beat: Callable[[], None] = lambda: None,
-                 partials: str = "fp32") -> None:
+                 partials: str = "fp32", versions: ModelVersions | None = None) -> None:
         self.spec = spec
         self.routing = routing
         self.submitter = submitter
@@ -75,6 +76,7 @@ class Batcher:
         self.health = health
         self.beat = beat
         self._partials_flags = codec.partials_flags(partials)   # LOOKUP flags asking for f16/bf16 partials
+        self.versions = versions if versions is not None else ModelVersions(None)
         self.queue: queue.Queue[Work | None] = queue.Queue()
         self.controls: queue.SimpleQueue[ControlRequest] = queue.SimpleQueue()
         self.stop = threading.Event()
@@ -159,7 +161,8 @@ class Batcher:
             return
         tables = sorted({t for w in works for t in w.tables})
         values, lengths = merge(works, tables)
-        batch = Batch(next(self._seqs), works, self.spec, tables, lengths)
+        # The version is fixed here, between batches: every part, fill and the NN of this batch use it.
+        batch = Batch(next(self._seqs), works, self.spec, tables, lengths, self.versions.begin())
         if self.local is not None:
             self._pool_locally(batch, tables, values, lengths)
             return
@@ -195,13 +198,13 @@ class Batcher:
             part = batch.parts[rid]
             frame = codec.encode_lookup(rid, batch.size, part.tables, part.counts, part.values,
                                         flags=self._partials_flags, credit_trailer=self.inband_credits,
-                                        budget_us=budget_us,
+                                        budget_us=budget_us, version=batch.version,
                                         narrow_ids=all(self._narrow[t] for t in part.tables))
             engine = self.submitter.submit(cid, frame)
             if engine is not None:
                 self._fail_part(rid, f"engine {engine} did not accept the subrequest in time")
         if self.cache is not None:
-            self._send_fills()
+            self._send_fills(batch.version)
 
     def _pool_locally(self, batch: Batch, tables: list[int], values: list[np.ndarray],
                       lengths: list[np.ndarray]) -> None:
@@ -244,7 +247,16 @@ class Batcher:
             if batch.fail(rid, error):
                 self.finish(batch)
 
-    def _send_fills(self) -> None:
+    def switch_version(self, version: int) -> None:
+        """Serve ``version`` from the next batch on (runs here, between batches); the cache starts empty."""
+        t0 = time.perf_counter()
+        old = self.versions.switch(version)
+        if self.cache is not None:
+            self.cache.switch_version(version)
+        logger.info("switched from model version %d to %d between batches in %.2f ms", old, version,
+                    (time.perf_counter() - t0) * 1e3)
+
+    def _send_fills(self, version: int) -> None:
         """Fetch hot missed rows for the cache, after the batch's own subrequests (off the request path)."""
         for primary, table, rows in self.cache.fill_requests():
             choice = self.health.choose(primary)
@@ -254,8 +266,8 @@ class Batcher:
             server, cid = choice
             self.health.released(server)   # fills are not counted as outstanding work
             rid = self.pending.next_rid()
-            self.pending.add_fill(rid, Fill(cid, table, rows))
+            self.pending.add_fill(rid, Fill(cid, table, rows, version))
             # Never wait for ring space on behalf of a fill: skip it instead.
-            if self.submitter.submit(cid, codec.encode_fetch(rid, table, rows), wait=False) is not None:
+            if self.submitter.submit(cid, codec.encode_fetch(rid, table, rows, version), wait=False) is not None:
                 if self.pending.take_fill(rid) is not None:
                     self.cache.filled(table, rows, None)

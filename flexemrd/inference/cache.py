@@ -57,6 +57,7 @@ class RankerCache:
         if cfg.policy == "adaptive":
             self.cache.resize(min(cfg.capacity, self.adaptive.target_capacity(self.monitor)))
         self.fills_inflight = 0
+        self.version = 0          # model version the cached rows belong to (0: the boot version, not named)
         self.budget = budget
         self.gate = PayoffGate()
         self._probes: collections.deque = collections.deque()   # (used cache, batch, t0, served) of the probe
@@ -126,13 +127,27 @@ class RankerCache:
 
     # ------------------------------------------------------------------ completion thread
 
-    def filled(self, table: int, rows: np.ndarray, data: np.ndarray | None) -> None:
-        """A FETCH came back (``data`` None: it failed; the rows stay uncached)."""
+    def filled(self, table: int, rows: np.ndarray, data: np.ndarray | None, version: int = 0) -> None:
+        """A FETCH came back (``data`` None: it failed; the rows stay uncached).
+
+        Rows fetched for another model version than the cache now holds are
+        dropped: a fill sent before a switch must not serve the new version.
+        """
         self.fills_inflight = max(0, self.fills_inflight - 1)
+        if version and self.version and version != self.version:
+            return
         if data is not None and len(rows) == len(data):
             self.cache.fill(table, rows, data)
 
     # ------------------------------------------------------------------ control
+
+    def switch_version(self, version: int) -> None:
+        """Batcher thread, between batches: forget every row (they are the old version's)."""
+        capacity = self.cache.capacity_bytes
+        self.cache.resize(0)
+        self.cache.resize(capacity)
+        self.version = version
+        logger.info("cache emptied for model version %d (capacity %d bytes kept)", version, capacity)
 
     def apply_runtime(self, policy: str, capacity_bytes: int) -> None:
         """emrctl cache policy / resize, applied between batches."""

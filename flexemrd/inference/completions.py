@@ -95,9 +95,9 @@ class Completions:
             h = unpack_header(data[em.PREFIX_SIZE : em.PREFIX_SIZE + HEADER_SIZE])
             payload = data[em.PREFIX_SIZE + HEADER_SIZE : em.PREFIX_SIZE + HEADER_SIZE + h.payload_len]
             if h.type == FrameType.LOOKUP_RESP:
-                self._answer(h.request_id, payload)
+                self._answer(h.request_id, payload, h.aux)
             elif h.type == FrameType.FETCH_RESP:
-                self._fill_done(h.request_id, payload)
+                self._fill_done(h.request_id, payload, h.aux)
             elif h.type == FrameType.ERROR:
                 if not self._fill_done(h.request_id, None):
                     self._server_error(h.request_id, h.aux, codec.decode_error(payload))
@@ -112,11 +112,19 @@ class Completions:
 
     # ---------------------------------------------------------------- answers
 
-    def _answer(self, rid: int, payload: memoryview) -> None:
+    def _answer(self, rid: int, payload: memoryview, version: int = 0) -> None:
         batch = self.pending.take_lookup(rid)
         if batch is None:
             return   # a late copy, or the batch failed already
         part = batch.parts[rid]
+        if version and batch.version and version != batch.version:
+            # Never mix: a partial of another version fails the part instead of joining the batch.
+            self.health.released(part.server)
+            if not batch.drop_copy(rid) and batch.fail(
+                    rid, f"embedding server {part.server} answered with model version {version}, the batch "
+                         f"asked for {batch.version}", ErrorCode.INTERNAL):
+                self.finish(batch)
+            return
         accepted, done, moot = batch.complete(rid, payload)
         if accepted:
             self.health.answered(part.server, time.perf_counter() - part.sent_at)
@@ -136,6 +144,8 @@ class Completions:
             return
         part = batch.parts[rid]
         self.health.answered(part.server, time.perf_counter() - part.sent_at)
+        if code == ErrorCode.UNKNOWN_VERSION and self._reissue_elsewhere(batch, rid, part):
+            return   # a replica that restarted and does not hold the version yet: another one answers
         if batch.drop_copy(rid):
             return   # another copy of this part is still on its way
         if batch.fail(rid, f"embedding server {part.server}: {message}", code):
@@ -157,6 +167,17 @@ class Completions:
         for rid in fills:
             self._fill_done(rid, None)
 
+    def _reissue_elsewhere(self, batch: Batch, rid: int, part: Part) -> bool:
+        """Send ``rid``'s part to another live replica than the one that refused it; False if none."""
+        choice = self.health.choose(part.primary, exclude=(part.server,))
+        if choice is None:
+            return False
+        if not self._send_copy(batch, part.copy_to(*choice)):
+            return False
+        self.counters.reissued += 1
+        batch.drop_copy(rid)
+        return True
+
     def _reissue(self, batch: Batch, rid: int, reason: str) -> None:
         """Send a lost part again to a live holder of its shards, or fail it naming the server."""
         part = batch.parts[rid]
@@ -174,8 +195,10 @@ class Completions:
             self.health.released(part.server)
             return True   # settled meanwhile: nothing to send
         self.pending.add_lookups(batch, [rid])
+        # A copy asks for the batch's version, whatever the ranker serves by now.
         frame = codec.encode_lookup(rid, batch.size, part.tables, part.counts, part.values,
-                                    credit_trailer=self.inband_credits, budget_us=batch.budget_us())
+                                    credit_trailer=self.inband_credits, budget_us=batch.budget_us(),
+                                    version=batch.version)
         if self.submitter.submit(part.conn, frame, wait=False) is None:
             return True
         self.pending.take_lookup(rid)
@@ -238,7 +261,7 @@ class Completions:
 
     # ---------------------------------------------------------------- cache fills
 
-    def _fill_done(self, rid: int, payload: memoryview | None) -> bool:
+    def _fill_done(self, rid: int, payload: memoryview | None, version: int = 0) -> bool:
         """Completion of a cache fill (False if ``rid`` is not a fill)."""
         fill = self.pending.take_fill(rid)
         if fill is None:
@@ -246,8 +269,8 @@ class Completions:
         data = None
         if payload is not None:
             tid, data = codec.decode_fetch_response(payload)
-            if tid != fill.table:
+            if tid != fill.table or (version and fill.version and version != fill.version):
                 data = None
         if self.cache is not None:
-            self.cache.filled(fill.table, fill.rows, data)
+            self.cache.filled(fill.table, fill.rows, data, fill.version)
         return True

@@ -20,15 +20,16 @@ from flexemr.wire.frame import ErrorCode
 from flexemrd.inference.admission import Work
 from flexemrd.inference.batch import Batch
 from flexemrd.inference.stats import ServiceStats
+from flexemrd.inference.versions import ModelVersions
 
 logger = logging.getLogger(__name__)
 
 
 class Finisher:
     def __init__(self, spec: ModelSpec, model, device: str, stats: ServiceStats,
-                 inflight: threading.BoundedSemaphore) -> None:
+                 inflight: threading.BoundedSemaphore, versions: ModelVersions | None = None) -> None:
         self.spec = spec
-        self.model = model
+        self.versions = versions if versions is not None else ModelVersions(model)
         self.device = device
         self.stats = stats
         self.inflight = inflight
@@ -52,6 +53,7 @@ class Finisher:
                 logger.exception("finishing batch %d failed", batch.seq)
                 self.fail(batch.works, ErrorCode.INTERNAL, f"internal error: {e}")
             finally:
+                self.versions.end(batch.version)
                 self.inflight.release()
 
     def answer(self, batch: Batch) -> None:
@@ -63,9 +65,10 @@ class Finisher:
             sl = slice(off, off + w.batch)
             off += w.batch
             if w.predict:
-                w.reply.scores(w.request_id, scores[sl])
+                w.reply.scores(w.request_id, scores[sl], version=batch.version)
             else:
-                w.reply.pooled(w.request_id, w.names, [pooled[self._order[n]][sl] for n in w.names])
+                w.reply.pooled(w.request_id, w.names, [pooled[self._order[n]][sl] for n in w.names],
+                               version=batch.version)
             self.stats.latency.add(done - w.arrived, w.batch)
         self.stats.batch_done(batch, time.perf_counter())
 
@@ -84,7 +87,7 @@ class Finisher:
             d = torch.from_numpy(np.ascontiguousarray(dense)).to(self.device)
             emb = [torch.from_numpy(pooled[t] if rows is None else pooled[t][rows]).to(self.device)
                    for t in range(len(self.spec.tables))]
-            out = self.model(d, emb).float().cpu().numpy()
+            out = self.versions.model(batch.version)(d, emb).float().cpu().numpy()
         if rows is None:
             return out
         full = np.zeros(batch.size, dtype=np.float32)

@@ -33,11 +33,13 @@ class _Answer:
         self.value: object = None
         self.failure: Exception | None = None
 
-    def scores(self, request_id: int, scores: np.ndarray) -> None:
+    def scores(self, request_id: int, scores: np.ndarray, version: int = 0) -> None:
+        self.version = version
         self.value = np.array(scores)   # the finisher's array is a slice of the batch's
         self.done.set()
 
-    def pooled(self, request_id: int, names: Sequence[str], pooled: Sequence[np.ndarray]) -> None:
+    def pooled(self, request_id: int, names: Sequence[str], pooled: Sequence[np.ndarray], version: int = 0) -> None:
+        self.version = version
         self.value = {n: np.array(p) for n, p in zip(names, pooled)}
         self.done.set()
 

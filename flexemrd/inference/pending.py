@@ -22,6 +22,7 @@ class Fill:
     conn: int
     table: int
     rows: np.ndarray
+    version: int = 0    # the model version the rows are fetched from (the cache drops other versions')
 
 
 class PendingTable:

@@ -15,9 +15,10 @@ from flexemr.wire.stream import send_buffers
 class ReplySink(Protocol):
     """Receives the answer to one or more requests of one client (thread-safe)."""
 
-    def scores(self, request_id: int, scores: np.ndarray) -> None: ...
+    def scores(self, request_id: int, scores: np.ndarray, version: int = 0) -> None: ...
 
-    def pooled(self, request_id: int, names: Sequence[str], pooled: Sequence[np.ndarray]) -> None: ...
+    def pooled(self, request_id: int, names: Sequence[str], pooled: Sequence[np.ndarray],
+               version: int = 0) -> None: ...
 
     def error(self, request_id: int, code: int, message: str) -> None: ...
 
@@ -39,11 +40,11 @@ class SocketReplies:
         except OSError:
             self.alive = False
 
-    def scores(self, request_id: int, scores: np.ndarray) -> None:
-        self.send(codec.encode_scores(request_id, scores))
+    def scores(self, request_id: int, scores: np.ndarray, version: int = 0) -> None:
+        self.send(codec.encode_scores(request_id, scores, version))
 
-    def pooled(self, request_id: int, names: Sequence[str], pooled: Sequence[np.ndarray]) -> None:
-        self.send(codec.encode_pooled(request_id, names, pooled))
+    def pooled(self, request_id: int, names: Sequence[str], pooled: Sequence[np.ndarray], version: int = 0) -> None:
+        self.send(codec.encode_pooled(request_id, names, pooled, version))
 
     def error(self, request_id: int, code: int, message: str) -> None:
         self.send(codec.encode_error(request_id, code, message))

@@ -27,6 +27,7 @@ from flexemrd.inference.frontend import SocketFrontend
 from flexemrd.inference.pending import PendingTable
 from flexemrd.inference.stats import ServiceStats
 from flexemrd.inference.submission import Submitter
+from flexemrd.inference.versions import ModelVersions
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,9 @@ class InferenceService:
         self.pending = PendingTable()
         self.inflight = threading.BoundedSemaphore(options.max_inflight)
         self.stop = threading.Event()
-        self.finisher = Finisher(spec, model, device, self.stats, self.inflight)
+        self.versions = ModelVersions(model)
+        self.device = device
+        self.finisher = Finisher(spec, model, device, self.stats, self.inflight, versions=self.versions)
         self.submitter = None
         self.completions = None
         self.health = None
@@ -99,7 +102,7 @@ class InferenceService:
         self.batcher = Batcher(spec, routing, self.submitter, self.pending, self.finisher.put, self.finisher.fail,
                                self.stats, self.inflight, options.max_batch, options.max_wait_s, cache=cache,
                                local=local, inband_credits=options.inband_credits, health=self.health,
-                               partials=options.partials,
+                               partials=options.partials, versions=self.versions,
                                beat=beat if links is None else (lambda: None))
         self.admission = Admission(spec, options.request_timeout_s, max_batch=options.max_batch,
                                    max_ids=options.max_ids or None, allow_nonfinite=options.allow_nonfinite)

@@ -65,6 +65,9 @@ class InferenceClient:
         self._reader: FrameReader | None = None
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        # The model version that served the last answer (0: the ranker did not name one).
+        self.last_version = 0
+        self._flags = 0
         self._connect()
 
     def _connect(self) -> None:
@@ -135,6 +138,7 @@ class InferenceClient:
                 raise RemoteError(h.aux, msg)
             if h.type != expect:
                 raise ProtocolError(f"expected {expect.name}, got frame type {h.type}")
+            self._flags = h.flags
             return payload
 
     def _narrow(self, values: list[np.ndarray]) -> bool:
@@ -149,7 +153,8 @@ class InferenceClient:
         frame = codec.encode_client_request(rid, names, lengths, values, batch, d, timeout_ms=_timeout(timeout_ms),
                                             narrow_ids=self._narrow(values))
         payload = self._call(frame, rid, FrameType.PREDICT_RESP, timeout_ms)
-        return codec.decode_scores(payload)
+        self.last_version = codec.scores_version(payload, self._flags)
+        return codec.decode_scores(payload, self._flags)
 
     def lookup(self, sparse: Sparse, timeout_ms: int | None = None) -> dict[str, np.ndarray]:
         """Pooled embeddings [B, dim] per requested table (``timeout_ms``: the request's deadline)."""
@@ -158,6 +163,7 @@ class InferenceClient:
         frame = codec.encode_client_request(rid, names, lengths, values, batch, None, timeout_ms=_timeout(timeout_ms),
                                             narrow_ids=self._narrow(values))
         payload = self._call(frame, rid, FrameType.CLIENT_LOOKUP_RESP, timeout_ms)
+        self.last_version = codec.pooled_version(payload)
         return codec.decode_pooled(payload)
 
     def predict_csr(self, dense: np.ndarray, keys: np.ndarray, row_index: np.ndarray,

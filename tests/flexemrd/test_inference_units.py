@@ -42,10 +42,10 @@ class Replies:
             self.got[rid] = (what, value)
             self.done.notify_all()
 
-    def scores(self, request_id, scores):
+    def scores(self, request_id, scores, version=0):
         self._put(request_id, "scores", np.array(scores))
 
-    def pooled(self, request_id, names, pooled):
+    def pooled(self, request_id, names, pooled, version=0):
         self._put(request_id, "pooled", {n: np.array(p) for n, p in zip(names, pooled)})
 
     def error(self, request_id, code, message):

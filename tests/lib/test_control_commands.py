@@ -63,8 +63,8 @@ def test_commands_round_trip_through_dicts(cmd):
 
 
 def test_wire_names_match_handlers():
-    assert sorted(COMMANDS) == ["cache_policy", "cache_resize", "migrate", "rebalance", "reload", "shutdown",
-                                "status"]
+    assert sorted(COMMANDS) == ["cache_policy", "cache_resize", "migrate", "model_dense", "model_push", "rebalance",
+                                "reload", "shutdown", "status"]
     assert Migrate(3, 1).to_dict() == {"cmd": "migrate", "conn": 3, "to_engine": 1}
     assert Shutdown().to_dict() == {"cmd": "shutdown", "graceful": True}
 

@@ -12,6 +12,8 @@ by the supervisor's ``cmd_<name>`` method (see :mod:`flexemr.control.dispatch`):
     Reload()             {"cmd": "reload"}                                cmd_reload
     Shutdown(True)       {"cmd": "shutdown", "graceful": true}            cmd_shutdown
     Rebalance(False)     {"cmd": "rebalance", "enabled": false}           cmd_rebalance
+    ModelPush("/m2")     {"cmd": "model_push", "path": "/m2", ...}        cmd_model_push
+    ModelDense(2, "")    {"cmd": "model_dense", "version": 2, "error": ""} cmd_model_dense (inference -> supervisor)
 
 Signals map onto the same commands (:data:`SIGNAL_COMMANDS`), so a SIGHUP and
 ``emrctl`` take one code path.  Arguments are validated when a command is
@@ -157,9 +159,53 @@ class Rebalance(Command):
         _bool(self.name, "enabled", self.enabled)
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelPush(Command):
+    """Roll out a new model version: a full model directory, or a delta of changed rows (``delta``).
+
+    ``version`` 0 picks the next number; ``base`` 0 means the active version.
+    The path must be readable at the same place on every embedding host and
+    on the ranker.  The answer comes when loading has started; the switch
+    follows once every shard is live (``emrctl status`` shows it).
+    """
+
+    name: ClassVar[str] = "model_push"
+    path: str
+    delta: bool = False
+    version: int = 0
+    base: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise BadCommand(f"{self.name}: path must be a non-empty string, got {self.path!r}")
+        _bool(self.name, "delta", self.delta)
+        _int(self.name, "version", self.version)
+        _int(self.name, "base", self.base)
+        if self.version > 0xFFFF_FFFF or self.base > 0xFFFF_FFFF:
+            raise BadCommand(f"{self.name}: versions are u32 (got version {self.version}, base {self.base})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDense(Command):
+    """The inference process loaded (``error`` empty) or could not load a pushed version's dense NN.
+
+    Sent by the inference process through the same mailbox as emrctl: the
+    supervisor switches to a version only after its dense NN loaded.
+    """
+
+    name: ClassVar[str] = "model_dense"
+    version: int
+    error: str = ""
+
+    def __post_init__(self) -> None:
+        _int(self.name, "version", self.version, minimum=1)
+        if not isinstance(self.error, str):
+            raise BadCommand(f"{self.name}: error must be a string, got {self.error!r}")
+
+
 # an explicit table, not a metaclass registry: adding a command is visible here
 COMMANDS: dict[str, type[Command]] = {c.name: c for c in (Status, Migrate, CacheResize, CachePolicy, Reload,
-                                                           Shutdown, Rebalance)}
+                                                           Shutdown, Rebalance, ModelPush, ModelDense)}
 
 # the supervisor routes these signals through the dispatcher, like emrctl's commands
 SIGNAL_COMMANDS: dict[str, Command] = {

@@ -115,10 +115,18 @@ def build_snapshot(block: ControlBlock, previous: Mapping[str, Any] | None = Non
         "ranker": ranker,
         "cache": cache,
         "tables": tables,
+        "model": model_versions(topo),
     }
     if previous is not None:
         apply_rates(snap, previous)
     return snap
+
+
+def model_versions(topo: Mapping[str, Any]) -> dict[str, Any]:
+    """Model versions (topology ``model``, written by the supervisor's rollout): active, loading, last switches."""
+    m = topo.get("model") or {}
+    return {"active": m.get("active", 1), "previous": m.get("previous"), "loading": m.get("loading"),
+            "last_error": m.get("last_error"), "history": m.get("history", []), "servers": m.get("servers", {})}
 
 
 def server_entries(block: ControlBlock, topo_servers: Sequence[Any], now_ns: int) -> list[dict[str, Any]]:

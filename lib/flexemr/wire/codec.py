@@ -32,6 +32,15 @@ no per-element Python) and encodes as a list of buffers for ``sendmsg``::
     HELLO (ranker -> server) aux = initial credits (0: no flow control);
                   name = "<ranker token>/<conn id>/<data|credit>"
     STATS_RESP    u64 counters[len(SERVER_STATS)]
+    MODEL         u32 op, u32 version, u32 base, u32 0 | utf-8 path (pad)     (ModelOp: load/retire/list)
+    MODEL_RESP    u32 n, u32 0, u64 rss_bytes, u64 peak_rss_bytes
+                  | n x (u32 version, u32 state, u32 base, f32 load_s) | utf-8 message (pad)
+
+Model versions (flag MODEL_VERSION, docs/PROTOCOL.md *Model versions*): a
+LOOKUP names its version in ``u32 version, u32 0`` before the deadline
+trailer, a FETCH in its second u32; LOOKUP_RESP and FETCH_RESP carry the
+version that served them in ``aux``; PREDICT_RESP ends with ``u32 version,
+u32 0``, CLIENT_LOOKUP_RESP has it in the 4th u32 of its head.
 
 Ids travel as int32 when every id of the block fits (the ranker narrows a
 subrequest whose tables all have fewer than 2^31 rows; the client narrows
@@ -57,6 +66,7 @@ from flexemr.wire.frame import HEADER_SIZE, FrameFlag, FrameType, header_flags, 
 _U32x2 = struct.Struct("<II")
 _U32x4 = struct.Struct("<IIII")
 _U64 = struct.Struct("<Q")
+_MODEL_VERSION = int(FrameFlag.MODEL_VERSION)
 _U32_U16x2 = struct.Struct("<IHH")
 _SHARD = np.dtype([("table_id", "<u4"), ("dim", "<u4"), ("start", "<u8"), ("end", "<u8")])
 
@@ -247,6 +257,7 @@ class LookupRequest:
     table_ids: np.ndarray  # uint32 [T]
     kjt: KJT
     budget_us: int = 0     # time left for the answer when the ranker sent it (0: no deadline)
+    version: int = 0       # model version the ranker asks for (0: not named, the server's boot version)
 
 
 def encode_lookup(
@@ -260,6 +271,7 @@ def encode_lookup(
     credit_trailer: bool = False,
     budget_us: int = 0,
     narrow_ids: bool = False,
+    version: int = 0,
 ) -> list:
     """Buffers (header first) of a LOOKUP frame; arrays are referenced, not copied.
 
@@ -278,6 +290,9 @@ def encode_lookup(
     w.add(_U32x2.pack(batch, len(tids)))
     w.add(tids)
     _add_kjt(w, counts, lengths, values, ids_wire_dtype(values, narrow_ids))
+    if version > 0:
+        w.add(_U32x2.pack(int(version), 0))
+        flags |= _MODEL_VERSION
     if budget_us > 0:
         w.add(_U64.pack(int(budget_us)))
         flags |= 2  # FrameFlag.DEADLINE
@@ -299,12 +314,20 @@ def decode_lookup(payload, flags: int = 0) -> LookupRequest:
             raise ProtocolError("LOOKUP: too short for its deadline", SIZE_MISMATCH)
         (budget,) = _U64.unpack_from(payload, len(payload) - 8)
         payload = payload[: len(payload) - 8]
+    version = 0
+    if flags & _MODEL_VERSION:  # the 8 bytes before the deadline
+        if len(payload) < 8:
+            raise ProtocolError("LOOKUP: too short for its model version", SIZE_MISMATCH)
+        version, _ = _U32x2.unpack_from(payload, len(payload) - 8)
+        if version == 0:
+            raise ProtocolError("LOOKUP: flagged MODEL_VERSION but names version 0", SIZE_MISMATCH)
+        payload = payload[: len(payload) - 8]
     r = _Reader(payload, "LOOKUP")
     batch, ntables = r.struct(_U32x2, "batch/tables")
     tids = r.array("<u4", ntables, "table_ids")
     kjt = _read_kjt(r, batch, ntables)
     r.finish()
-    return LookupRequest(tids, kjt, budget)
+    return LookupRequest(tids, kjt, budget, version)
 
 
 # Partials' precision on the wire (LOOKUP_RESP's ``partials`` field; the ranker
@@ -405,12 +428,20 @@ def decode_lookup_response(payload) -> tuple[np.ndarray, list[np.ndarray]]:
 # ---------------------------------------------------------------- FETCH
 
 
-def encode_fetch(request_id: int, table_id: int, ids: np.ndarray) -> list:
+def encode_fetch(request_id: int, table_id: int, ids: np.ndarray, version: int = 0) -> list:
+    """Buffers of a FETCH; ``version`` > 0 names the model version (its second u32, flag MODEL_VERSION)."""
     ids = np.ascontiguousarray(ids, dtype="<i8")
     w = _Writer()
-    w.add(_U32x2.pack(table_id, 0))
+    w.add(_U32x2.pack(table_id, int(version)))
     w.add(ids)
-    return [pack_header(FrameType.FETCH, request_id, w.size), *w.parts]
+    return [pack_header(FrameType.FETCH, request_id, w.size, flags=_MODEL_VERSION if version > 0 else 0), *w.parts]
+
+
+def fetch_version(payload, flags: int) -> int:
+    """The model version a FETCH names (0: not named)."""
+    if not flags & _MODEL_VERSION or len(payload) < 8:
+        return 0
+    return _U32x2.unpack_from(payload, 0)[1]
 
 
 def decode_fetch(payload) -> tuple[int, np.ndarray]:
@@ -422,7 +453,7 @@ def decode_fetch(payload) -> tuple[int, np.ndarray]:
     return table_id, ids
 
 
-def encode_fetch_response(request_id: int, table_id: int, rows: np.ndarray) -> list:
+def encode_fetch_response(request_id: int, table_id: int, rows: np.ndarray, aux: int = 0) -> list:
     rows = np.ascontiguousarray(rows, dtype="<f4")
     w = _Writer()
     w.add(_U32x2.pack(table_id, rows.shape[1]))
@@ -431,7 +462,7 @@ def encode_fetch_response(request_id: int, table_id: int, rows: np.ndarray) -> l
     if rows.nbytes:
         w.parts.append(rows)
         w.size += rows.nbytes
-    return [pack_header(FrameType.FETCH_RESP, request_id, w.size), *w.parts]
+    return [pack_header(FrameType.FETCH_RESP, request_id, w.size, aux), *w.parts]
 
 
 def decode_fetch_response(payload) -> tuple[int, np.ndarray]:
@@ -511,28 +542,51 @@ def decode_client_request(payload, ftype: int) -> ClientRequest:
     return ClientRequest(names, dense, kjt)
 
 
-def encode_scores(request_id: int, scores: np.ndarray) -> list:
+def encode_scores(request_id: int, scores: np.ndarray, version: int = 0) -> list:
+    """Buffers of a PREDICT_RESP; ``version`` > 0 adds the ``u32 version, u32 0`` trailer (flag MODEL_VERSION)."""
     s = np.ascontiguousarray(scores, dtype="<f4")
-    return [pack_header(FrameType.PREDICT_RESP, request_id, s.nbytes, aux=len(s)), s]
+    if version <= 0:
+        return [pack_header(FrameType.PREDICT_RESP, request_id, s.nbytes, aux=len(s)), s]
+    return [pack_header(FrameType.PREDICT_RESP, request_id, s.nbytes + 8, aux=len(s), flags=_MODEL_VERSION), s,
+            _U32x2.pack(int(version), 0)]
 
 
-def decode_scores(payload) -> np.ndarray:
+def scores_version(payload, flags: int) -> int:
+    """The model version that served a PREDICT_RESP (0: not named)."""
+    if not flags & _MODEL_VERSION or len(payload) < 8:
+        return 0
+    return _U32x2.unpack_from(payload, len(payload) - 8)[0]
+
+
+def decode_scores(payload, flags: int = 0) -> np.ndarray:
     mv = memoryview(payload)
+    if flags & _MODEL_VERSION:  # the version trailer
+        if len(mv) < 8:
+            raise ProtocolError("PREDICT_RESP: too short for its model version", SIZE_MISMATCH)
+        mv = mv[: len(mv) - 8]
     if len(mv) % 4:
         raise ProtocolError("PREDICT_RESP: payload is not a float32 array", SIZE_MISMATCH)
     return np.frombuffer(mv, dtype="<f4")
 
 
-def encode_pooled(request_id: int, names: Sequence[str], pooled: Sequence[np.ndarray]) -> list:
+def encode_pooled(request_id: int, names: Sequence[str], pooled: Sequence[np.ndarray], version: int = 0) -> list:
+    """Buffers of a CLIENT_LOOKUP_RESP; ``version`` (the model version that served it) in the head's 4th u32."""
     blob = _names_blob(names)
     batch = pooled[0].shape[0] if pooled else 0
     w = _Writer()
-    w.add(_U32x4.pack(batch, len(names), len(blob), 0))
+    w.add(_U32x4.pack(batch, len(names), len(blob), int(version)))
     w.add(blob)
     w.add(np.fromiter((p.shape[1] for p in pooled), dtype="<u4", count=len(pooled)))
     for p in pooled:
         w.add(np.ascontiguousarray(p, dtype="<f4"))
-    return [pack_header(FrameType.CLIENT_LOOKUP_RESP, request_id, w.size), *w.parts]
+    return [pack_header(FrameType.CLIENT_LOOKUP_RESP, request_id, w.size, flags=_MODEL_VERSION if version > 0 else 0), *w.parts]
+
+
+def pooled_version(payload) -> int:
+    """The model version that served a CLIENT_LOOKUP_RESP (0: not named)."""
+    if len(payload) < 16:
+        return 0
+    return _U32x4.unpack_from(payload, 0)[3]
 
 
 def decode_pooled(payload) -> dict[str, np.ndarray]:
@@ -639,3 +693,83 @@ def decode_credit(payload) -> int:
     if len(payload) != 8:
         raise ProtocolError("CREDIT: payload must be 8 bytes", SIZE_MISMATCH)
     return struct.unpack("<Q", payload)[0]
+
+
+# ---------------------------------------------------------------- model versions (control frames)
+
+
+class ModelOp:
+    """``op`` of a MODEL frame."""
+
+    LOAD = 1         # map the model directory ``path`` as ``version`` (every table)
+    LOAD_DELTA = 2   # ``version`` = ``base`` with the changed rows of the delta directory ``path``
+    RETIRE = 3       # release ``version`` after its last request
+    LIST = 4         # only answer MODEL_RESP
+
+
+class VersionState:
+    """``state`` of a version in a MODEL_RESP."""
+
+    LOADING = 1
+    LIVE = 2
+    FAILED = 3
+    LABELS = {1: "loading", 2: "live", 3: "failed"}
+
+
+_MODEL_ENTRY = np.dtype([("version", "<u4"), ("state", "<u4"), ("base", "<u4"), ("load_s", "<f4")])
+_U32x2Q2 = struct.Struct("<IIQQ")
+
+
+@dataclasses.dataclass(slots=True)
+class ModelRequest:
+    op: int
+    version: int
+    base: int
+    path: str
+
+
+@dataclasses.dataclass(slots=True)
+class ModelStatus:
+    """What a server holds: ``versions[v] = (state, base, load_s)``; ``message`` explains failures."""
+
+    versions: dict[int, tuple[int, int, float]]
+    rss_bytes: int
+    peak_rss_bytes: int
+    message: str
+
+
+def encode_model(request_id: int, op: int, version: int = 0, base: int = 0, path: str = "") -> list:
+    w = _Writer()
+    w.add(_U32x4.pack(op, version, base, 0))
+    if path:
+        w.add(path.encode())
+    return [pack_header(FrameType.MODEL, request_id, w.size), *w.parts]
+
+
+def decode_model(payload) -> ModelRequest:
+    r = _Reader(payload, "MODEL")
+    op, version, base, _ = r.struct(_U32x4, "op/version/base")
+    try:
+        path = bytes(r.buf[r.off:]).rstrip(b"\0").decode()
+    except UnicodeDecodeError:
+        raise ProtocolError("MODEL: path is not utf-8", BAD_FRAME) from None
+    return ModelRequest(op, version, base, path)
+
+
+def encode_model_status(request_id: int, status: ModelStatus) -> list:
+    entries = np.array([(v, s, b, t) for v, (s, b, t) in sorted(status.versions.items())], dtype=_MODEL_ENTRY)
+    w = _Writer()
+    w.add(_U32x2Q2.pack(len(entries), 0, status.rss_bytes, status.peak_rss_bytes))
+    w.add(entries)
+    if status.message:
+        w.add(status.message.encode("utf-8", "replace")[:65536])
+    return [pack_header(FrameType.MODEL_RESP, request_id, w.size), *w.parts]
+
+
+def decode_model_status(payload) -> ModelStatus:
+    r = _Reader(payload, "MODEL_RESP")
+    n, _, rss, peak = r.struct(_U32x2Q2, "n/rss")
+    entries = r.array(_MODEL_ENTRY, n, "versions")
+    message = bytes(r.buf[r.off:]).rstrip(b"\0").decode("utf-8", "replace")
+    versions = {int(e["version"]): (int(e["state"]), int(e["base"]), float(e["load_s"])) for e in entries}
+    return ModelStatus(versions, int(rss), int(peak), message)

@@ -52,6 +52,8 @@ class FrameType(enum.IntEnum):
     PONG = 13
     STATS = 14           # ranker/tool -> server: counters request
     STATS_RESP = 15      # server -> requester: fixed u64 counters (codec.SERVER_STATS)
+    MODEL = 16           # ranker/tool -> server: load, retire or list model versions (codec.encode_model)
+    MODEL_RESP = 17      # server -> requester: every version it holds and its state
 
 
 class FrameFlag(enum.IntFlag):
@@ -60,6 +62,8 @@ class FrameFlag(enum.IntFlag):
     DEADLINE = 2         # LOOKUP/FETCH carry a u64 time budget (µs, left when sent) before any credit trailer
     PARTIALS_FP16 = 4    # LOOKUP: answer with f16 partials (LOOKUP_RESP says what it sent)
     PARTIALS_BF16 = 8    # LOOKUP: answer with bf16 partials
+    MODEL_VERSION = 16   # LOOKUP: a u32 model version before the other trailers; FETCH: the version in its
+                          # second u32; PREDICT_RESP: a u32 version trailer; CLIENT_LOOKUP_RESP: in its 4th u32
 
 
 class ErrorCode(enum.IntEnum):
@@ -74,6 +78,7 @@ class ErrorCode(enum.IntEnum):
     OVERLOADED = 9
     UNAVAILABLE = 10     # the ranker cannot reach an embedding server
     DEADLINE_EXCEEDED = 11  # the request ran out of time (the message names the stage)
+    UNKNOWN_VERSION = 12    # a LOOKUP/FETCH names a model version this server does not hold (any more)
 
 
 class Header:
