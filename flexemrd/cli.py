@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -81,7 +82,7 @@ def local(model_dir, n_servers, engines, socket_path, instance, routing, replica
           cache_size, cache_budget, cache_margin, mapping, credits, rebalance, http_port, grpc_port, metrics_port, server_threads, torch_threads,
           heartbeat_timeout_s, log_level) -> None:
     """Run a whole cluster on this host: N embedding servers and one ranker, TCP on loopback."""
-    from flexemrd.hosts import build_local
+    from flexemrd.hosts import build_local, with_local_secret
 
     try:
         cfg = parse_config(
@@ -105,13 +106,32 @@ def local(model_dir, n_servers, engines, socket_path, instance, routing, replica
         problems = validate_model_dir(model_dir)
         if problems:
             raise ModelError(problems)
-        sup = build_local(cfg, n_servers)
+        # A fresh secret per instance: other users of this host reach loopback too.
+        cfg, secret_path = with_local_secret(cfg)
     except (ConfigError, ModelError) as e:
         _fail(str(e))
     except OSError as e:
         _fail(f"cannot start: {e}")
-    logging.getLogger("flexemrd").info("starting local cluster: %d embedding servers, %d engines", n_servers, engines)
-    sys.exit(sup.run())
+    try:
+        try:
+            sup = build_local(cfg, n_servers)
+        except (ConfigError, ModelError) as e:
+            _fail(str(e))
+        except OSError as e:
+            _fail(f"cannot start: {e}")
+        logging.getLogger("flexemrd").info("starting local cluster: %d embedding servers, %d engines", n_servers,
+                                           engines)
+        code = sup.run()
+    finally:
+        _remove(secret_path)
+    sys.exit(code)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def main() -> None:

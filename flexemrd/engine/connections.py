@@ -1,8 +1,10 @@
 """Per-connection state of an engine, the table of connections it owns, and opening one.
 
 Opening a connection is connect + HELLO: the engine introduces itself
-(``"<token>/<conn id>/<data|credit>"``, aux = the credits it grants up front)
-and checks that the server holds exactly the shards this ranker's routing
+(``"<token>/<conn id>/<data|credit>"``, aux = the credits it grants up front),
+authenticates when the server asks for it and the ranker has a secret (both
+sides prove knowledge of it, ``flexemr.auth``; a ranker with a secret refuses
+a server that does not ask), and checks that the server holds exactly the shards this ranker's routing
 expects, so a misconfigured host fails at boot with a message naming both
 sides instead of answering lookups wrongly.
 
@@ -21,6 +23,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from flexemr import auth
 from flexemr.errors import ProtocolError
 from flexemr.transport.base import Connection, Transport
 from flexemr.wire import codec
@@ -166,39 +169,75 @@ def check_shards(conn: Connection, hello: codec.Hello, expected: Sequence[Shard]
         )
 
 
-def say_hello(conn: Connection, token: str, channel: str, credits: int) -> codec.Hello:
-    """Introduce this engine on ``conn`` and return the server's HELLO (ProtocolError if refused)."""
-    conn.send_frame(codec.encode_hello(0, codec.ROLE_RANKER, f"{token}/{conn.conn_id}/{channel}", credits=credits))
-    h = conn.recv_header()
-    payload = conn.recv_payload(h)
-    if h.type == FrameType.ERROR:
-        raise ProtocolError(f"server {conn.server} ({conn.address}) refused us: {codec.decode_error(payload)}")
+def say_hello(conn: Connection, token: str, channel: str, credits: int, secret: bytes | None = None) -> codec.Hello:
+    """Introduce this engine on ``conn`` (authenticating with ``secret``) and return the server's HELLO.
+
+    ProtocolError if the server refuses us, fails to prove it knows the secret,
+    asks for a secret we do not have, or (we having one) does not ask for it.
+    """
+    name = f"{token}/{conn.conn_id}/{channel}"
+    hello = codec.encode_hello(0, codec.ROLE_RANKER, name, credits=credits)
+    conn.send_frame(hello)
+    h, payload = _answer(conn, "HELLO")
+    if h.type == FrameType.AUTH_CHALLENGE:
+        if secret is None:
+            raise ProtocolError(f"server {conn.server} ({conn.address}) requires authentication but this ranker "
+                                "has no [daemon].secret_file: configure the same secret file on both hosts")
+        _authenticate(conn, secret, codec.decode_auth_challenge(payload), auth.hello_identity(codec.ROLE_RANKER,
+                                                                                              credits, name))
+        conn.send_frame(codec.encode_hello(0, codec.ROLE_RANKER, name, credits=credits))
+        h, payload = _answer(conn, "HELLO")
+    elif secret is not None and h.type == FrameType.HELLO:
+        raise ProtocolError(f"server {conn.server} ({conn.address}) did not ask this ranker to authenticate, so it "
+                            "cannot prove it knows [daemon].secret_file: refusing it (give it the same secret file)")
     if h.type != FrameType.HELLO:
         raise ProtocolError(f"server {conn.server} ({conn.address}) answered HELLO with frame type {h.type}")
     return codec.decode_hello(payload)
+
+
+def _answer(conn: Connection, what: str) -> tuple:
+    """The next frame, as (header, payload); ProtocolError for an ERROR frame (naming the server)."""
+    h = conn.recv_header()
+    payload = conn.recv_payload(h)
+    if h.type == FrameType.ERROR:
+        raise ProtocolError(f"server {conn.server} ({conn.address}) refused our {what}: {codec.decode_error(payload)}")
+    return h, payload
+
+
+def _authenticate(conn: Connection, secret: bytes, challenge: codec.AuthChallenge, identity: bytes) -> None:
+    """Prove we know ``secret``, then check the server's proof back (a fresh nonce of ours: no replay)."""
+    nonce = auth.new_nonce()
+    conn.send_frame(codec.encode_auth_proof(0, nonce, auth.ranker_proof(secret, challenge.nonce, nonce, identity)))
+    h, payload = _answer(conn, "AUTH_PROOF")
+    if h.type != FrameType.AUTH_OK:
+        raise ProtocolError(f"server {conn.server} ({conn.address}) answered AUTH_PROOF with frame type {h.type}")
+    if not auth.verify(auth.server_proof(secret, challenge.nonce, nonce, identity), codec.decode_auth_ok(payload)):
+        raise ProtocolError(f"server {conn.server} ({conn.address}) failed to prove it knows [daemon].secret_file: "
+                            "refusing it")
 
 
 class Connector:
     """Opens an engine's connections: data channel, and the credit channel when the mode wants one."""
 
     def __init__(self, transport: Transport, token: str, initial_credits: int, credit_channel: bool,
-                 expected_shards: Mapping[int, Sequence[Shard]] | None = None) -> None:
+                 expected_shards: Mapping[int, Sequence[Shard]] | None = None, secret: bytes | None = None) -> None:
         self.transport = transport
         self.token = token
         self.initial_credits = initial_credits
         self.credit_channel = credit_channel
         self.expected_shards = dict(expected_shards or {})
+        self.secret = secret
 
     def open(self, cid: int, server: int, address: str) -> ConnState:
         opened = [self.transport.connect(address, cid, server)]
         try:
-            hello = say_hello(opened[0], self.token, "data", self.initial_credits)
+            hello = say_hello(opened[0], self.token, "data", self.initial_credits, self.secret)
             want = self.expected_shards.get(server)
             if want is not None:
                 check_shards(opened[0], hello, want)
             if self.credit_channel:
                 opened.append(self.transport.connect(address, cid, server, priority=True))
-                say_hello(opened[1], self.token, "credit", 0)
+                say_hello(opened[1], self.token, "credit", 0, self.secret)
         except BaseException:
             for c in opened:
                 c.close()

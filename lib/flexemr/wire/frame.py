@@ -52,6 +52,9 @@ class FrameType(enum.IntEnum):
     PONG = 13
     STATS = 14           # ranker/tool -> server: counters request
     STATS_RESP = 15      # server -> requester: fixed u64 counters (codec.SERVER_STATS)
+    AUTH_CHALLENGE = 16  # server -> ranker, answering HELLO when a secret is required: the server's nonce
+    AUTH_PROOF = 17      # ranker -> server: the ranker's nonce + HMAC proof (flexemr.auth)
+    AUTH_OK = 18         # server -> ranker: the server's HMAC proof back; the ranker then repeats HELLO
 
 
 class FrameFlag(enum.IntFlag):
@@ -72,6 +75,7 @@ class ErrorCode(enum.IntEnum):
     OVERLOADED = 9
     UNAVAILABLE = 10     # the ranker cannot reach an embedding server
     DEADLINE_EXCEEDED = 11  # the request ran out of time (the message names the stage)
+    UNAUTHENTICATED = 12    # a frame other than HELLO/AUTH_PROOF before authentication, or a failed proof
 
 
 class Header:
