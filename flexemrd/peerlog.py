@@ -15,19 +15,23 @@ __all__ = ["PeerWarnings"]
 
 
 class PeerWarnings:
-    """``warn(peer, fmt, *args)``: at most one WARNING line per peer per ``interval_s`` (thread-safe)."""
+    """``warn(peer, kind, fmt, *args)``: at most one WARNING line per (peer host, kind) per ``interval_s``.
+
+    ``kind`` groups mistakes ("bad-frame", "wrong-secret", ...), so that a flood
+    of one kind from a host does not hide the first of another.  Thread-safe.
+    """
 
     MAX_PEERS = 4096  # remembered peers; beyond this the oldest are forgotten (an attacker may vary its address)
 
     def __init__(self, logger: logging.Logger, interval_s: float = 10.0) -> None:
         self.logger = logger
         self.interval_s = interval_s
-        self._last: dict[str, tuple[float, int]] = {}   # peer -> (when logged, suppressed since)
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}   # peer -> (when logged, suppressed since)
         self._lock = threading.Lock()
 
-    def warn(self, peer: str, fmt: str, *args: object) -> bool:
-        """Log ``fmt % args`` for ``peer`` unless it was logged recently; True when a line went out."""
-        key = peer_host(peer)
+    def warn(self, peer: str, kind: str, fmt: str, *args: object) -> bool:
+        """Log ``fmt % args`` for ``peer`` unless its kind was logged recently for that host; True when logged."""
+        key = (peer_host(peer), kind)
         now = time.monotonic()
         with self._lock:
             last, suppressed = self._last.get(key, (-1e18, 0))
@@ -38,7 +42,7 @@ class PeerWarnings:
                 for old in list(self._last)[: self.MAX_PEERS // 4]:
                     del self._last[old]
             self._last[key] = (now, 0)
-        tail = f" ({suppressed} more from this peer suppressed in the last {self.interval_s:.0f} s)" if suppressed else ""
+        tail = f" ({suppressed} more of this kind from this host suppressed in the last {self.interval_s:.0f} s)" if suppressed else ""
         self.logger.warning("peer %s: " + fmt + "%s", peer, *args, tail)
         return True
 

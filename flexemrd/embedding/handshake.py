@@ -33,9 +33,10 @@ UNAUTHENTICATED_MAX_PAYLOAD = 64 << 10
 class AuthRefused(ProtocolError):
     """The peer failed authentication: answer with this ERROR, then close the connection."""
 
-    def __init__(self, message: str, log_reason: str) -> None:
+    def __init__(self, message: str, log_reason: str, kind: str = "unauthenticated") -> None:
         super().__init__(message, ErrorCode.UNAUTHENTICATED)
         self.log_reason = log_reason     # for the server's log (more detail than the peer is told)
+        self.kind = kind                 # rate-limit group of the log line: "unauthenticated", "wrong-secret"
 
 
 class ServerHandshake:
@@ -80,14 +81,14 @@ class ServerHandshake:
         nonce, self._nonce = self._nonce, None      # one proof per challenge: a second attempt finds none
         if nonce is None:
             raise AuthRefused("authentication failed: AUTH_PROOF without a challenge (send HELLO first)",
-                              "sent AUTH_PROOF without a challenge")
+                              "sent AUTH_PROOF without a challenge", kind="bad-proof")
         try:
             ranker_nonce, mac = codec.decode_auth_proof(payload)
         except ProtocolError as e:
-            raise AuthRefused(f"authentication failed: {e}", f"malformed AUTH_PROOF ({e})") from None
+            raise AuthRefused(f"authentication failed: {e}", f"malformed AUTH_PROOF ({e})", kind="bad-proof") from None
         if not auth.verify(auth.ranker_proof(self._secret, nonce, ranker_nonce, self._identity), mac):
             raise AuthRefused("authentication failed: the proof does not match this server's secret "
                               "(check [daemon].secret_file on both hosts)",
-                              "wrong secret (its proof did not verify)")
+                              "wrong secret (its proof did not verify)", kind="wrong-secret")
         self.authenticated = True
         return codec.encode_auth_ok(h.request_id, auth.server_proof(self._secret, nonce, ranker_nonce, self._identity))

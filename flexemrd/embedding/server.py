@@ -293,7 +293,7 @@ class EmbeddingServer:
             except ProtocolError as e:
                 # The stream is lost: say why, then close only this connection.
                 self.stats["errors"] += 1
-                self._warn.warn(peer.conn.peer, "closing its connection: %s", e)
+                self._warn.warn(peer.conn.peer, "bad-header", "closing its connection: %s", e)
                 self._close_after(peer, codec.encode_error(0, ErrorCode.BAD_FRAME, str(e)))
                 return
             except OSError:  # ConnectionError included: the peer went away, mid-frame or not
@@ -358,7 +358,7 @@ class EmbeddingServer:
             reply = self._hello(peer, h, payload) if t == FrameType.HELLO else self._control_answer(h)
         except (ProtocolError, RequestRejected) as e:
             self.stats["errors"] += 1
-            self._warn.warn(peer.conn.peer, "%s frame refused: %s", _type_name(t), e)
+            self._warn.warn(peer.conn.peer, "bad-frame", "%s frame refused: %s", _type_name(t), e)
             reply = codec.encode_error(h.request_id, e.code, str(e))
         finally:
             peer.reader.recycle(payload)
@@ -382,7 +382,7 @@ class EmbeddingServer:
             return
         except ProtocolError as e:   # a malformed HELLO: say what is wrong, keep the connection
             self.stats["errors"] += 1
-            self._warn.warn(peer.conn.peer, "%s frame refused: %s", _type_name(h.type), e)
+            self._warn.warn(peer.conn.peer, "bad-frame", "%s frame refused: %s", _type_name(h.type), e)
             reply = codec.encode_error(h.request_id, e.code, str(e))
         finally:
             peer.reader.recycle(payload)
@@ -390,7 +390,7 @@ class EmbeddingServer:
 
     def _refuse_unauthenticated(self, peer: _Peer, e: AuthRefused, request_id: int) -> None:
         self.stats["errors"] += 1
-        self._warn.warn(peer.conn.peer, "refused: %s", e.log_reason)
+        self._warn.warn(peer.conn.peer, e.kind, "refused: %s", e.log_reason)
         self._close_after(peer, codec.encode_error(request_id, e.code, str(e)))
 
     def _control_answer(self, h: Header) -> list:
@@ -458,7 +458,7 @@ class EmbeddingServer:
                 req.stat = "fetches"
         except (ProtocolError, RequestRejected) as e:
             if isinstance(e, ProtocolError):  # a malformed frame (a rejected id is an ordinary answer)
-                self._warn.warn(peer.conn.peer, "%s frame refused: %s", _type_name(h.type), e)
+                self._warn.warn(peer.conn.peer, "bad-frame", "%s frame refused: %s", _type_name(h.type), e)
             req.reply, req.stat = codec.encode_error(h.request_id, e.code, str(e)), "errors"
         except Exception as e:  # a bug must not take the server down
             logger.exception("request %d failed", h.request_id)
