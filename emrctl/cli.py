@@ -261,9 +261,11 @@ def cache() -> None:
 
 def _size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
     try:
-        return parse_size(value)
-    except ValueError as e:
+        size = parse_size(value)
+        CacheResize(size_bytes=size)  # the command's own checks (this host's memory), before any round trip
+    except ValueError as e:  # BadCommand is a ValueError
         raise click.BadParameter(str(e)) from None
+    return size
 
 
 @cache.command("resize")

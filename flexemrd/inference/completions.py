@@ -195,7 +195,7 @@ class Completions:
                 continue
             next_due = min(next_due, batch.deadline)
             if self.hedging and not batch.hedged(rid):
-                q = self.health.quantile_s(part.server, self.hedge_quantile)
+                q = self.health.hedge_after_s(part.server, self.hedge_quantile)
                 due = part.sent_at + max(self.hedge_min_s, q if q is not None else float("inf"))
                 if due <= now:
                     self._hedge(batch, part)

@@ -38,6 +38,7 @@ class ServerState:
     outstanding: int = 0
     timeouts: int = 0
     down_reason: str = ""
+    lost_reason: str = ""      # why its last connection went (shown while it is down)
     changed_ns: int = 0
     latencies: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
     rr: int = 0
@@ -88,7 +89,8 @@ class ServerHealth:
             parts = []
             for s in self.routing.holders_of(primary):
                 st = self.servers[s]
-                parts.append(f"embedding server {s} ({st.address}): {st.down_reason or 'connection lost'}")
+                parts.append(f"embedding server {s} ({st.address}): "
+                             f"{st.down_reason or st.lost_reason or 'connection lost'}")
         return "; ".join(parts) + " — no live replica holds these shards"
 
     # ---------------------------------------------------------------- completion thread
@@ -125,6 +127,7 @@ class ServerHealth:
             st = self.servers[server]
             was_up = st.up
             st.conn_up[conn] = False
+            st.lost_reason = reason
             if was_up and not st.up:
                 st.changed_ns = time.monotonic_ns()
                 logger.warning("embedding server %d (%s) is down: %s", server, st.address, reason)
@@ -147,12 +150,16 @@ class ServerHealth:
 
     # ---------------------------------------------------------------- hedging and status
 
-    def quantile_s(self, server: int, q: float) -> float | None:
+    def hedge_after_s(self, server: int, q: float) -> float | None:
+        """How old a subrequest to ``server`` may get before it is hedged: its recent ``q`` quantile,
+        capped at 3x its median (a replica that stalls often inflates its own tail, which would
+        otherwise delay exactly the hedges it needs); None until 20 answers were seen."""
         with self._lock:
             lat = list(self.servers[server].latencies)
         if len(lat) < 20:
             return None
-        return float(np.quantile(np.asarray(lat), q))
+        tail, median = np.quantile(np.asarray(lat), [q, 0.5])
+        return float(min(tail, 3.0 * median))
 
     def all_shards_live(self) -> bool:
         """Every primary's shards have at least one live holder."""
