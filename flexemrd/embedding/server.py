@@ -536,7 +536,19 @@ class EmbeddingServer:
         while peer.recycle and peer.recycle[0][0] <= peer.sent_bytes:
             peer.reader.recycle(peer.recycle.popleft()[1])
         if peer.closing and not out:
+            self._drain(peer)
             self._drop(peer)
+
+    def _drain(self, peer: _Peer) -> None:
+        """Take what the peer already sent: closing a TCP socket with unread bytes resets the
+        connection, which can destroy the ERROR frame before the peer reads it."""
+        scratch = memoryview(bytearray(1 << 16))
+        try:
+            for _ in range(16):
+                if not peer.conn.recv_nowait(scratch):
+                    return
+        except OSError:
+            pass
 
     def _close_after(self, peer: _Peer, frame: list) -> None:
         """Send ``frame`` after what is already going out, then close (answers not yet made are dropped)."""

@@ -200,7 +200,8 @@ def _answer(conn: Connection, what: str) -> tuple:
     h = conn.recv_header()
     payload = conn.recv_payload(h)
     if h.type == FrameType.ERROR:
-        raise ProtocolError(f"server {conn.server} ({conn.address}) refused our {what}: {codec.decode_error(payload)}")
+        raise ProtocolError(f"server {conn.server} ({conn.address}) refused us: {codec.decode_error(payload)} "
+                            f"(answering our {what})")
     return h, payload
 
 
