@@ -23,11 +23,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from flexemr import auth
 from flexemr.errors import ProtocolError
 from flexemr.transport.base import Connection, Transport
 from flexemr.wire import codec
-from flexemr.wire.frame import FrameType
+from flexemr.wire.handshake import client_hello
 
 # (table id, dim, start row, end row) of one shard, as routing builds them
 Shard = tuple[int, int, int, int]
@@ -175,46 +174,12 @@ def say_hello(conn: Connection, token: str, channel: str, credits: int, secret: 
     ProtocolError if the server refuses us, fails to prove it knows the secret,
     asks for a secret we do not have, or (we having one) does not ask for it.
     """
-    name = f"{token}/{conn.conn_id}/{channel}"
-    hello = codec.encode_hello(0, codec.ROLE_RANKER, name, credits=credits)
-    conn.send_frame(hello)
-    h, payload = _answer(conn, "HELLO")
-    if h.type == FrameType.AUTH_CHALLENGE:
-        if secret is None:
-            raise ProtocolError(f"server {conn.server} ({conn.address}) requires authentication but this ranker "
-                                "has no [daemon].secret_file: configure the same secret file on both hosts")
-        _authenticate(conn, secret, codec.decode_auth_challenge(payload), auth.hello_identity(codec.ROLE_RANKER,
-                                                                                              credits, name))
-        conn.send_frame(codec.encode_hello(0, codec.ROLE_RANKER, name, credits=credits))
-        h, payload = _answer(conn, "HELLO")
-    elif secret is not None and h.type == FrameType.HELLO:
-        raise ProtocolError(f"server {conn.server} ({conn.address}) did not ask this ranker to authenticate, so it "
-                            "cannot prove it knows [daemon].secret_file: refusing it (give it the same secret file)")
-    if h.type != FrameType.HELLO:
-        raise ProtocolError(f"server {conn.server} ({conn.address}) answered HELLO with frame type {h.type}")
-    return codec.decode_hello(payload)
+    def recv() -> tuple:
+        h = conn.recv_header()
+        return h, conn.recv_payload(h)
 
-
-def _answer(conn: Connection, what: str) -> tuple:
-    """The next frame, as (header, payload); ProtocolError for an ERROR frame (naming the server)."""
-    h = conn.recv_header()
-    payload = conn.recv_payload(h)
-    if h.type == FrameType.ERROR:
-        raise ProtocolError(f"server {conn.server} ({conn.address}) refused us: {codec.decode_error(payload)} "
-                            f"(answering our {what})")
-    return h, payload
-
-
-def _authenticate(conn: Connection, secret: bytes, challenge: codec.AuthChallenge, identity: bytes) -> None:
-    """Prove we know ``secret``, then check the server's proof back (a fresh nonce of ours: no replay)."""
-    nonce = auth.new_nonce()
-    conn.send_frame(codec.encode_auth_proof(0, nonce, auth.ranker_proof(secret, challenge.nonce, nonce, identity)))
-    h, payload = _answer(conn, "AUTH_PROOF")
-    if h.type != FrameType.AUTH_OK:
-        raise ProtocolError(f"server {conn.server} ({conn.address}) answered AUTH_PROOF with frame type {h.type}")
-    if not auth.verify(auth.server_proof(secret, challenge.nonce, nonce, identity), codec.decode_auth_ok(payload)):
-        raise ProtocolError(f"server {conn.server} ({conn.address}) failed to prove it knows [daemon].secret_file: "
-                            "refusing it")
+    return client_hello(conn.send_frame, recv, f"server {conn.server} ({conn.address})", codec.ROLE_RANKER,
+                        f"{token}/{conn.conn_id}/{channel}", credits=credits, secret=secret)
 
 
 class Connector:
