@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-import struct
 import threading
 import time
 from typing import Callable
@@ -228,4 +227,4 @@ def _exact(sock: socket.socket, n: int) -> bytes:
     return bytes(out)
 
 
-__all__ = ["Fuzzer", "Tally", "growth_report", "process_snapshot", "read_frame", "struct"]
+__all__ = ["Fuzzer", "Tally", "growth_report", "process_snapshot", "read_frame"]
