@@ -53,6 +53,7 @@ EXIT_NO_ANSWER = 3
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "model": ("emrctl.model_cmd:model", "Create and inspect model directories."),
     "bench": ("emrctl.bench_cmd:bench", "Run the benchmarks side by side with their baselines."),
+    "cluster": ("emrctl.cluster.cli:cluster", "A multi-host cluster on this machine in network namespaces."),
 }
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -26,6 +26,8 @@ from flexemr.routing.table import RoutingTable
 logger = logging.getLogger(__name__)
 
 DOWN_AFTER_TIMEOUTS = 3
+SLOW_S = 5.0            # a subrequest unanswered this long counts against its server (short client deadlines do not)
+PROBE_AFTER_S = 1.0     # a server marked down by timeouts, still connected, gets one probe this often
 LATENCY_WINDOW = 256
 
 
@@ -39,6 +41,7 @@ class ServerState:
     timeouts: int = 0
     down_reason: str = ""
     lost_reason: str = ""      # why its last connection went (shown while it is down)
+    down_at: float = 0.0       # monotonic time it was marked down (or last probed)
     changed_ns: int = 0
     latencies: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
     rr: int = 0
@@ -46,6 +49,10 @@ class ServerState:
     @property
     def up(self) -> bool:
         return not self.down_reason and any(self.conn_up.values())
+
+    def probe_due(self, now: float) -> bool:
+        """Marked down by timeouts but still connected, and not probed for a while (half-open)."""
+        return bool(self.down_reason) and any(self.conn_up.values()) and now - self.down_at >= PROBE_AFTER_S
 
 
 class ServerHealth:
@@ -68,14 +75,18 @@ class ServerHealth:
         """(server, connection) for a subrequest of ``primary``'s shards, or None when no holder is up."""
         with self._lock:
             best = None
-            for s in self.routing.holders_of(primary):
-                st = self.servers.get(s)
-                if st is None or s in exclude or not st.up:
-                    continue
-                if best is None or st.outstanding < best.outstanding:
+            holders = [self.servers[s] for s in self.routing.holders_of(primary) if s in self.servers and s not in exclude]
+            for st in holders:
+                if st.up and (best is None or st.outstanding < best.outstanding):
                     best = st
             if best is None:
-                return None
+                # No live holder: let one subrequest probe a holder that timed out but is still connected;
+                # its answer marks it up again (a circuit breaker's half-open state).
+                now = time.monotonic()
+                best = next((st for st in holders if st.probe_due(now)), None)
+                if best is None:
+                    return None
+                best.down_at = now
             if not self.servers[primary].up:
                 self.failovers += 1    # the primary is down: a replica serves its shards
             live = [c for c in best.conns if best.conn_up[c]]
@@ -112,12 +123,16 @@ class ServerHealth:
             st = self.servers[server]
             st.outstanding = max(0, st.outstanding - 1)
 
-    def timed_out(self, server: int) -> None:
+    def timed_out(self, server: int, age_s: float) -> None:
+        """A subrequest to ``server`` expired after ``age_s``: only slow ones (≥ SLOW_S) count against it."""
+        if age_s < SLOW_S:
+            return
         with self._lock:
             st = self.servers[server]
             st.timeouts += 1
             if st.timeouts >= DOWN_AFTER_TIMEOUTS and not st.down_reason:
-                st.down_reason = f"{st.timeouts} subrequests in a row timed out"
+                st.down_reason = f"{st.timeouts} subrequests in a row unanswered for {SLOW_S:g} s or more"
+                st.down_at = time.monotonic()
                 st.changed_ns = time.monotonic_ns()
                 logger.warning("embedding server %d (%s) marked down: %s", server, st.address, st.down_reason)
 
@@ -149,6 +164,11 @@ class ServerHealth:
         return self._server_of_conn[conn]
 
     # ---------------------------------------------------------------- hedging and status
+
+    def median_s(self, server: int) -> float | None:
+        with self._lock:
+            lat = list(self.servers[server].latencies)
+        return float(np.median(np.asarray(lat))) if len(lat) >= 20 else None
 
     def hedge_after_s(self, server: int, q: float) -> float | None:
         """How old a subrequest to ``server`` may get before it is hedged: its recent ``q`` quantile,

@@ -451,3 +451,26 @@ def test_a_part_past_its_deadline_fails_naming_the_server_it_waited_for(model, i
         assert batch.error_code == ErrorCode.DEADLINE_EXCEEDED
     finally:
         rings.close()
+
+
+def test_without_hedging_a_part_stuck_far_past_its_servers_latency_is_rescued_by_a_replica(model, instance,
+                                                                                           monkeypatch):
+    from flexemrd.inference import completions
+
+    monkeypatch.setattr(completions, "RESCUE_MIN_S", 0.02)
+    rings, comp, batch, done, health = _replicated(model, instance, hedging=False)
+    try:
+        comp.keep_time()
+        assert rings.submitted() == [], "not before RESCUE_MIN_S"
+        time.sleep(0.03)
+        comp.keep_time()
+        sent = rings.submitted()
+        assert [c for c, _ in sent] == [1]
+        comp.keep_time()
+        assert rings.submitted() == [], "one rescue per part"
+        rings.comp.write(em.PREFIX.pack(1, 0), *_answer(model, batch, sent[0][1]), kind=em.COMP_FRAME, timeout=1)
+        comp.drain()
+        assert done == [batch] and batch.error is None
+        assert comp.counters.reissued == 1 and comp.counters.hedges_sent == 0 and comp.counters.hedges_won == 0
+    finally:
+        rings.close()
