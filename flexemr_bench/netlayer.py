@@ -40,9 +40,15 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def server_stats(address: str) -> dict[str, int]:
+def server_stats(address: str, secret_file: str = "") -> dict[str, int]:
     host, _, port = address.rpartition(":")
     with socket.create_connection((host, int(port)), timeout=5) as s:
+        if secret_file:   # `flexemrd local` servers want the instance's secret first
+            from flexemr.auth import load_secret
+            from flexemr.wire.handshake import client_hello
+
+            client_hello(lambda f: send_buffers(s, f), FrameReader(s).read_frame, address, codec.ROLE_CLIENT,
+                         f"netlayer/{os.getpid()}", secret=load_secret(secret_file))
         send_buffers(s, [pack_header(FrameType.STATS, 1, 0)])
         h, payload = FrameReader(s).read_frame()
         return codec.decode_stats(payload)
@@ -103,7 +109,9 @@ def run(out: Path, rows_cap: int, seconds: float, clients: int, batch: int) -> d
         try:
             addrs = [s["address"] for s in _status(inst)["servers"]]
             r = run_load(socket_caller(d.sock, "lookup"), reqs, clients, seconds)
-            stats = [server_stats(a) for a in addrs]
+            from flexemr import naming
+
+            stats = [server_stats(a, secret_file=naming.local_secret_path(inst)) for a in addrs]
             lat50 = max(s["credit_latency_p50_ns"] for s in stats) / 1e3
             lat99 = max(s["credit_latency_p99_ns"] for s in stats) / 1e3
             waits = sum(s["credit_waits"] for s in stats)

@@ -154,11 +154,18 @@ class FlexemrDaemon(System):
         out = []
         for addr in sorted(ports):
             try:
-                server_stats(addr)
+                server_stats(addr, secret_file=self.secret_file)
                 out.append(addr)
             except (OSError, ValueError):
                 pass
         return out
+
+    @property
+    def secret_file(self) -> str:
+        """The secret ``flexemrd local`` made for this instance (its servers want it)."""
+        from flexemr import naming
+
+        return naming.local_secret_path(self.instance)
 
     @property
     def server_addresses(self) -> list[tuple[str, int]]:
@@ -167,7 +174,7 @@ class FlexemrDaemon(System):
     def wire_bytes(self) -> int:
         total = 0
         for addr in self._stats_addrs:
-            s = server_stats(addr)
+            s = server_stats(addr, secret_file=self.secret_file)
             total += s["bytes_in"] + s["bytes_out"]
         return total
 
@@ -238,13 +245,19 @@ class FlexemrDaemon(System):
         return out
 
 
-def server_stats(addr: tuple[str, int], timeout: float = 5.0) -> dict[str, int]:
-    """One embedding server's counters (a STATS frame; nothing else is said on the connection)."""
+def server_stats(addr: tuple[str, int], timeout: float = 5.0, secret_file: str = "") -> dict[str, int]:
+    """One embedding server's counters (a STATS frame, after authenticating when ``secret_file`` exists)."""
+    from flexemr.auth import load_secret
     from flexemr.wire import codec
     from flexemr.wire.frame import FrameType, pack_header
-    from flexemr.wire.stream import FrameReader
+    from flexemr.wire.handshake import client_hello
+    from flexemr.wire.stream import FrameReader, send_buffers
 
     with socket.create_connection(addr, timeout=timeout) as s:
+        if secret_file and os.path.exists(secret_file):
+            reader = FrameReader(s, 1 << 16)
+            client_hello(lambda f: send_buffers(s, f), reader.read_frame, f"{addr}", codec.ROLE_CLIENT,
+                         f"bench-stats/{os.getpid()}", secret=load_secret(secret_file))
         s.sendall(pack_header(FrameType.STATS, 1, 0))
         h, payload = FrameReader(s, 1 << 16).read_frame()
         if h.type != FrameType.STATS_RESP:
@@ -519,14 +532,14 @@ class RawRowsSystem(System):
         return self.daemon.embedding_pids()
 
     def make_call(self) -> Callable[[], Callable]:
-        return _ranker_call(self.daemon.model, "fetch", self.daemon.server_addresses)
+        return _ranker_call(self.daemon.model, "fetch", self.daemon.server_addresses, self.daemon.secret_file)
 
     def describe(self) -> dict:
         return {"how": "the flexemr daemon's embedding servers; per batch, table and server: np.unique ids, one "
                        "FETCH frame, raw rows back, embedding_bag and the NN in the ranker = client processes"}
 
 
-def _ranker_call(model: Path, store_kind: str, where) -> Callable[[], Callable]:
+def _ranker_call(model: Path, store_kind: str, where, secret_file: str = "") -> Callable[[], Callable]:
     """A client-resident ranker: fetch rows (Redis or FETCH frames), pool them, run the NN; one torch thread."""
     model_dir = str(model)
 
@@ -542,7 +555,7 @@ def _ranker_call(model: Path, store_kind: str, where) -> Callable[[], Callable]:
         if store_kind == "redis":
             lookup = RedisRanker(spec, where).lookup
         else:
-            lookup = FetchRanker(spec, where).lookup
+            lookup = FetchRanker(spec, where, secret_file).lookup
         names = spec.table_names
 
         def call(dense, sparse):
@@ -559,9 +572,11 @@ def _ranker_call(model: Path, store_kind: str, where) -> Callable[[], Callable]:
 class FetchRanker:
     """Raw-row lookups against flexemr embedding servers (what partial pooling saves)."""
 
-    def __init__(self, spec, addrs: Sequence[tuple[str, int]]) -> None:
+    def __init__(self, spec, addrs: Sequence[tuple[str, int]], secret_file: str = "") -> None:
+        from flexemr.auth import load_secret
         from flexemr.wire import codec
         from flexemr.wire.frame import FrameType
+        from flexemr.wire.handshake import client_hello
         from flexemr.wire.stream import FrameReader, send_buffers
 
         self.spec = spec
@@ -573,11 +588,10 @@ class FetchRanker:
             s = socket.create_connection(addr, timeout=300)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             reader = FrameReader(s)
-            send_buffers(s, codec.encode_hello(1, codec.ROLE_CLIENT, f"bench-rawrows/{os.getpid()}"))
-            h, payload = reader.read_frame()
-            if h.type != FrameType.HELLO:
-                raise RuntimeError(f"{addr}: answered frame type {h.type} to HELLO")
-            for sh in codec.decode_hello(payload).shards:
+            secret = load_secret(secret_file) if secret_file and os.path.exists(secret_file) else None
+            hello = client_hello(lambda f, s=s: send_buffers(s, f), lambda r=reader: r.read_frame(), f"{addr}",
+                                 codec.ROLE_CLIENT, f"bench-rawrows/{os.getpid()}", secret=secret, require_auth=False)
+            for sh in hello.shards:
                 shards.setdefault(int(sh["table_id"]), []).append((int(sh["start"]), int(sh["end"]), si))
             self.conns.append((s, reader))
         self.starts, self.servers = {}, {}

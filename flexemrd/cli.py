@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -76,12 +77,17 @@ def run(config_path: str) -> None:
 @click.option("--heartbeat-timeout", "heartbeat_timeout_s", default=10.0, show_default=True,
               type=click.FloatRange(min=0.0), help="Seconds a worker may miss its heartbeat before it is killed "
                                                    "and restarted; 0 = never.")
+@click.option("--max-clients", default=256, show_default=True, type=click.IntRange(1),
+              help="Unix-socket clients served at once; one more is answered OVERLOADED.")
+@click.option("--client-idle-timeout", "client_idle_timeout_s", default=30.0, show_default=True,
+              type=click.FloatRange(min=0.0, min_open=True),
+              help="Seconds a client may leave a frame half-sent before it is disconnected.")
 @click.option("--log-level", default="info", show_default=True)
 def local(model_dir, n_servers, engines, socket_path, instance, routing, replicas, hedging, request_timeout_s, max_batch, max_wait_ms, cache_policy,
           cache_size, cache_budget, cache_margin, mapping, credits, rebalance, http_port, grpc_port, metrics_port, server_threads, torch_threads,
-          heartbeat_timeout_s, log_level) -> None:
+          heartbeat_timeout_s, max_clients, client_idle_timeout_s, log_level) -> None:
     """Run a whole cluster on this host: N embedding servers and one ranker, TCP on loopback."""
-    from flexemrd.hosts import build_local
+    from flexemrd.hosts import build_local, with_local_secret
 
     try:
         cfg = parse_config(
@@ -91,7 +97,8 @@ def local(model_dir, n_servers, engines, socket_path, instance, routing, replica
                 "ranker": {"socket": socket_path, "engines": engines, "routing": routing, "max_batch": max_batch,
                            "replicas": replicas, "hedging": hedging, "request_timeout_s": request_timeout_s,
                            "max_wait_ms": max_wait_ms, "mapping": mapping, "credits": credits,
-                           "rebalance": rebalance, "metrics_port": metrics_port,
+                           "rebalance": rebalance, "metrics_port": metrics_port, "max_clients": max_clients,
+                           "client_idle_timeout_s": client_idle_timeout_s,
                            "http_port": http_port, "grpc_port": grpc_port,
                            "torch_threads": (1 if n_servers else 0) if torch_threads is None else torch_threads},
                 "embedding": {"threads": server_threads, "servers": max(1, n_servers), "replicas": replicas},
@@ -105,13 +112,32 @@ def local(model_dir, n_servers, engines, socket_path, instance, routing, replica
         problems = validate_model_dir(model_dir)
         if problems:
             raise ModelError(problems)
-        sup = build_local(cfg, n_servers)
+        # A fresh secret per instance: other users of this host reach loopback too.
+        cfg, secret_path = with_local_secret(cfg)
     except (ConfigError, ModelError) as e:
         _fail(str(e))
     except OSError as e:
         _fail(f"cannot start: {e}")
-    logging.getLogger("flexemrd").info("starting local cluster: %d embedding servers, %d engines", n_servers, engines)
-    sys.exit(sup.run())
+    try:
+        try:
+            sup = build_local(cfg, n_servers)
+        except (ConfigError, ModelError) as e:
+            _fail(str(e))
+        except OSError as e:
+            _fail(f"cannot start: {e}")
+        logging.getLogger("flexemrd").info("starting local cluster: %d embedding servers, %d engines", n_servers,
+                                           engines)
+        code = sup.run()
+    finally:
+        _remove(secret_path)
+    sys.exit(code)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def main() -> None:

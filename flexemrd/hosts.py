@@ -8,6 +8,7 @@ import socket
 import sys
 from functools import partial
 
+from flexemr import auth
 from flexemr.config import Config, split_hostport
 from flexemr.model.spec import load_spec
 from flexemr.routing.table import RoutingTable
@@ -53,7 +54,24 @@ def _ranker_children(plan: RankerPlan) -> list[ChildSpec]:
     return children
 
 
+def _check_secret(cfg: Config) -> None:
+    """Refuse to start (ConfigError naming the file and its mode) on a secret file children could not use."""
+    if cfg.daemon.secret_file:
+        auth.load_secret(cfg.daemon.secret_file)
+
+
+def with_local_secret(cfg: Config) -> tuple[Config, str]:
+    """``cfg`` with a fresh secret for this ``local`` instance (mode 0600, in the runtime dir) and its path."""
+    from flexemr import naming
+
+    naming.ensure_runtime_dir()
+    path = naming.local_secret_path(cfg.daemon.instance)
+    auth.write_secret(path)
+    return dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, secret_file=path)), path
+
+
 def build_ranker(cfg: Config) -> Supervisor:
+    _check_secret(cfg)
     spec = load_spec(cfg.daemon.model)
     servers = list(cfg.ranker.servers)
     routing = RoutingTable.build(spec, len(servers), cfg.ranker.routing, cfg.ranker.replicas)
@@ -62,6 +80,7 @@ def build_ranker(cfg: Config) -> Supervisor:
 
 
 def build_embedding(cfg: Config) -> Supervisor:
+    _check_secret(cfg)
     spec = load_spec(cfg.daemon.model)
     routing = RoutingTable.build(spec, cfg.embedding.servers, cfg.embedding.routing, cfg.embedding.replicas)
     listener = _listen(cfg.embedding.listen)
@@ -94,7 +113,12 @@ class _EmbeddingStatus:
 
 
 def build_local(cfg: Config, n_servers: int) -> Supervisor:
-    """The whole cluster on this host: N embedding servers on loopback + one ranker."""
+    """The whole cluster on this host: N embedding servers on loopback + one ranker.
+
+    ``cfg`` should name a secret (``with_local_secret``): loopback is reachable
+    by every user of this host, and the secret keeps them from reading rows.
+    """
+    _check_secret(cfg)
     spec = load_spec(cfg.daemon.model)
     listeners = [socket.create_server(("127.0.0.1", 0), backlog=128) for _ in range(n_servers)]
     servers = [f"127.0.0.1:{s.getsockname()[1]}" for s in listeners]

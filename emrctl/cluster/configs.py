@@ -22,22 +22,34 @@ from emrctl.cluster.state import Host
 EMBEDDING_PORT = 7001
 
 
+def write_secret(directory: str | Path) -> str:
+    """A fresh shared secret for this cluster's hosts (mode 0600, in the cluster directory); its path."""
+    from flexemr.auth import write_secret as _write
+
+    path = str(Path(directory) / "secret")
+    _write(path)
+    return path
+
+
 def embedding_doc(host: Host, model: str, n_servers: int, replicas: int, quota: bool,
-                  routing: str = "rows") -> dict[str, Any]:
+                  routing: str = "rows", secret_file: str = "") -> dict[str, Any]:
     return {
         "daemon": {"role": "embedding", "instance": host.instance, "model": model, "log_level": "info",
                    # a throttled host can miss a 10 s beat under load: that is slowness, not a hang
-                   "heartbeat_timeout_s": 60.0 if quota else 10.0},
+                   "heartbeat_timeout_s": 60.0 if quota else 10.0,
+                   # servers listen beyond loopback: rankers must prove the cluster's secret
+                   **({"secret_file": secret_file} if secret_file else {})},
         "embedding": {"listen": f"{host.address}:{host.port}", "index": host.index, "servers": n_servers,
                       "routing": routing, "replicas": replicas, "threads": 1},
     }
 
 
 def ranker_doc(host: Host, model: str, servers: list[str], replicas: int, engines: int, hedging: bool,
-               quota: bool, routing: str = "rows") -> dict[str, Any]:
+               quota: bool, routing: str = "rows", secret_file: str = "") -> dict[str, Any]:
     return {
         "daemon": {"role": "ranker", "instance": host.instance, "model": model, "log_level": "info",
-                   "heartbeat_timeout_s": 60.0 if quota else 10.0},
+                   "heartbeat_timeout_s": 60.0 if quota else 10.0,
+                   **({"secret_file": secret_file} if secret_file else {})},
         "ranker": {"socket": host.socket, "engines": engines, "servers": servers, "routing": routing,
                    "replicas": replicas, "hedging": hedging, "transport": "tcp", "metrics_port": 0,
                    # one NN thread: an OpenMP team stalls when another host takes its core

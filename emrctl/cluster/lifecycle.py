@@ -201,13 +201,14 @@ def _build(state: ClusterState, progress: Any) -> None:
 
     embedding = state.of_role("embedding")
     servers = [f"{h.address}:{h.port}" for h in embedding]
+    secret = configs.write_secret(state.dir)   # the hosts share one secret, removed with the directory
     for h in state.hosts:
         quota = _quota_of(state, h) is not None
         if h.role == "embedding":
-            doc = configs.embedding_doc(h, state.model, len(embedding), o["replicas"], quota, o["routing"])
+            doc = configs.embedding_doc(h, state.model, len(embedding), o["replicas"], quota, o["routing"], secret)
         else:
             doc = configs.ranker_doc(h, state.model, servers, o["replicas"], o["engines"], o["hedging"], quota,
-                                     o["routing"])
+                                     o["routing"], secret)
         configs.write_config(h.config, doc)
 
     # Servers first: a ranker's engines connect to every server while it boots.

@@ -59,9 +59,10 @@ class PushRefused(ValueError):
 class ServerLink:
     """A blocking control connection from the supervisor to one embedding server (reopened on failure)."""
 
-    def __init__(self, address: str, name: str) -> None:
+    def __init__(self, address: str, name: str, secret: bytes | None = None) -> None:
         self.address = address
         self.name = name
+        self.secret = secret
         self._sock: socket.socket | None = None
         self._reader: FrameReader | None = None
         self._rid = 0
@@ -73,7 +74,11 @@ class ServerLink:
         sock = socket.create_connection((host, port), timeout=LINK_TIMEOUT_S)
         sock.settimeout(LINK_TIMEOUT_S)
         self._sock, self._reader = sock, FrameReader(sock, 1 << 24)
-        self._call(codec.encode_hello(0, codec.ROLE_CLIENT, self.name), FrameType.HELLO)
+        from flexemr.wire.handshake import client_hello
+
+        # Authenticated like an engine when the cluster has a secret ([daemon].secret_file).
+        client_hello(lambda frame: send_buffers(sock, frame), self._reader.read_frame,
+                     f"embedding server at {self.address}", codec.ROLE_CLIENT, self.name, secret=self.secret)
 
     def _call(self, frame: list, expect: FrameType) -> memoryview:
         assert self._sock is not None and self._reader is not None
@@ -112,7 +117,10 @@ class ModelRollout:
     def __init__(self, plan, block) -> None:
         self.plan = plan
         self.block = block
-        self.links = [ServerLink(a, f"supervisor/{plan.instance}/model") for a in plan.servers]
+        from flexemr.auth import load_secret
+
+        secret = load_secret(plan.cfg.daemon.secret_file) if plan.cfg.daemon.secret_file else None
+        self.links = [ServerLink(a, f"supervisor/{plan.instance}/model", secret) for a in plan.servers]
         model_dir = str(plan.cfg.daemon.model)
         self.state: dict[str, Any] = {
             "active": BOOT_VERSION, "loading": None, "previous": None, "last_error": None,

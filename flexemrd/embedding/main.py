@@ -50,6 +50,7 @@ class EmbeddingPlan:
     workers: int = 0             # pooling workers; 0 = default_workers()
     instance: str = ""           # with status_slot >= 0: publish this server's rankers in the host's
     status_slot: int = -1        # status segment (flexemr.control.embedding_status), slot status_slot
+    secret_file: str = ""        # [daemon].secret_file: rankers must authenticate ("" = no authentication)
 
 
 def default_workers() -> int:
@@ -67,6 +68,9 @@ def embedding_main(plan: EmbeddingPlan, ready: Ready) -> None:
 
     torch.set_num_threads(max(1, plan.threads))
     stop = _stop_event_on_term()
+    from flexemr.auth import load_secret
+
+    secret = load_secret(plan.secret_file) if plan.secret_file else None
     store = EmbeddingStore(plan.model_dir, plan.spec, plan.shards)
     listener = TcpTransport(max_payload=plan.max_payload).listener_from_socket(plan.listener)
     beat = getattr(ready, "beat", None)
@@ -75,7 +79,7 @@ def embedding_main(plan: EmbeddingPlan, ready: Ready) -> None:
     server = EmbeddingServer(
         store, listener, name=f"embedding[{plan.index}]", max_payload=plan.max_payload,
         max_connections=plan.max_connections, workers=plan.workers or default_workers(),
-        beat=beat,
+        beat=beat, secret=secret,
     )
     _stop_on(stop, server)
     rows = sum(s.end - s.start for s in plan.shards)
@@ -89,7 +93,7 @@ def embedding_plans(cfg: Config, spec: ModelSpec, routing: RoutingTable, listene
     e = cfg.embedding
     return [
         EmbeddingPlan(i, cfg.daemon.model, spec, routing.shards_of(i), sock, e.threads, e.max_payload,
-                      cfg.daemon.log_level, max_connections=e.max_connections)
+                      cfg.daemon.log_level, max_connections=e.max_connections, secret_file=cfg.daemon.secret_file)
         for i, sock in zip(indices, listeners)
     ]
 

@@ -28,6 +28,11 @@ round-robin across rankers (``rankers.FairScheduler``), so a ranker's share
 does not grow with its connections; ``rankers.RankerBook`` knows who is
 connected and prunes a connection's credit pool when its last channel closes.
 
+With a secret, a connection must authenticate first (``handshake.py``):
+until it has, HELLO is answered with AUTH_CHALLENGE only, any other frame
+with ERROR UNAUTHENTICATED and the connection is closed, and frames over
+64 KiB are refused unread.
+
 A bad request (unknown table, id outside this server's shards, sizes that
 disagree, an oversized frame, a malformed HELLO) is answered with an ERROR
 frame and the connection keeps serving.  Only a frame whose *header* is
@@ -54,6 +59,8 @@ from flexemr.wire.frame import DEFAULT_MAX_PAYLOAD, ErrorCode, FrameFlag, FrameT
 from flexemr.wire.stream import FrameAssembler, Oversized
 
 from flexemrd.embedding.credits import CreditPool
+from flexemrd.embedding.handshake import UNAUTHENTICATED_MAX_PAYLOAD, AuthRefused, ServerHandshake
+from flexemrd.peerlog import PeerWarnings
 from flexemrd.embedding.rankers import Channel, FairScheduler, RankerBook
 from flexemrd.embedding.store import EmbeddingStore, RequestRejected
 from flexemrd.embedding.versions import ServerVersions
@@ -88,12 +95,14 @@ class _Peer:
 
     __slots__ = ("conn", "fd", "reader", "pending", "queued", "running", "done", "outbox", "outbox_bytes",
                  "queued_bytes", "sent_bytes", "recycle", "pool", "flow", "closing", "close_by", "dead", "events",
-                 "member")
+                 "member", "auth")
 
-    def __init__(self, conn: Connection, max_payload: int) -> None:
+    def __init__(self, conn: Connection, max_payload: int, secret: bytes | None = None) -> None:
         self.conn = conn
         self.fd = conn.fileno()
-        self.reader = FrameAssembler(max_payload)
+        self.auth = ServerHandshake(secret)
+        # Until the peer has authenticated it may send only small frames (HELLO, AUTH_PROOF).
+        self.reader = FrameAssembler(max_payload if self.auth.authenticated else UNAUTHENTICATED_MAX_PAYLOAD)
         self.pending: collections.deque[_Request] = collections.deque()   # every unanswered frame, in order
         self.queued: collections.deque[_Request] = collections.deque()    # those not handed to a worker yet
         self.running = 0
@@ -135,6 +144,7 @@ class EmbeddingServer:
         max_connections: int = 256,
         workers: int = 2,
         beat: Callable[[], None] | None = None,
+        secret: bytes | None = None,
     ) -> None:
         if max_connections < 1 or workers < 1:
             raise ValueError(f"max_connections ({max_connections}) and workers ({workers}) must be >= 1")
@@ -146,6 +156,8 @@ class EmbeddingServer:
         self.max_connections = max_connections
         self.workers = workers
         self._beat = beat
+        self._secret = secret           # None: peers need not authenticate (loopback or [embedding].insecure)
+        self._warn = PeerWarnings(logger)
         self._stop = False
         self._peers: dict[int, _Peer] = {}                 # fd -> peer
         self.rankers = RankerBook()                        # who is connected; pools pruned as they leave
@@ -174,8 +186,9 @@ class EmbeddingServer:
         self._sel.register(self._wake_r.fileno(), selectors.EVENT_READ, _WAKE)
         if on_ready:
             on_ready()
-        logger.info("serving %d shards on %s (at most %d connections, %d pooling workers)",
-                    len(self.store.shards), self.address, self.max_connections, self.workers)
+        logger.info("serving %d shards on %s (at most %d connections, %d pooling workers, %s)",
+                    len(self.store.shards), self.address, self.max_connections, self.workers,
+                    "peers must authenticate" if self._secret is not None else "no authentication")
         last_beat = 0.0
         try:
             while not self._stop:
@@ -242,7 +255,7 @@ class EmbeddingServer:
             if len(self._peers) >= self.max_connections:
                 self._refuse(conn)
                 continue
-            peer = _Peer(conn, self.max_payload)
+            peer = _Peer(conn, self.max_payload, self._secret)
             self._peers[peer.fd] = peer
             self.stats["connections"] += 1
             self._update(peer)
@@ -290,13 +303,19 @@ class EmbeddingServer:
             except ProtocolError as e:
                 # The stream is lost: say why, then close only this connection.
                 self.stats["errors"] += 1
-                logger.warning("closing connection from %s: %s", peer.conn.peer, e)
+                self._warn.warn(peer.conn.peer, "bad-header", "closing its connection: %s", e)
                 self._close_after(peer, codec.encode_error(0, ErrorCode.BAD_FRAME, str(e)))
                 return
             except OSError:  # ConnectionError included: the peer went away, mid-frame or not
                 self._drop(peer)
                 return
             if got is None:
+                return
+            if isinstance(got, Oversized) and not peer.auth.authenticated:
+                self._refuse_unauthenticated(peer, AuthRefused(
+                    f"not authenticated: a frame of {got.payload_len} bytes before authentication (at most "
+                    f"{UNAUTHENTICATED_MAX_PAYLOAD} until then); closing the connection",
+                    f"sent a {got.payload_len}-byte frame before authenticating"), got.request_id)
                 return
             if isinstance(got, Oversized):
                 # Refused for its size alone: answered in order, its bytes discarded as they come.
@@ -306,8 +325,11 @@ class EmbeddingServer:
             h, payload = got
             self.stats["bytes_in"] += 32 + h.payload_len
             self.rankers.count_in(peer.member, 32 + h.payload_len)
-            self._frame(peer, h, payload)
-            if peer.dead:  # in-band credits flushed this connection, and the send failed
+            if peer.auth.authenticated:
+                self._frame(peer, h, payload)
+            else:
+                self._before_auth(peer, h, payload)
+            if peer.dead or peer.closing:  # in-band credits flushed this connection and the send failed; refused
                 return
 
     def _paused(self, peer: _Peer) -> bool:
@@ -347,10 +369,40 @@ class EmbeddingServer:
             reply = self._hello(peer, h, payload) if t == FrameType.HELLO else self._control_answer(h, payload)
         except (ProtocolError, RequestRejected) as e:
             self.stats["errors"] += 1
+            self._warn.warn(peer.conn.peer, "bad-frame", "%s frame refused: %s", _type_name(t), e)
             reply = codec.encode_error(h.request_id, e.code, str(e))
         finally:
             peer.reader.recycle(payload)
         self._answer_now(peer, reply)
+
+    # ------------------------------------------------------------------ authentication
+
+    def _before_auth(self, peer: _Peer, h: Header, payload: memoryview) -> None:
+        """A frame from a peer that has not authenticated: only HELLO and AUTH_PROOF are served."""
+        try:
+            if h.type == FrameType.HELLO:
+                reply = peer.auth.on_hello(h, codec.decode_hello(payload))
+                assert reply is not None
+            elif h.type == FrameType.AUTH_PROOF:
+                reply = peer.auth.on_proof(h, payload)
+                peer.reader.max_payload = self.max_payload
+            else:
+                raise peer.auth.refuse(h)
+        except AuthRefused as e:
+            self._refuse_unauthenticated(peer, e, h.request_id)
+            return
+        except ProtocolError as e:   # a malformed HELLO: say what is wrong, keep the connection
+            self.stats["errors"] += 1
+            self._warn.warn(peer.conn.peer, "bad-frame", "%s frame refused: %s", _type_name(h.type), e)
+            reply = codec.encode_error(h.request_id, e.code, str(e))
+        finally:
+            peer.reader.recycle(payload)
+        self._answer_now(peer, reply)
+
+    def _refuse_unauthenticated(self, peer: _Peer, e: AuthRefused, request_id: int) -> None:
+        self.stats["errors"] += 1
+        self._warn.warn(peer.conn.peer, e.kind, "refused: %s", e.log_reason)
+        self._close_after(peer, codec.encode_error(request_id, e.code, str(e)))
 
     def _control_answer(self, h: Header, payload: memoryview) -> list:
         if h.type == FrameType.PING:
@@ -423,6 +475,8 @@ class EmbeddingServer:
                                                         aux=version)
                 req.stat = "fetches"
         except (ProtocolError, RequestRejected) as e:
+            if isinstance(e, ProtocolError):  # a malformed frame (a rejected id is an ordinary answer)
+                self._warn.warn(peer.conn.peer, "bad-frame", "%s frame refused: %s", _type_name(h.type), e)
             req.reply, req.stat = codec.encode_error(h.request_id, e.code, str(e)), "errors"
         except Exception as e:  # a bug must not take the server down
             logger.exception("request %d failed", h.request_id)
@@ -500,7 +554,19 @@ class EmbeddingServer:
         while peer.recycle and peer.recycle[0][0] <= peer.sent_bytes:
             peer.reader.recycle(peer.recycle.popleft()[1])
         if peer.closing and not out:
+            self._drain(peer)
             self._drop(peer)
+
+    def _drain(self, peer: _Peer) -> None:
+        """Take what the peer already sent: closing a TCP socket with unread bytes resets the
+        connection, which can destroy the ERROR frame before the peer reads it."""
+        scratch = memoryview(bytearray(1 << 16))
+        try:
+            for _ in range(16):
+                if not peer.conn.recv_nowait(scratch):
+                    return
+        except OSError:
+            pass
 
     def _close_after(self, peer: _Peer, frame: list) -> None:
         """Send ``frame`` after what is already going out, then close (answers not yet made are dropped)."""
@@ -558,3 +624,10 @@ class EmbeddingServer:
                 pass
         except (BlockingIOError, OSError):
             pass
+
+
+def _type_name(ftype: int) -> str:
+    try:
+        return FrameType(ftype).name
+    except ValueError:
+        return str(ftype)

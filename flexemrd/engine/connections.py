@@ -1,8 +1,10 @@
 """Per-connection state of an engine, the table of connections it owns, and opening one.
 
 Opening a connection is connect + HELLO: the engine introduces itself
-(``"<token>/<conn id>/<data|credit>"``, aux = the credits it grants up front)
-and checks that the server holds exactly the shards this ranker's routing
+(``"<token>/<conn id>/<data|credit>"``, aux = the credits it grants up front),
+authenticates when the server asks for it and the ranker has a secret (both
+sides prove knowledge of it, ``flexemr.auth``; a ranker with a secret refuses
+a server that does not ask), and checks that the server holds exactly the shards this ranker's routing
 expects, so a misconfigured host fails at boot with a message naming both
 sides instead of answering lookups wrongly.
 
@@ -24,7 +26,7 @@ import numpy as np
 from flexemr.errors import ProtocolError
 from flexemr.transport.base import Connection, Transport
 from flexemr.wire import codec
-from flexemr.wire.frame import FrameType
+from flexemr.wire.handshake import client_hello
 
 # (table id, dim, start row, end row) of one shard, as routing builds them
 Shard = tuple[int, int, int, int]
@@ -166,39 +168,42 @@ def check_shards(conn: Connection, hello: codec.Hello, expected: Sequence[Shard]
         )
 
 
-def say_hello(conn: Connection, token: str, channel: str, credits: int) -> codec.Hello:
-    """Introduce this engine on ``conn`` and return the server's HELLO (ProtocolError if refused)."""
-    conn.send_frame(codec.encode_hello(0, codec.ROLE_RANKER, f"{token}/{conn.conn_id}/{channel}", credits=credits))
-    h = conn.recv_header()
-    payload = conn.recv_payload(h)
-    if h.type == FrameType.ERROR:
-        raise ProtocolError(f"server {conn.server} ({conn.address}) refused us: {codec.decode_error(payload)}")
-    if h.type != FrameType.HELLO:
-        raise ProtocolError(f"server {conn.server} ({conn.address}) answered HELLO with frame type {h.type}")
-    return codec.decode_hello(payload)
+def say_hello(conn: Connection, token: str, channel: str, credits: int, secret: bytes | None = None) -> codec.Hello:
+    """Introduce this engine on ``conn`` (authenticating with ``secret``) and return the server's HELLO.
+
+    ProtocolError if the server refuses us, fails to prove it knows the secret,
+    asks for a secret we do not have, or (we having one) does not ask for it.
+    """
+    def recv() -> tuple:
+        h = conn.recv_header()
+        return h, conn.recv_payload(h)
+
+    return client_hello(conn.send_frame, recv, f"server {conn.server} ({conn.address})", codec.ROLE_RANKER,
+                        f"{token}/{conn.conn_id}/{channel}", credits=credits, secret=secret)
 
 
 class Connector:
     """Opens an engine's connections: data channel, and the credit channel when the mode wants one."""
 
     def __init__(self, transport: Transport, token: str, initial_credits: int, credit_channel: bool,
-                 expected_shards: Mapping[int, Sequence[Shard]] | None = None) -> None:
+                 expected_shards: Mapping[int, Sequence[Shard]] | None = None, secret: bytes | None = None) -> None:
         self.transport = transport
         self.token = token
         self.initial_credits = initial_credits
         self.credit_channel = credit_channel
         self.expected_shards = dict(expected_shards or {})
+        self.secret = secret
 
     def open(self, cid: int, server: int, address: str) -> ConnState:
         opened = [self.transport.connect(address, cid, server)]
         try:
-            hello = say_hello(opened[0], self.token, "data", self.initial_credits)
+            hello = say_hello(opened[0], self.token, "data", self.initial_credits, self.secret)
             want = self.expected_shards.get(server)
             if want is not None:
                 check_shards(opened[0], hello, want)
             if self.credit_channel:
                 opened.append(self.transport.connect(address, cid, server, priority=True))
-                say_hello(opened[1], self.token, "credit", 0)
+                say_hello(opened[1], self.token, "credit", 0, self.secret)
         except BaseException:
             for c in opened:
                 c.close()

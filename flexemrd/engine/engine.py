@@ -67,6 +67,7 @@ class Engine:
         shared_locks: Mapping[int, CrossProcessLock] | None = None,
         n_engines: int = 1,
         heartbeat: Callable[[], None] | None = None,
+        secret: bytes | None = None,
     ) -> None:
         self.id = engine_id
         self.instance = instance
@@ -85,7 +86,8 @@ class Engine:
             else SharedMapping(engine_id, self.table, shared_locks, lost, self.stop))
         self.receiver = Receiver(self.table, self.completions, self.credits, self.wakeup, self.stop,
                                  heartbeat or (lambda: None), on_dead=self._lost)
-        connector = Connector(transport, token, self.credits.initial, self.credits.credit_channel, expected_shards)
+        connector = Connector(transport, token, self.credits.initial, self.credits.credit_channel, expected_shards,
+                              secret=secret)
         self.reconnector = Reconnector(connector, self.directory, self._reconnected, self.stop)
         self.sender = Sender(engine_id, instance, submission, self.table, self.directory, self.mapping,
                              self.credits, self.receiver, self.completions, self.stop, self.reconnector)

@@ -71,9 +71,17 @@ def engine_main(plan: RankerPlan, engine_id: int, ready: Ready,
     engine = Engine(engine_id, plan.instance, transport, sub, comp, plan.connections, owned, publish=publish,
                     credits=r.credits, credits_per_connection=r.credits_per_connection, token=plan.token,
                     expected_shards=expected_shards(plan), shared_locks=locks, n_engines=plan.engines,
-                    heartbeat=heartbeat)
+                    heartbeat=heartbeat, secret=_secret(plan))
     term = TermFlag()
     threading.Thread(target=lambda: (term.wait(), engine.stop.set()), name="term", daemon=True).start()
     logger.info("owning connections %s over %s", owned, transport.name)
     ready.ready()
     engine.run()
+
+
+def _secret(plan: RankerPlan) -> bytes | None:
+    """The shared secret the engine proves to embedding servers ([daemon].secret_file), or None."""
+    from flexemr.auth import load_secret
+
+    path = plan.cfg.daemon.secret_file
+    return load_secret(path) if path else None

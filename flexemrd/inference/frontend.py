@@ -3,40 +3,141 @@
 One thread per client session reads frames (clients are few and long-lived:
 one connection per client thread); replies come from the finisher through
 the session's ``SocketReplies``.
+
+What a client can make this process hold is bounded:
+
+- at most ``max_clients`` sessions; one more is answered ERROR OVERLOADED
+  and closed;
+- a payload buffer grows as its bytes arrive (``read_payload_growing``), so
+  a header announcing 1 GiB and then stalling costs 64 KiB;
+- every buffered request byte, from its arrival until its answer is sent,
+  counts against one per-process ``RequestBudget``
+  (``[ranker].max_inflight_request_bytes``): a request that would exceed it
+  is answered ERROR OVERLOADED (its bytes discarded, the session kept);
+- a client that leaves a frame unfinished for ``client_idle_timeout_s`` is
+  disconnected (waiting between frames is free).
+
+A peer's mistake (a bad header, a malformed payload, a stall) costs one
+rate-limited warning line naming the client, never a traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 import stat
+import struct
 import threading
 from typing import Callable
+
+import numpy as np
 
 from flexemr.errors import ProtocolError, RequestError
 from flexemr.wire import codec
 from flexemr.wire.frame import ErrorCode, FrameType
-from flexemr.wire.stream import FrameReader
+from flexemr.wire.stream import BudgetExceeded, FrameReader
 
 from flexemrd.inference.admission import Admission, Work
 from flexemrd.inference.replies import SocketReplies
+from flexemrd.peerlog import PeerWarnings
 
 logger = logging.getLogger(__name__)
+
+_PEERCRED = struct.Struct("3i")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FrontendLimits:
+    """What the socket front lets clients hold ([ranker] keys of the same names)."""
+
+    max_clients: int = 256
+    max_inflight_request_bytes: int = 1 << 30
+    client_idle_timeout_s: float = 30.0
+
+
+class RequestBudget:
+    """Bytes of client requests this process holds, all sessions together (thread-safe)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+class _BudgetedReplies(SocketReplies):
+    """A session's replies that give a request's bytes back to the budget once it is answered."""
+
+    def __init__(self, sock: socket.socket, budget: RequestBudget, peer: str) -> None:
+        super().__init__(sock)
+        self.budget = budget
+        self.peer = peer
+        self._held: dict[int, int] = {}      # request id -> bytes it holds
+        self._held_lock = threading.Lock()
+
+    def hold(self, request_id: int, nbytes: int) -> None:
+        with self._held_lock:
+            prev = self._held.get(request_id, 0)   # a client reusing an id: both stay counted until answered
+            self._held[request_id] = prev + nbytes
+
+    def release(self, request_id: int) -> None:
+        with self._held_lock:
+            n = self._held.pop(request_id, 0)
+        if n:
+            self.budget.give(n)
+
+    def release_all(self) -> None:
+        with self._held_lock:
+            n, self._held = sum(self._held.values()), {}
+        if n:
+            self.budget.give(n)
+
+    def scores(self, request_id: int, scores: np.ndarray) -> None:
+        try:
+            super().scores(request_id, scores)
+        finally:
+            self.release(request_id)
+
+    def pooled(self, request_id: int, names, pooled) -> None:
+        try:
+            super().pooled(request_id, names, pooled)
+        finally:
+            self.release(request_id)
+
+    def error(self, request_id: int, code: int, message: str) -> None:
+        try:
+            super().error(request_id, code, message)
+        finally:
+            self.release(request_id)
 
 
 class SocketFrontend:
     def __init__(self, admission: Admission, submit: Callable[[Work], None], count_errors: Callable[[int], None],
-                 max_request_bytes: int) -> None:
+                 max_request_bytes: int, limits: FrontendLimits = FrontendLimits()) -> None:
         self.admission = admission
         self.submit = submit
         self.count_errors = count_errors
         self.max_request_bytes = max_request_bytes
+        self.limits = limits
+        self.budget = RequestBudget(limits.max_inflight_request_bytes)
         self.accepting = True
         self.stop = threading.Event()
         self.listener: socket.socket | None = None
         self._sessions: set[SocketReplies] = set()
         self._thread: threading.Thread | None = None
+        self._warn = PeerWarnings(logger)
 
     def start(self, listener: socket.socket) -> None:
         self.listener = listener
@@ -67,15 +168,39 @@ class SocketFrontend:
                 sock, _ = self.listener.accept()
             except TimeoutError:
                 continue
-            except OSError:
-                return
+            except OSError as e:
+                if self.stop.is_set() or not self.accepting:
+                    return
+                # Out of descriptors: keep the sessions we have, try again shortly.
+                logger.warning("cannot accept clients for now (%s)", e)
+                self.stop.wait(0.5)
+                continue
             sock.settimeout(None)
-            s = SocketReplies(sock)
+            peer = _peer_name(sock)
+            if len(self._sessions) >= self.limits.max_clients:
+                self._refuse(sock, peer)
+                continue
+            s = _BudgetedReplies(sock, self.budget, peer)
             self._sessions.add(s)
             threading.Thread(target=self._session_loop, args=(s,), daemon=True, name="session").start()
 
-    def _session_loop(self, s: SocketReplies) -> None:
-        reader = FrameReader(s.sock, self.max_request_bytes)
+    def _refuse(self, sock: socket.socket, peer: str) -> None:
+        msg = (f"the ranker serves at most {self.limits.max_clients} clients at once ([ranker].max_clients); "
+               "try again later")
+        try:
+            sock.setblocking(False)
+            sock.send(b"".join(bytes(b) for b in codec.encode_error(0, ErrorCode.OVERLOADED, msg)))
+            # Closing with unread bytes would reset the connection and could destroy the
+            # ERROR frame before the client reads it: take what it already sent.
+            while sock.recv(65536):
+                pass
+        except OSError:
+            pass
+        sock.close()
+        self._warn.warn(peer, "too-many-clients", "refused: %s", msg)
+
+    def _session_loop(self, s: _BudgetedReplies) -> None:
+        reader = FrameReader(s.sock, self.max_request_bytes, frame_timeout_s=self.limits.client_idle_timeout_s)
         try:
             while not self.stop.is_set():
                 try:
@@ -89,33 +214,66 @@ class SocketFrontend:
                                                   f"= {self.max_request_bytes}"))
                         reader.skip(fields[6])
                         continue
+                    self._warn.warn(s.peer, "bad-header", "closing its connection: %s", e)
                     s.send(codec.encode_error(0, ErrorCode.BAD_FRAME, f"{e}; closing the connection"))
                     return
-                # A fresh buffer per request: its arrays live on in the batch.
-                payload = reader.read_payload_owned(h)
-                if h.type == FrameType.PING:
-                    s.send([codec.pack_header(FrameType.PONG, h.request_id, 0)])
-                    continue
-                if not self.accepting:
-                    s.error(h.request_id, ErrorCode.UNAVAILABLE, "the ranker is shutting down")
-                    continue
+                # A fresh buffer per request (its arrays live on in the batch), grown as bytes arrive.
                 try:
-                    work = self.admission.admit_frame(s, h.type, h.request_id, payload, h.aux)
-                except (RequestError, ProtocolError) as e:
+                    payload = reader.read_payload_growing(h, self.budget.take)
+                except BudgetExceeded as e:
+                    self.budget.give(e.reserved)
                     self.count_errors(1)
-                    s.error(h.request_id, ErrorCode.BAD_REQUEST, str(e))
+                    s.send(codec.encode_error(h.request_id, ErrorCode.OVERLOADED,
+                                              f"the ranker holds {self.budget.limit} bytes of requests at most "
+                                              f"([ranker].max_inflight_request_bytes) and is full: retry later"))
+                    reader.skip(h.payload_len - e.got)
                     continue
-                if work is not None:
-                    self.submit(work)
+                held = len(payload.obj)     # type: ignore[arg-type]
+                s.hold(h.request_id, held)
+                self._serve(s, h, payload)
+        except TimeoutError as e:
+            self._warn.warn(s.peer, "slow-sender", "disconnected: %s ([ranker].client_idle_timeout_s)", e)
         except (ConnectionError, OSError):
             pass
         finally:
             s.alive = False
+            s.release_all()
             self._sessions.discard(s)
             try:
                 s.sock.close()
             except OSError:
                 pass
+
+    def _serve(self, s: _BudgetedReplies, h, payload: memoryview) -> None:
+        """One whole frame: answer it here or hand it to the batcher (whose answer releases its bytes)."""
+        if h.type == FrameType.PING:
+            s.send([codec.pack_header(FrameType.PONG, h.request_id, 0)])
+            s.release(h.request_id)
+            return
+        if not self.accepting:
+            s.error(h.request_id, ErrorCode.UNAVAILABLE, "the ranker is shutting down")
+            return
+        try:
+            work = self.admission.admit_frame(s, h.type, h.request_id, payload, h.aux)
+        except (RequestError, ProtocolError) as e:
+            self.count_errors(1)
+            if isinstance(e, ProtocolError):
+                self._warn.warn(s.peer, "bad-frame", "request %d refused: %s", h.request_id, e)
+            s.error(h.request_id, ErrorCode.BAD_REQUEST, str(e))
+            return
+        if work is None:
+            s.release(h.request_id)   # answered already (an empty batch)
+        else:
+            self.submit(work)
+
+
+def _peer_name(sock: socket.socket) -> str:
+    """``"pid P uid U"`` of a unix-socket client (what a log reader can look up)."""
+    try:
+        pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        return f"client pid {pid} uid {uid}"
+    except OSError:
+        return "client"
 
 
 def bind_unix_socket(path: str, mode: int = 0o660) -> socket.socket:

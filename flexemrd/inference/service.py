@@ -23,7 +23,7 @@ from flexemrd.inference.batcher import Batcher, ControlRequest, LocalPooling
 from flexemrd.inference.completions import Completions, MigrationListener
 from flexemrd.inference.finisher import Finisher
 from flexemrd.inference.health import ServerHealth
-from flexemrd.inference.frontend import SocketFrontend
+from flexemrd.inference.frontend import FrontendLimits, SocketFrontend
 from flexemrd.inference.pending import PendingTable
 from flexemrd.inference.stats import ServiceStats
 from flexemrd.inference.submission import Submitter
@@ -47,6 +47,9 @@ class ServiceOptions:
     max_ids: int = 0                  # ids in one request (0: no limit)
     allow_nonfinite: bool = False     # NaN/Inf dense features
     partials: str = "fp32"            # precision the servers' partials travel in ([ranker].partials)
+    max_clients: int = 256            # the socket front's limits (frontend.FrontendLimits)
+    max_inflight_request_bytes: int = 1 << 30
+    client_idle_timeout_s: float = 30.0
 
     @classmethod
     def from_config(cls, r: RankerConfig) -> "ServiceOptions":
@@ -55,7 +58,9 @@ class ServiceOptions:
                    inband_credits=r.credits == "inband", shared_mapping=r.mapping == "shared",
                    hedging=r.hedging and r.replicas > 1, hedge_quantile=r.hedge_quantile,
                    hedge_min_s=r.hedge_min_ms / 1e3, max_ids=r.max_ids_per_request,
-                   allow_nonfinite=r.allow_nonfinite, partials=r.partials)
+                   allow_nonfinite=r.allow_nonfinite, partials=r.partials, max_clients=r.max_clients,
+                   max_inflight_request_bytes=r.max_inflight_request_bytes,
+                   client_idle_timeout_s=r.client_idle_timeout_s)
 
 
 @dataclasses.dataclass(slots=True)
@@ -106,7 +111,9 @@ class InferenceService:
                                beat=beat if links is None else (lambda: None))
         self.admission = Admission(spec, options.request_timeout_s, max_batch=options.max_batch,
                                    max_ids=options.max_ids or None, allow_nonfinite=options.allow_nonfinite)
-        self.frontend = SocketFrontend(self.admission, self.submit, self.stats.add_errors, options.max_request_bytes)
+        self.frontend = SocketFrontend(self.admission, self.submit, self.stats.add_errors, options.max_request_bytes,
+                                       FrontendLimits(options.max_clients, options.max_inflight_request_bytes,
+                                                      options.client_idle_timeout_s))
         self._threads: list[threading.Thread] = []
 
     # ---------------------------------------------------------------- lifecycle

@@ -84,6 +84,7 @@ class DaemonConfig:
     graceful_timeout_s: float = 10.0
     heartbeat_timeout_s: float = 10.0  # a worker silent this long is killed and restarted; 0 = never
     boot_timeout_s: float = 300.0      # a worker not ready this long after its fork is a boot error
+    secret_file: str = ""              # shared secret of rankers and embedding servers (mode 0600); "" = none
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -100,6 +101,9 @@ class RankerConfig:
     max_inflight_batches: int = 4
     ring_bytes: int = 64 << 20
     max_request_bytes: int = 256 << 20
+    max_clients: int = 256           # unix-socket clients served at once; one more gets ERROR OVERLOADED
+    max_inflight_request_bytes: int = 1 << 30  # request bytes buffered at once (all clients); over it: OVERLOADED
+    client_idle_timeout_s: float = 30.0        # a client that leaves a frame unfinished this long is disconnected
     mapping: str = MappingMode.OWNED.value       # a MappingMode label: "owned" or "shared"
     credits: str = CreditMode.PRIORITY.value     # a CreditMode label: "priority", "inband" or "off"
     credits_per_connection: int = 4
@@ -133,6 +137,7 @@ class EmbeddingConfig:
     threads: int = 1                 # torch intra-op threads for pooling
     max_payload: int = 1 << 30
     max_connections: int = 256       # ranker connections served at once; one more gets ERROR OVERLOADED
+    insecure: bool = False           # allow listening beyond loopback without [daemon].secret_file
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -155,7 +160,7 @@ class Config:
 
 
 _SECTIONS = {"daemon": DaemonConfig, "ranker": RankerConfig, "embedding": EmbeddingConfig, "cache": CacheConfig}
-_SIZE_KEYS = {"ring_bytes", "max_request_bytes", "max_payload", "capacity", "budget", "margin"}
+_SIZE_KEYS = {"ring_bytes", "max_request_bytes", "max_inflight_request_bytes", "max_payload", "capacity", "budget", "margin"}
 _CHOICES = {
     ("daemon", "role"): ("ranker", "embedding"),
     ("daemon", "log_level"): ("debug", "info", "warning", "error"),
@@ -170,7 +175,7 @@ _CHOICES = {
     ("cache", "admission"): ("lru", "tinylfu"),
 }
 _POSITIVE = {"engines", "connections_per_server", "max_batch", "max_inflight_batches", "servers", "threads",
-             "credits_per_connection", "replicas", "max_connections"}
+             "credits_per_connection", "replicas", "max_connections", "max_clients"}
 
 
 def _coerce(section: str, key: str, default: Any, value: Any, where: str, problems: list[str]) -> Any:
@@ -253,6 +258,8 @@ def _cross_checks(cfg: Config) -> list[str]:
         problems.append(f"{src}: [daemon].heartbeat_timeout_s: must be >= 0 (0 = never), got {d.heartbeat_timeout_s!r}")
     if not re.match(r"^[A-Za-z0-9_-]{1,32}$", cfg.daemon.instance):
         problems.append(f"{src}: [daemon].instance: {cfg.daemon.instance!r} must match [A-Za-z0-9_-]{{1,32}}")
+    if cfg.ranker.client_idle_timeout_s <= 0:
+        problems.append(f"{src}: [ranker].client_idle_timeout_s: must be > 0, got {cfg.ranker.client_idle_timeout_s!r}")
     if cfg.daemon.role == "ranker":
         r = cfg.ranker
         rings = 2 * r.engines * r.ring_bytes  # a submission and a completion ring per engine, all in shm
@@ -266,6 +273,11 @@ def _cross_checks(cfg: Config) -> list[str]:
         e = cfg.embedding
         if not re.match(r"^[^:\s]*:\d{1,5}$", e.listen):
             problems.append(f"{src}: [embedding].listen: {e.listen!r} must be \"host:port\"")
+        elif not e.insecure and not cfg.daemon.secret_file and not is_loopback(split_hostport(e.listen)[0]):
+            problems.append(f"{src}: [embedding].listen: {e.listen!r} is reachable from other hosts but no "
+                            "[daemon].secret_file is set, so anyone who reaches it could read every row: set a "
+                            "secret file (mode 0600, the same on the rankers), listen on 127.0.0.1, or set "
+                            "[embedding].insecure = true")
         if not (0 <= e.index < e.servers):
             problems.append(f"{src}: [embedding].index: {e.index} must be in 0..{e.servers - 1} ([embedding].servers = {e.servers})")
     return problems
@@ -291,3 +303,15 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
 def split_hostport(s: str) -> tuple[str, int]:
     host, _, port = s.rpartition(":")
     return host or "0.0.0.0", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this host can reach ("localhost", 127.0.0.0/8, ::1); names are not resolved."""
+    import ipaddress
+
+    if host.strip("[]") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

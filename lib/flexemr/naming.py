@@ -152,6 +152,12 @@ def ensure_runtime_dir() -> str:
     return path
 
 
+def local_secret_path(instance: str = DEFAULT_INSTANCE) -> str:
+    """``<runtime_dir>/<instance>.secret``: the secret ``flexemrd local`` makes for its children."""
+    validate_instance(instance)
+    return os.path.join(runtime_dir(), f"{instance}.secret")
+
+
 def default_socket(instance: str = DEFAULT_INSTANCE) -> str:
     """``<runtime_dir>/<instance>.sock``: the ranker's inference socket."""
     validate_instance(instance)

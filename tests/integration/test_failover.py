@@ -279,9 +279,16 @@ def _server_counter(cluster: LocalCluster, index: int, name: str) -> int:
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     host, port = json.loads(out.stdout)["servers"][index]["address"].rsplit(":", 1)
+    from flexemr import auth, naming
+    from flexemr.wire.handshake import client_hello
+    from flexemr.wire.stream import send_buffers
+
     with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(pack_header(FrameType.STATS, 1, 0))
         reader = FrameReader(s, 1 << 20)
+        # `flexemrd local` servers serve STATS only after the instance's secret is proven.
+        client_hello(lambda f: send_buffers(s, f), reader.read_frame, f"server {index}", codec.ROLE_CLIENT, "test",
+                     secret=auth.load_secret(naming.local_secret_path(cluster.instance)))
+        s.sendall(pack_header(FrameType.STATS, 1, 0))
         h = reader.read_header()
         return int(codec.decode_stats(reader.read_payload(h))[name])
 

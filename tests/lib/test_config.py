@@ -16,7 +16,7 @@ def test_example_configs_in_etc_load(tmp_path):
     assert ranker.daemon.role == "ranker" and ranker.ranker.engines == 2
     assert ranker.ranker.ring_bytes == 128 << 20
     emb = load_config(etc / "embedding.toml")
-    assert emb.embedding.listen == "0.0.0.0:7001"
+    assert emb.embedding.listen == "127.0.0.1:7001"  # beyond loopback needs [daemon].secret_file
 
 
 def test_every_problem_is_reported_with_its_key_and_a_suggestion(tmp_path):

@@ -45,6 +45,9 @@ u32 0``, CLIENT_LOOKUP_RESP has it in the 4th u32 of its head.
 Ids travel as int32 when every id of the block fits (the ranker narrows a
 subrequest whose tables all have fewer than 2^31 rows; the client narrows
 when its ids allow), else as int64: half the id bytes on every hop.
+    AUTH_CHALLENGE u32 alg, u32 nonce_len | u8 server_nonce[nonce_len] (pad) | utf-8 message
+    AUTH_PROOF    u32 alg, u32 nonce_len | u8 ranker_nonce[nonce_len] (pad) | u8 mac[32]
+    AUTH_OK       u8 mac[32]
 
 Decoders check every size against the payload length before building a
 view, so truncated or hostile payloads raise ProtocolError, never IndexError
@@ -773,3 +776,67 @@ def decode_model_status(payload) -> ModelStatus:
     message = bytes(r.buf[r.off:]).rstrip(b"\0").decode("utf-8", "replace")
     versions = {int(e["version"]): (int(e["state"]), int(e["base"]), float(e["load_s"])) for e in entries}
     return ModelStatus(versions, int(rss), int(peak), message)
+# ---------------------------------------------------------------- authentication (flexemr.auth)
+
+ALG_HMAC_SHA256 = 1
+_AUTH_NONCE_BYTES = 32
+_AUTH_MAC_BYTES = 32
+
+
+@dataclasses.dataclass(slots=True)
+class AuthChallenge:
+    alg: int
+    nonce: bytes
+    message: str
+
+
+def encode_auth_challenge(request_id: int, nonce: bytes, message: str = "authentication required") -> list:
+    """The answer to a HELLO from a peer not authenticated yet: nothing but a nonce and that sentence."""
+    w = _Writer()
+    w.add(_U32x2.pack(ALG_HMAC_SHA256, len(nonce)))
+    w.add(bytes(nonce))
+    w.add(message.encode())
+    return [pack_header(FrameType.AUTH_CHALLENGE, request_id, w.size), *w.parts]
+
+
+def decode_auth_challenge(payload) -> AuthChallenge:
+    r = _Reader(payload, "AUTH_CHALLENGE")
+    alg, n = r.struct(_U32x2, "alg/nonce_len")
+    if alg != ALG_HMAC_SHA256 or n != _AUTH_NONCE_BYTES:
+        raise ProtocolError(f"AUTH_CHALLENGE: algorithm {alg} with a {n}-byte nonce is not supported "
+                            f"(this peer speaks HMAC-SHA256, alg {ALG_HMAC_SHA256}, {_AUTH_NONCE_BYTES}-byte nonces)",
+                            BAD_FRAME)
+    nonce = bytes(r.raw(n, "nonce"))
+    message = bytes(r.buf[r.off :]).rstrip(b"\0").decode("utf-8", "replace")
+    return AuthChallenge(alg, nonce, message)
+
+
+def encode_auth_proof(request_id: int, nonce: bytes, mac: bytes) -> list:
+    if len(nonce) != _AUTH_NONCE_BYTES or len(mac) != _AUTH_MAC_BYTES:
+        raise ValueError(f"AUTH_PROOF needs a {_AUTH_NONCE_BYTES}-byte nonce and a {_AUTH_MAC_BYTES}-byte mac")
+    body = _U32x2.pack(ALG_HMAC_SHA256, len(nonce)) + bytes(nonce) + bytes(mac)
+    return [pack_header(FrameType.AUTH_PROOF, request_id, len(body)), body]
+
+
+def decode_auth_proof(payload) -> tuple[bytes, bytes]:
+    """(ranker nonce, mac) of an AUTH_PROOF; ProtocolError naming what is wrong."""
+    mv = memoryview(payload).cast("B")
+    want = 8 + _AUTH_NONCE_BYTES + _AUTH_MAC_BYTES
+    if len(mv) != want:
+        raise ProtocolError(f"AUTH_PROOF: payload is {len(mv)} bytes, expected {want}", SIZE_MISMATCH)
+    alg, n = _U32x2.unpack_from(mv, 0)
+    if alg != ALG_HMAC_SHA256 or n != _AUTH_NONCE_BYTES:
+        raise ProtocolError(f"AUTH_PROOF: algorithm {alg} with a {n}-byte nonce is not supported "
+                            f"(expected alg {ALG_HMAC_SHA256}, {_AUTH_NONCE_BYTES}-byte nonce)", BAD_FRAME)
+    return bytes(mv[8 : 8 + n]), bytes(mv[8 + n :])
+
+
+def encode_auth_ok(request_id: int, mac: bytes) -> list:
+    return [pack_header(FrameType.AUTH_OK, request_id, len(mac)), bytes(mac)]
+
+
+def decode_auth_ok(payload) -> bytes:
+    mv = memoryview(payload).cast("B")
+    if len(mv) != _AUTH_MAC_BYTES:
+        raise ProtocolError(f"AUTH_OK: payload is {len(mv)} bytes, expected {_AUTH_MAC_BYTES}", SIZE_MISMATCH)
+    return bytes(mv)

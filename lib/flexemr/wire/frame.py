@@ -54,6 +54,9 @@ class FrameType(enum.IntEnum):
     STATS_RESP = 15      # server -> requester: fixed u64 counters (codec.SERVER_STATS)
     MODEL = 16           # ranker/tool -> server: load, retire or list model versions (codec.encode_model)
     MODEL_RESP = 17      # server -> requester: every version it holds and its state
+    AUTH_CHALLENGE = 18  # server -> ranker, answering HELLO when a secret is required: the server's nonce
+    AUTH_PROOF = 19      # ranker -> server: the ranker's nonce + HMAC proof (flexemr.auth)
+    AUTH_OK = 20         # server -> ranker: the server's HMAC proof back; the ranker then repeats HELLO
 
 
 class FrameFlag(enum.IntFlag):
@@ -79,6 +82,7 @@ class ErrorCode(enum.IntEnum):
     UNAVAILABLE = 10     # the ranker cannot reach an embedding server
     DEADLINE_EXCEEDED = 11  # the request ran out of time (the message names the stage)
     UNKNOWN_VERSION = 12    # a LOOKUP/FETCH names a model version this server does not hold (any more)
+    UNAUTHENTICATED = 13    # a frame other than HELLO/AUTH_PROOF before authentication, or a failed proof
 
 
 class Header:

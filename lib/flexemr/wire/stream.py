@@ -7,6 +7,12 @@ shared-memory ring slot: the bytes land where they will be consumed) or into
 one reusable buffer that grows to the largest frame seen, never past the
 configured limit, which is checked on the header before any allocation.
 
+With ``frame_timeout_s`` a ``FrameReader`` gives a peer that long to finish a
+frame once its first byte arrived (a slow sender gets TimeoutError, waiting
+for the next frame is free), and ``read_payload_growing`` allocates as the
+payload's bytes arrive, asking a ``reserve`` callback before each growth so a
+process can bound the bytes all its connections hold.
+
 ``FrameAssembler`` is the non-blocking counterpart for event loops: it is
 fed whatever bytes have arrived and hands out whole frames.  A payload buffer
 starts small and doubles as bytes arrive (so it stays within about twice
@@ -18,7 +24,9 @@ an oversized payload is reported and then discarded in bounded chunks.
 from __future__ import annotations
 
 import collections
+import select
 import socket
+import time
 from typing import Callable
 
 from flexemr.wire.frame import DEFAULT_MAX_PAYLOAD, HEADER, HEADER_SIZE, MAGIC, VERSION, Header, unpack_header
@@ -56,20 +64,99 @@ def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
         got += k
 
 
-class FrameReader:
-    """Reads frames from one blocking stream socket."""
+class BudgetExceeded(Exception):
+    """``read_payload_growing``'s ``reserve`` refused more bytes; the payload's rest is still unread."""
 
-    def __init__(self, sock: socket.socket, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(self, header: Header, got: int, reserved: int) -> None:
+        super().__init__(f"{header.payload_len}-byte payload refused after {got} bytes")
+        self.header = header
+        self.got = got              # payload bytes already read (the rest is still in the socket)
+        self.reserved = reserved    # bytes ``reserve`` granted for it: the caller gives them back
+
+
+class FrameReader:
+    """Reads frames from one blocking stream socket.
+
+    ``frame_timeout_s``: once the first byte of a frame has arrived, the whole
+    frame must arrive within this time, else TimeoutError (the socket stays
+    blocking: waits go through poll, so a sender thread on the same socket is
+    unaffected).  None: no limit.
+    """
+
+    GROW_START = 64 << 10   # first allocation of a growing payload: a stalled 1 GiB header costs this
+
+    def __init__(self, sock: socket.socket, max_payload: int = DEFAULT_MAX_PAYLOAD,
+                 frame_timeout_s: float | None = None) -> None:
         self.sock = sock
         self.max_payload = max_payload
+        self.frame_timeout_s = frame_timeout_s
+        self._deadline = 0.0
         self._hdr = bytearray(HEADER_SIZE)
         self._hdr_view = memoryview(self._hdr)
         self._buf = bytearray(0)
+        self._poll: select.poll | None = None
 
     def read_header(self) -> Header:
-        """Next header; raises ProtocolError (bad frame) or ConnectionError (EOF)."""
-        recv_exact_into(self.sock, self._hdr_view)
+        """Next header; raises ProtocolError (bad frame), ConnectionError (EOF) or TimeoutError (slow sender)."""
+        if self.frame_timeout_s is None:
+            recv_exact_into(self.sock, self._hdr_view)
+        else:
+            first = self.sock.recv_into(self._hdr_view, HEADER_SIZE)   # waiting for a frame costs nothing
+            if first == 0:
+                raise ConnectionError("peer closed the connection")
+            self._deadline = time.monotonic() + self.frame_timeout_s
+            self._recv_timed(self._hdr_view[first:])
         return unpack_header(self._hdr, self.max_payload)
+
+    def read_payload_growing(self, header: Header, reserve: Callable[[int], bool] | None = None) -> memoryview:
+        """The payload in a fresh buffer the caller keeps, allocated as its bytes arrive.
+
+        The buffer starts at ``GROW_START`` and doubles (the last step to the
+        exact size), so a sender that announces much and sends little costs
+        little.  ``reserve(n)`` is asked before each allocation of ``n`` more
+        bytes; False raises BudgetExceeded, which says how much was reserved.
+        """
+        n = header.payload_len
+        buf = bytearray(0)
+        got = 0
+        while got < n:
+            if got == len(buf):
+                # Grow only once more bytes are there: a sender that stalls after filling
+                # the buffer does not get a bigger one.
+                self._wait_readable()
+                cap = min(n, max(self.GROW_START, 2 * len(buf)))
+                if reserve is not None and not reserve(cap - len(buf)):
+                    raise BudgetExceeded(header, got, len(buf))
+                bigger = bytearray(cap)
+                bigger[:got] = memoryview(buf)[:got]
+                buf = bigger
+            view = memoryview(buf)[got:]
+            got += self._recv_some(view)
+        return memoryview(buf)[:n]
+
+    def _recv_some(self, view: memoryview) -> int:
+        if self.frame_timeout_s is not None:
+            self._wait_readable()
+        k = self.sock.recv_into(view, len(view))
+        if k == 0:
+            raise ConnectionError("peer closed the connection in the middle of a frame")
+        return k
+
+    def _recv_timed(self, view: memoryview) -> None:
+        got = 0
+        while got < len(view):
+            got += self._recv_some(view[got:])
+
+    def _wait_readable(self) -> None:
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self.sock.fileno(), select.POLLIN)
+        if self.frame_timeout_s is None:
+            self._poll.poll()
+            return
+        left = self._deadline - time.monotonic()
+        if left <= 0 or not self._poll.poll(left * 1e3):
+            raise TimeoutError(f"the peer left a frame unfinished for {self.frame_timeout_s:g} s")
 
     def read_payload(self, header: Header) -> memoryview:
         """The payload in the reader's own buffer (valid until the next read)."""
@@ -90,11 +177,14 @@ class FrameReader:
         recv_exact_into(self.sock, view[: header.payload_len])
 
     def skip(self, nbytes: int) -> None:
-        """Discard a payload we refuse (in bounded chunks: no big allocation)."""
+        """Discard a payload we refuse (in bounded chunks: no big allocation; within the frame's deadline)."""
         chunk = memoryview(bytearray(min(nbytes, 1 << 16) or 1))
         while nbytes > 0:
             k = min(nbytes, len(chunk))
-            recv_exact_into(self.sock, chunk[:k])
+            if self.frame_timeout_s is None:
+                recv_exact_into(self.sock, chunk[:k])
+            else:
+                k = self._recv_some(chunk[:k])
             nbytes -= k
 
     def raw_header_fields(self) -> tuple:
