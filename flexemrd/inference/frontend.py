@@ -104,15 +104,15 @@ class _BudgetedReplies(SocketReplies):
         if n:
             self.budget.give(n)
 
-    def scores(self, request_id: int, scores: np.ndarray) -> None:
+    def scores(self, request_id: int, scores: np.ndarray, version: int = 0) -> None:
         try:
-            super().scores(request_id, scores)
+            super().scores(request_id, scores, version)
         finally:
             self.release(request_id)
 
-    def pooled(self, request_id: int, names, pooled) -> None:
+    def pooled(self, request_id: int, names, pooled, version: int = 0) -> None:
         try:
-            super().pooled(request_id, names, pooled)
+            super().pooled(request_id, names, pooled, version)
         finally:
             self.release(request_id)
 
