@@ -78,7 +78,7 @@ class RankerConfig:
     metrics_addr: str = "127.0.0.1"
     device: str = "auto"             # "auto", "cpu" or "cuda"
     torch_threads: int = 0           # 0 = torch's default
-    transport: str = "auto"          # "auto", "tcp" or "rdma"
+    transport: str = "auto"          # "auto" (shm for shm: addresses, else rdma/tcp), "tcp", "shm" or "rdma"
     replicas: int = 1                # servers holding each shard (placement: routing.table.RoutingTable.build)
     request_timeout_s: float = 30.0  # default deadline of a request whose client sets none
     hedging: bool = False            # with replicas: resend a slow subrequest to a second replica
@@ -101,6 +101,7 @@ class EmbeddingConfig:
     threads: int = 1                 # torch intra-op threads for pooling
     max_payload: int = 1 << 30
     max_connections: int = 256       # ranker connections served at once; one more gets ERROR OVERLOADED
+    transport: str = "tcp"           # "tcp" (listen = "host:port") or "shm" (same-host rankers only)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -132,7 +133,8 @@ _CHOICES = {
     ("ranker", "mapping"): MappingMode.labels(),
     ("ranker", "credits"): CreditMode.labels(),
     ("ranker", "device"): ("auto", "cpu", "cuda"),
-    ("ranker", "transport"): ("auto", "tcp", "rdma"),
+    ("ranker", "transport"): ("auto", "tcp", "shm", "rdma"),
+    ("embedding", "transport"): ("tcp", "shm"),
     ("cache", "policy"): CacheMode.labels(),
     ("cache", "admission"): ("lru", "tinylfu"),
 }
@@ -215,11 +217,16 @@ def _cross_checks(cfg: Config) -> list[str]:
         problems.append(f"{src}: [daemon].instance: {cfg.daemon.instance!r} must match [A-Za-z0-9_-]{{1,32}}")
     if cfg.daemon.role == "ranker":
         for i, s in enumerate(cfg.ranker.servers):
-            if not isinstance(s, str) or not re.match(r"^[^:\s]+:\d{1,5}$", s):
-                problems.append(f"{src}: [ranker].servers[{i}]: {s!r} must be \"host:port\"")
+            if isinstance(s, str) and s.startswith("shm:"):
+                if cfg.ranker.transport == "tcp":
+                    problems.append(f"{src}: [ranker].servers[{i}]: {s!r} is a shm address "
+                                    f"but [ranker].transport = 'tcp'")
+            elif not isinstance(s, str) or not re.match(r"^[^:\s]+:\d{1,5}$", s):
+                problems.append(f"{src}: [ranker].servers[{i}]: {s!r} must be \"host:port\" "
+                                f"(or \"shm:flexemr.<instance>.shm.sNN\")")
     if cfg.daemon.role == "embedding":
         e = cfg.embedding
-        if not re.match(r"^[^:\s]*:\d{1,5}$", e.listen):
+        if e.transport == "tcp" and not re.match(r"^[^:\s]*:\d{1,5}$", e.listen):
             problems.append(f"{src}: [embedding].listen: {e.listen!r} must be \"host:port\"")
         if not (0 <= e.index < e.servers):
             problems.append(f"{src}: [embedding].index: {e.index} must be in 0..{e.servers - 1} ([embedding].servers = {e.servers})")

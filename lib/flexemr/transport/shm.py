@@ -312,16 +312,18 @@ class ShmTransport(Transport):
             sock.bind(_abstract(base))
             sock.settimeout(self.connect_timeout)
             sock.connect(_abstract(prefix))
+            # The listener's backlog takes us at once; the ACK comes when the server
+            # accepts, which may be a whole boot later (it is still importing torch):
+            # wait like TCP waits for the HELLO answer, without a timeout.
+            sock.settimeout(None)
             ack = sock.recv(1)
             if ack != _ACK:
                 raise ConnectionRefusedError(f"server {server} at {address} closed the shm set-up (see its log)")
-            sock.settimeout(None)
             conn = self._attach(sock, base, conn_id, server, address, resume=False)
         except BaseException:
             sock.close()
             raise
-        logger.info("connection %d to server %d: transport shm (%s%s)", conn_id, server, base,
-                    ", credit channel" if priority else "")
+        logger.debug("connection %d to server %d: shm rings %s.{req,rsp}", conn_id, server, base)
         return conn
 
     def adopt(self, handle: int, conn_id: int, server: int, address: str) -> Connection:
@@ -334,7 +336,6 @@ class ShmTransport(Transport):
         except BaseException:
             sock.close()
             raise
-        logger.info("connection %d to server %d: transport shm, adopted", conn_id, server)
         return conn
 
     def _attach(self, sock: socket.socket, base: str, conn_id: int, server: int, address: str,

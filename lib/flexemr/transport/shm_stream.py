@@ -25,7 +25,13 @@ shared by all chunks read in a call (reader); no semaphore on the data path.
 A full ring is waited on with the ring's "space" doorbell in short slices,
 checking the socket for a hung-up peer between them.
 
-Migration: :meth:`RingReader.save_offset` writes how far into the oldest held
+Several producers: under the "shared" mapping every engine sends on every
+connection, one at a time under the connection's cross-process lock, each
+through its own mapping of the ring.  The Ring caches its producer counters,
+so :meth:`RingWriter` reloads them from shared memory before each write
+(four loads; nothing else changes for a single producer).
+
+Migration: :func:`write_resume_offset` writes how far into the oldest held
 chunk the reader got into the ring's header page (offset ``RESUME_OFFSET``, a
 word the ring layout leaves zero in the consumer's cache line) so that the
 engine adopting the connection resumes mid-chunk instead of reading a frame
@@ -44,7 +50,7 @@ from typing import Sequence
 import posix_ipc
 
 from flexemr.ring import Message, Ring
-from flexemr.ring.layout import MSG_HEADER_BYTES, SLOT_ALIGN
+from flexemr.ring.layout import BYTES_WRITTEN, HEAD, MSG_HEADER_BYTES, MSGS_WRITTEN, SLOT_ALIGN, SPACE_WAIT_SEQ
 
 __all__ = ["RingReader", "RingWriter", "RESUME_OFFSET", "read_resume_offset", "write_resume_offset"]
 
@@ -72,8 +78,18 @@ class RingWriter:
         self.sock = sock
         self.peer = peer
 
+    def _sync(self) -> None:
+        """Start from the shared producer counters: another process may have produced since (shared mapping)."""
+        ring = self.ring
+        ctr = ring._ctr   # the ring's own uint64 view of its header page
+        ring._head = int(ctr[HEAD])
+        ring._msgs_w = int(ctr[MSGS_WRITTEN])
+        ring._bytes_w = int(ctr[BYTES_WRITTEN])
+        ring._wait_seq = int(ctr[SPACE_WAIT_SEQ])
+
     def write_all(self, buffers: Sequence) -> int:
         """Copy ``buffers`` into the ring as whole chunks (one per frame when it fits), blocking while full."""
+        self._sync()
         views = [memoryview(b).cast("B") for b in buffers]
         total = sum(v.nbytes for v in views)
         if total == 0:
@@ -100,6 +116,7 @@ class RingWriter:
         watching EVENT_WRITE would otherwise spin on a core it shares.
         """
         ring = self.ring
+        self._sync()
         total = 0
         for v in views:
             total += len(v)
