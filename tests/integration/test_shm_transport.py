@@ -217,7 +217,8 @@ def test_sigterm_leaves_nothing_in_dev_shm(shm):
 
 
 def test_inband_credits_over_shm_are_exact(tiny_model, reference, tmp_path):
-    c = LocalCluster(tiny_model, tmp_path, servers=SERVERS, engines=2, extra=["--transport", "shm", "--credits", "inband"])
+    c = LocalCluster(tiny_model, tmp_path, servers=SERVERS, engines=2,
+                     extra=["--transport", "shm", "--credits", "inband"])
     try:
         assert_over_shm(c, rings=RINGS_INBAND)
         with Load(c, tiny_model, reference) as load:

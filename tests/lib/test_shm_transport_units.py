@@ -223,3 +223,23 @@ def test_refuses_peers_it_did_not_name(instance):
     finally:
         lst.close()
     assert naming.list_instance_segments(instance) == []
+
+
+def test_a_connection_migrated_on_before_reading_keeps_the_resume_point(instance):
+    """Engine A reads one frame of a chunk, B adopts and hands on at once, C must still start at frame 1."""
+    t, lst, cli, srv = _pair(instance)
+    try:
+        views = [memoryview(b).cast("B") for rid in range(3) for b in _frame(rid, b"q%d" % rid)]
+        srv.send_nowait(views)
+        h = cli.recv_header()
+        assert bytes(cli.recv_payload(h)) == b"q0"
+        b = t.adopt(cli.detach(), 7, 0, cli.address)
+        c = t.adopt(b.detach(), 7, 0, cli.address)
+        got = []
+        for _ in range(2):
+            h = c.recv_header()
+            got.append((h.request_id, bytes(c.recv_payload(h))))
+        assert got == [(1, b"q1"), (2, b"q2")]
+        c.close()
+    finally:
+        srv.close(); lst.close()

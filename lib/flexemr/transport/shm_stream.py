@@ -267,8 +267,12 @@ class RingReader:
 
     @property
     def offset_in_chunk(self) -> int:
-        """How far into the held chunk the reader is (0 between chunks)."""
-        return self._off if self._cur is not None else 0
+        """How far into the oldest unreleased chunk this connection's reading got (0 between chunks).
+
+        Before the first chunk is taken that is still the previous owner's
+        offset: a connection migrated on before it read anything must pass it on.
+        """
+        return self._off if self._cur is not None else self._resume
 
     def let_go(self) -> int:
         """Stop reading (migration): drop the held chunk without releasing it; returns the offset into it."""
