@@ -21,8 +21,9 @@ import click
 
 
 @click.command("bench")
-@click.option("--suite", "suite_name", type=click.Choice(["quick", "full", "smoke"]), default="quick",
-              show_default=True, help="quick: < 5 min on 2 cores; full: < 45 min; smoke: tiny model, ~1 min.")
+@click.option("--suite", "suite_name", type=click.Choice(["quick", "full", "smoke", "scale"]), default="quick",
+              show_default=True, help="quick: < 5 min on 2 cores; full: < 45 min; smoke: tiny model, ~1 min; "
+                                      "scale: embedding hosts and rankers in namespaces (root, ~4 min).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for results.json, plots, logs and the generated models (reused across runs).")
 @click.option("--zipf", type=click.FloatRange(min=0.0), default=1.05, show_default=True,
@@ -36,6 +37,11 @@ import click
 def bench(suite_name: str, out_dir: Path, zipf: float, seed: int, seconds: float | None, workloads: tuple[str, ...],
           no_mlperf: bool, no_ablations: bool) -> None:
     """Benchmark flexemr side by side with the in-process limit and a Redis store."""
+    if suite_name == "scale":   # its own runner: a namespace cluster per cell (flexemr_bench.scale)
+        from flexemr_bench.scale import main as scale_main
+
+        raise click.exceptions.Exit(scale_main(["--out", str(out_dir)] + (["--seconds", f"{seconds:g}"] if seconds
+                                                                          else [])))
     from flexemr_bench.suite import BenchInterrupted, Progress, format_table, run_suite
 
     parts = ["emrctl", "bench", "--suite", suite_name, "--out", str(out_dir)]

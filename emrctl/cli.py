@@ -53,6 +53,7 @@ EXIT_NO_ANSWER = 3
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "model": ("emrctl.model_cmd:model", "Create and inspect model directories."),
     "bench": ("emrctl.bench_cmd:bench", "Run the benchmarks side by side with their baselines."),
+    "cluster": ("emrctl.cluster.cli:cluster", "A multi-host cluster on this machine in network namespaces."),
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -261,9 +262,11 @@ def cache() -> None:
 
 def _size(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
     try:
-        return parse_size(value)
-    except ValueError as e:
+        size = parse_size(value)
+        CacheResize(size_bytes=size)  # the command's own checks (this host's memory), before any round trip
+    except ValueError as e:  # BadCommand is a ValueError
         raise click.BadParameter(str(e)) from None
+    return size
 
 
 @cache.command("resize")

@@ -3,7 +3,9 @@
     python -m flexemr_bench.fronts --out bench-out/fronts [--seconds 5] [--clients 2]
 
 One ``flexemrd local`` (model ``bench8`` capped at ``--rows-cap`` rows per
-table) and one ``python -m flexemr.kserve`` process in front of its socket.
+table) with its KServe fronts inside the inference process (``--layout
+daemon``, the default: ``flexemrd local --http-port --grpc-port``), or one
+``python -m flexemr.kserve`` process in front of its socket (``--layout sidecar``).
 For each batch size (256 and 2048 by default) and each front, ``--clients``
 threads send the same pre-generated batches in a closed loop for
 ``--seconds`` (in interleaved 1 s rounds): the unix socket through ``InferenceClient.predict``, HTTP and
@@ -11,10 +13,9 @@ gRPC through the real ``tritonclient`` with KJT-convention inputs (binary
 tensor data on HTTP).  Reported: samples/s, p50/p99 latency, and each KServe
 front's ratio to the socket.  Writes ``fronts.json`` and ``fronts.png``.
 
-What the ratio contains: the KServe front runs here as its own process over
-the ranker's unix socket, so each KServe request pays the protocol *and* one
-more local hop; the in-process backend (the front inside the inference
-process) removes that hop.  The client is Python too (tritonclient), as an
+What the ratio contains: inside the daemon, a KServe request pays the protocol
+(HTTP or gRPC parsing, tensor conversion) and then joins the same batcher as
+socket requests; as a sidecar it also pays one more local hop.  The client is Python too (tritonclient), as an
 HPS user's would be.  tritonclient's PyPI wheel ships no ``perf_analyzer``
 binary, so there is no perf_analyzer run.
 """
@@ -134,8 +135,20 @@ def _summary(lat_s: list[float], errors: int, elapsed: float, batch: int) -> dic
             "p99_ms": round(float(np.percentile(ms, 99)), 3) if n else None}
 
 
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
 def run(out: Path, seconds: float, clients: int, batches: list[int], rows_cap: int, n_requests: int = 8,
-        ids_per_bag: int = 20) -> dict[str, Any]:
+        ids_per_bag: int = 20, layout: str = "daemon") -> dict[str, Any]:
     import tritonclient.grpc as tg
     import tritonclient.http as th
 
@@ -149,16 +162,23 @@ def run(out: Path, seconds: float, clients: int, batches: list[int], rows_cap: i
     tmp = Path(tempfile.mkdtemp(prefix="flexemr-fronts-"))
     instance = "bf" + uuid.uuid4().hex[:8]
     sock = str(tmp / "ranker.sock")
+    in_daemon = []
+    if layout == "daemon":
+        http_port, grpc_port = _free_ports(2)
+        in_daemon = ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
     daemon = _Proc([sys.executable, "-m", "flexemrd", "local", "--model", str(model), "--embedding-servers", "2",
                     "--engines", "1", "--socket", sock, "--instance", instance, "--log-level", "warning",
-                    "--max-batch", str(max(batches) * clients)], tmp / "daemon.log")
+                    "--max-batch", str(max(batches) * clients), *in_daemon], tmp / "daemon.log")
     front = None
     try:
-        front = _Proc([sys.executable, "-m", "flexemr.kserve", "--socket", sock, "--model", str(model),
-                       "--http-port", "0", "--grpc-port", "0", "--threads", str(max(2, clients)),
-                       "--log-level", "warning"], tmp / "kserve.log")
-        ports = dict(kv.split("=") for kv in front.line.split()[1:])
-        http_url, grpc_url = f"127.0.0.1:{ports['http']}", f"127.0.0.1:{ports['grpc']}"
+        if layout == "daemon":
+            http_url, grpc_url = f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
+        else:
+            front = _Proc([sys.executable, "-m", "flexemr.kserve", "--socket", sock, "--model", str(model),
+                           "--http-port", "0", "--grpc-port", "0", "--threads", str(max(2, clients)),
+                           "--log-level", "warning"], tmp / "kserve.log")
+            ports = dict(kv.split("=") for kv in front.line.split()[1:])
+            http_url, grpc_url = f"127.0.0.1:{ports['http']}", f"127.0.0.1:{ports['grpc']}"
         cells: dict[str, dict[str, dict[str, float | None]]] = {}
         rounds = max(1, round(seconds))
         for batch in batches:
@@ -204,7 +224,9 @@ def run(out: Path, seconds: float, clients: int, batches: list[int], rows_cap: i
     results = {"benchmark": "fronts", "model": f"bench8 rows_cap={rows_cap}", "ids_per_bag": ids_per_bag,
                "clients": clients, "seconds": seconds,
                "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
-               "note": "KServe fronts run as their own process over the ranker's unix socket (one extra local hop)",
+               "layout": layout,
+               "note": ("KServe fronts inside the inference process, feeding its batcher" if layout == "daemon" else
+                        "KServe fronts run as their own process over the ranker's unix socket (one extra local hop)"),
                "results": cells}
     (out / "fronts.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "fronts.png")
@@ -247,8 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--batches", default="256,2048")
     ap.add_argument("--rows-cap", type=int, default=20000)
+    ap.add_argument("--layout", choices=("daemon", "sidecar"), default="daemon",
+                    help="KServe fronts inside the ranker (default) or as a separate process")
     args = ap.parse_args(argv)
-    results = run(args.out, args.seconds, args.clients, [int(b) for b in args.batches.split(",")], args.rows_cap)
+    results = run(args.out, args.seconds, args.clients, [int(b) for b in args.batches.split(",")], args.rows_cap,
+                  layout=args.layout)
     for b, row in results["results"].items():
         _log(f"batch {b}: http/socket {row['http']['ratio_to_socket']:.2f}x, "
              f"grpc/socket {row['grpc']['ratio_to_socket']:.2f}x")

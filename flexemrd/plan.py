@@ -85,14 +85,18 @@ class RankerResources:
     def create(self) -> None:
         import posix_ipc
 
+        from flexemr.control.block import semaphore_path
         from flexemr.ring import Doorbell, Ring
+        from flexemr.ring.ring import RING_MODE
 
         p = self.plan
         if not p.engines:
             return
         if p.shared:
             for cid in p.connections:
-                self.locks.append(posix_ipc.Semaphore(p.lock_name(cid), posix_ipc.O_CREX, initial_value=1))
+                self.locks.append(posix_ipc.Semaphore(p.lock_name(cid), posix_ipc.O_CREX, mode=RING_MODE,
+                                                      initial_value=1))
+                os.chmod(semaphore_path(p.lock_name(cid)), RING_MODE)  # the mode we chose, not the umask's
         self.doorbell = Doorbell.create(p.doorbell_name)
         for e in range(p.engines):
             sub, comp = p.ring_names(e)

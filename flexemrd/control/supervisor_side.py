@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any
 
+from flexemr.config import format_size
 from flexemrd.control.rebalancer import Rebalancer
 
 logger = logging.getLogger(__name__)
@@ -262,6 +263,10 @@ class SupervisorControl:
                 "elapsed_ms": round(waited * 1e3, 2)}
 
     def cmd_cache_resize(self, cmd) -> dict:
+        budget = self.plan.cfg.cache.budget
+        if cmd.size_bytes > budget:  # the cache shares the budget with the NN: it can never be larger
+            raise ValueError(f"cache resize to {format_size(cmd.size_bytes)} exceeds [cache].budget "
+                             f"({format_size(budget)}), the memory the NN and the cache share")
         epoch = self.block.runtime.publish(cache_capacity_bytes=cmd.size_bytes)
         waited = self._wait_ack(epoch, "cache resize")
         return {"capacity_bytes": cmd.size_bytes, "elapsed_ms": round(waited * 1e3, 2),

@@ -97,6 +97,8 @@ class Engine:
                 server, address = self.directory[cid]
                 try:
                     self._own(connector.open(cid, server, address))
+                    # A restarted engine's connections are new: whatever was said of them before is over.
+                    self.completions.post_connected(cid)
                 except OSError as e:
                     # Serve degraded rather than fail the boot: the server may come back.
                     reason = f"connection to server {server} ({address}) failed: {e}"

@@ -42,10 +42,11 @@ class Part:
     group: int = 0             # the rid of the part's first copy
     sent_at: float = 0.0
     hedge: bool = False        # this copy is a hedge (counts "hedges won" when it answers first)
+    spare: bool = False        # a second copy while the first is still out (hedge or rescue): one per part
 
-    def copy_to(self, server: int, conn: int, hedge: bool = False) -> "Part":
+    def copy_to(self, server: int, conn: int, hedge: bool = False, spare: bool = False) -> "Part":
         return Part(self.primary, server, conn, self.tables, self.counts, self.values, self.group,
-                    time.perf_counter(), hedge)
+                    time.perf_counter(), hedge, spare or hedge)
 
 
 class Batch:
@@ -111,7 +112,7 @@ class Batch:
                 return False
             self.parts[rid] = part
             copies.add(rid)
-            if part.hedge:
+            if part.spare:
                 self._hedged.add(part.group)
             return True
 

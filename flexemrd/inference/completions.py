@@ -25,6 +25,9 @@ from flexemrd.inference.submission import Submitter
 
 logger = logging.getLogger(__name__)
 
+RESCUE_MIN_S = 1.0     # without hedging: a part this old (and RESCUE_FACTOR x its server's median) goes to a replica
+RESCUE_FACTOR = 20.0
+
 
 class MigrationListener(Protocol):
     def migrated(self, conn: int, engine: int) -> None: ...
@@ -194,20 +197,27 @@ class Completions:
                 self._expire(rid, batch, part, now)
                 continue
             next_due = min(next_due, batch.deadline)
-            if self.hedging and not batch.hedged(rid):
-                q = self.health.quantile_s(part.server, self.hedge_quantile)
+            if batch.hedged(rid):
+                continue
+            if self.hedging:
+                q = self.health.hedge_after_s(part.server, self.hedge_quantile)
                 due = part.sent_at + max(self.hedge_min_s, q if q is not None else float("inf"))
-                if due <= now:
-                    self._hedge(batch, part)
-                else:
-                    next_due = min(next_due, due)
+            else:
+                # Even without hedging, a part that waits far longer than its server ever takes
+                # (a link cut without a reset: nothing tells us the connection is gone) goes to
+                # another replica once, so replicas mean no failed request.
+                due = part.sent_at + max(RESCUE_MIN_S, RESCUE_FACTOR * (self.health.median_s(part.server) or 0.0))
+            if due <= now:
+                self._hedge(batch, part, rescue=not self.hedging)
+            else:
+                next_due = min(next_due, due)
         return max(0.0005, next_due - now)
 
     def _expire(self, rid: int, batch: Batch, part: Part, now: float) -> None:
         if self.pending.take_lookup(rid) is None:
             return
         self.health.released(part.server)
-        self.health.timed_out(part.server)
+        self.health.timed_out(part.server, now - part.sent_at)
         if batch.drop_copy(rid):
             return
         waited = (now - batch.works[0].arrived) * 1e3
@@ -216,12 +226,15 @@ class Completions:
         if batch.fail(rid, msg, ErrorCode.DEADLINE_EXCEEDED):
             self.finish(batch)
 
-    def _hedge(self, batch: Batch, part: Part) -> None:
+    def _hedge(self, batch: Batch, part: Part, rescue: bool = False) -> None:
         choice = self.health.choose(part.primary, exclude=(part.server,))
         if choice is None:
             return
-        if self._send_copy(batch, part.copy_to(*choice, hedge=True)):
-            self.counters.hedges_sent += 1
+        if self._send_copy(batch, part.copy_to(*choice, hedge=not rescue, spare=True)):
+            if rescue:
+                self.counters.reissued += 1
+            else:
+                self.counters.hedges_sent += 1
 
     # ---------------------------------------------------------------- cache fills
 

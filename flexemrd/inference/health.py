@@ -26,6 +26,8 @@ from flexemr.routing.table import RoutingTable
 logger = logging.getLogger(__name__)
 
 DOWN_AFTER_TIMEOUTS = 3
+SLOW_S = 5.0            # a subrequest unanswered this long counts against its server (short client deadlines do not)
+PROBE_AFTER_S = 1.0     # a server marked down by timeouts, still connected, gets one probe this often
 LATENCY_WINDOW = 256
 
 
@@ -38,6 +40,8 @@ class ServerState:
     outstanding: int = 0
     timeouts: int = 0
     down_reason: str = ""
+    lost_reason: str = ""      # why its last connection went (shown while it is down)
+    down_at: float = 0.0       # monotonic time it was marked down (or last probed)
     changed_ns: int = 0
     latencies: collections.deque = dataclasses.field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
     rr: int = 0
@@ -45,6 +49,10 @@ class ServerState:
     @property
     def up(self) -> bool:
         return not self.down_reason and any(self.conn_up.values())
+
+    def probe_due(self, now: float) -> bool:
+        """Marked down by timeouts but still connected, and not probed for a while (half-open)."""
+        return bool(self.down_reason) and any(self.conn_up.values()) and now - self.down_at >= PROBE_AFTER_S
 
 
 class ServerHealth:
@@ -67,14 +75,18 @@ class ServerHealth:
         """(server, connection) for a subrequest of ``primary``'s shards, or None when no holder is up."""
         with self._lock:
             best = None
-            for s in self.routing.holders_of(primary):
-                st = self.servers.get(s)
-                if st is None or s in exclude or not st.up:
-                    continue
-                if best is None or st.outstanding < best.outstanding:
+            holders = [self.servers[s] for s in self.routing.holders_of(primary) if s in self.servers and s not in exclude]
+            for st in holders:
+                if st.up and (best is None or st.outstanding < best.outstanding):
                     best = st
             if best is None:
-                return None
+                # No live holder: let one subrequest probe a holder that timed out but is still connected;
+                # its answer marks it up again (a circuit breaker's half-open state).
+                now = time.monotonic()
+                best = next((st for st in holders if st.probe_due(now)), None)
+                if best is None:
+                    return None
+                best.down_at = now
             if not self.servers[primary].up:
                 self.failovers += 1    # the primary is down: a replica serves its shards
             live = [c for c in best.conns if best.conn_up[c]]
@@ -88,7 +100,8 @@ class ServerHealth:
             parts = []
             for s in self.routing.holders_of(primary):
                 st = self.servers[s]
-                parts.append(f"embedding server {s} ({st.address}): {st.down_reason or 'connection lost'}")
+                parts.append(f"embedding server {s} ({st.address}): "
+                             f"{st.down_reason or st.lost_reason or 'connection lost'}")
         return "; ".join(parts) + " — no live replica holds these shards"
 
     # ---------------------------------------------------------------- completion thread
@@ -110,12 +123,16 @@ class ServerHealth:
             st = self.servers[server]
             st.outstanding = max(0, st.outstanding - 1)
 
-    def timed_out(self, server: int) -> None:
+    def timed_out(self, server: int, age_s: float) -> None:
+        """A subrequest to ``server`` expired after ``age_s``: only slow ones (≥ SLOW_S) count against it."""
+        if age_s < SLOW_S:
+            return
         with self._lock:
             st = self.servers[server]
             st.timeouts += 1
             if st.timeouts >= DOWN_AFTER_TIMEOUTS and not st.down_reason:
-                st.down_reason = f"{st.timeouts} subrequests in a row timed out"
+                st.down_reason = f"{st.timeouts} subrequests in a row unanswered for {SLOW_S:g} s or more"
+                st.down_at = time.monotonic()
                 st.changed_ns = time.monotonic_ns()
                 logger.warning("embedding server %d (%s) marked down: %s", server, st.address, st.down_reason)
 
@@ -125,6 +142,7 @@ class ServerHealth:
             st = self.servers[server]
             was_up = st.up
             st.conn_up[conn] = False
+            st.lost_reason = reason
             if was_up and not st.up:
                 st.changed_ns = time.monotonic_ns()
                 logger.warning("embedding server %d (%s) is down: %s", server, st.address, reason)
@@ -147,12 +165,21 @@ class ServerHealth:
 
     # ---------------------------------------------------------------- hedging and status
 
-    def quantile_s(self, server: int, q: float) -> float | None:
+    def median_s(self, server: int) -> float | None:
+        with self._lock:
+            lat = list(self.servers[server].latencies)
+        return float(np.median(np.asarray(lat))) if len(lat) >= 20 else None
+
+    def hedge_after_s(self, server: int, q: float) -> float | None:
+        """How old a subrequest to ``server`` may get before it is hedged: its recent ``q`` quantile,
+        capped at 3x its median (a replica that stalls often inflates its own tail, which would
+        otherwise delay exactly the hedges it needs); None until 20 answers were seen."""
         with self._lock:
             lat = list(self.servers[server].latencies)
         if len(lat) < 20:
             return None
-        return float(np.quantile(np.asarray(lat), q))
+        tail, median = np.quantile(np.asarray(lat), [q, 0.5])
+        return float(min(tail, 3.0 * median))
 
     def all_shards_live(self) -> bool:
         """Every primary's shards have at least one live holder."""

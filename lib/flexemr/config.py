@@ -2,7 +2,9 @@
 
 ``load_config(path)`` reports every problem at once, each with its file and
 TOML key (``flexemr.toml: [ranker].engines: must be >= 1, got 0``) and a
-suggestion for a misspelt key.  Sizes accept ``"64MiB"``-style strings.
+suggestion for a misspelt key.  Sizes accept ``"64MiB"``-style strings, and
+a size larger than this host's memory is refused by its key
+(``[cache].capacity = 1.0 PiB exceeds this host's memory (23.4 GiB)``).
 Runtime-mutable state (cache size, connection owners) does not live here: it
 lives in the control segment.
 """
@@ -23,9 +25,10 @@ try:
 except ModuleNotFoundError:  # pragma: no cover
     import tomli as _toml  # type: ignore[no-redef]
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.I)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]i?B|B)?\s*$", re.I)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "pib": 1 << 50}
+_BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
 
 def parse_size(value: str | int) -> int:
@@ -42,6 +45,34 @@ def parse_size(value: str | int) -> int:
     if not m:
         raise ValueError(f"not a size: {value!r} (examples: 4096, 64MiB, 2GiB)")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+
+
+def format_size(n: int | float) -> str:
+    """``23.4 GiB``, ``1.0 PiB``: binary units, one decimal, as error messages show sizes."""
+    value = float(n)
+    for unit in _BINARY_UNITS:
+        if abs(value) < 1024 or unit == _BINARY_UNITS[-1]:
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def host_memory_bytes() -> int:
+    """This host's physical memory (``psutil.virtual_memory().total``): no size may exceed it."""
+    import psutil  # lazily: most importers of config never check a size
+
+    return int(psutil.virtual_memory().total)
+
+
+def exceeds_host_memory(what: str, size: int) -> str | None:
+    """``"<what> = 1.0 PiB exceeds this host's memory (23.4 GiB)"``, or None if ``size`` fits.
+
+    ``what`` names the setting as the message should (``"c.toml: [cache].capacity"``).
+    """
+    total = host_memory_bytes()
+    if size <= total:
+        return None
+    return f"{what} = {format_size(size)} exceeds this host's memory ({format_size(total)})"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -146,10 +177,17 @@ def _coerce(section: str, key: str, default: Any, value: Any, where: str, proble
     kind = type(default)
     if key in _SIZE_KEYS:
         try:
-            return parse_size(value)
+            size = parse_size(value)
         except ValueError as e:
             problems.append(f"{where}: {e}")
             return default
+        # Only sizes the operator wrote are checked: a default is not their mistake, and
+        # a 1 PiB cache or ring would otherwise fail much later, in an allocation.
+        too_big = exceeds_host_memory(where, size)
+        if too_big:
+            problems.append(too_big)
+            return default
+        return size
     if isinstance(default, bool):
         if not isinstance(value, bool):
             problems.append(f"{where}: must be true or false, got {value!r}")
@@ -216,6 +254,11 @@ def _cross_checks(cfg: Config) -> list[str]:
     if not re.match(r"^[A-Za-z0-9_-]{1,32}$", cfg.daemon.instance):
         problems.append(f"{src}: [daemon].instance: {cfg.daemon.instance!r} must match [A-Za-z0-9_-]{{1,32}}")
     if cfg.daemon.role == "ranker":
+        r = cfg.ranker
+        rings = 2 * r.engines * r.ring_bytes  # a submission and a completion ring per engine, all in shm
+        too_big = exceeds_host_memory(f"{src}: [ranker].ring_bytes x 2 rings x {r.engines} engines", rings)
+        if too_big and r.ring_bytes <= host_memory_bytes():  # one oversized ring is reported by its key already
+            problems.append(too_big)
         for i, s in enumerate(cfg.ranker.servers):
             if isinstance(s, str) and s.startswith("shm:"):
                 if cfg.ranker.transport == "tcp":

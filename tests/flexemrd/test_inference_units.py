@@ -328,3 +328,149 @@ def test_finisher_answers_every_request_of_a_failed_batch_with_the_reason(model)
     assert replies.got == {1: ("error", "embedding server 1: deadline passed"),
                            2: ("error", "embedding server 1: deadline passed")}
     assert stats.errors == 2
+
+
+# ---------------------------------------------------------------------------------------------- failover
+
+
+class _Rings:
+    """Two submission rings and one completion ring, unlinked afterwards."""
+
+    def __init__(self, instance: str) -> None:
+        from flexemr import naming
+        from flexemr.ring import Doorbell, Ring
+
+        self.bell = Doorbell.create(naming.doorbell_name(instance, "f"))
+        self.sub = [Ring.create(naming.shm_name(instance, "ring", f"s{e}"), 8 << 20) for e in range(2)]
+        self.comp = Ring.create(naming.shm_name(instance, "ring", "c"), 8 << 20, doorbell=self.bell)
+
+    def close(self) -> None:
+        for r in (*self.sub, self.comp):
+            r.close()
+            r.unlink()
+        self.bell.close()
+        self.bell.unlink()
+
+    def submitted(self) -> list[tuple[int, int]]:
+        """(connection, request id) of every LOOKUP written to the submission rings so far."""
+        out = []
+        for ring in self.sub:
+            while (msg := ring.read(timeout=0)) is not None:
+                cid, _ = em.PREFIX.unpack_from(msg.data, 0)
+                out.append((cid, unpack_header(msg.data[em.PREFIX_SIZE:em.PREFIX_SIZE + HEADER_SIZE]).request_id))
+                msg.release()
+        return out
+
+
+def _replicated(model, instance, hedging=False):
+    """A batch of one part (server 0's shards, held by servers 0 and 1) registered as in flight on server 0."""
+    from flexemrd.inference.batch import Part
+    from flexemrd.inference.health import ServerHealth
+    from flexemrd.inference.stats import FailoverCounters
+
+    rings = _Rings(instance)
+    routing = RoutingTable.build(model.spec, 2, "rows", replicas=2)
+    connections = {0: (0, "a:1"), 1: (1, "b:1")}
+    health = ServerHealth(routing, connections)
+    submitter = Submitter(rings.sub, connections, {0: 0, 1: 1})
+    pending = PendingTable()
+    done: list[Batch] = []
+    comp = Completions([rings.comp], rings.bell, pending, done.append, health, submitter, FailoverCounters(), 30.0,
+                       hedging=hedging, hedge_min_s=0.01)
+    replies = Replies()
+    work = _work(model, replies, 1, 8, seed=4, predict=False)
+    t = sorted(work.tables)
+    batch = Batch(1, [work], model.spec, t, [work.tables[i][1] for i in t])
+    part = Part(0, 0, 0, t, [work.tables[i][1] for i in t], [work.tables[i][0] for i in t])
+    assert health.choose(0) == (0, 0)
+    batch.expect(10, part)
+    pending.add_lookups(batch, [10])
+    batch.mark_submitted()
+    return rings, comp, batch, done, health
+
+
+def _answer(model, work_batch, rid):
+    tables = work_batch.tables
+    pooled = [LocalPooler(model.spec, model.tables).pool(t, work_batch.works[0].tables[t][0],
+                                                          work_batch.works[0].tables[t][1]) for t in tables]
+    pooled = [p * np.maximum(work_batch.works[0].tables[t][1], 1)[:, None].astype(np.float32)
+              if model.spec.tables[t].pooling.label == "mean" else p for p, t in zip(pooled, tables)]
+    return codec.encode_lookup_response(rid, np.array(tables, "<u4"), pooled)
+
+
+def test_a_lost_connections_parts_are_reissued_to_a_live_replica(model, instance):
+    rings, comp, batch, done, health = _replicated(model, instance)
+    try:
+        rings.comp.write(em.PREFIX.pack(0, 0), b"connection to server 0 (a:1) lost: reset", kind=em.COMP_LOST,
+                         timeout=1)
+        comp.drain()
+        sent = rings.submitted()
+        assert len(sent) == 1 and sent[0][0] == 1, "re-issued once, on server 1's connection"
+        assert comp.counters.reissued == 1 and not done
+        assert health.choose(0)[0] == 1, "server 0 is down: its shards go to the replica"
+        rings.comp.write(em.PREFIX.pack(1, 0), *_answer(model, batch, sent[0][1]), kind=em.COMP_FRAME, timeout=1)
+        comp.drain()
+        assert done == [batch] and batch.error is None
+        want = model.lookup({model.spec.tables[t].name: batch.works[0].tables[t] for t in batch.tables})
+        for t, got in batch.pooled().items():
+            np.testing.assert_allclose(got, want[model.spec.tables[t].name], rtol=1e-5, atol=1e-5)
+    finally:
+        rings.close()
+
+
+def test_a_slow_part_is_hedged_once_and_the_first_answer_wins(model, instance):
+    rings, comp, batch, done, health = _replicated(model, instance, hedging=True)
+    try:
+        for _ in range(30):   # history: server 0 answers in ~1 ms
+            health.answered(0, 0.001)
+        time.sleep(0.02)
+        comp.keep_time()
+        sent = rings.submitted()
+        assert [c for c, _ in sent] == [1], "one hedge, to the other replica"
+        comp.keep_time()
+        assert rings.submitted() == [], "never a second hedge for the same part"
+        hedge_rid = sent[0][1]
+        rings.comp.write(em.PREFIX.pack(1, 0), *_answer(model, batch, hedge_rid), kind=em.COMP_FRAME, timeout=1)
+        rings.comp.write(em.PREFIX.pack(0, 0), *_answer(model, batch, 10), kind=em.COMP_FRAME, timeout=1)
+        comp.drain()
+        assert done == [batch], "finished once, by the hedge; the late original is ignored"
+        assert comp.counters.hedges_sent == 1 and comp.counters.hedges_won == 1
+    finally:
+        rings.close()
+
+
+def test_a_part_past_its_deadline_fails_naming_the_server_it_waited_for(model, instance):
+    rings, comp, batch, done, _health = _replicated(model, instance)
+    try:
+        batch.deadline = time.perf_counter() - 0.001
+        comp.keep_time()
+        assert done == [batch]
+        assert "waiting for embedding server 0" in batch.error
+        from flexemr.wire.frame import ErrorCode
+
+        assert batch.error_code == ErrorCode.DEADLINE_EXCEEDED
+    finally:
+        rings.close()
+
+
+def test_without_hedging_a_part_stuck_far_past_its_servers_latency_is_rescued_by_a_replica(model, instance,
+                                                                                           monkeypatch):
+    from flexemrd.inference import completions
+
+    monkeypatch.setattr(completions, "RESCUE_MIN_S", 0.02)
+    rings, comp, batch, done, health = _replicated(model, instance, hedging=False)
+    try:
+        comp.keep_time()
+        assert rings.submitted() == [], "not before RESCUE_MIN_S"
+        time.sleep(0.03)
+        comp.keep_time()
+        sent = rings.submitted()
+        assert [c for c, _ in sent] == [1]
+        comp.keep_time()
+        assert rings.submitted() == [], "one rescue per part"
+        rings.comp.write(em.PREFIX.pack(1, 0), *_answer(model, batch, sent[0][1]), kind=em.COMP_FRAME, timeout=1)
+        comp.drain()
+        assert done == [batch] and batch.error is None
+        assert comp.counters.reissued == 1 and comp.counters.hedges_sent == 0 and comp.counters.hedges_won == 0
+    finally:
+        rings.close()

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from flexemr.config import host_memory_bytes
 from flexemr.control.commands import (
     COMMANDS,
     BadCommand,
@@ -48,7 +49,7 @@ def test_parse_size_rejects_negative_ints():
 _commands = st.one_of(
     st.just(Status()), st.just(Reload()),
     st.builds(Migrate, conn=st.integers(0, 10**6), to_engine=st.integers(0, 1024)),
-    st.builds(CacheResize, size_bytes=st.integers(0, 1 << 50)),
+    st.builds(CacheResize, size_bytes=st.integers(0, host_memory_bytes())),  # larger: refused (test_hardening_sizes)
     st.builds(CachePolicy, policy=st.sampled_from(["adaptive", "fixed", "off"])),
     st.builds(Shutdown, graceful=st.booleans()),
     st.builds(Rebalance, enabled=st.booleans()),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 import time
 from collections.abc import Mapping, Sequence
@@ -42,6 +43,7 @@ from flexemr.control.layout import (
     MAILBOX_HEADER_BYTES,
     MAILBOX_REQUEST_BYTES,
     MAILBOX_RESPONSE_BYTES,
+    MAILBOX_SEMAPHORE_MODE,
     PAGE,
     RANKER,
     ROW_ALIGN,
@@ -78,12 +80,14 @@ from flexemr.types import CacheMode  # the one cache-policy enum (values stored 
 
 __all__ = [
     # this module
-    "ControlBlock", "InstanceNotRunning", "mailbox_semaphore_names", "pid_alive", "unlink_control",
+    "ControlBlock", "InstanceNotRunning", "mailbox_semaphore_names", "pid_alive", "segment_path", "semaphore_path",
+    "unlink_control",
     # re-exported from layout / seqlock / slots / snapshot / types (their old home was here)
     "CACHE", "CONN_CTL", "CONN_STATIC", "CONN_STATS", "ENGINE_PROC", "ENGINE_STATS", "HEADER_BYTES",
-    "INFERENCE_PROC", "MAGIC", "MAILBOX_HEADER_BYTES", "MAILBOX_REQUEST_BYTES", "MAILBOX_RESPONSE_BYTES", "PAGE",
-    "RANKER", "ROW_ALIGN", "RT_CACHE_CAPACITY", "RT_CACHE_POLICY", "RT_EPOCH", "RT_OWNERS", "RT_PUBLICATIONS",
-    "RT_REBALANCE", "SECTIONS", "SEGMENT_MODE", "SERVER_PROC", "SERVER_STATS", "TABLE_NAME", "TABLE_NAME_BYTES", "TABLES", "TOPO_DATA_OFF",
+    "INFERENCE_PROC", "MAGIC", "MAILBOX_HEADER_BYTES", "MAILBOX_REQUEST_BYTES", "MAILBOX_RESPONSE_BYTES",
+    "MAILBOX_SEMAPHORE_MODE", "PAGE", "RANKER", "ROW_ALIGN", "RT_CACHE_CAPACITY", "RT_CACHE_POLICY", "RT_EPOCH",
+    "RT_OWNERS", "RT_PUBLICATIONS", "RT_REBALANCE", "SECTIONS", "SEGMENT_MODE", "SERVER_PROC", "SERVER_STATS",
+    "TABLE_NAME", "TABLE_NAME_BYTES", "TABLES", "TOPO_DATA_OFF",
     "TOPOLOGY_MIN_BYTES", "VERSION", "CacheMode", "ConnSlot", "EngineSlot", "EngineState", "Row", "Runtime",
     "RuntimeState", "ServerSlot", "ServerState", "apply_rates",
 ]
@@ -97,6 +101,24 @@ def mailbox_semaphore_names(instance: str) -> tuple[str, str, str]:
     """(mutex, ready, done) semaphores of the mailbox: ``/flexemr.<instance>.ctl.{mutex,ready,done}``."""
     return (naming.shm_name(instance, "ctl", "mutex"), naming.shm_name(instance, "ctl", "ready"),
             naming.shm_name(instance, "ctl", "done"))
+
+
+def segment_path(name: str) -> str:
+    """The file behind shm segment ``name`` (``/dev/shm/NAME``)."""
+    return os.path.join(naming.SHM_DIR, name.lstrip("/"))
+
+
+def semaphore_path(name: str) -> str:
+    """The file behind named semaphore ``name`` (``/dev/shm/sem.NAME``, glibc's convention)."""
+    return os.path.join(naming.SHM_DIR, naming.SEM_FILE_PREFIX + name.lstrip("/"))
+
+
+def _describe_owner(name: str) -> str:
+    try:
+        st = os.stat(segment_path(name))
+    except OSError:
+        return "owner unknown"
+    return f"mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}, group {st.st_gid}"
 
 
 def pid_alive(pid: int) -> bool:
@@ -120,11 +142,12 @@ class ControlBlock:
     its threads may write through the same ControlBlock (never through two).
     """
 
-    def __init__(self, instance: str, name: str, mm: mmap.mmap, owner: bool) -> None:
+    def __init__(self, instance: str, name: str, mm: mmap.mmap, owner: bool, writable: bool = True) -> None:
         self.instance = instance
         self.name = name
         self._mm: mmap.mmap | None = mm
         self._owner = owner
+        self.writable = writable  # False: mapped read-only (a group member reading status)
         (_magic, version, _hb, total, n_eng, n_conn, n_tab, _row_align, sup_pid, mono_ns,
          unix_ns, n_srv) = HEADER.unpack_from(mm, 0)
         self.version = version
@@ -210,6 +233,7 @@ class ControlBlock:
         mm: mmap.mmap | None = None
         try:
             try:
+                os.fchmod(shm.fd, SEGMENT_MODE)  # exactly, whatever the umask (see SEGMENT_MODE)
                 mm = mmap.mmap(shm.fd, total)
             finally:
                 shm.close_fd()
@@ -218,8 +242,10 @@ class ControlBlock:
                     posix_ipc.unlink_semaphore(sem_name)  # left by a crashed supervisor
                 except posix_ipc.ExistentialError:
                     pass
-                posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=SEGMENT_MODE, initial_value=initial).close()
+                posix_ipc.Semaphore(sem_name, posix_ipc.O_CREX, mode=MAILBOX_SEMAPHORE_MODE,
+                                    initial_value=initial).close()
                 created_sems.append(sem_name)
+                os.chmod(semaphore_path(sem_name), MAILBOX_SEMAPHORE_MODE)
             pid = os.getpid() if supervisor_pid is None else supervisor_pid
             HEADER.pack_into(mm, 0, b"\0" * 8, VERSION, HEADER_BYTES, total, n_engines, n_connections, len(names),
                               ROW_ALIGN, pid, time.monotonic_ns(), time.time_ns(), n_srv)
@@ -264,15 +290,24 @@ class ControlBlock:
         """
         naming.validate_instance(instance)
         name = naming.control_name(instance)
+        writable = True
         try:
-            shm = posix_ipc.SharedMemory(name)
+            try:
+                shm = posix_ipc.SharedMemory(name)
+            except posix_ipc.PermissionsError:
+                # the daemon's group reads status; only its own uid (and root) may write
+                shm = posix_ipc.SharedMemory(name, read_only=True)
+                writable = False
         except posix_ipc.ExistentialError:
             raise InstanceNotRunning(
                 f"flexemr instance {instance!r} is not running (no control segment {name})") from None
+        except posix_ipc.PermissionsError:
+            raise ControlError(f"permission denied reading {name} ({_describe_owner(name)}): run emrctl as the "
+                               f"daemon's user, root, or a member of its group") from None
         try:
             if shm.size < HEADER_BYTES:
                 raise ControlError(f"{name} is {shm.size} bytes: not a flexemr control segment")
-            mm = mmap.mmap(shm.fd, shm.size)
+            mm = mmap.mmap(shm.fd, shm.size, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
         finally:
             shm.close_fd()
         try:
@@ -289,7 +324,7 @@ class ControlBlock:
             if magic != MAGIC or version != VERSION:
                 raise ControlError(f"control segment {name} has layout version {version}; this flexemr "
                                    f"understands version {VERSION} (use emrctl from the daemon's install)")
-            return cls(instance, name, mm, owner=False)
+            return cls(instance, name, mm, owner=False, writable=writable)
         except BaseException:
             mm.close()
             raise
@@ -327,6 +362,10 @@ class ControlBlock:
         if self._mm is None:
             raise ControlError(f"control block {self.name} is closed")
         return self._mm
+
+    def owner_uid(self) -> int:
+        """The uid that owns the segment: the daemon's (only it and root may send commands)."""
+        return os.stat(segment_path(self.name)).st_uid
 
     def mailbox_offset(self) -> int:
         return self._layout["mailbox"][0]

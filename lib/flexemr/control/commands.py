@@ -24,7 +24,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from flexemr.config import parse_size  # one size grammar for config files and commands
+from flexemr.config import exceeds_host_memory, parse_size  # one size grammar for config files and commands
 from flexemr.types import CacheMode
 
 CACHE_POLICIES = CacheMode.labels()  # derived: flexemr.types.CacheMode is the one home
@@ -110,6 +110,10 @@ class CacheResize(Command):
 
     def __post_init__(self) -> None:
         _int(self.name, "size_bytes", self.size_bytes)
+        # emrctl and the supervisor run on the same host: both refuse a size no cache here could reach
+        too_big = exceeds_host_memory(f"{self.name}: size_bytes", self.size_bytes)
+        if too_big:
+            raise BadCommand(too_big)
 
 
 @dataclasses.dataclass(frozen=True)

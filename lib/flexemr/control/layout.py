@@ -108,7 +108,11 @@ HEADER_BYTES = 4096
 ROW_ALIGN = 64
 PAGE = 4096
 TABLE_NAME_BYTES = 64
-SEGMENT_MODE = 0o660  # group members may run emrctl, like the inference socket's default mode
+# The daemon's group reads status (emrctl status); only the daemon's uid and root
+# write: the runtime area (owners, cache size) and the mailbox are commands too,
+# and the kernel's permission check is the only sender identity shm can offer.
+SEGMENT_MODE = 0o640
+MAILBOX_SEMAPHORE_MODE = 0o600  # posting "ready" or taking the mutex is sending a command
 
 # magic, version, header_bytes, total_bytes, n_engines, n_connections, n_tables,
 # row_align, supervisor_pid, created_mono_ns, created_unix_ns, n_servers

@@ -45,6 +45,16 @@ Failure modes this order handles:
   unanswered ``req_seq`` whenever its wait times out, and ignores a wake-up
   with nothing pending.
 
+Who may send commands: the daemon's own uid and root, and the kernel enforces
+it.  Nothing a client writes here can prove who it is (a pid or uid in a word
+is a claim anyone with write access could forge), so no sender is trusted by
+what it writes: the control segment is 0640 and the three semaphores 0600
+(:data:`~flexemr.control.layout.SEGMENT_MODE`), so only the segment's owner and
+root can write a request or wake the server, while the daemon's group still
+maps the segment read-only for ``emrctl status``.  :class:`MailboxClient`
+checks first and raises :class:`CommandRefused` saying who is refused and who
+is accepted.
+
 The counters are written through numpy u64 views (one aligned store each) in
 the order drawn above; x86-64 TSO keeps them in program order (see block.py).
 """
@@ -87,6 +97,17 @@ class ControlTimeout(ControlError):
     """The daemon did not answer in time (or another client kept the mailbox busy)."""
 
 
+class CommandRefused(ControlError):
+    """This process may not send commands: only the daemon's own uid and root may."""
+
+
+def refusal(owner_uid: int, euid: int | None = None) -> str:
+    """``refused: emrctl runs as uid 1001, the daemon accepts commands from uid 0 only``."""
+    me = os.geteuid() if euid is None else euid
+    accepted = "uid 0 only" if owner_uid == 0 else f"uid {owner_uid} and root (uid 0) only"
+    return f"refused: emrctl runs as uid {me}, the daemon accepts commands from {accepted}"
+
+
 class _Area:
     """Views over the mailbox area of one control block."""
 
@@ -106,6 +127,8 @@ class _Area:
         except posix_ipc.ExistentialError:
             raise InstanceNotRunning(f"flexemr instance {block.instance!r} is not running "
                                      f"(mailbox semaphores {names[0]}... are gone)") from None
+        except posix_ipc.PermissionsError:
+            raise CommandRefused(refusal(block.owner_uid())) from None
 
     def close(self) -> None:
         for sem in (self.mutex, self.ready, self.done):
@@ -228,6 +251,11 @@ class MailboxClient:
     """emrctl side: :meth:`request` sends one command dict and returns the daemon's answer."""
 
     def __init__(self, block: ControlBlock) -> None:
+        # Checked here, before touching the mailbox, so the refusal is a sentence rather than
+        # EACCES; the kernel would refuse anyway (segment 0640, semaphores 0600).
+        owner, me = block.owner_uid(), os.geteuid()
+        if me not in (0, owner) or not block.writable:
+            raise CommandRefused(refusal(owner, me))
         self._block = block
         self._a = _Area(block)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from flexemr.errors import ModelError
-from flexemr.model.dense_file import check_dense_entries, dense_path, dense_shapes, sniff_dense
+from flexemr.model.dense_file import check_dense_entries, dense_file_problems, dense_path, dense_shapes
 from flexemr.model.spec import ModelSpec
 from flexemr.types import Interaction
 
@@ -124,16 +125,25 @@ def save_dense(model_dir: str | Path, state: Mapping[str, torch.Tensor | np.ndar
 
 
 def load_dense(model_dir: str | Path, spec: ModelSpec) -> DLRM:
-    """Load ``dense.pt`` into a :class:`DLRM` in eval mode, or raise ModelError listing every problem."""
+    """Load ``dense.pt`` into a :class:`DLRM` in eval mode, or raise ModelError listing every problem.
+
+    The archive's metadata is checked first, without torch (shapes, strides,
+    storage sizes, dtypes: :func:`~flexemr.model.dense_file.dense_file_problems`),
+    so a hostile file is refused before ``torch.load`` builds anything.  Only an
+    archive that reader does not know reaches torch unchecked; then the tensors
+    are memory-mapped (zip archives), and shapes and dtypes are compared before
+    any value is read, so a stride-0 giant costs nothing.
+    """
     path = dense_path(model_dir)
     if not path.is_file():
         raise ModelError([f"{path}: missing (a model directory needs dense.pt, the MLP weights)"])
-    bad = sniff_dense(path)
-    if bad:
-        raise ModelError([bad])
+    problems = dense_file_problems(path, spec)
+    if problems:
+        raise ModelError(problems)
     try:
         # weights_only: a model directory may come from elsewhere; never unpickle code.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: storages stay file-backed until load_state_dict copies the few it needs.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # torch raises many types here (zip, pickle, weights_only)
         foreign = re.search(r"Unsupported global: GLOBAL (\S+) was not", str(e))
         if foreign:  # same words as the torch-free validator in loader.py
@@ -142,22 +152,35 @@ def load_dense(model_dir: str | Path, spec: ModelSpec) -> DLRM:
         raise ModelError([f"{path}: not a loadable torch state_dict: {_short_error(e)}"]) from None
     if not isinstance(state, Mapping):
         raise ModelError([f"{path}: holds a {type(state).__name__}, expected a state_dict (a dict of tensors)"])
+    if problems is None:  # torch read what the torch-free reader could not: check it here
+        _check_loaded(path, state, spec)
+    model = DLRM(spec)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    model.requires_grad_(False)  # a serving model never trains; saves autograd bookkeeping
+    return model
+
+
+def _check_loaded(path: Path, state: Mapping[str, object], spec: ModelSpec) -> None:
+    """Raise ModelError for a loaded state_dict that does not fit ``spec``: shapes first, values last.
+
+    ``isfinite`` on a tensor allocates its full shape, so it runs only on tensors
+    whose shape is the one ``spec`` implies (a stride-0 20000x20000 view is
+    refused by its shape, never expanded).
+    """
+    want = dense_shapes(spec)
     entries = {}
     problems: list[str] = []
     for k, v in state.items():
         if not isinstance(v, torch.Tensor):
             problems.append(f"{path}: {k} is a {type(v).__name__}, expected a tensor")
             continue
-        finite = bool(torch.isfinite(v).all()) if v.is_floating_point() else True
+        checkable = v.is_floating_point() and want.get(str(k)) == tuple(v.shape)
+        finite = bool(torch.isfinite(v).all()) if checkable else True
         entries[str(k)] = (str(v.dtype).removeprefix("torch."), tuple(v.shape), finite)
     problems += check_dense_entries(path, entries, spec)
     if problems:
         raise ModelError(problems)
-    model = DLRM(spec)
-    model.load_state_dict(state, strict=True)
-    model.eval()
-    model.requires_grad_(False)  # a serving model never trains; saves autograd bookkeeping
-    return model
 
 
 def _short_error(e: Exception) -> str:

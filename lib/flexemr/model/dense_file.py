@@ -7,6 +7,13 @@ a state_dict uses turns that into (dtype, shape, finite) records without
 executing anything; an archive it does not understand raises ``UnsupportedArchive``
 and the caller falls back to torch.
 
+A checkpoint may come from anyone, and 11 KB can describe a stride-0
+20000x20000 tensor or a storage that inflates to gigabytes.  So every decision
+is made from metadata first (data.pkl's size, each tensor's shape, stride and
+offset, each storage's declared and inflated size, all bounded by what
+``model.toml`` implies), and values are read only for tensors that passed:
+nothing larger than a declared shape is ever materialised.
+
 This module exists so that :mod:`flexemr.model.dense` (torch) and
 :mod:`flexemr.model.loader` (no torch) can both use these checks without
 importing each other: dense -> dense_file <- loader, and loader imports dense
@@ -26,8 +33,8 @@ import numpy as np
 
 from flexemr.model.spec import ModelSpec
 
-__all__ = ["DENSE_FILE", "DenseEntries", "UnsupportedArchive", "check_dense_entries", "dense_path", "dense_shapes",
-           "read_dense_entries", "sniff_dense"]
+__all__ = ["DENSE_FILE", "DenseEntries", "MAX_PICKLE_BYTES", "UnsupportedArchive", "check_dense_entries",
+           "dense_file_problems", "dense_path", "dense_shapes", "read_dense_entries", "sniff_dense", "storage_budget"]
 
 DENSE_FILE = "dense.pt"
 
@@ -165,8 +172,62 @@ def sniff_dense(path: str | Path) -> str | None:
     return f"{path}: not a loadable torch state_dict: neither a zip archive nor a pickle (truncated or overwritten?)"
 
 
-def read_dense_entries(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], bool]], list[str]]:
-    """(entries, problems) of a torch zip checkpoint, without torch.  Raises UnsupportedArchive."""
+# A state_dict's data.pkl is a few hundred bytes per key; anything far larger is
+# not a checkpoint of this model (and would cost memory just to unpickle).
+MAX_PICKLE_BYTES = 16 << 20
+
+_ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
+             "int8": 1, "uint8": 1, "bool": 1}
+_FLOATS = ("float32", "float64", "float16")  # the dtypes numpy can check for NaN without torch
+
+
+def storage_budget(spec: ModelSpec) -> int:
+    """The most bytes one storage of a valid ``dense.pt`` can need: every weight of the model, in float64.
+
+    A storage may legitimately hold several tensors (views of one buffer), so the
+    bound is the whole model, not one key; float64 leaves room for a wrong dtype
+    to be reported as such rather than as an oversized storage.
+    """
+    return 8 * sum(int(np.prod(shape)) for shape in dense_shapes(spec).values())
+
+
+def _layout_problems(path: Path, key: str, t: _TensorInfo, member: zipfile.ZipInfo | None, budget: int) -> list[str]:
+    """What is wrong with one tensor's storage, offset, shape and stride, from metadata alone."""
+    where = f"{path}: {key}: storage data/{t.storage.key}"
+    size = _ITEMSIZE.get(t.storage.dtype, 8)
+    declared = t.storage.numel * size
+    if member is None:
+        return [f"{where} is missing from the archive"]
+    if t.storage.numel < 0 or declared > budget:
+        return [f"{where} declares {t.storage.numel:,} elements ({declared:,} bytes), more than the whole model "
+                f"needs ({budget:,} bytes)"]
+    if member.file_size > budget:  # e.g. a deflated member that would inflate to gigabytes
+        return [f"{where} inflates to {member.file_size:,} bytes, more than the whole model needs ({budget:,} bytes)"]
+    if member.file_size < declared:
+        return [f"{where} declares {t.storage.numel:,} elements ({declared:,} bytes) but the archive holds "
+                f"{member.file_size:,} bytes"]
+    if len(t.stride) != len(t.shape) or any(n < 0 for n in t.shape) or any(s < 0 for s in t.stride) or t.offset < 0:
+        return [f"{where}: invalid layout (offset {t.offset}, shape {_fmt(t.shape)}, stride {_fmt(t.stride)})"]
+    if all(t.shape):
+        last = t.offset + sum((n - 1) * s for n, s in zip(t.shape, t.stride))
+        if last >= t.storage.numel:
+            return [f"{where} is truncated: shape {_fmt(t.shape)} with stride {_fmt(t.stride)} from offset "
+                    f"{t.offset} reaches element {last:,} of {t.storage.numel:,}"]
+    return []
+
+
+def read_dense_entries(path: Path, spec: ModelSpec) -> tuple[dict[str, tuple[str, tuple[int, ...], bool]], list[str]]:
+    """(entries, problems) of a torch zip checkpoint, without torch.  Raises UnsupportedArchive.
+
+    Everything is decided from the archive's metadata first: data.pkl (read with
+    a restricted unpickler that records each tensor's storage, offset, shape and
+    stride and loads nothing) and the zip directory (each storage member's
+    inflated size).  Values are read only for a tensor whose key, shape, dtype
+    and layout are what ``spec`` implies, so no tensor larger than its declared
+    shape and no storage larger than the whole model is ever materialised.  A
+    tensor whose metadata is wrong gets ``finite=True`` (unknown): its shape or
+    layout problem is the one to report.
+    """
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
@@ -176,6 +237,10 @@ def read_dense_entries(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]
         if len(pkls) != 1:
             raise UnsupportedArchive("no single data.pkl")
         prefix = pkls[0][: -len("data.pkl")]
+        pkl_size = zf.getinfo(pkls[0]).file_size
+        if pkl_size > MAX_PICKLE_BYTES:
+            return {}, [f"{path}: data.pkl is {pkl_size:,} bytes, more than any state_dict's "
+                        f"({MAX_PICKLE_BYTES:,} at most)"]
         try:
             order = zf.read(prefix + "byteorder").decode().strip()
         except KeyError:
@@ -190,6 +255,9 @@ def read_dense_entries(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]
             return {}, [f"{path}: data.pkl is unreadable: {e}"]
         if not isinstance(state, Mapping):
             return {}, [f"{path}: holds a {type(state).__name__}, expected a state_dict (a dict of tensors)"]
+        want = dense_shapes(spec)
+        budget = storage_budget(spec)
+        members = {i.filename: i for i in zf.infolist()}
         entries: dict[str, tuple[str, tuple[int, ...], bool]] = {}
         problems: list[str] = []
         storages: dict[str, np.ndarray] = {}
@@ -197,24 +265,40 @@ def read_dense_entries(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]
             if not isinstance(v, _TensorInfo):
                 problems.append(f"{path}: {k} is a {type(v).__name__}, expected a tensor")
                 continue
-            finite = True
-            if v.storage.dtype in ("float32", "float64", "float16"):
-                arr = storages.get(v.storage.key)
-                if arr is None:
-                    dt = np.dtype(v.storage.dtype).newbyteorder("<" if order == "little" else ">")
-                    try:
-                        raw = zf.read(f"{prefix}data/{v.storage.key}")
-                    except KeyError:
-                        problems.append(f"{path}: {k}: storage data/{v.storage.key} is missing from the archive")
-                        continue
-                    arr = storages[v.storage.key] = np.frombuffer(raw, dtype=dt, count=len(raw) // dt.itemsize)
-                numel = int(np.prod(v.shape))
-                last = v.offset + sum((n - 1) * s for n, s in zip(v.shape, v.stride)) if numel else v.offset - 1
-                if v.offset < 0 or last >= len(arr):
-                    problems.append(f"{path}: {k}: storage data/{v.storage.key} is truncated")
-                    continue
-                view = np.lib.stride_tricks.as_strided(
-                    arr[v.offset:], shape=v.shape, strides=[s * arr.itemsize for s in v.stride], writeable=False)
-                finite = bool(np.isfinite(view).all())
-            entries[str(k)] = (v.storage.dtype, v.shape, finite)
+            entries[str(k)] = (v.storage.dtype, v.shape, True)
+            layout = _layout_problems(path, str(k), v, members.get(f"{prefix}data/{v.storage.key}"), budget)
+            problems += layout
+            if layout or want.get(str(k)) != v.shape or v.storage.dtype not in _FLOATS:
+                continue  # its metadata is the problem (or it has no NaN to find): leave the values unread
+            arr = storages.get(v.storage.key)
+            if arr is None:
+                dt = np.dtype(v.storage.dtype).newbyteorder("<" if order == "little" else ">")
+                raw = zf.read(f"{prefix}data/{v.storage.key}")  # bounded: file_size <= budget, checked above
+                arr = storages[v.storage.key] = np.frombuffer(raw, dtype=dt, count=v.storage.numel)
+            view = np.lib.stride_tricks.as_strided(
+                arr[v.offset:], shape=v.shape, strides=[s * arr.itemsize for s in v.stride], writeable=False)
+            entries[str(k)] = (v.storage.dtype, v.shape, bool(np.isfinite(view).all()))
         return entries, problems
+
+
+def dense_file_problems(path: Path, spec: ModelSpec) -> list[str] | None:
+    """Every problem of the checkpoint at ``path`` against ``spec`` without torch, or None: ask torch.
+
+    None means the archive uses a format the restricted reader does not know (an
+    older torch); the caller loads it with ``torch.load(weights_only=True)`` and
+    checks shapes before values (see :func:`flexemr.model.dense.load_dense`).
+    """
+    bad = sniff_dense(path)
+    if bad:
+        return [bad]
+    try:
+        entries, problems = read_dense_entries(path, spec)
+    except UnsupportedArchive:
+        return None
+    except zipfile.BadZipFile as e:  # e.g. a bad CRC: torch.load would not even notice the flipped bits
+        return [f"{path}: corrupt archive: {e}"]
+    except Exception as e:  # odd metadata: a validator reports, it never crashes
+        return [f"{path}: not a loadable torch state_dict: {type(e).__name__}: {e}"]
+    if problems and not entries:
+        return problems
+    return problems + check_dense_entries(path, entries, spec)

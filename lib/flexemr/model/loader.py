@@ -17,7 +17,6 @@ module, so there is no import loop.
 from __future__ import annotations
 
 import dataclasses
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,9 +25,8 @@ import numpy as np
 from flexemr.errors import ModelError
 from flexemr.model.dense_file import (
     DENSE_FILE,
-    read_dense_entries,
-    UnsupportedArchive,
     check_dense_entries,
+    dense_file_problems,
     dense_path,
     dense_shapes,
     sniff_dense,
@@ -56,26 +54,16 @@ def dense_problems(model_dir: str | Path, spec: ModelSpec) -> list[str]:
     path = dense_path(model_dir)
     if not path.is_file():
         return [f"{path}: missing (a model directory needs dense.pt, the MLP weights)"]
-    bad = sniff_dense(path)
-    if bad:
-        return [bad]
-    try:
-        entries, problems = read_dense_entries(path)
-    except UnsupportedArchive:
-        from flexemr.model.dense import load_dense  # imports torch
-
-        try:
-            load_dense(model_dir, spec)
-        except ModelError as e:
-            return e.problems
-        return []
-    except zipfile.BadZipFile as e:  # e.g. a bad CRC: torch.load would not even notice the flipped bits
-        return [f"{path}: corrupt archive: {e}"]
-    except Exception as e:  # odd shapes, strides...: a validator reports, it never crashes
-        return [f"{path}: not a loadable torch state_dict: {type(e).__name__}: {e}"]
-    if problems and not entries:
+    problems = dense_file_problems(path, spec)
+    if problems is not None:
         return problems
-    return problems + check_dense_entries(path, entries, spec)
+    from flexemr.model.dense import load_dense  # an archive the torch-free reader does not know: imports torch
+
+    try:
+        load_dense(model_dir, spec)
+    except ModelError as e:
+        return e.problems
+    return []
 
 
 # --------------------------------------------------------------------------- whole directory

@@ -48,6 +48,7 @@ the inherited object) and ``close``.
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -78,6 +79,11 @@ from flexemr.ring.layout import (
     read_header,
     write_header,
 )
+
+# Rings and doorbells carry requests and results between the daemon's own
+# processes (one uid); nobody else, not even emrctl's group, needs them.  The
+# mode is set with fchmod/chmod after creation, so the umask never changes it.
+RING_MODE = 0o600
 
 _LEN_MASK = 0xFFFF_FFFF
 _SLOT_MASK = ~(SLOT_ALIGN - 1)
@@ -122,14 +128,23 @@ class Doorbell:
         self._sem = sem
 
     @classmethod
-    def create(cls, name: str) -> Doorbell:
-        """Create a new doorbell (fails if ``name`` exists: stale objects are the supervisor's to clean)."""
+    def create(cls, name: str, mode: int = RING_MODE) -> Doorbell:
+        """Create a new doorbell (fails if ``name`` exists: stale objects are the supervisor's to clean).
+
+        ``mode`` is applied exactly (chmod of the semaphore's file), whatever the umask.
+        """
         try:
-            sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600, initial_value=0)
+            sem = posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=mode, initial_value=0)
         except posix_ipc.ExistentialError:
             raise FileExistsError(
                 f"doorbell {name!r} already exists (stale? see naming.unlink_instance_segments)"
             ) from None
+        try:
+            os.chmod(os.path.join(naming.SHM_DIR, naming.SEM_FILE_PREFIX + name.lstrip("/")), mode)
+        except BaseException:
+            sem.close()
+            posix_ipc.unlink_semaphore(name)
+            raise
         return cls(name, sem)
 
     @classmethod
@@ -300,14 +315,17 @@ class Ring:
     # ------------------------------------------------------------------ lifecycle
 
     @classmethod
-    def create(cls, name: str, capacity: int, doorbell: Doorbell | None = None, populate: bool = True) -> Ring:
+    def create(cls, name: str, capacity: int, doorbell: Doorbell | None = None, populate: bool = True,
+               mode: int = RING_MODE) -> Ring:
         """Create ring ``name`` with a data area of ``capacity`` bytes (supervisor only).
 
         ``doorbell``: a shared data doorbell (several rings, one waiter); the ring
         then does not own it and ``unlink()`` leaves it alone.  Without it the
         ring creates its own.  The space doorbell is always the ring's own.
         ``populate`` pre-faults the pages (MAP_POPULATE) so the first batches
-        do not pay for page faults.  On failure nothing is left behind.
+        do not pay for page faults.  ``mode`` (the segment's and its own
+        doorbells') is set with fchmod, not left to the umask.  On failure
+        nothing is left behind.
         """
         check_capacity(capacity)
         data_name, space_name = naming.ring_doorbell_names(name)
@@ -322,13 +340,14 @@ class Ring:
         opened: list[tuple[Doorbell, bool]] = []  # (doorbell, created by us)
         try:
             try:
+                os.fchmod(shm.fd, mode)
                 mm = mmap.mmap(shm.fd, size, flags=_map_flags(populate))
             finally:
                 shm.close_fd()
-            space = Doorbell.create(space_name)
+            space = Doorbell.create(space_name, mode)
             opened.append((space, True))
             if doorbell is None:
-                data = Doorbell.create(data_name)
+                data = Doorbell.create(data_name, mode)
             else:
                 # our own handle, so that ring.close() leaves the caller's open
                 data = Doorbell.attach(doorbell.name)

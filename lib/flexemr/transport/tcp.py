@@ -48,8 +48,22 @@ def format_address(sockname: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# A peer that vanishes without a reset (a cut link, a powered-off host) must become a
+# lost connection in seconds, not at TCP's ~15 minute retransmission limit: data left
+# unacknowledged for USER_TIMEOUT_MS fails the socket, and idle connections are probed.
+USER_TIMEOUT_MS = 3000
+KEEPALIVE = ((getattr(socket, "TCP_KEEPIDLE", None), 2), (getattr(socket, "TCP_KEEPINTVL", None), 1),
+             (getattr(socket, "TCP_KEEPCNT", None), 3))
+
+
 def _tune(sock: socket.socket, priority: bool) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in KEEPALIVE:
+        if opt is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
     if priority:
         # IP_TOS first: Linux derives the socket priority from the TOS when it is
         # set (EF would give priority 4), so SO_PRIORITY must come after it.
