@@ -22,7 +22,7 @@ from flexemr.wire.frame import DEFAULT_MAX_PAYLOAD
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PREFERENCES", "RoutedTransport", "listener_from_socket", "select_transport"]
+__all__ = ["PREFERENCES", "RoutedTransport", "listener_from_socket", "select_transport", "server_stats"]
 
 PREFERENCES = ("auto", "tcp", "shm", "rdma")
 
@@ -97,3 +97,20 @@ def listener_from_socket(sock: socket.socket, max_payload: int = DEFAULT_MAX_PAY
     if sock.family == socket.AF_UNIX:
         return ShmTransport(max_payload=max_payload).listener_from_socket(sock)
     return TcpTransport(max_payload=max_payload).listener_from_socket(sock)
+
+
+def server_stats(address: str) -> dict[str, int]:
+    """An embedding server's own counters (one STATS frame), over whichever transport ``address`` needs.
+
+    For tools and tests: a shm server has no TCP port to send STATS to.
+    """
+    from flexemr.wire import codec
+    from flexemr.wire.frame import FrameType, pack_header
+
+    conn = select_transport("auto").connect(address, 0, -1)
+    try:
+        conn.send_frame([pack_header(FrameType.STATS, 1, 0)])
+        h = conn.recv_header()
+        return codec.decode_stats(conn.recv_payload(h))
+    finally:
+        conn.close()
