@@ -44,7 +44,6 @@ import mmap
 import select
 import socket
 import struct
-import time
 from typing import Sequence
 
 import posix_ipc
@@ -315,15 +314,3 @@ def _with_header(ring_name: str, fn) -> None:
     finally:
         mm.close()
 
-
-def wait_readable(sock: socket.socket, timeout: float) -> bool:
-    """True when ``sock`` turns readable (a doorbell byte or EOF) within ``timeout`` seconds."""
-    p = select.poll()
-    p.register(sock.fileno(), select.POLLIN | _HUP)
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        if p.poll(left * 1000):
-            return True
