@@ -64,6 +64,9 @@ def run(config_path: str) -> None:
 @click.option("--cache-margin", default="64MiB", show_default=True, help="Headroom the adaptive policy keeps free.")
 @click.option("--mapping", type=click.Choice(MappingMode.labels()), default="owned", show_default=True)
 @click.option("--credits", type=click.Choice(CreditMode.labels()), default="priority", show_default=True)
+@click.option("--transport", type=click.Choice(["tcp", "shm", "rdma", "auto"]), default="shm", show_default=True,
+              help="Between engines and the local embedding servers: shm = shared-memory rings (no socket "
+                   "carries ids or partials); auto = shm for these same-host servers.")
 @click.option("--rebalance/--no-rebalance", default=True, show_default=True)
 @click.option("--http-port", default=0, show_default=True, type=click.IntRange(0, 65535),
               help="KServe v2 (Triton) REST front on 127.0.0.1 (0: off).")
@@ -84,9 +87,10 @@ def run(config_path: str) -> None:
               help="Seconds a client may leave a frame half-sent before it is disconnected.")
 @click.option("--log-level", default="info", show_default=True)
 def local(model_dir, n_servers, engines, socket_path, instance, routing, replicas, hedging, request_timeout_s, max_batch, max_wait_ms, cache_policy,
-          cache_size, cache_budget, cache_margin, mapping, credits, rebalance, http_port, grpc_port, metrics_port, server_threads, torch_threads,
-          heartbeat_timeout_s, max_clients, client_idle_timeout_s, log_level) -> None:
-    """Run a whole cluster on this host: N embedding servers and one ranker, TCP on loopback."""
+          cache_size, cache_budget, cache_margin, mapping, credits, transport, rebalance, http_port, grpc_port,
+          metrics_port, server_threads, torch_threads, heartbeat_timeout_s, max_clients, client_idle_timeout_s,
+          log_level) -> None:
+    """Run a whole cluster on this host: N embedding servers and one ranker (shm rings by default)."""
     from flexemrd.hosts import build_local, with_local_secret
 
     try:
@@ -98,10 +102,11 @@ def local(model_dir, n_servers, engines, socket_path, instance, routing, replica
                            "replicas": replicas, "hedging": hedging, "request_timeout_s": request_timeout_s,
                            "max_wait_ms": max_wait_ms, "mapping": mapping, "credits": credits,
                            "rebalance": rebalance, "metrics_port": metrics_port, "max_clients": max_clients,
-                           "client_idle_timeout_s": client_idle_timeout_s,
+                           "client_idle_timeout_s": client_idle_timeout_s, "transport": transport,
                            "http_port": http_port, "grpc_port": grpc_port,
                            "torch_threads": (1 if n_servers else 0) if torch_threads is None else torch_threads},
-                "embedding": {"threads": server_threads, "servers": max(1, n_servers), "replicas": replicas},
+                "embedding": {"threads": server_threads, "servers": max(1, n_servers), "replicas": replicas,
+                              "transport": "shm" if transport in ("shm", "auto") else "tcp"},
                 "cache": {"policy": cache_policy, "capacity": cache_size, "budget": cache_budget, "margin": cache_margin},
             },
             source="flexemrd local",
@@ -125,8 +130,8 @@ def local(model_dir, n_servers, engines, socket_path, instance, routing, replica
             _fail(str(e))
         except OSError as e:
             _fail(f"cannot start: {e}")
-        logging.getLogger("flexemrd").info("starting local cluster: %d embedding servers, %d engines", n_servers,
-                                           engines)
+        logging.getLogger("flexemrd").info("starting local cluster: %d embedding servers, %d engines, transport %s",
+                                           n_servers, engines, transport)
         code = sup.run()
     finally:
         _remove(secret_path)

@@ -27,6 +27,30 @@ def _listen(address: str) -> socket.socket:
     return socket.create_server((host, port), backlog=128)
 
 
+def local_uses_shm(cfg: Config) -> bool:
+    """Whether ``flexemrd local`` puts its servers on shm listeners: "shm", and "auto" (they are on this host)."""
+    return cfg.ranker.transport in ("shm", "auto")
+
+
+def _local_listeners(cfg: Config, n_servers: int) -> tuple[list[socket.socket], list[str]]:
+    """One listening socket per local server (the supervisor keeps them open across server restarts)."""
+    if local_uses_shm(cfg):
+        from flexemr.transport.shm import listen_socket, server_address
+
+        addresses = [server_address(cfg.daemon.instance, i) for i in range(n_servers)]
+        listeners = []
+        try:
+            for a in addresses:
+                listeners.append(listen_socket(a))
+        except OSError:
+            for s in listeners:
+                s.close()
+            raise
+        return listeners, addresses
+    listeners = [socket.create_server(("127.0.0.1", 0), backlog=128) for _ in range(n_servers)]
+    return listeners, [f"127.0.0.1:{s.getsockname()[1]}" for s in listeners]
+
+
 def _embedding_children(cfg: Config, routing: RoutingTable, listeners: list[socket.socket], indices: list[int],
                         status_instance: str = "") -> list[ChildSpec]:
     """One child per embedding server; with ``status_instance``, server k publishes into slot k of that
@@ -83,7 +107,15 @@ def build_embedding(cfg: Config) -> Supervisor:
     _check_secret(cfg)
     spec = load_spec(cfg.daemon.model)
     routing = RoutingTable.build(spec, cfg.embedding.servers, cfg.embedding.routing, cfg.embedding.replicas)
-    listener = _listen(cfg.embedding.listen)
+    if cfg.embedding.transport == "shm":
+        from flexemr.transport.shm import is_shm_address, listen_socket, server_address
+
+        listen = cfg.embedding.listen
+        address = listen if is_shm_address(listen) else server_address(cfg.daemon.instance, cfg.embedding.index)
+        listener = listen_socket(address)
+    else:
+        address = cfg.embedding.listen
+        listener = _listen(address)
     instance = cfg.daemon.instance
     children = _embedding_children(cfg, routing, [listener], [cfg.embedding.index], status_instance=instance)
     status = _EmbeddingStatus(instance, len(children))
@@ -91,7 +123,7 @@ def build_embedding(cfg: Config) -> Supervisor:
                       create_resources=status.create, unlink_resources=status.unlink,
                       heartbeat_timeout_s=cfg.daemon.heartbeat_timeout_s, boot_timeout_s=cfg.daemon.boot_timeout_s,
                       shared_fds=(listener.fileno(),), on_ready=_print_ready(f"embedding server {cfg.embedding.index} "
-                                                                              f"on {cfg.embedding.listen}"))
+                                                                              f"on {address}"))
 
 
 class _EmbeddingStatus:
@@ -120,8 +152,8 @@ def build_local(cfg: Config, n_servers: int) -> Supervisor:
     """
     _check_secret(cfg)
     spec = load_spec(cfg.daemon.model)
-    listeners = [socket.create_server(("127.0.0.1", 0), backlog=128) for _ in range(n_servers)]
-    servers = [f"127.0.0.1:{s.getsockname()[1]}" for s in listeners]
+    listeners, servers = _local_listeners(cfg, n_servers)
+    logger.info("local embedding servers on %s", ", ".join(servers) or "(none: the ranker pools)")
     # No servers: the ranker pools its own tables (the monolithic layout, same front end).
     routing = RoutingTable.build(spec, max(1, n_servers), cfg.ranker.routing,
                                  cfg.ranker.replicas if n_servers else 1)

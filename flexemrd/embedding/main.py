@@ -1,7 +1,8 @@
 """The embedding server process: its plan (what the supervisor hands it) and its entry function.
 
 ``embedding_main`` sets up logging, maps the shards, wraps the listening
-socket inherited from the supervisor in the transport's ``Listener`` and runs
+socket inherited from the supervisor in the transport's ``Listener`` (a unix
+socket: shm, an inet one: TCP; see flexemr.transport.registry) and runs
 the server's event loop until SIGTERM.  Heavy imports (torch) happen here,
 after the fork.
 """
@@ -62,7 +63,7 @@ def embedding_main(plan: EmbeddingPlan, ready: Ready) -> None:
     setup_logging("embedding", plan.index, plan.log_level)
     import torch
 
-    from flexemr.transport.tcp import TcpTransport
+    from flexemr.transport.registry import listener_from_socket
     from flexemrd.embedding.server import EmbeddingServer
     from flexemrd.embedding.store import EmbeddingStore
 
@@ -72,7 +73,9 @@ def embedding_main(plan: EmbeddingPlan, ready: Ready) -> None:
 
     secret = load_secret(plan.secret_file) if plan.secret_file else None
     store = EmbeddingStore(plan.model_dir, plan.spec, plan.shards)
-    listener = TcpTransport(max_payload=plan.max_payload).listener_from_socket(plan.listener)
+    listener = listener_from_socket(plan.listener, plan.max_payload)
+    logger.info("listening on %s (transport %s)", listener.address,
+                "shm" if plan.listener.family == socket.AF_UNIX else "tcp")
     beat = getattr(ready, "beat", None)
     if plan.status_slot >= 0:
         beat = _publishing_beat(lambda: server, plan, beat)   # called only once the server runs

@@ -74,7 +74,7 @@ def engine_main(plan: RankerPlan, engine_id: int, ready: Ready,
                     heartbeat=heartbeat, secret=_secret(plan))
     term = TermFlag()
     threading.Thread(target=lambda: (term.wait(), engine.stop.set()), name="term", daemon=True).start()
-    logger.info("owning connections %s over %s", owned, transport.name)
+    logger.info("owning connections %s; transport %s (each connection logs its own)", owned, transport.name)
     ready.ready()
     engine.run()
 

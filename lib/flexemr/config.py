@@ -113,7 +113,7 @@ class RankerConfig:
     metrics_addr: str = "127.0.0.1"
     device: str = "auto"             # "auto", "cpu" or "cuda"
     torch_threads: int = 0           # 0 = torch's default
-    transport: str = "auto"          # "auto", "tcp" or "rdma"
+    transport: str = "auto"          # "auto" (shm for shm: addresses, else rdma/tcp), "tcp", "shm" or "rdma"
     replicas: int = 1                # servers holding each shard (placement: routing.table.RoutingTable.build)
     request_timeout_s: float = 30.0  # default deadline of a request whose client sets none
     hedging: bool = False            # with replicas: resend a slow subrequest to a second replica
@@ -138,6 +138,7 @@ class EmbeddingConfig:
     max_payload: int = 1 << 30
     max_connections: int = 256       # ranker connections served at once; one more gets ERROR OVERLOADED
     insecure: bool = False           # allow listening beyond loopback without [daemon].secret_file
+    transport: str = "tcp"           # "tcp" (listen = "host:port") or "shm" (same-host rankers only)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -169,8 +170,9 @@ _CHOICES = {
     ("ranker", "mapping"): MappingMode.labels(),
     ("ranker", "credits"): CreditMode.labels(),
     ("ranker", "device"): ("auto", "cpu", "cuda"),
-    ("ranker", "transport"): ("auto", "tcp", "rdma"),
+    ("ranker", "transport"): ("auto", "tcp", "shm", "rdma"),
     ("ranker", "partials"): ("fp32", "fp16", "bf16"),
+    ("embedding", "transport"): ("tcp", "shm"),
     ("cache", "policy"): CacheMode.labels(),
     ("cache", "admission"): ("lru", "tinylfu"),
 }
@@ -267,11 +269,16 @@ def _cross_checks(cfg: Config) -> list[str]:
         if too_big and r.ring_bytes <= host_memory_bytes():  # one oversized ring is reported by its key already
             problems.append(too_big)
         for i, s in enumerate(cfg.ranker.servers):
-            if not isinstance(s, str) or not re.match(r"^[^:\s]+:\d{1,5}$", s):
-                problems.append(f"{src}: [ranker].servers[{i}]: {s!r} must be \"host:port\"")
+            if isinstance(s, str) and s.startswith("shm:"):
+                if cfg.ranker.transport == "tcp":
+                    problems.append(f"{src}: [ranker].servers[{i}]: {s!r} is a shm address "
+                                    f"but [ranker].transport = 'tcp'")
+            elif not isinstance(s, str) or not re.match(r"^[^:\s]+:\d{1,5}$", s):
+                problems.append(f"{src}: [ranker].servers[{i}]: {s!r} must be \"host:port\" "
+                                f"(or \"shm:flexemr.<instance>.shm.sNN\")")
     if cfg.daemon.role == "embedding":
         e = cfg.embedding
-        if not re.match(r"^[^:\s]*:\d{1,5}$", e.listen):
+        if e.transport == "tcp" and not re.match(r"^[^:\s]*:\d{1,5}$", e.listen):
             problems.append(f"{src}: [embedding].listen: {e.listen!r} must be \"host:port\"")
         elif not e.insecure and not cfg.daemon.secret_file and not is_loopback(split_hostport(e.listen)[0]):
             problems.append(f"{src}: [embedding].listen: {e.listen!r} is reachable from other hosts but no "

@@ -265,32 +265,20 @@ def test_an_overloaded_server_drops_work_whose_deadline_passed_while_it_queued(s
 
 
 def _server_counter(cluster: LocalCluster, index: int, name: str) -> int:
-    """One of embedding server ``index``'s own counters (a STATS frame to its port)."""
+    """One of embedding server ``index``'s own counters (a STATS frame over its transport: shm or TCP)."""
     import json
-    import socket
     import subprocess
     import sys
 
-    from flexemr.wire import codec
-    from flexemr.wire.frame import FrameType, pack_header
-    from flexemr.wire.stream import FrameReader
+    from flexemr.transport.registry import server_stats
 
     out = subprocess.run([sys.executable, "-m", "emrctl", "--instance", cluster.instance, "status", "--json"],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    host, port = json.loads(out.stdout)["servers"][index]["address"].rsplit(":", 1)
     from flexemr import auth, naming
-    from flexemr.wire.handshake import client_hello
-    from flexemr.wire.stream import send_buffers
 
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        reader = FrameReader(s, 1 << 20)
-        # `flexemrd local` servers serve STATS only after the instance's secret is proven.
-        client_hello(lambda f: send_buffers(s, f), reader.read_frame, f"server {index}", codec.ROLE_CLIENT, "test",
-                     secret=auth.load_secret(naming.local_secret_path(cluster.instance)))
-        s.sendall(pack_header(FrameType.STATS, 1, 0))
-        h = reader.read_header()
-        return int(codec.decode_stats(reader.read_payload(h))[name])
+    secret = auth.load_secret(naming.local_secret_path(cluster.instance))
+    return int(server_stats(json.loads(out.stdout)["servers"][index]["address"], secret=secret)[name])
 
 
 def test_a_client_is_correct_after_its_own_timeout(single, reference):

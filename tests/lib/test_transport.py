@@ -219,10 +219,12 @@ def test_assembler_refuses_an_unreadable_header():
 
 def test_select_transport_says_which_and_why(caplog):
     caplog.set_level(logging.INFO, logger="flexemr.transport.registry")
-    assert isinstance(select_transport("tcp"), TcpTransport)
-    assert "transport: tcp (configured)" in caplog.text
-    assert select_transport("auto").name in ("tcp", "rdma")
-    assert caplog.text.count("transport: ") == 2
+    tcp = select_transport("tcp")
+    assert isinstance(tcp.net, TcpTransport) and tcp.shm is None
+    assert "transport: tcp (configured 'tcp')" in caplog.text
+    assert select_transport("auto").name in ("shm+tcp", "shm+rdma")
+    with pytest.raises(ValueError, match="is not a shm address.*'shm'"):
+        select_transport("shm").connect("127.0.0.1:1", 0, 0)   # never a silent TCP fallback
 
 
 def test_the_rdma_server_side_says_it_is_not_implemented():

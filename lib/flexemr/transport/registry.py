@@ -1,26 +1,68 @@
-"""Which transport this host uses: ``select_transport`` picks it at start-up and logs why.
+"""Which transport this process uses: ``select_transport`` picks it at start-up and logs why.
 
 Kept apart from base.py so that the interface imports no implementation and
 the implementations import only the interface (no import loop).
+
+The result is a :class:`RoutedTransport`: each connection goes over shm when
+its address is a shm address (``shm:flexemr.<instance>.shm.sNN``, a server on
+this host) and the preference allows it, over the network transport (tcp, or
+rdma where it exists) otherwise, and the choice is logged per connection.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 
 from flexemr.transport import verbs
-from flexemr.transport.base import Transport
+from flexemr.transport.base import Connection, Listener, Transport
+from flexemr.transport.shm import ShmTransport, is_shm_address
 from flexemr.transport.tcp import TcpTransport
+from flexemr.wire.frame import DEFAULT_MAX_PAYLOAD
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["select_transport"]
+__all__ = ["PREFERENCES", "RoutedTransport", "listener_from_socket", "select_transport", "server_stats"]
+
+PREFERENCES = ("auto", "tcp", "shm", "rdma")
 
 
-def select_transport(preference: str = "auto") -> Transport:
-    """Pick the transport for this host ("auto", "tcp" or "rdma") and log which one and why."""
+class RoutedTransport(Transport):
+    """Sends each address to the transport it needs; refuses (naming both) what the preference forbids."""
+
+    def __init__(self, preference: str, shm: Transport | None, net: Transport | None) -> None:
+        self.preference = preference
+        self.shm = shm
+        self.net = net
+        self.name = "+".join(t.name for t in (shm, net) if t is not None)
+
+    def for_address(self, address: str) -> Transport:
+        """The transport that connections to ``address`` use (ValueError if the preference rules it out)."""
+        t = self.shm if is_shm_address(address) else self.net
+        if t is None:
+            kind = "a shm address" if is_shm_address(address) else "not a shm address"
+            raise ValueError(f"server address {address!r} is {kind}, but [ranker].transport = {self.preference!r}")
+        return t
+
+    def connect(self, address: str, conn_id: int, server: int, priority: bool = False) -> Connection:
+        t = self.for_address(address)
+        conn = t.connect(address, conn_id, server, priority)
+        logger.info("connection %d%s to server %d (%s): transport %s", conn_id, " (credits)" if priority else "",
+                    server, address, t.name)
+        return conn
+
+    def adopt(self, handle: int, conn_id: int, server: int, address: str) -> Connection:
+        t = self.for_address(address)
+        conn = t.adopt(handle, conn_id, server, address)
+        logger.info("connection %d to server %d (%s): adopted, transport %s", conn_id, server, address, t.name)
+        return conn
+
+    def listen(self, address: str) -> Listener:
+        return self.for_address(address).listen(address)
+
+
+def _network(preference: str) -> Transport:
     if preference == "tcp":
-        logger.info("transport: tcp (configured)")
         return TcpTransport()
     devices, why = verbs.probe_devices()
     if preference == "rdma":
@@ -28,7 +70,57 @@ def select_transport(preference: str = "auto") -> Transport:
             raise RuntimeError(f"transport 'rdma' configured but unusable: {why}")
         return verbs.RdmaTransport(devices[0])
     if devices and verbs.IMPLEMENTED:
-        logger.info("transport: rdma on %s", devices[0])
+        logger.info("network transport: rdma on %s", devices[0])
         return verbs.RdmaTransport(devices[0])
-    logger.info("transport: tcp (%s)", why)
+    logger.info("network transport: tcp (%s)", why)
     return TcpTransport()
+
+
+def select_transport(preference: str = "auto") -> RoutedTransport:
+    """The transport for ``[ranker].transport = preference`` ("auto", "tcp", "shm" or "rdma"), logged.
+
+    "auto": shm for shm addresses, rdma or tcp for the others; "shm": shm
+    only (a host:port server is a configuration error, not a silent TCP
+    fallback); "tcp" and "rdma": that network transport only.
+    """
+    if preference not in PREFERENCES:
+        raise ValueError(f"unknown transport {preference!r} (known: {', '.join(PREFERENCES)})")
+    shm = ShmTransport() if preference in ("auto", "shm") else None
+    net = None if preference == "shm" else _network(preference)
+    routed = RoutedTransport(preference, shm, net)
+    logger.info("transport: %s (configured %r)", routed.name, preference)
+    return routed
+
+
+def listener_from_socket(sock: socket.socket, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Listener:
+    """Wrap a listening socket the supervisor opened: a unix one is a shm listener, an inet one TCP."""
+    if sock.family == socket.AF_UNIX:
+        return ShmTransport(max_payload=max_payload).listener_from_socket(sock)
+    return TcpTransport(max_payload=max_payload).listener_from_socket(sock)
+
+
+def server_stats(address: str, secret: bytes | None = None) -> dict[str, int]:
+    """An embedding server's own counters (one STATS frame), over whichever transport ``address`` needs.
+
+    For tools and tests: a shm server has no TCP port to send STATS to.  A
+    server with a secret answers only after the HELLO/AUTH exchange.
+    """
+    from flexemr.wire import codec
+    from flexemr.wire.frame import FrameType, pack_header
+    from flexemr.wire.handshake import client_hello
+
+    conn = select_transport("auto").connect(address, 0, -1)
+    try:
+        if secret is not None:
+            client_hello(conn.send_frame, lambda: _read_frame(conn), f"embedding server at {address}",
+                         codec.ROLE_CLIENT, "stats", secret=secret)
+        conn.send_frame([pack_header(FrameType.STATS, 1, 0)])
+        h = conn.recv_header()
+        return codec.decode_stats(conn.recv_payload(h))
+    finally:
+        conn.close()
+
+
+def _read_frame(conn):
+    h = conn.recv_header()
+    return h, conn.recv_payload(h)
