@@ -260,7 +260,7 @@ def test_bench_starts_measures_and_stops_everything(tmp_path):
         assert (out / f).exists()
     assert "tiny-b64-closed" in proc.stdout and "samples/s" in proc.stdout
     assert "closed loop" in proc.stderr                              # progress lines
-    assert took < 90, f"took {took:.0f} s"
+    assert took < 150, f"took {took:.0f} s"   # a smoke of every system, including the monolithic daemon
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ def emrctl(cluster: LocalCluster, *args: str) -> str:
 
 
 def wait_snapshot(cluster: LocalCluster, pred: Callable[[dict[str, Any]], bool], what: str,
-                  timeout: float = 30.0, poll_s: float = 0.01) -> dict[str, Any]:
+                  timeout: float = 90.0, poll_s: float = 0.01) -> dict[str, Any]:
     """Poll the control segment in-process (fast enough to see a state that lasts a fraction of a second)."""
     block = ControlBlock.attach(cluster.instance)
     try:
