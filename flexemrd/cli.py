@@ -76,10 +76,13 @@ def run(config_path: str) -> None:
 @click.option("--heartbeat-timeout", "heartbeat_timeout_s", default=10.0, show_default=True,
               type=click.FloatRange(min=0.0), help="Seconds a worker may miss its heartbeat before it is killed "
                                                    "and restarted; 0 = never.")
+@click.option("--transport", type=click.Choice(["auto", "tcp", "rdma"]), default="tcp", show_default=True,
+              help="Between engines and embedding servers: rdma moves frames over verbs (TCP stays for HELLO); "
+                   "auto picks rdma when an RDMA device is present.")
 @click.option("--log-level", default="info", show_default=True)
 def local(model_dir, n_servers, engines, socket_path, instance, routing, replicas, hedging, request_timeout_s, max_batch, max_wait_ms, cache_policy,
           cache_size, cache_budget, cache_margin, mapping, credits, rebalance, http_port, grpc_port, metrics_port, server_threads, torch_threads,
-          heartbeat_timeout_s, log_level) -> None:
+          heartbeat_timeout_s, transport, log_level) -> None:
     """Run a whole cluster on this host: N embedding servers and one ranker, TCP on loopback."""
     from flexemrd.hosts import build_local
 
@@ -91,7 +94,7 @@ def local(model_dir, n_servers, engines, socket_path, instance, routing, replica
                 "ranker": {"socket": socket_path, "engines": engines, "routing": routing, "max_batch": max_batch,
                            "replicas": replicas, "hedging": hedging, "request_timeout_s": request_timeout_s,
                            "max_wait_ms": max_wait_ms, "mapping": mapping, "credits": credits,
-                           "rebalance": rebalance, "metrics_port": metrics_port,
+                           "rebalance": rebalance, "metrics_port": metrics_port, "transport": transport,
                            "http_port": http_port, "grpc_port": grpc_port,
                            "torch_threads": (1 if n_servers else 0) if torch_threads is None else torch_threads},
                 "embedding": {"threads": server_threads, "servers": max(1, n_servers), "replicas": replicas},

@@ -168,14 +168,17 @@ def check_shards(conn: Connection, hello: codec.Hello, expected: Sequence[Shard]
 
 def say_hello(conn: Connection, token: str, channel: str, credits: int) -> codec.Hello:
     """Introduce this engine on ``conn`` and return the server's HELLO (ProtocolError if refused)."""
-    conn.send_frame(codec.encode_hello(0, codec.ROLE_RANKER, f"{token}/{conn.conn_id}/{channel}", credits=credits))
+    conn.send_frame(codec.encode_hello(0, codec.ROLE_RANKER, f"{token}/{conn.conn_id}/{channel}", credits=credits,
+                                       blob=conn.hello_blob()))
     h = conn.recv_header()
     payload = conn.recv_payload(h)
     if h.type == FrameType.ERROR:
         raise ProtocolError(f"server {conn.server} ({conn.address}) refused us: {codec.decode_error(payload)}")
     if h.type != FrameType.HELLO:
         raise ProtocolError(f"server {conn.server} ({conn.address}) answered HELLO with frame type {h.type}")
-    return codec.decode_hello(payload)
+    hello = codec.decode_hello(payload)
+    conn.hello_done(hello.blob)  # RDMA: the data path switches to verbs here
+    return hello
 
 
 class Connector:

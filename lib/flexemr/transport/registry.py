@@ -22,13 +22,16 @@ def select_transport(preference: str = "auto") -> Transport:
     if preference == "tcp":
         logger.info("transport: tcp (configured)")
         return TcpTransport()
+    if preference not in ("auto", "rdma"):
+        raise ValueError(f"transport {preference!r}: expected \"auto\", \"tcp\" or \"rdma\"")
     devices, why = verbs.probe_devices()
     if preference == "rdma":
         if not devices:
             raise RuntimeError(f"transport 'rdma' configured but unusable: {why}")
+        logger.info("transport: rdma on %s (configured)", devices[0])
         return verbs.RdmaTransport(devices[0])
-    if devices and verbs.IMPLEMENTED:
-        logger.info("transport: rdma on %s", devices[0])
+    if devices:
+        logger.info("transport: rdma on %s (auto: an RDMA device is present)", devices[0])
         return verbs.RdmaTransport(devices[0])
     logger.info("transport: tcp (%s)", why)
     return TcpTransport()
