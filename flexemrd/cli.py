@@ -76,13 +76,15 @@ def run(config_path: str) -> None:
 @click.option("--heartbeat-timeout", "heartbeat_timeout_s", default=10.0, show_default=True,
               type=click.FloatRange(min=0.0), help="Seconds a worker may miss its heartbeat before it is killed "
                                                    "and restarted; 0 = never.")
+@click.option("--boot-timeout", "boot_timeout_s", default=300.0, show_default=True, type=click.FloatRange(min=1.0),
+              help="Seconds a worker may take to become ready (an emulated guest needs more).")
 @click.option("--transport", type=click.Choice(["auto", "tcp", "rdma"]), default="tcp", show_default=True,
               help="Between engines and embedding servers: rdma moves frames over verbs (TCP stays for HELLO); "
                    "auto picks rdma when an RDMA device is present.")
 @click.option("--log-level", default="info", show_default=True)
 def local(model_dir, n_servers, engines, socket_path, instance, routing, replicas, hedging, request_timeout_s, max_batch, max_wait_ms, cache_policy,
           cache_size, cache_budget, cache_margin, mapping, credits, rebalance, http_port, grpc_port, metrics_port, server_threads, torch_threads,
-          heartbeat_timeout_s, transport, log_level) -> None:
+          heartbeat_timeout_s, boot_timeout_s, transport, log_level) -> None:
     """Run a whole cluster on this host: N embedding servers and one ranker, TCP on loopback."""
     from flexemrd.hosts import build_local
 
@@ -90,7 +92,7 @@ def local(model_dir, n_servers, engines, socket_path, instance, routing, replica
         cfg = parse_config(
             {
                 "daemon": {"role": "ranker", "instance": instance, "model": model_dir, "log_level": log_level,
-                           "heartbeat_timeout_s": heartbeat_timeout_s},
+                           "heartbeat_timeout_s": heartbeat_timeout_s, "boot_timeout_s": boot_timeout_s},
                 "ranker": {"socket": socket_path, "engines": engines, "routing": routing, "max_batch": max_batch,
                            "replicas": replicas, "hedging": hedging, "request_timeout_s": request_timeout_s,
                            "max_wait_ms": max_wait_ms, "mapping": mapping, "credits": credits,
