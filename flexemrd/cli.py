@@ -85,11 +85,13 @@ def run(config_path: str) -> None:
 @click.option("--client-idle-timeout", "client_idle_timeout_s", default=30.0, show_default=True,
               type=click.FloatRange(min=0.0, min_open=True),
               help="Seconds a client may leave a frame half-sent before it is disconnected.")
+@click.option("--boot-timeout", "boot_timeout_s", default=300.0, show_default=True, type=click.FloatRange(min=1.0),
+              help="Seconds a worker may take to become ready (an emulated guest needs more).")
 @click.option("--log-level", default="info", show_default=True)
 def local(model_dir, n_servers, engines, socket_path, instance, routing, replicas, hedging, request_timeout_s, max_batch, max_wait_ms, cache_policy,
           cache_size, cache_budget, cache_margin, mapping, credits, transport, rebalance, http_port, grpc_port,
           metrics_port, server_threads, torch_threads, heartbeat_timeout_s, max_clients, client_idle_timeout_s,
-          log_level) -> None:
+          boot_timeout_s, log_level) -> None:
     """Run a whole cluster on this host: N embedding servers and one ranker (shm rings by default)."""
     from flexemrd.hosts import build_local, with_local_secret
 
@@ -97,7 +99,7 @@ def local(model_dir, n_servers, engines, socket_path, instance, routing, replica
         cfg = parse_config(
             {
                 "daemon": {"role": "ranker", "instance": instance, "model": model_dir, "log_level": log_level,
-                           "heartbeat_timeout_s": heartbeat_timeout_s},
+                           "heartbeat_timeout_s": heartbeat_timeout_s, "boot_timeout_s": boot_timeout_s},
                 "ranker": {"socket": socket_path, "engines": engines, "routing": routing, "max_batch": max_batch,
                            "replicas": replicas, "hedging": hedging, "request_timeout_s": request_timeout_s,
                            "max_wait_ms": max_wait_ms, "mapping": mapping, "credits": credits,

@@ -331,6 +331,8 @@ class EmbeddingServer:
                 self._before_auth(peer, h, payload)
             if peer.dead or peer.closing:  # in-band credits flushed this connection and the send failed; refused
                 return
+            if peer.conn.recv_nowait != recv:  # the HELLO moved it to another transport (RDMA)
+                return
 
     def _paused(self, peer: _Peer) -> bool:
         """Stop reading this connection for now?  Unread requests wait in the kernel for free;
@@ -373,7 +375,8 @@ class EmbeddingServer:
             reply = codec.encode_error(h.request_id, e.code, str(e))
         finally:
             peer.reader.recycle(payload)
-        self._answer_now(peer, reply)
+        if reply is not None:  # None: answered already (a HELLO that moved the connection to RDMA)
+            self._answer_now(peer, reply)
 
     # ------------------------------------------------------------------ authentication
 
@@ -414,10 +417,41 @@ class EmbeddingServer:
         raise RequestRejected(ErrorCode.UNSUPPORTED,
                               f"an embedding server does not serve {FrameType(h.type).name} frames")
 
-    def _hello(self, peer: _Peer, h: Header, payload: memoryview) -> list:
+    def _hello(self, peer: _Peer, h: Header, payload: memoryview) -> list | None:
         hello = codec.decode_hello(payload)  # ProtocolError: answered with ERROR, the connection stays
         parts = hello.name.split("/")
-        if hello.role == codec.ROLE_RANKER and len(parts) == 3:
+        if hello.blob:
+            # The ranker asks for RDMA: answer over TCP with our blob, then serve verbs.
+            self._upgrade(peer, h, hello, channel=parts[-1])
+            self._register_ranker(peer, h, hello.role, parts)
+            return None
+        self._register_ranker(peer, h, hello.role, parts)
+        return codec.encode_hello(h.request_id, codec.ROLE_EMBEDDING, self.name, self.store.hello_shards())
+
+    def _upgrade(self, peer: _Peer, h: Header, hello: codec.Hello, channel: str) -> None:
+        from flexemr.errors import FlexemrError
+        from flexemr.transport.verbs import upgrade_server_connection
+
+        if peer.pending:
+            raise RequestRejected(ErrorCode.BAD_REQUEST, "an RDMA HELLO must be the first frame of a connection")
+        try:
+            conn, blob = upgrade_server_connection(peer.conn, hello.blob, priority=channel == "credit")
+        except ProtocolError:
+            raise
+        except FlexemrError as e:  # RdmaUnavailable: this host has no usable device
+            raise RequestRejected(ErrorCode.UNSUPPORTED, f"{self.name} cannot serve RDMA: {e}") from e
+        # A fresh socket takes a small frame whole: blocking send, then switch.
+        peer.conn.send_frame(codec.encode_hello(h.request_id, codec.ROLE_EMBEDDING, self.name,
+                                                self.store.hello_shards(), blob=blob))
+        if peer.events:
+            self._sel.unregister(peer.fd)
+            peer.events = 0
+        self._peers.pop(peer.fd, None)
+        peer.conn, peer.fd = conn, conn.fileno()
+        self._peers[peer.fd] = peer
+
+    def _register_ranker(self, peer: _Peer, h: Header, role: int, parts: list[str]) -> None:
+        if role == codec.ROLE_RANKER and len(parts) == 3:
             # "<token>/<conn id>/data|credit": both channels of one ranker connection share a pool.
             channel = parts[2]
             if peer.member is not None:
@@ -428,7 +462,6 @@ class EmbeddingServer:
                 peer.flow = True
                 self._data_peer[id(pool)] = peer
                 pool.give(h.aux)
-        return codec.encode_hello(h.request_id, codec.ROLE_EMBEDDING, self.name, self.store.hello_shards())
 
     def _credit(self, pool: CreditPool | None, n: int, granted_ns: int) -> None:
         if pool is None:

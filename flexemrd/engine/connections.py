@@ -173,13 +173,17 @@ def say_hello(conn: Connection, token: str, channel: str, credits: int, secret: 
 
     ProtocolError if the server refuses us, fails to prove it knows the secret,
     asks for a secret we do not have, or (we having one) does not ask for it.
+    The HELLO carries the transport's connection blob (RDMA: QP, GID, regions);
+    the server's answer completes it and the data path may switch to verbs.
     """
     def recv() -> tuple:
         h = conn.recv_header()
         return h, conn.recv_payload(h)
 
-    return client_hello(conn.send_frame, recv, f"server {conn.server} ({conn.address})", codec.ROLE_RANKER,
-                        f"{token}/{conn.conn_id}/{channel}", credits=credits, secret=secret)
+    hello = client_hello(conn.send_frame, recv, f"server {conn.server} ({conn.address})", codec.ROLE_RANKER,
+                         f"{token}/{conn.conn_id}/{channel}", credits=credits, secret=secret, blob=conn.hello_blob())
+    conn.hello_done(hello.blob)
+    return hello
 
 
 class Connector:

@@ -62,7 +62,7 @@ def test_gid_text_round_trip() -> None:
     (lambda d: d[:12] + (1 << 24).to_bytes(4, "big") + d[16:], "psn"),
     (lambda d: d[:24] + bytes(16) + d[40:], "gid"),
     (lambda d: d[:40] + (1500).to_bytes(4, "big") + d[44:], "mtu"),
-    (lambda d: d[:52] + (2).to_bytes(4, "big") + d[56:], "flags"),
+    (lambda d: d[:52] + (4).to_bytes(4, "big") + d[56:], "flags"),
     (lambda d: d[:64 + 8] + (0).to_bytes(8, "big") + d[64 + 16:], "region[0]"),
 ])
 def test_malformed_blob_is_refused_naming_the_field(mutate, field: str) -> None:

@@ -84,6 +84,15 @@ class Connection(abc.ABC):
     def close(self) -> None:
         """Close the connection (idempotent; never raises)."""
 
+    # A transport that sets up its data path inside the HELLO (RDMA: the
+    # connection blob) overrides these two; TCP needs neither.
+    def hello_blob(self) -> bytes:
+        """Bytes the ranker's HELLO carries for the transport (b"": none)."""
+        return b""
+
+    def hello_done(self, blob: bytes) -> None:
+        """The server's HELLO answer carried ``blob``; switch the data path if the transport wants to."""
+
 
 class Listener(abc.ABC):
     """Where a server accepts connections; ``address`` is what peers connect to."""

@@ -64,13 +64,22 @@ class RoutedTransport(Transport):
 def _network(preference: str) -> Transport:
     if preference == "tcp":
         return TcpTransport()
+    if preference not in ("auto", "rdma"):
+        raise ValueError(f"transport {preference!r}: expected \"auto\", \"tcp\" or \"rdma\"")
     devices, why = verbs.probe_devices()
     if preference == "rdma":
         if not devices:
             raise RuntimeError(f"transport 'rdma' configured but unusable: {why}")
+        logger.info("transport: rdma on %s (configured)", devices[0])
         return verbs.RdmaTransport(devices[0])
-    if devices and verbs.IMPLEMENTED:
-        logger.info("network transport: rdma on %s", devices[0])
+    if devices and not verbs.MIGRATES:
+        # Until RDMA connections can migrate, "auto" keeps TCP rather than crash an engine on the
+        # rebalancer's first move; transport = "rdma" opts in (with rebalance = false).
+        logger.info("network transport: tcp (RDMA device %s present, but auto keeps TCP until RDMA connections "
+                    "can migrate: set transport = \"rdma\" and rebalance = false to use it)", devices[0])
+        return TcpTransport()
+    if devices:
+        logger.info("transport: rdma on %s (auto: an RDMA device is present)", devices[0])
         return verbs.RdmaTransport(devices[0])
     logger.info("network transport: tcp (%s)", why)
     return TcpTransport()

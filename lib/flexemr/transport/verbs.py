@@ -1,58 +1,209 @@
-"""RDMA transport (pyverbs): device discovery today, the data path on the roadmap.
+"""RDMA transport (pyverbs): daemon connections whose frames travel over verbs.
 
-Where it stands: ``probe_devices`` finds RNICs through pyverbs (Debian's
-python3-pyverbs; PyPI's does not build against Debian's rdma-core) and
-``select_transport`` (registry.py) logs what it found.  The verbs data path (one RC QP per
-connection inside a parent domain whose thread domain belongs to the engine,
-credit QPs at a higher service level, RDMA READ for cache fills) is not
-written yet, so ``IMPLEMENTED`` is False and hosts with RNICs use TCP, saying
-so in the log.  Nothing above this module changes when it lands: engines only
-see ``Connection``, and the embedding server only ``Listener`` (server side:
-a listener backed by an rdma_cm id, each accepted QP a ``Connection`` whose
-``fileno`` is its completion channel).
+How a connection comes up: the ranker opens a TCP connection (it stays, as
+the control channel: HELLO, and the peer's death shows there as EOF), its
+HELLO carries this side's ``ConnectionBlob`` (versioned; flag
+FRAME_STREAM), the embedding server answers HELLO with its own blob and
+both switch: every later frame moves as RDMA WRITE WITH IMM into the other
+side's registered receive ring (rdma/stream.py).  An embedding server needs
+no transport setting: it listens on TCP and upgrades each ranker that asks
+(``upgrade_server_connection``), so TCP and RDMA rankers can share it.
+
+One ``Endpoint`` (verbs context, PD) per process, opened on first use in
+that process (engines open theirs after fork): engines never share doorbell
+pages.  It logs "RDMA on rxe0 port 1 gid 1 ...".
+
+Not supported over RDMA (raises, naming the setting): moving a live
+connection to another engine (a QP cannot change process: ``detach`` /
+``adopt``), hence ``[ranker].mapping = "shared"`` and rebalancing.
 """
 
 from __future__ import annotations
 
-from flexemr.transport.base import Connection, Listener, Transport
+import logging
+import os
+import threading
+from typing import Sequence
 
-IMPLEMENTED = False
+from flexemr.errors import ProtocolError
+from flexemr.transport.base import Connection, Listener, Transport
+from flexemr.transport.tcp import TcpConnection, TcpTransport
+from flexemr.wire.frame import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, Header, unpack_header
+
+__all__ = ["IMPLEMENTED", "RdmaConnection", "RdmaTransport", "probe_devices", "process_endpoint",
+           "upgrade_server_connection"]
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTED = True
+MIGRATES = False   # detach/adopt of an RDMA connection (engine migration) is not written yet
+
+_ENDPOINT_LOCK = threading.Lock()
+_ENDPOINTS: dict[tuple[int, str | None], object] = {}
 
 
 def probe_devices() -> tuple[list[str], str]:
     """Names of RDMA devices, and a sentence saying why the list is empty."""
+    from flexemr.transport.rdma import device
+
+    return device.probe()
+
+
+def process_endpoint(device: str | None = None):
+    """This process's Endpoint on ``device`` (opened once per process; never inherited across fork)."""
+    from flexemr.transport.rdma.endpoint import Endpoint
+
+    key = (os.getpid(), device)
+    with _ENDPOINT_LOCK:
+        ep = _ENDPOINTS.get(key)
+        if ep is None:
+            ep = _ENDPOINTS[key] = Endpoint(device)
+        return ep
+
+
+class RdmaConnection(Connection):
+    """A daemon connection: TCP until the HELLO exchange, frames over verbs after it."""
+
+    def __init__(self, tcp: TcpConnection, device: str | None, priority: bool, max_payload: int) -> None:
+        self.tcp = tcp
+        self.conn_id = tcp.conn_id
+        self.server = tcp.server
+        self.address = tcp.address
+        self.peer = tcp.peer
+        self.device = device
+        self.priority = priority
+        self.max_payload = max_payload
+        self.stream = None          # FrameStream once the HELLO exchange switched us to verbs
+        self._pending = None        # the ranker's stream between its HELLO and the answer
+        self._hdr = bytearray(HEADER_SIZE)
+        self._buf = bytearray(0)
+
+    # -- the HELLO exchange -----------------------------------------------------------
+    def hello_blob(self) -> bytes:
+        """Ranker: create this connection's QP and rings; the blob goes into the HELLO."""
+        from flexemr.transport.rdma.stream import FrameStream
+
+        if self._pending is None:
+            self._pending = FrameStream(process_endpoint(self.device), self.peer, self.tcp.sock,
+                                        priority=self.priority)
+        return self._pending.blob()
+
+    def hello_done(self, blob: bytes) -> None:
+        """Ranker: the server's HELLO answer carried ``blob``: connect and switch to verbs."""
+        from flexemr.transport.rdma.blob import ConnectionBlob
+
+        if self._pending is None:
+            raise RuntimeError("hello_done before hello_blob")
+        if not blob:
+            raise ProtocolError(f"server at {self.address} answered HELLO without an RDMA connection blob: "
+                                "it cannot do RDMA (see its log) or runs an older flexemr; use transport \"tcp\"")
+        self._pending.connect(ConnectionBlob.unpack_padded(blob))
+        self.stream, self._pending = self._pending, None
+        logger.info("connection %d to %s over RDMA (%s QP 0x%06x)", self.conn_id, self.address,
+                    "credit" if self.priority else "data", self.stream.qp.qpn)
+
+    # -- frames ---------------------------------------------------------------------------
+    def send_frame(self, buffers: Sequence) -> int:
+        if self.stream is None:
+            return self.tcp.send_frame(buffers)
+        return self.stream.send(buffers)
+
+    def recv_header(self) -> Header:
+        if self.stream is None:
+            return self.tcp.recv_header()
+        self.stream.recv_into(memoryview(self._hdr))
+        return unpack_header(self._hdr, self.max_payload)
+
+    def recv_payload_into(self, header: Header, view: memoryview) -> None:
+        if self.stream is None:
+            return self.tcp.recv_payload_into(header, view)
+        self.stream.recv_into(view[: header.payload_len])
+
+    def recv_payload(self, header: Header) -> memoryview:
+        if self.stream is None:
+            return self.tcp.recv_payload(header)
+        n = header.payload_len
+        if len(self._buf) < n:
+            self._buf = bytearray(max(n, 2 * len(self._buf)))
+        view = memoryview(self._buf)[:n]
+        self.stream.recv_into(view)
+        return view
+
+    def recv_nowait(self, view: memoryview) -> int:
+        if self.stream is None:
+            return self.tcp.recv_nowait(view)
+        return self.stream.recv_nowait(view)
+
+    def send_nowait(self, views: Sequence[memoryview]) -> int:
+        if self.stream is None:
+            return self.tcp.send_nowait(views)
+        return self.stream.send_nowait(views)
+
+    def fileno(self) -> int:
+        return self.tcp.fileno() if self.stream is None else self.stream.fileno()
+
+    def detach(self) -> int:
+        raise NotImplementedError(
+            f"connection {self.conn_id} to {self.address} is over RDMA: a queue pair cannot move to another "
+            "engine process; run with rebalancing off and [ranker].mapping = \"owned\"")
+
+    def close(self) -> None:
+        for s in (self.stream, self._pending):
+            if s is not None:
+                s.close()
+        self.stream = self._pending = None
+        self.tcp.close()
+
+    @property
+    def transport_name(self) -> str:
+        return "rdma" if self.stream is not None else "tcp"
+
+
+def upgrade_server_connection(conn: Connection, blob: bytes, priority: bool = False) -> tuple[Connection, bytes]:
+    """Embedding server: a ranker's HELLO carried ``blob``; returns (the verbs connection, our blob).
+
+    The returned connection is ready (QP at RTS, receives posted) before our
+    blob is sent, so the ranker's first WRITE finds it.  Raises
+    ``RdmaUnavailable`` (a FlexemrError) when this host cannot do RDMA and
+    ``BlobError`` (a ProtocolError) for a malformed blob.
+    """
+    from flexemr.transport.rdma.blob import ConnectionBlob
+    from flexemr.transport.rdma.stream import FrameStream
+
+    if not isinstance(conn, TcpConnection):
+        raise ProtocolError(f"{conn.peer}: HELLO with an RDMA blob on a connection that is not TCP")
+    remote = ConnectionBlob.unpack_padded(blob)
+    up = RdmaConnection(conn, None, priority=priority, max_payload=DEFAULT_MAX_PAYLOAD)
+    stream = FrameStream(process_endpoint(None), conn.peer, conn.sock, priority=up.priority)
     try:
-        import pyverbs.device as d  # type: ignore[import-not-found]
-    except ImportError:
-        return [], "pyverbs is not installed (apt install python3-pyverbs)"
-    try:
-        devs = d.get_device_list()
-    except Exception as e:  # pyverbs raises when the host has no device at all
-        return [], f"no RDMA device ({e})"
-    names = [dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name) for dev in devs]
-    if not names:
-        return [], "no RDMA device"
-    if not IMPLEMENTED:
-        return names, f"RDMA devices {names} found but the rdma data path is not implemented yet"
-    return names, ""
+        stream.connect(remote)
+    except BaseException:
+        stream.close()
+        raise
+    up.stream = stream
+    return up, stream.blob()
 
 
 class RdmaTransport(Transport):
+    """Ranker side: connections that switch to verbs in their HELLO; servers listen on TCP."""
+
     name = "rdma"
 
-    def __init__(self, device: str) -> None:
-        raise NotImplementedError(
-            f"the rdma transport is not implemented yet (device {device}); set [ranker].transport = \"tcp\""
-        )
+    def __init__(self, device: str | None = None, max_payload: int = DEFAULT_MAX_PAYLOAD,
+                 connect_timeout: float = 10.0) -> None:
+        self.device = device
+        self.max_payload = max_payload
+        self._tcp = TcpTransport(max_payload, connect_timeout)
 
     def connect(self, address: str, conn_id: int, server: int, priority: bool = False) -> Connection:
-        raise NotImplementedError(_NOT_YET.format(what=f"connecting to {address}", key="[ranker].transport"))
+        tcp = self._tcp.connect(address, conn_id, server, priority)
+        assert isinstance(tcp, TcpConnection)
+        return RdmaConnection(tcp, self.device, priority, self.max_payload)
 
     def adopt(self, handle: int, conn_id: int, server: int, address: str) -> Connection:
-        raise NotImplementedError(_NOT_YET.format(what=f"adopting connection {conn_id}", key="[ranker].transport"))
+        os.close(handle)
+        raise NotImplementedError(f"cannot adopt connection {conn_id} over RDMA: a queue pair cannot change "
+                                  "process (run with rebalancing off and mapping \"owned\")")
 
     def listen(self, address: str) -> Listener:
-        raise NotImplementedError(_NOT_YET.format(what=f"listening on {address}", key="the embedding host's transport"))
-
-
-_NOT_YET = "the rdma transport is not implemented yet ({what}); use tcp ({key} = \"tcp\")"
+        return self._tcp.listen(address)

@@ -625,18 +625,30 @@ class Hello:
     role: int
     name: str
     shards: np.ndarray  # structured [n] of (table_id, dim, start, end)
+    blob: bytes = b""   # a transport's connection set-up (RDMA: flexemr.transport.rdma.blob), b"" for TCP
 
 
 def encode_hello(request_id: int, role: int, name: str, shards: Sequence[tuple[int, int, int, int]] = (),
-                 credits: int = 0) -> list:
-    """Buffers of a HELLO; a ranker's ``credits`` (aux) are the response slots it grants up front (0: no flow control)."""
+                 credits: int = 0, blob: bytes = b"") -> list:
+    """Buffers of a HELLO; a ranker's ``credits`` (aux) are the response slots it grants up front (0: no flow control).
+
+    ``blob`` (optional) follows the name after a NUL: the transport's
+    connection set-up, e.g. the RDMA ConnectionBlob, which must not start
+    with a NUL byte.  Peers that send none decode as before.
+    """
     if not 0 <= credits <= 0xFFFF_FFFF:
         raise ValueError(f"HELLO credits must fit a u32, got {credits}")
     arr = np.array(list(shards), dtype=_SHARD)
     w = _Writer()
     w.add(_U32x2.pack(role, len(arr)))
     w.add(arr)
-    w.add(name.encode())
+    if blob:
+        if blob[:1] == b"\0":
+            raise ValueError("HELLO blob must not start with a NUL byte")
+        w.add(name.encode() + b"\0")
+        w.add(blob)
+    else:
+        w.add(name.encode())
     return [pack_header(FrameType.HELLO, request_id, w.size, aux=credits), *w.parts]
 
 
@@ -644,9 +656,10 @@ def decode_hello(payload) -> Hello:
     r = _Reader(payload, "HELLO")
     role, n = r.struct(_U32x2, "role/n_shards")
     shards = r.array(_SHARD, n, "shards")
-    # The name is the rest of the payload; the encoder pads it to 8 bytes with NULs.
-    name = bytes(r.buf[r.off :]).rstrip(b"\0").decode("utf-8", "replace")
-    return Hello(role, name, shards)
+    # The name is the rest of the payload up to the first NUL (the encoder pads
+    # to 8 bytes with NULs); a transport blob may follow the padding, itself padded.
+    name, sep, tail = bytes(r.buf[r.off :]).partition(b"\0")
+    return Hello(role, name.decode("utf-8", "replace"), shards, tail.lstrip(b"\0") if sep else b"")
 
 
 SERVER_STATS = ("lookups", "fetches", "errors", "bytes_in", "bytes_out", "connections", "credits_received",

@@ -23,21 +23,21 @@ Recv = Callable[[], "tuple[Header, memoryview]"]
 
 
 def client_hello(send: Send, recv: Recv, who: str, role: int, name: str, credits: int = 0,
-                 secret: bytes | None = None, require_auth: bool | None = None) -> codec.Hello:
+                 secret: bytes | None = None, require_auth: bool | None = None, blob: bytes = b"") -> codec.Hello:
     """Say HELLO as ``name`` and return the server's HELLO; ProtocolError naming ``who`` when refused.
 
     ``require_auth`` (default: ``secret is not None``) refuses a server that does
     not challenge us: with a secret we want the server's proof too.
     """
     require = secret is not None if require_auth is None else require_auth
-    send(codec.encode_hello(0, role, name, credits=credits))
+    send(codec.encode_hello(0, role, name, credits=credits, blob=blob))
     h, payload = _answer(recv, who, "HELLO")
     if h.type == FrameType.AUTH_CHALLENGE:
         if secret is None:
             raise ProtocolError(f"{who} requires authentication but no secret is configured: set "
                                 "[daemon].secret_file to the same secret file on both hosts")
         _prove(send, recv, who, secret, codec.decode_auth_challenge(payload), auth.hello_identity(role, credits, name))
-        send(codec.encode_hello(0, role, name, credits=credits))
+        send(codec.encode_hello(0, role, name, credits=credits, blob=blob))
         h, payload = _answer(recv, who, "HELLO")
     elif require and h.type == FrameType.HELLO:
         raise ProtocolError(f"{who} did not ask us to authenticate, so it cannot prove it knows "

@@ -21,7 +21,12 @@ network byte order (big-endian), 64-byte header then ``regions`` entries::
       48      4   recv_slot_bytes  largest SEND the sender accepts (0: none)
       52      4   flags            bit 0 FLAG_CREDITS_IN_BAND: credit grants travel on
                                    the data QP (the comparison mode), not the credit
-                                   QP; other bits must be zero
+                                   QP; bit 1 FLAG_FRAME_STREAM: the sender is one
+                                   daemon Connection carrying frames on ONE QP (the
+                                   credit fields repeat the data QP; region 0 is its
+                                   receive ring of recv_slots x recv_slot_bytes,
+                                   written by RDMA WRITE WITH IMM); other bits must
+                                   be zero
       56      8   (zero)
       64   24*n   region[i]        a memory region the peer may access remotely:
                                      +0  8  addr    virtual address
@@ -48,7 +53,8 @@ HEADER = struct.Struct("!4sHHIIII16sIIII8x")
 REGION = struct.Struct("!QQI4x")
 MAX_REGIONS = 16
 FLAG_CREDITS_IN_BAND = 1
-KNOWN_FLAGS = FLAG_CREDITS_IN_BAND
+FLAG_FRAME_STREAM = 2
+KNOWN_FLAGS = FLAG_CREDITS_IN_BAND | FLAG_FRAME_STREAM
 MAX_BYTES = HEADER.size + MAX_REGIONS * REGION.size
 MTUS = (256, 512, 1024, 2048, 4096)
 _U24 = 1 << 24
@@ -118,6 +124,19 @@ class ConnectionBlob:
         regions = tuple(RemoteRegion(*REGION.unpack_from(data, HEADER.size + i * REGION.size))
                         for i in range(nregions))
         return cls(qpn, psn, cqpn, cpsn, gid, mtu, slots, slot_bytes, flags, regions)
+
+    @classmethod
+    def unpack_padded(cls, data: bytes | bytearray | memoryview) -> ConnectionBlob:
+        """Like ``unpack``, for a blob followed by NUL padding (as it arrives inside a HELLO)."""
+        data = bytes(data)
+        if len(data) < HEADER.size:
+            raise BlobError(f"connection blob: {len(data)} bytes, shorter than its {HEADER.size}-byte header")
+        nregions = struct.unpack_from("!H", data, 6)[0]
+        want = HEADER.size + min(nregions, MAX_REGIONS + 1) * REGION.size
+        if len(data) < want or data[want:].strip(b"\0"):
+            raise BlobError(f"connection blob: {len(data)} bytes do not hold {nregions} regions "
+                            f"followed only by padding")
+        return cls.unpack(data[:want])
 
 
 def _validate(b: ConnectionBlob) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import threading
 from collections import defaultdict
 from typing import Any, Protocol
 
@@ -40,6 +41,7 @@ logger = logging.getLogger(__name__)
 POLL_BATCH = 64
 DEFAULT_CQ_DEPTH = 4096
 _EVENT_FD_LINK = "anon_inode:[infinibandevent]"
+_CHANNEL_LOCK = threading.Lock()
 
 
 class RegistrationError(RdmaUnavailable):
@@ -106,15 +108,8 @@ class Endpoint:
         self.max_rd_atomic = int(caps.max_qp_rd_atom)
         self.max_qp_wr = int(caps.max_qp_wr)
         self.pd = pv.pd.PD(self.ctx)
-        before = _event_fds()
-        self.channel = pv.cq.CompChannel(self.ctx)
-        # pyverbs does not expose the channel's fd; it is the one event file
-        # that creating the channel added to this process.
-        new = _event_fds() - before
-        if len(new) != 1:
-            raise RdmaUnavailable(f"cannot find the completion channel fd of {self.device.name} (new event fds {new})")
-        self._fd = new.pop()
-        self.cq = pv.cq.CQ(self.ctx, min(cq_depth, int(caps.max_cqe)), None, self.channel, 0)
+        self.max_cqe = int(caps.max_cqe)
+        self.cq, self.channel, self._fd = self.completion_queue(cq_depth)
         self._armed = False
         self._owners: dict[int, CompletionOwner] = {}
         self._backlog: dict[CompletionOwner, list[object]] = defaultdict(list)
@@ -122,6 +117,24 @@ class Endpoint:
         # IMM, credit grants): a receive WR needs one SGE, nothing lands there.
         self.scratch = self.register(np.zeros(64, dtype=np.uint8))
         self.closed = False
+
+    def completion_queue(self, depth: int) -> tuple[Any, Any, int]:
+        """A new CQ with its own completion channel on this context: (cq, channel, channel fd).
+
+        pyverbs does not expose the channel's fd; it is the one event file
+        that creating the channel added to this process (found under a lock,
+        so two threads creating channels at once cannot confuse theirs).
+        """
+        self.check_owner()
+        with _CHANNEL_LOCK:
+            before = _event_fds()
+            channel = self.pv.cq.CompChannel(self.ctx)
+            new = _event_fds() - before
+        if len(new) != 1:
+            channel.close()
+            raise RdmaUnavailable(f"cannot find the completion channel fd of {self.device.name} (new event fds {new})")
+        cq = self.pv.cq.CQ(self.ctx, min(depth, self.max_cqe), None, channel, 0)
+        return cq, channel, new.pop()
 
     # -- memory ---------------------------------------------------------------
     def register(self, buf: Any, *, remote_write: bool = False, remote_read: bool = False) -> Region:

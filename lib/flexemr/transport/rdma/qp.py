@@ -50,7 +50,7 @@ class QueuePair:
 
     def __init__(self, endpoint: Endpoint, peer: str, owner: CompletionOwner, *, sl: int = 0,
                  traffic_class: int = 0, max_send_wr: int = 256, max_recv_wr: int = 256,
-                 role: str = "data") -> None:
+                 role: str = "data", cq: Any = None) -> None:
         endpoint.check_owner()
         pv = self._pv = endpoint.pv
         e = pv.enums
@@ -65,7 +65,10 @@ class QueuePair:
         self.sl = sl
         self.traffic_class = traffic_class
         cap = pv.qp.QPCap(max_send_wr=max_send_wr, max_recv_wr=max_recv_wr, max_send_sge=1, max_recv_sge=1)
-        init = pv.qp.QPInitAttr(qp_type=e.IBV_QPT_RC, scq=endpoint.cq, rcq=endpoint.cq, cap=cap, sq_sig_all=0)
+        # ``cq``: a completion queue of the QP's own (a daemon Connection polls
+        # and waits on it alone); by default the endpoint's shared one.
+        cq = endpoint.cq if cq is None else cq
+        init = pv.qp.QPInitAttr(qp_type=e.IBV_QPT_RC, scq=cq, rcq=cq, cap=cap, sq_sig_all=0)
         self._qp = pv.qp.QP(endpoint.pd, init)
         self.qpn = int(self._qp.qp_num)
         self.psn = secrets.randbelow(1 << 24)
