@@ -275,7 +275,7 @@ def test_emrctl_never_imports_torch():
 
 def test_status_subprocess_answers_well_under_a_second(block):
     best = float("inf")
-    for _ in range(3):  # best of three: the first run may pay for cold page caches
+    for _ in range(5):  # best of five: the first run may pay for cold page caches, a busy host for a slice
         t0 = time.perf_counter()
         p = subprocess.run([sys.executable, "-m", "emrctl", "--instance", block.instance, "status"],
                            capture_output=True, text=True, cwd=REPO, timeout=30)

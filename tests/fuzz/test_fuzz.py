@@ -39,7 +39,7 @@ UNAUTHENTICATED_SHARE = 0.05     # of the embedding surface's frames: pre-auth g
 @pytest.fixture(scope="module")
 def fuzz_cluster(tiny_model, tmp_path_factory):
     c = LocalCluster(tiny_model, tmp_path_factory.mktemp("fuzz"), servers=2, engines=1,
-                     extra=["--log-level", "warning"])
+                     extra=["--log-level", "warning", "--transport", "tcp"])   # the servers' network port is a surface
     yield c
     c.stop()
 

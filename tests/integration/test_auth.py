@@ -26,7 +26,8 @@ from tests.conftest import LocalCluster
 
 @pytest.fixture(scope="module")
 def authcluster(tiny_model, tmp_path_factory):
-    c = LocalCluster(tiny_model, tmp_path_factory.mktemp("auth"), servers=2, engines=1)
+    # TCP: these tests attack the embedding servers' network port (shm has its own, uid-checked rendezvous).
+    c = LocalCluster(tiny_model, tmp_path_factory.mktemp("auth"), servers=2, engines=1, extra=["--transport", "tcp"])
     yield c
     c.stop()
 
@@ -207,7 +208,7 @@ def test_cluster_still_answers_and_its_secret_is_private(authcluster, tiny_model
 
 
 def test_local_removes_its_secret_at_stop(tiny_model, tmp_path):
-    c = LocalCluster(tiny_model, tmp_path, servers=1, engines=1)
+    c = LocalCluster(tiny_model, tmp_path, servers=1, engines=1, extra=["--transport", "tcp"])
     path = naming.local_secret_path(c.instance)
     try:
         assert os.path.exists(path)
