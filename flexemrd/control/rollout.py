@@ -29,7 +29,6 @@ published in the topology JSON under ``model`` (``emrctl status``).
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,6 @@ from flexemr.model.versions import BOOT_VERSION, dense_dir_of, is_delta, read_de
 from flexemr.wire import codec
 from flexemr.wire.codec import ModelOp, VersionState
 from flexemr.wire.frame import FrameType
-from flexemr.wire.stream import FrameReader, send_buffers
 
 __all__ = ["ModelRollout", "ServerLink", "PushRefused"]
 
@@ -63,27 +61,31 @@ class ServerLink:
         self.address = address
         self.name = name
         self.secret = secret
-        self._sock: socket.socket | None = None
-        self._reader: FrameReader | None = None
+        self._conn = None
         self._rid = 0
 
     def _open(self) -> None:
-        from flexemr.transport.tcp import parse_address
-
-        host, port = parse_address(self.address)
-        sock = socket.create_connection((host, port), timeout=LINK_TIMEOUT_S)
-        sock.settimeout(LINK_TIMEOUT_S)
-        self._sock, self._reader = sock, FrameReader(sock, 1 << 24)
+        from flexemr.transport import select_transport
         from flexemr.wire.handshake import client_hello
 
+        # Whatever transport the address needs (shm for flexemrd local's servers, TCP between hosts).
+        conn = select_transport("auto").connect(self.address, 0, -1)
+        sock = getattr(conn, "sock", None)
+        if sock is not None:
+            sock.settimeout(LINK_TIMEOUT_S)   # a stuck server must not hang the supervisor's loop
+        self._conn = conn
         # Authenticated like an engine when the cluster has a secret ([daemon].secret_file).
-        client_hello(lambda frame: send_buffers(sock, frame), self._reader.read_frame,
-                     f"embedding server at {self.address}", codec.ROLE_CLIENT, self.name, secret=self.secret)
+        client_hello(conn.send_frame, self._read_frame, f"embedding server at {self.address}", codec.ROLE_CLIENT,
+                     self.name, secret=self.secret)
+
+    def _read_frame(self) -> tuple:
+        h = self._conn.recv_header()
+        return h, self._conn.recv_payload(h)
 
     def _call(self, frame: list, expect: FrameType) -> memoryview:
-        assert self._sock is not None and self._reader is not None
-        send_buffers(self._sock, frame)
-        h, payload = self._reader.read_frame()
+        assert self._conn is not None
+        self._conn.send_frame(frame)
+        h, payload = self._read_frame()
         if h.type == FrameType.ERROR:
             raise PushRefused(f"{self.address}: {codec.decode_error(payload)}")
         if h.type != expect:
@@ -93,7 +95,7 @@ class ServerLink:
     def model(self, op: int, version: int = 0, base: int = 0, path: str = "") -> codec.ModelStatus:
         """Send one MODEL frame and return the server's MODEL_RESP (OSError when unreachable)."""
         try:
-            if self._sock is None:
+            if self._conn is None:
                 self._open()
             self._rid += 1
             payload = self._call(codec.encode_model(self._rid, op, version, base, path), FrameType.MODEL_RESP)
@@ -103,12 +105,12 @@ class ServerLink:
             raise
 
     def close(self) -> None:
-        if self._sock is not None:
+        if self._conn is not None:
             try:
-                self._sock.close()
+                self._conn.close()
             except OSError:
                 pass
-        self._sock = self._reader = None
+        self._conn = None
 
 
 class ModelRollout:

@@ -100,22 +100,36 @@ def _run_clients(sock: str, spec, refs: dict, stop: threading.Event):
     return threads, answers, errors
 
 
-def _server_lookup(address: str, version: int, spec) -> tuple[int, int, str]:
+def _server_lookup(address: str, version: int, spec, secret: bytes | None) -> tuple[int, int, str]:
     """One LOOKUP naming ``version`` sent straight to an embedding server: (frame type, aux, message)."""
-    host, port = address.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=5) as s:
-        reader = FrameReader(s)
-        send_buffers(s, codec.encode_hello(1, codec.ROLE_CLIENT, "test"))
-        _h, payload = reader.read_frame()
-        first = codec.decode_hello(payload).shards[0]   # a row this server holds (copied: the buffer is reused)
+    from flexemr.transport import select_transport
+    from flexemr.wire.handshake import client_hello
+
+    conn = select_transport("auto").connect(address, 0, -1)
+
+    def read_frame():
+        h = conn.recv_header()
+        return h, bytes(conn.recv_payload(h))
+
+    try:
+        hello = client_hello(conn.send_frame, read_frame, address, codec.ROLE_CLIENT, "test", secret=secret)
+        first = hello.shards[0]   # a row this server holds
         table, row = int(first["table_id"]), int(first["start"])
-        send_buffers(s, codec.encode_model(2, codec.ModelOp.LIST))
-        _h, payload = reader.read_frame()
+        conn.send_frame(codec.encode_model(2, codec.ModelOp.LIST))
+        _h, payload = read_frame()
         held = codec.decode_model_status(payload)
-        send_buffers(s, codec.encode_lookup(3, 1, [table], [np.array([1], np.int32)],
+        conn.send_frame(codec.encode_lookup(3, 1, [table], [np.array([1], np.int32)],
                                             [np.array([row], np.int64)], version=version))
-        h, payload = reader.read_frame()
+        h, payload = read_frame()
         return h.type, h.aux, codec.decode_error(payload) if h.type == FrameType.ERROR else str(held.versions)
+    finally:
+        conn.close()
+
+
+def _secret(cluster) -> bytes:
+    from flexemr import auth, naming
+
+    return auth.load_secret(naming.local_secret_path(cluster.instance))
 
 
 def test_full_push_under_four_clients_never_mixes_versions_nor_pauses(cluster, models):
@@ -171,9 +185,9 @@ def test_full_push_under_four_clients_never_mixes_versions_nor_pauses(cluster, m
     assert snap["model"]["active"] == 2 and snap["model"]["previous"] == 1 and snap["model"]["loading"] is None
     # The old version is released everywhere: a server refuses it, naming it.
     for srv in snap["servers"]:
-        ftype, aux, msg = _server_lookup(srv["address"], 1, spec)
+        ftype, aux, msg = _server_lookup(srv["address"], 1, spec, _secret(cluster))
         assert ftype == FrameType.ERROR and aux == ErrorCode.UNKNOWN_VERSION and "version 1" in msg, msg
-        ftype, aux, msg = _server_lookup(srv["address"], 2, spec)
+        ftype, aux, msg = _server_lookup(srv["address"], 2, spec, _secret(cluster))
         assert ftype == FrameType.LOOKUP_RESP and aux == 2, msg
 
 
@@ -235,7 +249,7 @@ def test_a_restarted_embedding_server_gets_the_active_version_back(cluster, mode
         srv = snap["servers"][0]
         if srv["pid"] and srv["pid"] != victim["pid"]:
             try:
-                ftype, _aux, held = _server_lookup(srv["address"], 3, load_spec(models / "v1"))
+                ftype, _aux, held = _server_lookup(srv["address"], 3, load_spec(models / "v1"), _secret(cluster))
             except OSError:
                 ftype, held = 0, ""
             if ftype == FrameType.LOOKUP_RESP:
