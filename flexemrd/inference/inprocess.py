@@ -26,12 +26,13 @@ _CLIENT_ERRORS = (ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_TABLE, ErrorCode.ID_O
 class _Answer:
     """A ReplySink for one request: the finisher fills it, the caller waits."""
 
-    __slots__ = ("done", "value", "failure")
+    __slots__ = ("done", "value", "failure", "version")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.value: object = None
         self.failure: Exception | None = None
+        self.version = 0          # the model version that served it
 
     def scores(self, request_id: int, scores: np.ndarray, version: int = 0) -> None:
         self.version = version
