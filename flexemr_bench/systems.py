@@ -110,7 +110,10 @@ class FlexemrDaemon(System):
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "flexemrd", "local", "--model", str(self.model),
                "--embedding-servers", str(self.servers), "--engines", str(self.engines),
-               "--socket", self.sock, "--instance", self.instance, "--log-level", "info"]
+               "--socket", self.sock, "--instance", self.instance, "--log-level", "info",
+               # The suite counts wire bytes at the servers' TCP ports and its FETCH ablation speaks TCP to
+               # them: it measures the between-hosts transport (shm vs TCP: flexemr_bench.transports).
+               "--transport", "tcp"]
         # a repeated option takes its last value in click: ablation flags override the defaults above
         return cmd + self.flags
 

@@ -77,7 +77,7 @@ def test_status_lists_three_local_servers_up_with_their_pids(replicated):
     assert {s["id"]: s["pid"] for s in snap["servers"]} == server_pids(replicated)
     for s in snap["servers"]:
         assert {"id", "address", "state", "pid", "restarts", "outstanding", "connections_up"} <= s.keys()
-        assert s["address"].startswith("127.0.0.1:") and s["restarts"] == 0 and s["connections_up"] >= 1
+        assert s["address"].startswith(("127.0.0.1:", "shm:")) and s["restarts"] == 0 and s["connections_up"] >= 1
     assert snap["shards"] == {"0": 2, "1": 2, "2": 2} and snap["replicas"] == 2
     assert set(snap["ranker"]["failover"]) == {"reissued", "hedges_sent", "hedges_won", "failovers"}
     assert {"engines", "connections", "cache"} <= snap.keys()   # the DESIGN.md contract is still there
