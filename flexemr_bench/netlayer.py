@@ -1,6 +1,7 @@
 """Network-layer benchmark (FlexEMR 3.2), one run, side by side:
 
     python -m flexemr_bench.netlayer --out bench-out/netlayer [--seconds 6]
+    python -m flexemr_bench.netlayer --transport rdma --out DIR   # verbs-level: see netlayer_rdma.py
 
 1. Engine mapping with 2 engines: "owned" (each connection belongs to one
    engine, no locks) vs "shared" (every engine sends on every connection under
@@ -193,7 +194,16 @@ def _plot(res: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--transport", choices=("tcp", "rdma"), default="tcp")
+    known, rest = pre.parse_known_args(argv)
+    if known.transport == "rdma":  # verbs-level and torch-free, its own options
+        from flexemr_bench import netlayer_rdma
+
+        return netlayer_rdma.main(rest)
     ap = argparse.ArgumentParser(prog="python -m flexemr_bench.netlayer", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--transport", choices=("tcp", "rdma"), default="tcp",
+                    help="tcp: the daemon over TCP (below); rdma: the verbs-level benchmark (--transport rdma --help)")
     ap.add_argument("--out", type=Path, default=Path("bench-out/netlayer"))
     ap.add_argument("--rows-cap", type=int, default=100_000)
     ap.add_argument("--seconds", type=float, default=6.0)
