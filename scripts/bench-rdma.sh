@@ -22,11 +22,14 @@ PY=$(${PYTHON:-python3} -c 'import sys; print(sys.executable)')
 export PYTHONPATH="$ROOT/lib:$ROOT"
 mkdir -p "$OUT"
 LOG="$OUT/guest.log"
+# Progress lines as they come: line-buffer rxe-vm's console filter (stdbuf reaches its grep).
+LINEBUF=()
+command -v stdbuf >/dev/null && LINEBUF=(stdbuf -oL)
 set +e
-scripts/rxe-vm --mem "${FLEXEMR_RDMA_MEM:-2048}" --timeout "${FLEXEMR_RDMA_TIMEOUT:-1200}" -- \
+"${LINEBUF[@]}" scripts/rxe-vm --mem "${FLEXEMR_RDMA_MEM:-2048}" --timeout "${FLEXEMR_RDMA_TIMEOUT:-1200}" -- \
   env OMP_NUM_THREADS=1 "$PY" -m flexemr_bench.netlayer --transport rdma --out /tmp/netlayer-rdma \
   --no-plot --emit-json --reps "${FLEXEMR_BENCH_REPS:-5}" --seconds "${FLEXEMR_BENCH_SECONDS:-4}" "$@" \
-  2>&1 | tee "$LOG" | grep -a -v -E '^(NETLAYER-RDMA-JSON-BEGIN|NETLAYER-RDMA-JSON-END|\{")'
+  2>&1 | tee "$LOG" | grep --line-buffered -a -v -E '^(NETLAYER-RDMA-JSON-BEGIN|NETLAYER-RDMA-JSON-END|\{")'
 rc=${PIPESTATUS[0]}
 set -e
 # the guest's console uses CRLF line ends
