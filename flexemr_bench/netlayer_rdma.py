@@ -151,6 +151,9 @@ def _one_run(experiment: str, mode: str, w: Workload, device: str, paths: list[s
             "verified_replies": sum(e["verified"] for e in engines),
             "mismatched_replies": sum(e["mismatches"] for e in engines),
             "grants_unmatched": sum(r["grants_unmatched"] for r in results),
+            # where the time went: ~0 everywhere means CPU-bound (the guest's emulated CPU)
+            "engine_idle_fraction": round(float(np.mean([e["idle_fraction"] for e in engines])), 3),
+            "server_idle_fraction": round(float(np.mean([f for r in results for f in r["server_idle_fraction"]])), 3),
             "qp_states": sorted({s for r in results for pair in r["qp_states"] for s in pair}),
             "device": results[0]["device"]}
 
@@ -206,7 +209,8 @@ def run(out: Path, w: Workload, *, seconds: float = 4.0, warmup_s: float = 0.5, 
                 r = _one_run(exp, mode, w, dev, paths, seconds, warmup_s)
                 runs[(exp, mode)].append(r)
                 _log(f"rep {rep + 1}/{reps} {exp:8s} {mode:8s}: {r['lookups_per_s']:9.1f} lookups/s, "
-                     f"p99 {r['lookup_p99_us']:9.1f} us, grant p50/p99 {r['grant_p50_us']}/{r['grant_p99_us']} us")
+                     f"p99 {r['lookup_p99_us']:9.1f} us, grant p50/p99 {r['grant_p50_us']}/{r['grant_p99_us']} us, "
+                     f"idle engines {r['engine_idle_fraction']:.0%} servers {r['server_idle_fraction']:.0%}")
         for s in servers:
             s.pipe.send("stop")
             s.recv(60)

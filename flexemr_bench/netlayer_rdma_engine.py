@@ -73,15 +73,15 @@ class _Channel:
     def drained(self) -> bool:
         return not self.inflight and self.ch.credits >= self.initial_credits
 
-    def bye(self) -> np.ndarray:
-        """Tell the server we are done; its grant-post times for this connection."""
+    def bye(self) -> tuple[np.ndarray, float]:
+        """Tell the server we are done: its grant-post times for this connection, its idle fraction."""
         self.conn.send("bye")
-        posted = self.conn.recv()["grant_posted_ns"]
+        answer = self.conn.recv()
         self.conn.close()
         self.ch.close()
         self.requests.close()
         self.completions.close()
-        return posted
+        return answer["grant_posted_ns"], float(answer["idle_fraction"])
 
 
 class _Lane:
@@ -138,6 +138,7 @@ class _Engine:
         self.lanes: list[_Lane] = []
         self.latencies_ns: list[int] = []
         self.completed = 0
+        self.idle_ns = 0  # waiting for completions that did not come
         self.verified = 0
         self.mismatches = 0
         self.window_start_ns = 0
@@ -145,6 +146,7 @@ class _Engine:
 
     def result(self) -> dict[str, Any]:
         return {"name": self.name, "lat_ns": np.array(self.latencies_ns, np.int64), "completed": self.completed,
+                "idle_fraction": self.idle_ns / max(1, self.window_end_ns - self.window_start_ns),
                 "verified": self.verified,
                 "mismatches": self.mismatches}
 
@@ -204,7 +206,9 @@ def _drive(ep: Any, chans: list[_Channel], engine: _Engine, me: int, turns: _Tur
         if now > deadline:
             raise TimeoutError(f"{engine.name}: lookups still unanswered {DRAIN_S} s after the run")
         if not done:
-            ep.collect(wait_s)
+            t = time.monotonic_ns()
+            if not ep.collect(wait_s) and engine.window_start_ns <= t < engine.window_end_ns:
+                engine.idle_ns += time.monotonic_ns() - t
             _dispatch(ep, chans)
         if turns is not None:
             turns.leave(me, done)
@@ -265,14 +269,17 @@ def run_group(group: int, engines: int, credits: str, w: Workload, device: str, 
         _dispatch(ep, chans)
     grant_ns = []
     unmatched = 0
+    server_idle = []
     for c in chans:
         applied = np.array(c.grant_applied_ns, np.int64)
-        posted = c.bye()
+        posted, idle = c.bye()
+        server_idle.append(idle)
         n = min(applied.size, posted.size)
         unmatched += abs(applied.size - posted.size)  # 0 unless a grant got lost: RC delivers in order
         lat = applied[:n] - posted[:n]
         keep = (applied[:n] >= window_start_ns) & (applied[:n] <= window_end_ns)
         grant_ns.append(lat[keep])
     pipe.send({"engines": [eng.result() for eng in team], "grant_ns": np.concatenate(grant_ns),
-               "qp_states": qp_states, "device": ep.device.name, "grants_unmatched": unmatched})
+               "qp_states": qp_states, "device": ep.device.name, "grants_unmatched": unmatched,
+               "server_idle_fraction": server_idle})
     ep.close()

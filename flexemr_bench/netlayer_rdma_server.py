@@ -12,7 +12,8 @@ Connection set-up is a unix socket per server (the benchmark's stand-in for
 the daemon's authenticated TCP HELLO): the engine sends ``{"credits", "recv_slots",
 "blob", "name"}``, the server connects its QPs first, then answers ``{"blob"}``
 (so the engine's first SEND never meets a QP that is not ready yet).  The socket
-stays open; ``"bye"`` on it is answered with the grant log and closes the channel.
+stays open; ``"bye"`` on it is answered with the grant log (and the fraction of the
+session the server spent idle) and closes the channel.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ from flexemr_bench.netlayer_rdma_wire import HEADER_BYTES, HEADER_INT64, Workloa
 
 logger = logging.getLogger(__name__)
 
-IDLE_WAIT_S = 0.5
+# Longest sleep for completions before looking at the sockets again (a new
+# engine or a "bye" waits at most this long; lookups never do).
+IDLE_WAIT_S = 0.05
 
 
 class _Session:
     """One engine's connection: its channel, receive and reply memory, grant log."""
 
-    def __init__(self, ep: Any, table: np.ndarray, w: Workload, conn: Connection) -> None:
+    def __init__(self, ep: Any, table: np.ndarray, w: Workload, conn: Connection, idle: list[int]) -> None:
         from flexemr.transport.rdma.channel import ServerChannel
 
         hello = conn.recv()
@@ -56,6 +59,8 @@ class _Session:
         conn.send({"blob": self.ch.blob()})
         self.grant_posted_ns: list[int] = []
         self.requests = 0
+        self.idle = idle  # the server's running total of ns spent waiting with nothing to do
+        self.idle0, self.t0 = idle[0], time.monotonic_ns()
 
     def handle(self, events: list[object]) -> None:
         from flexemr.transport.rdma.channel import Request, WriteDone
@@ -84,11 +89,16 @@ class _Session:
 
     def flush_grants(self) -> None:
         """Post the credits owed (a full send queue defers them to the next batch of completions)."""
+        # Stamped before the post: on a busy CPU this process may lose the core
+        # right after it, while the grant is already on its way.
+        t = time.monotonic_ns()
         if self.ch.grant():
-            self.grant_posted_ns.append(time.monotonic_ns())
+            self.grant_posted_ns.append(t)
 
     def bye(self) -> None:
-        self.conn.send({"grant_posted_ns": np.array(self.grant_posted_ns, np.int64), "requests": self.requests})
+        idle = (self.idle[0] - self.idle0) / max(1, time.monotonic_ns() - self.t0)
+        self.conn.send({"grant_posted_ns": np.array(self.grant_posted_ns, np.int64), "requests": self.requests,
+                        "idle_fraction": idle})
         self.close()
 
     def close(self) -> None:
@@ -108,21 +118,23 @@ def serve(index: int, sock_path: str, device: str, w: Workload, control: Connect
     listener.bind(sock_path)
     listener.listen(16)
     sessions: dict[int, _Session] = {}
+    idle = [0]  # ns in collect() that brought nothing: is the server the bottleneck?
     control.send(("ready", os.getpid()))
     try:
         while True:
-            n = ep.collect(0)
+            # Sleep on the CQ's channel (Endpoint.collect arms it), then peek at the sockets.
+            t = time.monotonic_ns()
+            if not ep.collect(IDLE_WAIT_S):
+                idle[0] += time.monotonic_ns() - t
             for s in list(sessions.values()):
                 s.handle(ep.take(s.ch))
-            # Idle (the CQ is armed): sleep on every fd; busy: only peek at the sockets.
-            fds = [listener, control, ep.fileno(), *(s.conn for s in sessions.values())]
-            ready, _, _ = select.select(fds, [], [], 0 if n else IDLE_WAIT_S)
+            ready, _, _ = select.select([listener, control, *(s.conn for s in sessions.values())], [], [], 0)
             if control in ready:
                 if control.recv() == "stop":
                     break
             if listener in ready:
                 sock, _ = listener.accept()
-                s = _Session(ep, table, w, Connection(sock.detach()))
+                s = _Session(ep, table, w, Connection(sock.detach()), idle)
                 sessions[s.conn.fileno()] = s
             for fd, s in list(sessions.items()):
                 if s.conn in ready:
