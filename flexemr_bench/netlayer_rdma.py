@@ -160,10 +160,16 @@ def _one_run(experiment: str, mode: str, w: Workload, device: str, paths: list[s
 
 def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("lookups_per_s", "lookup_p50_us", "lookup_p99_us", "grant_p50_us", "grant_p99_us")
-    out: dict[str, Any] = {k: round(median(r[k] for r in runs), 1) for k in keys}
+    # a run the host starved of CPU may have no samples at all (NaN): the median skips it
+    out: dict[str, Any] = {k: _median([r[k] for r in runs], 1) for k in keys}
     out.update(engines=runs[0]["engines"], endpoints=runs[0]["endpoints"], credits=runs[0]["credits"],
                lookups=sum(r["lookups"] for r in runs), grants=sum(r["grants"] for r in runs), runs=runs)
     return out
+
+
+def _median(xs: list[float], digits: int) -> float:
+    finite = [x for x in xs if not math.isnan(x)]
+    return round(median(finite), digits) if finite else float("nan")
 
 
 def _ratio(a: float, b: float) -> float:
@@ -208,8 +214,8 @@ def run(out: Path, w: Workload, *, seconds: float = 4.0, warmup_s: float = 0.5, 
             for exp, mode in (MODES if rep % 2 == 0 else MODES[::-1]):
                 r = _one_run(exp, mode, w, dev, paths, seconds, warmup_s)
                 runs[(exp, mode)].append(r)
-                _log(f"rep {rep + 1}/{reps} {exp:8s} {mode:8s}: {r['lookups_per_s']:9.1f} lookups/s, "
-                     f"p99 {r['lookup_p99_us']:9.1f} us, grant p50/p99 {r['grant_p50_us']}/{r['grant_p99_us']} us, "
+                _log(f"rep {rep + 1}/{reps} {exp:8s} {mode:8s}: {_num(r['lookups_per_s'], 9)} lookups/s, "
+                     f"p99 {_num(r['lookup_p99_us'], 9)} us, grant p50/p99 {r['grant_p50_us']}/{r['grant_p99_us']} us, "
                      f"idle engines {r['engine_idle_fraction']:.0%} servers {r['server_idle_fraction']:.0%}")
         for s in servers:
             s.pipe.send("stop")
@@ -223,10 +229,26 @@ def run(out: Path, w: Workload, *, seconds: float = 4.0, warmup_s: float = 0.5, 
     res["verbs"] = {"sent_pkts": None if None in (pkts0[0], pkts1[0]) else pkts1[0] - pkts0[0],
                     "rcvd_pkts": None if None in (pkts0[1], pkts1[1]) else pkts1[1] - pkts0[1]}
     res["wall_s"] = round(time.monotonic() - t0, 1)
-    (out / JSON_NAME).write_text(json.dumps(res, indent=2))
+    res = _json_safe(res)
+    (out / JSON_NAME).write_text(json.dumps(res, indent=2, allow_nan=False))
     if plot:
         plot_json(out)
     return res
+
+
+def _json_safe(x: Any) -> Any:
+    """NaN (a statistic without samples) as null: strict JSON for any reader."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _num(x: float | None, width: int) -> str:
+    return f"{'-':>{width}s}" if x is None or math.isnan(x) else f"{x:{width}.1f}"
 
 
 def _report(w: Workload, dev: str, seconds: float, warmup_s: float, reps: int,
@@ -240,7 +262,7 @@ def _report(w: Workload, dev: str, seconds: float, warmup_s: float, reps: int,
         per_rep = [_ratio(x[key], y[key]) for x, y in zip(runs[(exp, a)], runs[(exp, b)])]
         into[name] = _ratio(into[a][key], into[b][key])
         into[f"{name}_per_rep"] = per_rep
-        into[f"{name}_median_per_rep"] = round(median(per_rep), 3)
+        into[f"{name}_median_per_rep"] = _median(per_rep, 3)
 
     ratios("mapping", "owned", "shared", "lookups_per_s", "owned_over_shared_lookups_per_s", m)
     ratios("mapping", "shared", "owned", "lookup_p99_us", "shared_over_owned_lookup_p99", m)
@@ -264,12 +286,13 @@ def table(res: dict[str, Any]) -> str:
              f"{'grant p50':>10s} {'grant p99':>10s}"]
     for exp, mode in rows:
         r = res[exp][mode]
-        lines.append(f"{exp:10s} {mode:9s} {r['lookups_per_s']:10.1f} {r['lookup_p50_us']:9.1f} "
-                     f"{r['lookup_p99_us']:9.1f} {r['grant_p50_us']:10.1f} {r['grant_p99_us']:10.1f}")
+        lines.append(f"{exp:10s} {mode:9s} {_num(r['lookups_per_s'], 10)} {_num(r['lookup_p50_us'], 9)} "
+                     f"{_num(r['lookup_p99_us'], 9)} {_num(r['grant_p50_us'], 10)} {_num(r['grant_p99_us'], 10)}")
     m, c = res["mapping"], res["credits"]
 
     def both(d: dict[str, Any], key: str) -> str:
-        return f"{d[key + '_median_per_rep']} (ratio of medians {d[key]})"
+        reps = ", ".join("-" if x is None or math.isnan(x) else f"{x:g}" for x in d[key + "_per_rep"])
+        return f"{d[key + '_median_per_rep']} (ratio of medians {d[key]}; per repetition {reps})"
 
     lines.append("ratios, median over repetitions of each repetition's ratio:")
     lines.append(f"  owned/shared lookups/s        = {both(m, 'owned_over_shared_lookups_per_s')}")
@@ -280,6 +303,10 @@ def table(res: dict[str, Any]) -> str:
     lines.append(f"shared = {res['shared_means']}")
     lines.append(res["note"])
     return "\n".join(lines)
+
+
+def _v(x: float | None) -> float:
+    return float("nan") if x is None else x
 
 
 def plot_json(out: Path) -> Path | None:
@@ -295,19 +322,19 @@ def plot_json(out: Path) -> Path | None:
         return None
     m, c = res["mapping"], res["credits"]
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.8))
-    ax[0].bar(["owned", "shared"], [m["owned"]["lookups_per_s"], m["shared"]["lookups_per_s"]])
+    ax[0].bar(["owned", "shared"], [_v(m["owned"]["lookups_per_s"]), _v(m["shared"]["lookups_per_s"])])
     ax[0].set_ylabel("lookups/s (guest: ratios only)")
     ax[0].set_title(f"mapping: owned/shared = {m['owned_over_shared_lookups_per_s_median_per_rep']}x")
     x = np.arange(2)
     for k, (key, label) in enumerate((("lookup_p50_us", "p50"), ("lookup_p99_us", "p99"))):
-        ax[1].bar(x + (k - 0.5) * 0.4, [m["owned"][key], m["shared"][key]], 0.4, label=label)
+        ax[1].bar(x + (k - 0.5) * 0.4, [_v(m["owned"][key]), _v(m["shared"][key])], 0.4, label=label)
     ax[1].set_xticks(x, ["owned", "shared"])
     ax[1].set_ylabel("lookup latency (µs)")
     ax[1].legend()
     ax[1].set_title("mapping: per-lookup latency")
     for k, (key, label) in enumerate((("grant_p50_us", "grant p50"), ("grant_p99_us", "grant p99"),
                                       ("lookup_p99_us", "lookup p99"))):
-        ax[2].bar(x + (k - 1) * 0.27, [c["priority"][key], c["in_band"][key]], 0.27, label=label)
+        ax[2].bar(x + (k - 1) * 0.27, [_v(c["priority"][key]), _v(c["in_band"][key])], 0.27, label=label)
     ax[2].set_xticks(x, ["priority QP", "in band"])
     ax[2].set_ylabel("µs")
     ax[2].set_yscale("log")
