@@ -16,7 +16,9 @@ Systems, each started as real processes and stopped by pid:
     kernel-4     the same with as many caller threads as the daemons get
                  clients (embedding_bag and the MLP release the GIL): the best
                  the same process can do on all cores
-    limit        the better of the two per phase: every ratio is against it
+    kernel-4/t1  the same with one torch intra-op thread per call (concurrent
+                 OpenMP teams stall each other; on 2 cores this is often faster)
+    limit        the best of the three per phase: every ratio is against it
 
 Phases: closed loop (C clients, each sends its next request when answered:
 maximum samples/s) for lookup() and predict(); then open loop (Poisson
@@ -85,22 +87,6 @@ class Daemon:
             raise RuntimeError(f"{' '.join(cmd)} did not start; see {sock}.log")
         wait_for_socket(sock, 60, self.proc)
 
-    def cpu_seconds(self) -> float:
-        import psutil
-
-        try:
-            procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return 0.0
-        total = 0.0
-        for p in procs:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.NoSuchProcess:
-                pass
-        return total
-
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -130,44 +116,95 @@ def _kernel_closed_loop(model: Path, requests: list, seconds: float, kind: str) 
     return LoadResult(n, n * BATCH, 0, time.perf_counter() - t0, np.asarray(lat))
 
 
-def _kernel_concurrent(model: Path, requests: list, seconds: float, kind: str, callers: int) -> LoadResult:
-    """The in-process kernel driven by ``callers`` threads at once: what one process gets out of all cores."""
+def _kernel_concurrent(model: Path, requests: list, seconds: float, kind: str, callers: int,
+                       torch_threads: int | None = None) -> LoadResult:
+    """The in-process kernel driven by ``callers`` threads at once: what one process gets out of all cores.
+
+    ``torch_threads`` sets torch's intra-op threads for the run (None: torch's default, all cores).  With
+    several callers one thread each is often faster (the OpenMP teams of concurrent calls stall each
+    other), so the limit is taken over both settings.
+    """
     import threading
+
+    import torch
 
     from flexemr.monolithic import MonolithicModel
 
-    m = MonolithicModel(model)
-    call = m.predict if kind == "predict" else (lambda d, s: m.lookup(s))
-    for r in requests:
-        call(*r)
-    lats: list[list[float]] = [[] for _ in range(callers)]
-    t0 = time.perf_counter()
-    stop = t0 + seconds
+    before = torch.get_num_threads()
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    try:
+        m = MonolithicModel(model)
+        call = m.predict if kind == "predict" else (lambda d, s: m.lookup(s))
+        for r in requests:
+            call(*r)
+        lats: list[list[float]] = [[] for _ in range(callers)]
+        t0 = time.perf_counter()
+        stop = t0 + seconds
 
-    def loop(i: int) -> None:
-        k = i
-        while time.perf_counter() < stop:
-            d, s = requests[k % len(requests)]
-            t = time.perf_counter()
-            call(d, s)
-            lats[i].append(time.perf_counter() - t)
-            k += callers
+        def loop(i: int) -> None:
+            k = i
+            while time.perf_counter() < stop:
+                d, s = requests[k % len(requests)]
+                t = time.perf_counter()
+                call(d, s)
+                lats[i].append(time.perf_counter() - t)
+                k += callers
 
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(callers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    n = sum(len(x) for x in lats)
-    return LoadResult(n, n * BATCH, 0, time.perf_counter() - t0, np.concatenate([np.asarray(x) for x in lats]))
+        threads = [threading.Thread(target=loop, args=(i,)) for i in range(callers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        n = sum(len(x) for x in lats)
+        return LoadResult(n, n * BATCH, 0, time.perf_counter() - t0, np.concatenate([np.asarray(x) for x in lats]))
+    finally:
+        torch.set_num_threads(before)
+
+
+ROLES = (("flexemr-emb", "embedding servers"), ("flexemr-eng", "engines"), ("flexemr-inf", "ranker"))
+ROLE_COLUMNS = ("embedding servers", "engines", "ranker", "supervisor", "clients")
+
+
+def cpu_by_role(pid: int) -> dict[str, float]:
+    """user+system CPU seconds of a ``flexemrd local`` tree, summed per role (process titles name them)."""
+    import psutil
+
+    out = {role: 0.0 for _prefix, role in ROLES}
+    out["supervisor"] = 0.0
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return out
+    for p in procs:
+        try:
+            name, t = p.name(), p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        role = next((r for prefix, r in ROLES if name.startswith(prefix)), "supervisor")
+        out[role] += t.user + t.system
+    return out
+
+
+def _children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)   # the load generator's client processes, once joined
+    return r.ru_utime + r.ru_stime
 
 
 def _measure(daemon: Daemon, requests: list, kind: str, clients: int, seconds: float, rate: float = 0.0) -> dict:
-    cpu0 = daemon.cpu_seconds()
+    """One closed- or open-loop run, with where the CPU went: ms of CPU per 1,000 samples, per role and
+    for the clients (the in-process limit pays neither the clients nor the copies between processes)."""
+    cpu0, c0 = cpu_by_role(daemon.proc.pid), _children_cpu()
     res = run_load(socket_caller(daemon.sock, kind), requests, clients, seconds, rate / clients if rate else 0.0)
-    cpu = daemon.cpu_seconds() - cpu0
+    cpu1, c1 = cpu_by_role(daemon.proc.pid), _children_cpu()
     out = res.summary()
-    out["daemon_cpu_s_per_1k_samples"] = round(cpu / max(1, res.samples) * 1000, 4)
+    per_k = 1e6 / max(1, res.samples)   # seconds -> ms per 1,000 samples
+    split = {role: round((cpu1[role] - cpu0[role]) * per_k, 3) for role in cpu0}
+    split["clients"] = round((c1 - c0) * per_k, 3)
+    out["cpu_ms_per_1k_samples"] = split
+    out["daemon_cpu_s_per_1k_samples"] = round(sum(v for k, v in split.items() if k != "clients") / 1e3, 4)
     return out
 
 
@@ -213,12 +250,16 @@ def run(out: Path, rows_cap: int, seconds: float, clients: int, nreq: int, zipf:
                     _kernel_closed_loop(model, requests, seconds, kind).summary())
                 runs.setdefault(("kernel-4", kind), []).append(
                     _kernel_concurrent(model, requests, seconds, kind, clients).summary())
+                runs.setdefault(("kernel-4/t1", kind), []).append(
+                    _kernel_concurrent(model, requests, seconds, kind, clients, torch_threads=1).summary())
                 for name, d in daemons.items():
                     _log(f"  [{rep + 1}/{reps}] {name} {kind}: closed loop, {clients} clients, {seconds:g} s")
                     runs.setdefault((name, kind), []).append(_measure(d, requests, kind, clients, seconds))
         for (name, kind), rs in runs.items():
             sysres.setdefault(name, {})[kind] = _median_run(rs)
-        sysres["limit"] = {k: dict(max((sysres["kernel"][k], sysres["kernel-4"][k]), key=lambda r: r["samples_per_s"]))
+        baselines = ("kernel", "kernel-4", "kernel-4/t1")
+        sysres["limit"] = {k: dict(max(((n, sysres[n][k]) for n in baselines), key=lambda nr: nr[1]["samples_per_s"])[1],
+                                   system=max(baselines, key=lambda n: sysres[n][k]["samples_per_s"]))
                            for k in ("lookup", "predict")}
         mono_max = sysres["monolithic"]["predict"]["requests_per_s"]
         results["open_loop_levels"] = OPEN_LOOP_LEVELS
@@ -262,12 +303,12 @@ def _plot(results: dict, path: Path) -> None:
     except ImportError:
         return
     s = results["systems"]
-    names = ["kernel", "kernel-4", "monolithic", "flexemr"]
+    names = ["kernel", "kernel-4", "kernel-4/t1", "monolithic", "flexemr"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     x = np.arange(2)
     for i, n in enumerate(names):
         vals = [s[n][k]["samples_per_s"] / 1e3 for k in ("lookup", "predict")]
-        axes[0].bar(x + (i - 1.5) * 0.2, vals, 0.2, label=n)
+        axes[0].bar(x + (i - 2) * 0.16, vals, 0.16, label=n)
     axes[0].set_xticks(x, ["lookup()", "predict()"])
     axes[0].set_ylabel("k samples/s (closed loop)")
     axes[0].set_title(f"batch {BATCH}, 8 tables x 64, 20 ids/bag")
@@ -305,13 +346,19 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(lv * 100) for lv in r["open_loop_levels"]]
     head = "".join(f" {f'p50/p99 ms @{lv}%':>18}" for lv in levels)
     print(f"{'system':12} {'lookup samples/s':>17} {'predict samples/s':>18}{head}")
-    for n in ("kernel", "kernel-4", "limit", "monolithic", "flexemr"):
+    for n in ("kernel", "kernel-4", "kernel-4/t1", "limit", "monolithic", "flexemr"):
         cells = ""
         for lv in levels:
             ol = s[n].get(f"predict_open_loop_{lv}")
             cell = "-" if ol is None else "{:.1f} / {:.1f}".format(ol["p50_ms"], ol["p99_ms"])
             cells += f" {cell:>18}"
         print(f"{n:12} {s[n]['lookup']['samples_per_s']:>17,.0f} {s[n]['predict']['samples_per_s']:>18,.0f}{cells}")
+    print(f"\nCPU ms per 1,000 samples (closed loop): {', '.join(ROLE_COLUMNS)}")
+    for n in ("monolithic", "flexemr"):
+        for k in ("lookup", "predict"):
+            split = s[n][k]["cpu_ms_per_1k_samples"]
+            print(f"  {n:10} {k:8} " + "  ".join(f"{split[c]:6.2f}" for c in ROLE_COLUMNS)
+                  + f"   total {sum(split.values()):6.2f}")
     print(json.dumps(r["ratios"], indent=2))
     return 0
 
