@@ -135,6 +135,7 @@ class EmbeddingConfig:
     routing: str = "rows"
     replicas: int = 1                # must match the rankers' [ranker].replicas
     threads: int = 1                 # torch intra-op threads for pooling
+    workers: int = 0                 # pooling workers per server; 0 = this host's cores over its servers (1..8)
     max_payload: int = 1 << 30
     max_connections: int = 256       # ranker connections served at once; one more gets ERROR OVERLOADED
     insecure: bool = False           # allow listening beyond loopback without [daemon].secret_file
