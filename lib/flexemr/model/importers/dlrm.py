@@ -37,8 +37,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from flexemr.model.importers.common import (
     CheckpointError,
     ImportedTable,
