@@ -546,10 +546,9 @@ def run(out: Path, rows_cap: int, batch: int, seconds: float, threads: list[int]
 
 
 def _plot(results: dict, path: Path) -> None:
-    import matplotlib
+    from flexemr_bench.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = results["runs"]
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.8))

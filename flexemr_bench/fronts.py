@@ -200,10 +200,9 @@ def run(out: Path, seconds: float, clients: int, batches: list[int], rows_cap: i
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from flexemr_bench.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     batches = list(results["results"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))

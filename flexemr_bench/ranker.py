@@ -278,12 +278,10 @@ def run(out: Path, rows_cap: int, seconds: float, clients: int, nreq: int, zipf:
 
 
 def _plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
+    from flexemr_bench.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot(required=False)
+    if plt is None:
         return
     s = results["systems"]
     names = ["kernel", "kernel-4", "kernel-4/t1", "monolithic", "flexemr"]
