@@ -61,6 +61,11 @@ class LocalCluster:
         """This cluster's processes whose name starts with ``prefix`` (``flexemr-eng``, ``flexemr-emb``)."""
         return named_children(self.proc.pid, prefix)
 
+    def listening_ports(self) -> list[int]:
+        """The TCP ports the supervisor listens on (it holds the embedding servers' listening sockets)."""
+        conns = psutil.Process(self.proc.pid).net_connections(kind="tcp")
+        return sorted({k.laddr.port for k in conns if k.status == psutil.CONN_LISTEN})
+
     def server_pids(self) -> dict[int, int]:
         """embedding server index -> pid (process names are flexemr-emb[i])."""
         return server_pids(self.proc.pid)
