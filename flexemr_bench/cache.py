@@ -185,12 +185,10 @@ def run(out: Path, budget: int, rows_cap: int, zipf: float, samples_per_point: i
 
 
 def _plot(res: dict, path: Path) -> None:
-    try:
-        import matplotlib
+    from flexemr_bench.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot(required=False)
+    if plt is None:
         return
     fx = res["fixed"]
     fig, ax = plt.subplots(1, 2, figsize=(12, 4))

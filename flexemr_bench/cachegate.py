@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from flexemr.loadgen import run_load, socket_caller, wait_for_socket
+from flexemr.loadgen import run_load, socket_caller
+from flexemr_bench.daemon import ReadyProcess
 
 BATCH = 1024
 CACHE = ["--cache-size", "64MiB", "--cache-budget", "2GiB"]
@@ -42,29 +41,6 @@ CACHE = ["--cache-size", "64MiB", "--cache-budget", "2GiB"]
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-class Proc:
-    """A daemon process tree, stopped by SIGTERM to its pid."""
-
-    def __init__(self, cmd: list[str], log: Path, sock: str | None = None, ready_line: bool = True) -> None:
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if ready_line else self.log, stderr=self.log,
-                                     text=True)
-        if ready_line and "ready" not in (self.proc.stdout.readline() or ""):
-            self.stop()
-            raise RuntimeError(f"{' '.join(cmd)} did not start; see {log}")
-        if sock:
-            wait_for_socket(sock, 90, self.proc)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
 
 
 def _toml(path: Path, sections: dict[str, dict]) -> Path:
@@ -77,24 +53,24 @@ def _toml(path: Path, sections: dict[str, dict]) -> Path:
     return path
 
 
-def _pair_loopback(model: Path, out: Path) -> dict[str, Proc]:
+def _pair_loopback(model: Path, out: Path) -> dict[str, ReadyProcess]:
     procs = {}
     for name, extra in (("off", ["--cache-policy", "off"]), ("adaptive", ["--cache-policy", "adaptive", *CACHE])):
         sock = str(out / f"loop-{name}.sock")
-        procs[name] = Proc([sys.executable, "-m", "flexemrd", "local", "--model", str(model), "--embedding-servers",
-                            "2", "--engines", "2", "--socket", sock, "--instance", f"cg{name[:3]}{os.getpid() % 10000}",
-                            "--log-level", "warning", *extra], out / f"loop-{name}.log", sock)
-        procs[name].sock = sock  # type: ignore[attr-defined]
+        procs[name] = ReadyProcess([sys.executable, "-m", "flexemrd", "local", "--model", str(model),
+                                    "--embedding-servers", "2", "--engines", "2", "--socket", sock,
+                                    "--instance", f"cg{name[:3]}{os.getpid() % 10000}", "--log-level", "warning",
+                                    *extra], out / f"loop-{name}.log", sock)
     return procs
 
 
-def _pair_slow(model: Path, out: Path, netns: str, addr: str) -> tuple[Proc, dict[str, Proc]]:
+def _pair_slow(model: Path, out: Path, netns: str, addr: str) -> tuple[ReadyProcess, dict[str, ReadyProcess]]:
     emb = _toml(out / "slow-embedding.toml", {
         "daemon": {"role": "embedding", "instance": f"cgemb{os.getpid() % 10000}", "model": str(model),
                    "log_level": "warning"},
         "embedding": {"listen": f"{addr}:7101", "index": 0, "servers": 1, "threads": 1}})
-    server = Proc(["ip", "netns", "exec", netns, sys.executable, "-m", "flexemrd", "run", "--config", str(emb)],
-                  out / "slow-embedding.log", ready_line=False)
+    server = ReadyProcess(["ip", "netns", "exec", netns, sys.executable, "-m", "flexemrd", "run", "--config",
+                           str(emb)], out / "slow-embedding.log", ready_line=False)
     time.sleep(8)   # the server maps its tables before it listens; the rankers retry meanwhile
     rankers = {}
     for name, policy in (("off", "off"), ("adaptive", "adaptive")):
@@ -105,17 +81,16 @@ def _pair_slow(model: Path, out: Path, netns: str, addr: str) -> tuple[Proc, dic
             "ranker": {"socket": sock, "engines": 1, "servers": [f"{addr}:7101"], "metrics_port": 0,
                        "transport": "tcp"},
             "cache": {"policy": policy, "capacity": "64MiB", "budget": "2GiB"}})
-        rankers[name] = Proc([sys.executable, "-m", "flexemrd", "run", "--config", str(cfg)],
-                             out / f"slow-{name}.log", sock, ready_line=False)
-        rankers[name].sock = sock  # type: ignore[attr-defined]
+        rankers[name] = ReadyProcess([sys.executable, "-m", "flexemrd", "run", "--config", str(cfg)],
+                                     out / f"slow-{name}.log", sock, ready_line=False)
     return server, rankers
 
 
-def _alternate(procs: dict[str, Proc], requests: list, seconds: float, reps: int, clients: int) -> dict:
+def _alternate(procs: dict[str, ReadyProcess], requests: list, seconds: float, reps: int, clients: int) -> dict:
     runs: dict[str, list[float]] = {n: [] for n in procs}
     for rep in range(reps):
         for name, p in procs.items():
-            res = run_load(socket_caller(p.sock, "predict"), requests, clients, seconds)  # type: ignore[attr-defined]
+            res = run_load(socket_caller(p.sock, "predict"), requests, clients, seconds)
             _log(f"  [{rep + 1}/{reps}] cache {name}: {res.samples_per_s:,.0f} samples/s, {res.errors} errors")
             runs[name].append(res.samples_per_s)
     med = {n: statistics.median(v) for n, v in runs.items()}

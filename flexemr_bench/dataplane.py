@@ -66,7 +66,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -145,13 +144,9 @@ class ServerProcess:
         return self.proc.pid
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from flexemr_bench.daemon import stop_process
+
+        stop_process(self.proc, timeout=20)
         self._log.close()
 
 
@@ -551,10 +546,9 @@ def run(out: Path, rows_cap: int, batch: int, seconds: float, threads: list[int]
 
 
 def _plot(results: dict, path: Path) -> None:
-    import matplotlib
+    from flexemr_bench.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = results["runs"]
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 4.8))

@@ -26,8 +26,6 @@ import argparse
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,33 +36,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from flexemr_bench.daemon import ReadyProcess, free_ports
+
 FRONTS = ("socket", "http", "grpc")
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-class _Proc:
-    """A child process that prints a line containing ``ready`` when it serves."""
-
-    def __init__(self, cmd: list[str], log: Path) -> None:
-        self._log = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
-        self.line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if "ready" not in self.line:
-            self.stop()
-            raise RuntimeError(f"{' '.join(cmd)} did not start; see {log}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 def ensure_model(out: Path, rows_cap: int) -> Path:
@@ -135,18 +113,6 @@ def _summary(lat_s: list[float], errors: int, elapsed: float, batch: int) -> dic
             "p99_ms": round(float(np.percentile(ms, 99)), 3) if n else None}
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def run(out: Path, seconds: float, clients: int, batches: list[int], rows_cap: int, n_requests: int = 8,
         ids_per_bag: int = 20, layout: str = "daemon") -> dict[str, Any]:
     import tritonclient.grpc as tg
@@ -164,19 +130,19 @@ def run(out: Path, seconds: float, clients: int, batches: list[int], rows_cap: i
     sock = str(tmp / "ranker.sock")
     in_daemon = []
     if layout == "daemon":
-        http_port, grpc_port = _free_ports(2)
+        http_port, grpc_port = free_ports(2)
         in_daemon = ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-    daemon = _Proc([sys.executable, "-m", "flexemrd", "local", "--model", str(model), "--embedding-servers", "2",
-                    "--engines", "1", "--socket", sock, "--instance", instance, "--log-level", "warning",
-                    "--max-batch", str(max(batches) * clients), *in_daemon], tmp / "daemon.log")
+    daemon = ReadyProcess([sys.executable, "-m", "flexemrd", "local", "--model", str(model), "--embedding-servers",
+                           "2", "--engines", "1", "--socket", sock, "--instance", instance, "--log-level", "warning",
+                           "--max-batch", str(max(batches) * clients), *in_daemon], tmp / "daemon.log")
     front = None
     try:
         if layout == "daemon":
             http_url, grpc_url = f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
         else:
-            front = _Proc([sys.executable, "-m", "flexemr.kserve", "--socket", sock, "--model", str(model),
-                           "--http-port", "0", "--grpc-port", "0", "--threads", str(max(2, clients)),
-                           "--log-level", "warning"], tmp / "kserve.log")
+            front = ReadyProcess([sys.executable, "-m", "flexemr.kserve", "--socket", sock, "--model", str(model),
+                                  "--http-port", "0", "--grpc-port", "0", "--threads", str(max(2, clients)),
+                                  "--log-level", "warning"], tmp / "kserve.log")
             ports = dict(kv.split("=") for kv in front.line.split()[1:])
             http_url, grpc_url = f"127.0.0.1:{ports['http']}", f"127.0.0.1:{ports['grpc']}"
         cells: dict[str, dict[str, dict[str, float | None]]] = {}
@@ -234,10 +200,9 @@ def run(out: Path, seconds: float, clients: int, batches: list[int], rows_cap: i
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from flexemr_bench.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     batches = list(results["results"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))

@@ -163,12 +163,10 @@ def run(out: Path, rows_cap: int, seconds: float, reps: int) -> dict:
 
 
 def _plot(med: dict, path: Path) -> None:
-    try:
-        import matplotlib
+    from flexemr_bench.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot(required=False)
+    if plt is None:
         return
     keys = ["no_hedging/steady", "no_hedging/stalled", "hedging/steady", "hedging/stalled"]
     fig, ax = plt.subplots(figsize=(7, 3.5))

@@ -164,12 +164,10 @@ def run(out: Path, rows_cap: int, seconds: float, clients: int, batch: int) -> d
 
 
 def _plot(res: dict, path: Path) -> None:
-    try:
-        import matplotlib
+    from flexemr_bench.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot(required=False)
+    if plt is None:
         return
     fig, ax = plt.subplots(1, 3, figsize=(13, 3.8))
     m = res["mapping"]

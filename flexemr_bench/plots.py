@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 _COLORS = {"flexemr": "#1f77b4", "inprocess": "#2ca02c", "redis": "#d62728", "flexemr-rawrows": "#ff7f0e",
            "flexemr-shared": "#9467bd", "flexemr-1engine": "#8c564b", "flexemr-inband": "#e377c2",
@@ -25,9 +26,18 @@ def _color(name: str) -> str | None:
     return _COLORS.get(name)
 
 
-def _plt():
-    import matplotlib
+def pyplot(required: bool = True) -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (files, no display): the one place a benchmark gets it.
 
+    With ``required=False`` a host without matplotlib gets None (that
+    benchmark then writes its JSON and skips its plot) instead of ImportError.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        if required:
+            raise
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -50,7 +60,7 @@ def _title(results: dict, model: str) -> str:
 
 
 def throughput_vs_batch(results: dict, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     models = _models(results)
     fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.8), squeeze=False)
     for ax, model in zip(axes[0], models):
@@ -80,7 +90,7 @@ def throughput_vs_batch(results: dict, path: Path) -> None:
 
 
 def latency_cdfs(results: dict, path: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     models = _models(results)
     loads = []   # (relative to, level), one row of panels each
     for c in results["workloads"]:
@@ -124,7 +134,7 @@ def latency_cdfs(results: dict, path: Path) -> None:
 
 def efficiency(results: dict, path: Path) -> None:
     """Wire bytes and CPU per sample at each model's open-loop batch size (closed loop)."""
-    plt = _plt()
+    plt = pyplot()
     import numpy as np
 
     models = _models(results)
@@ -167,7 +177,7 @@ def efficiency(results: dict, path: Path) -> None:
 
 
 def ablations(results: dict, path: Path) -> bool:
-    plt = _plt()
+    plt = pyplot()
     import numpy as np
 
     cells = [c for c in results["workloads"] if c.get("ablation")]
@@ -204,7 +214,7 @@ def mlperf(results: dict, path: Path) -> bool:
     m = results.get("mlperf")
     if not m or not m.get("server", {}).get("probes"):
         return False
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     probes = sorted(m["server"]["probes"], key=lambda p: p["target_qps"])
     ax.plot([p["target_qps"] for p in probes], [p.get("p99_ms", float("nan")) for p in probes], marker="o",

@@ -34,15 +34,14 @@ import argparse
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from flexemr.loadgen import LoadResult, run_load, socket_caller, wait_for_socket
+from flexemr.loadgen import LoadResult, run_load, socket_caller
+from flexemr_bench.daemon import ReadyProcess
 
 BATCH = 2048
 OPEN_LOOP_LEVELS = (0.3, 0.6)   # offered load, as a fraction of the monolithic layout's predict maximum
@@ -71,30 +70,14 @@ def ensure_model(out: Path, rows_cap: int) -> Path:
     return model
 
 
-class Daemon:
-    """A ``flexemrd local`` process tree; stopped with SIGTERM to its supervisor."""
+class Daemon(ReadyProcess):
+    """A ``flexemrd local`` process tree (log ``SOCK.log``); stopped with SIGTERM to its supervisor."""
 
     def __init__(self, model: Path, servers: int, engines: int, sock: str, instance: str, extra: list[str]) -> None:
-        self.sock = sock
         self.instance = instance
         cmd = [sys.executable, "-m", "flexemrd", "local", "--model", str(model), "--embedding-servers", str(servers),
                "--engines", str(engines), "--socket", sock, "--instance", instance, "--log-level", "warning", *extra]
-        self.log = open(f"{sock}.log", "w")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        line = self.proc.stdout.readline()
-        if "ready" not in line:
-            self.stop()
-            raise RuntimeError(f"{' '.join(cmd)} did not start; see {sock}.log")
-        wait_for_socket(sock, 60, self.proc)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
+        super().__init__(cmd, f"{sock}.log", sock, sock_timeout_s=60)
 
 
 def _kernel_closed_loop(model: Path, requests: list, seconds: float, kind: str) -> LoadResult:
@@ -295,12 +278,10 @@ def run(out: Path, rows_cap: int, seconds: float, clients: int, nreq: int, zipf:
 
 
 def _plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
+    from flexemr_bench.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot(required=False)
+    if plt is None:
         return
     s = results["systems"]
     names = ["kernel", "kernel-4", "kernel-4/t1", "monolithic", "flexemr"]

@@ -19,12 +19,14 @@ import time
 
 import numpy as np
 
+from flexemr_bench.daemon import free_ports, stop_process
+
 
 MAX_ROWS = 1 << 28
 
 
-def encode_keys(table: int, rows: np.ndarray) -> list[bytes]:
-    """5-byte keys, vectorised (no per-id Python beyond numpy's tolist)."""
+def key_bytes(table: int, rows: np.ndarray) -> np.ndarray:
+    """uint8 [n, 5]: the keys of ``rows`` of ``table`` as an array (RedisRanker builds RESP from it)."""
     r = rows.astype(np.uint32, copy=False)
     k = np.empty((len(r), 5), dtype=np.uint8)
     k[:, 0] = 0x80 | table
@@ -32,7 +34,12 @@ def encode_keys(table: int, rows: np.ndarray) -> list[bytes]:
     k[:, 2] = 0x80 | ((r >> 14) & 0x7F)
     k[:, 3] = 0x80 | ((r >> 7) & 0x7F)
     k[:, 4] = 0x80 | (r & 0x7F)
-    return k.view("S5").ravel().tolist()
+    return k
+
+
+def encode_keys(table: int, rows: np.ndarray) -> list[bytes]:
+    """5-byte keys, vectorised (no per-id Python beyond numpy's tolist)."""
+    return key_bytes(table, rows).view("S5").ravel().tolist()
 
 
 class RedisServer:
@@ -43,9 +50,7 @@ class RedisServer:
         if exe is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         if port == 0:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+            port = free_ports(1)[0]
         self.port = port
         self.dir = tempfile.mkdtemp(prefix="flexemr-redis-")
         args = [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
@@ -68,13 +73,8 @@ class RedisServer:
         return self.proc.pid
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc, timeout=10)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-__all__ = ["RedisServer", "encode_keys"]
+__all__ = ["RedisServer", "encode_keys", "key_bytes"]

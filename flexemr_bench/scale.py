@@ -363,10 +363,9 @@ def run_scale(out: Path, seconds: float = 9.0, host_quota: float = 0.2, ranker_q
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from flexemr_bench.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     one = [c for c in results["cells"] if c["series"] == "hosts"]
     xs = [c["embedding_hosts"] for c in one]

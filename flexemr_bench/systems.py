@@ -30,29 +30,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from flexemr.loadgen import wait_for_socket
-
-def tree_cpu_seconds(pids: Sequence[int]) -> float:
-    """user+system seconds of ``pids`` and all their descendants (threads included)."""
-    import psutil
-
-    seen: set[int] = set()
-    total = 0.0
-    for pid in pids:
-        try:
-            root = psutil.Process(pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
-        for p in procs:
-            if p.pid in seen:
-                continue
-            seen.add(p.pid)
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.NoSuchProcess:
-                pass
-    return total
+from flexemr_bench.daemon import tree_cpu_seconds
+from flexemr_bench.redis_store import key_bytes
 
 
 class System:
@@ -380,18 +359,6 @@ class RedisSystem(System):
                        f"{self.n_shards}, one key per row; per batch: np.unique ids per table, every table's MGET "
                        "pipelined to every shard at once, RESP built and parsed with numpy; embedding_bag and "
                        "the NN in the ranker = client processes, 1 torch thread each"}
-
-
-def key_bytes(table: int, rows: np.ndarray) -> np.ndarray:
-    """uint8 [n, 5]: the keys of :func:`flexemr_bench.redis_store.encode_keys`, as an array."""
-    r = rows.astype(np.uint32, copy=False)
-    k = np.empty((len(r), 5), dtype=np.uint8)
-    k[:, 0] = 0x80 | table
-    k[:, 1] = 0x80 | ((r >> 21) & 0x7F)
-    k[:, 2] = 0x80 | ((r >> 14) & 0x7F)
-    k[:, 3] = 0x80 | ((r >> 7) & 0x7F)
-    k[:, 4] = 0x80 | (r & 0x7F)
-    return k
 
 
 def _resp_bulk(fields: np.ndarray) -> np.ndarray:

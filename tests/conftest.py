@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.daemons import REPO, named_children, server_pids, stop_process, wait_ready
+
+__all__ = ["REPO", "LocalCluster"]
 
 
 @pytest.fixture
@@ -46,32 +47,31 @@ class LocalCluster:
                "--engines", str(engines), "--socket", self.socket, "--instance", self.instance, *(extra or [])]
         self._logf = open(self.log, "w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._logf, text=True, cwd=REPO)
-        deadline = time.monotonic() + 180
-        line = ""
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if "ready" in line or not line:
-                break
-        if "ready" not in line:
+        if not wait_ready(self.proc):
             self.proc.kill()
             raise RuntimeError(f"flexemrd local did not become ready:\n{self.log.read_text()[-4000:]}")
 
     def children(self) -> list[int]:
-        import psutil
-
         try:
             return [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
         except psutil.NoSuchProcess:
             return []
 
+    def processes(self, prefix: str) -> list[psutil.Process]:
+        """This cluster's processes whose name starts with ``prefix`` (``flexemr-eng``, ``flexemr-emb``)."""
+        return named_children(self.proc.pid, prefix)
+
+    def listening_ports(self) -> list[int]:
+        """The TCP ports the supervisor listens on (it holds the embedding servers' listening sockets)."""
+        conns = psutil.Process(self.proc.pid).net_connections(kind="tcp")
+        return sorted({k.laddr.port for k in conns if k.status == psutil.CONN_LISTEN})
+
+    def server_pids(self) -> dict[int, int]:
+        """embedding server index -> pid (process names are flexemr-emb[i])."""
+        return server_pids(self.proc.pid)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, sig, timeout)
         self._logf.close()
         from flexemr import naming
 

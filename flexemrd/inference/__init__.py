@@ -15,6 +15,8 @@ Path of one request through this package (threads in brackets)::
                                        doorbell, partials into their Batch, losses and
                                        migrations reported to their listeners
     batch.py       [any, under its lock] the Batch: the one module that mutates batch state
+    lookups.py     [batcher, completion] the one LOOKUP encoding of a part: first sends,
+                                       hedges and re-issues ask for the same thing
     finisher.py    [finisher]          global pooling result, NN forward, replies
 
 ``service.py`` composes these; ``main.py`` is the process entry.  Control work

@@ -28,6 +28,7 @@ from flexemr.wire.frame import ErrorCode
 from flexemrd.inference.admission import Work
 from flexemrd.inference.batch import Batch, Part, merge
 from flexemrd.inference.health import ServerHealth
+from flexemrd.inference.lookups import LookupEncoder
 from flexemrd.inference.pending import Fill, PendingTable
 from flexemrd.inference.stats import ServiceStats
 from flexemrd.inference.submission import Submitter
@@ -59,7 +60,8 @@ class Batcher:
                  stats: ServiceStats, inflight: threading.BoundedSemaphore, max_batch: int, max_wait_s: float,
                  cache=None, local: LocalPooling | None = None, inband_credits: bool = False,
                  health: ServerHealth | None = None, beat: Callable[[], None] = lambda: None,
-                 partials: str = "fp32", versions: ModelVersions | None = None) -> None:
+                 partials: str = "fp32", versions: ModelVersions | None = None,
+                 lookups: LookupEncoder | None = None) -> None:
         self.spec = spec
         self.routing = routing
         self.submitter = submitter
@@ -75,15 +77,14 @@ class Batcher:
         self.inband_credits = inband_credits
         self.health = health
         self.beat = beat
-        self._partials_flags = codec.partials_flags(partials)   # LOOKUP flags asking for f16/bf16 partials
+        # The completion thread's hedges and re-issues must share this encoder (see lookups.py).
+        self.lookups = lookups if lookups is not None else LookupEncoder(spec, partials, inband_credits)
         self.versions = versions if versions is not None else ModelVersions(None)
         self.queue: queue.Queue[Work | None] = queue.Queue()
         self.controls: queue.SimpleQueue[ControlRequest] = queue.SimpleQueue()
         self.stop = threading.Event()
         self._carry: Work | None = None
         self._seqs = itertools.count(1)
-        # Ids of tables under 2^31 rows travel as int32 (admission checked every id against its table).
-        self._narrow = [t.rows <= 2**31 for t in spec.tables]
         # Monolithic layout: tables are pooled on their own threads (embedding_bag
         # releases the GIL), one per core, so the batcher goes on coalescing the
         # next batch while this one pools and two tables pool at once.
@@ -195,11 +196,7 @@ class Batcher:
         batch.mark_submitted()
         budget_us = batch.budget_us()
         for cid, rid in frames:
-            part = batch.parts[rid]
-            frame = codec.encode_lookup(rid, batch.size, part.tables, part.counts, part.values,
-                                        flags=self._partials_flags, credit_trailer=self.inband_credits,
-                                        budget_us=budget_us, version=batch.version,
-                                        narrow_ids=all(self._narrow[t] for t in part.tables))
+            frame = self.lookups.encode(rid, batch, batch.parts[rid], budget_us)
             engine = self.submitter.submit(cid, frame)
             if engine is not None:
                 self._fail_part(rid, f"engine {engine} did not accept the subrequest in time")

@@ -19,6 +19,7 @@ from flexemr.wire.frame import HEADER_SIZE, ErrorCode, FrameType, unpack_header
 
 from flexemrd.inference.batch import Batch, Part
 from flexemrd.inference.health import ServerHealth
+from flexemrd.inference.lookups import LookupEncoder
 from flexemrd.inference.pending import PendingTable
 from flexemrd.inference.stats import FailoverCounters
 from flexemrd.inference.submission import Submitter
@@ -45,8 +46,8 @@ class Completions:
 
     def __init__(self, rings: list, doorbell, pending: PendingTable, finish: Callable[[Batch], None],
                  health: ServerHealth, submitter: Submitter, stats: FailoverCounters, request_timeout_s: float,
-                 cache=None, on_migrated: MigrationListener | None = None, hedging: bool = False,
-                 hedge_quantile: float = 0.95, hedge_min_s: float = 0.002, inband_credits: bool = False,
+                 lookups: LookupEncoder, cache=None, on_migrated: MigrationListener | None = None,
+                 hedging: bool = False, hedge_quantile: float = 0.95, hedge_min_s: float = 0.002,
                  beat: Callable[[], None] = lambda: None) -> None:
         self.rings = rings
         self.doorbell = doorbell
@@ -56,12 +57,12 @@ class Completions:
         self.submitter = submitter
         self.counters = stats
         self.request_timeout_s = request_timeout_s
+        self.lookups = lookups   # the batcher's: a copy is encoded exactly like the first send
         self.cache = cache
         self.on_migrated = on_migrated
         self.hedging = hedging
         self.hedge_quantile = hedge_quantile
         self.hedge_min_s = hedge_min_s
-        self.inband_credits = inband_credits
         self.beat = beat
 
     def run(self, stop) -> None:
@@ -195,10 +196,8 @@ class Completions:
             self.health.released(part.server)
             return True   # settled meanwhile: nothing to send
         self.pending.add_lookups(batch, [rid])
-        # A copy asks for the batch's version, whatever the ranker serves by now.
-        frame = codec.encode_lookup(rid, batch.size, part.tables, part.counts, part.values,
-                                    credit_trailer=self.inband_credits, budget_us=batch.budget_us(),
-                                    version=batch.version)
+        # A copy asks for the batch's version (whatever the ranker serves by now) and the time left now.
+        frame = self.lookups.encode(rid, batch, part)
         if self.submitter.submit(part.conn, frame, wait=False) is None:
             return True
         self.pending.take_lookup(rid)

@@ -24,6 +24,7 @@ from flexemrd.inference.completions import Completions, MigrationListener
 from flexemrd.inference.finisher import Finisher
 from flexemrd.inference.health import ServerHealth
 from flexemrd.inference.frontend import FrontendLimits, SocketFrontend
+from flexemrd.inference.lookups import LookupEncoder
 from flexemrd.inference.pending import PendingTable
 from flexemrd.inference.stats import ServiceStats
 from flexemrd.inference.submission import Submitter
@@ -94,20 +95,21 @@ class InferenceService:
         self.submitter = None
         self.completions = None
         self.health = None
+        lookups = LookupEncoder(spec, options.partials, options.inband_credits)   # first sends and copies alike
         if links is not None:
             self.health = ServerHealth(routing, links.connections)
             self.submitter = Submitter(links.submission, links.connections, links.owners,
                                        shared_mapping=options.shared_mapping, timeout_s=options.request_timeout_s)
             self.completions = Completions(links.completion, links.doorbell, self.pending, self.finisher.put,
                                            self.health, self.submitter, self.stats.failover,
-                                           options.request_timeout_s, cache=cache, on_migrated=on_migrated,
-                                           hedging=options.hedging, hedge_quantile=options.hedge_quantile,
-                                           hedge_min_s=options.hedge_min_s, inband_credits=options.inband_credits,
+                                           options.request_timeout_s, lookups, cache=cache,
+                                           on_migrated=on_migrated, hedging=options.hedging,
+                                           hedge_quantile=options.hedge_quantile, hedge_min_s=options.hedge_min_s,
                                            beat=beat)
         self.batcher = Batcher(spec, routing, self.submitter, self.pending, self.finisher.put, self.finisher.fail,
                                self.stats, self.inflight, options.max_batch, options.max_wait_s, cache=cache,
                                local=local, inband_credits=options.inband_credits, health=self.health,
-                               partials=options.partials, versions=self.versions,
+                               partials=options.partials, versions=self.versions, lookups=lookups,
                                beat=beat if links is None else (lambda: None))
         self.admission = Admission(spec, options.request_timeout_s, max_batch=options.max_batch,
                                    max_ids=options.max_ids or None, allow_nonfinite=options.allow_nonfinite)

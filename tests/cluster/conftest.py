@@ -11,13 +11,14 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.helpers.load import ClientLoad
 
 REPO = Path(__file__).resolve().parents[2]
 CPU_CGROUPS = Path("/sys/fs/cgroup/cpu")
@@ -116,40 +117,25 @@ def assert_same_machine(before: dict, after: dict) -> None:
 # ------------------------------------------------------------------------------------------ load
 
 
-class Load:
+class Load(ClientLoad):
     """Concurrent predict clients on one ranker socket; every answer checked against the reference."""
 
     def __init__(self, socket: str, reference, clients: int = 2, seed: int = 0, batch: int = 16) -> None:
-        self.socket, self.reference, self.batch = socket, reference, batch
-        self.stop = threading.Event()
-        self.ok = 0
-        self.wrong = 0
+        super().__init__(clients)
+        self.socket, self.reference, self.batch, self.seed = socket, reference, batch, seed
         self.failures: list[tuple[float, float, str]] = []   # (started, seconds, message)
         self.latencies: list[tuple[float, float]] = []        # (started, seconds)
-        self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(seed * 100 + k,), daemon=True)
-                        for k in range(clients)]
 
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
-
-    def _run(self, seed: int) -> None:
+    def _run(self, k: int) -> None:
         from flexemr.client import InferenceClient
         from flexemr.errors import RemoteError
         from flexemr.reqgen import RequestGenerator
 
-        gen = RequestGenerator(self.reference.spec, ids_per_bag=6, seed=seed)
+        gen = RequestGenerator(self.reference.spec, ids_per_bag=6, seed=self.seed * 100 + k)
         try:
             client = InferenceClient(self.socket, timeout=60)
         except OSError as e:
-            self.failures.append((time.monotonic(), 0.0, f"connect: {e}"))
+            self.failed((time.monotonic(), 0.0, f"connect: {e}"))
             return
         with client as c:
             while not self.stop.is_set():
@@ -158,26 +144,10 @@ class Load:
                 try:
                     got = c.predict(dense, sparse)
                 except (RemoteError, ConnectionError, OSError) as e:
-                    with self._lock:
-                        self.failures.append((t0, time.monotonic() - t0, str(e)))
+                    self.failed((t0, time.monotonic() - t0, str(e)))
                     continue
                 took = time.monotonic() - t0
                 want = self.reference.predict(dense, sparse)
                 with self._lock:
                     self.latencies.append((t0, took))
-                    if np.allclose(got, want, rtol=1e-5, atol=1e-6):
-                        self.ok += 1
-                    else:
-                        self.wrong += 1
-
-    def count(self) -> int:
-        with self._lock:
-            return self.ok
-
-    def wait_ok(self, more: int, timeout: float = 60.0) -> None:
-        target = self.count() + more
-        deadline = time.monotonic() + timeout
-        while self.count() < target and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert self.count() >= target, (f"only {self.count()} answers of {target} within {timeout:.0f} s; "
-                                        f"failures: {self.failures[-5:]}")
+                self.answered(np.allclose(got, want, rtol=1e-5, atol=1e-6))

@@ -25,6 +25,7 @@ from flexemrd.inference.batcher import Batcher
 from flexemrd.inference.completions import Completions
 from flexemrd.inference.finisher import Finisher
 from flexemrd.inference.local import LocalPooler
+from flexemrd.inference.lookups import LookupEncoder
 from flexemrd.inference.pending import PendingTable
 from flexemrd.inference.stats import ServiceStats
 from flexemrd.inference.submission import Submitter
@@ -217,7 +218,7 @@ def _completions(model, rings, bell, pending, finish, routing, connections, **kw
 
     submitter = Submitter(kw.pop("sub_rings", []), connections, {c: 0 for c in connections})
     return Completions(rings, bell, pending, finish, ServerHealth(routing, connections), submitter,
-                       FailoverCounters(), 30.0, **kw)
+                       FailoverCounters(), 30.0, LookupEncoder(model.spec), **kw)
 
 
 def _server_partials(model, routing, batch_work, server):
@@ -390,6 +391,18 @@ class _Rings:
         self.bell.close()
         self.bell.unlink()
 
+    def frames(self) -> list[tuple[int, object, bytes]]:
+        """(connection, header, payload bytes) of every frame written to the submission rings so far."""
+        out = []
+        for ring in self.sub:
+            while (msg := ring.read(timeout=0)) is not None:
+                cid, _ = em.PREFIX.unpack_from(msg.data, 0)
+                h = unpack_header(msg.data[em.PREFIX_SIZE:em.PREFIX_SIZE + HEADER_SIZE])
+                out.append((cid, h, bytes(msg.data[em.PREFIX_SIZE + HEADER_SIZE:
+                                                   em.PREFIX_SIZE + HEADER_SIZE + h.payload_len])))
+                msg.release()
+        return out
+
     def submitted(self) -> list[tuple[int, int]]:
         """(connection, request id) of every LOOKUP written to the submission rings so far."""
         out = []
@@ -415,7 +428,7 @@ def _replicated(model, instance, hedging=False):
     pending = PendingTable()
     done: list[Batch] = []
     comp = Completions([rings.comp], rings.bell, pending, done.append, health, submitter, FailoverCounters(), 30.0,
-                       hedging=hedging, hedge_min_s=0.01)
+                       LookupEncoder(model.spec), hedging=hedging, hedge_min_s=0.01)
     replies = Replies()
     work = _work(model, replies, 1, 8, seed=4, predict=False)
     t = sorted(work.tables)
@@ -511,5 +524,56 @@ def test_without_hedging_a_part_stuck_far_past_its_servers_latency_is_rescued_by
         comp.drain()
         assert done == [batch] and batch.error is None
         assert comp.counters.reissued == 1 and comp.counters.hedges_sent == 0 and comp.counters.hedges_won == 0
+    finally:
+        rings.close()
+
+
+def test_a_reissued_copy_asks_for_exactly_what_the_first_send_asked_for(model, instance):
+    """A copy sent after a lost connection carries the first send's partials precision (fp16 flag),
+    id width (int32), model version and deadline flag: only its request id and time budget differ,
+    so the answer does not depend on which replica ends up serving the part."""
+    from flexemrd.inference.health import ServerHealth
+    from flexemrd.inference.stats import FailoverCounters
+
+    rings = _Rings(instance)
+    try:
+        routing = RoutingTable.build(model.spec, 2, "rows", replicas=2)
+        connections = {0: (0, "a:1"), 1: (1, "b:1")}
+        health = ServerHealth(routing, connections)
+        submitter = Submitter(rings.sub, connections, {0: 0, 1: 1})
+        pending = PendingTable()
+        lookups = LookupEncoder(model.spec, partials="fp16")
+        stats = ServiceStats(len(model.spec.tables))
+        inflight = threading.BoundedSemaphore(1)
+        done: list[Batch] = []
+        batcher = Batcher(model.spec, routing, submitter, pending, done.append, lambda *a: None, stats, inflight,
+                          256, 0.0, health=health, lookups=lookups)
+        comp = Completions([rings.comp], rings.bell, pending, done.append, health, submitter, FailoverCounters(),
+                           30.0, lookups)
+        work = _work(model, Replies(), 1, 8, seed=4, predict=False)
+        # int64 ids (as a client may send them): only the encoder's narrowing can make them int32 on the wire
+        work.tables = {t: (v.astype(np.int64), ln) for t, (v, ln) in work.tables.items()}
+        inflight.acquire()
+        batcher._dispatch([work])
+        first = rings.frames()
+        assert first and not done
+        lost = first[0][0]
+        rings.comp.write(em.PREFIX.pack(lost, 0), b"connection lost: reset", kind=em.COMP_LOST, timeout=1)
+        comp.drain()
+        copies = rings.frames()
+        originals = [f for f in first if f[0] == lost]
+        assert len(copies) == len(originals) and {c for c, _h, _p in copies} == {1 - lost}
+
+        def asked(h, payload: bytes):
+            req = codec.decode_lookup(memoryview(payload), h.flags)
+            assert req.budget_us > 0
+            # everything but the request id and the deadline budget (the last 8 bytes without a credit trailer)
+            return h.type, h.flags, h.aux, payload[:-8]
+
+        assert codec.partials_of_flags(originals[0][1].flags) == "fp16"
+        assert sorted(asked(h, p) for _c, h, p in copies) == sorted(asked(h, p) for _c, h, p in originals)
+        for _c, h, p in copies:
+            req = codec.decode_lookup(memoryview(p), h.flags)
+            assert req.kjt.values.dtype == np.int32, "ids as int32, as first sent"
     finally:
         rings.close()

@@ -22,6 +22,7 @@ from flexemr.wire import codec
 from flexemr.wire.frame import HEADER_SIZE, ErrorCode, FrameType, pack_header, unpack_header
 
 from tests.conftest import LocalCluster
+from tests.helpers.sockets import recv_exact
 
 
 @pytest.fixture(scope="module")
@@ -34,20 +35,7 @@ def authcluster(tiny_model, tmp_path_factory):
 
 def server_ports(c: LocalCluster) -> list[int]:
     """The embedding servers' ports (the supervisor holds their listening sockets)."""
-    import psutil
-
-    conns = psutil.Process(c.proc.pid).net_connections(kind="tcp")
-    return sorted({k.laddr.port for k in conns if k.status == psutil.CONN_LISTEN})
-
-
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = s.recv(n - len(out))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(out)} of {n} bytes")
-        out += chunk
-    return out
+    return c.listening_ports()
 
 
 def recv_frame(s: socket.socket):

@@ -20,6 +20,7 @@ from flexemr.model.spec import load_spec
 from flexemr.reqgen import RequestGenerator
 
 from tests.conftest import LocalCluster
+from tests.helpers.daemons import free_port
 
 
 def emrctl(instance: str, *args: str, timeout: float = 20) -> subprocess.CompletedProcess:
@@ -198,12 +199,9 @@ def _tables_by_server(spec, n_servers: int) -> dict[int, list[str]]:
 
 
 def test_prometheus_endpoint_serves_live_counters(tiny_model, tmp_path):
-    import socket as so
     import urllib.request
 
-    with so.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     c = LocalCluster(tiny_model, tmp_path, servers=2, engines=2, extra=["--metrics-port", str(port)])
     try:
         spec = load_spec(tiny_model)

@@ -22,7 +22,7 @@ from flexemr.monolithic import MonolithicModel
 from flexemr.reqgen import RequestGenerator
 
 from tests.conftest import REPO
-from tests.integration.test_run_mode import Daemon, _free_port
+from tests.helpers.daemons import Daemon, free_port
 
 
 def _status(instance: str, *extra: str) -> subprocess.CompletedProcess:
@@ -63,7 +63,7 @@ def _exact(sock: str, reference: MonolithicModel, seed: int) -> None:
 
 def test_two_rankers_on_two_embedding_hosts_show_up_and_a_restart_prunes_the_old_pools(tiny_model, tmp_path):
     inst = "t" + uuid.uuid4().hex[:8]
-    ports = [_free_port() for _ in range(2)]
+    ports = [free_port() for _ in range(2)]
     emb_inst = [f"{inst}e{i}" for i in range(2)]
     emb = []
     for i, port in enumerate(ports):

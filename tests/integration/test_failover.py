@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import numpy as np
-import psutil
 import pytest
 
 from flexemr.client import InferenceClient
@@ -21,6 +19,7 @@ from flexemr.monolithic import MonolithicModel
 from flexemr.reqgen import RequestGenerator
 
 from tests.conftest import LocalCluster
+from tests.helpers.load import ClientLoad
 
 
 @pytest.fixture(scope="module")
@@ -28,23 +27,10 @@ def reference(tiny_model):
     return MonolithicModel(tiny_model)
 
 
-def server_pids(cluster: LocalCluster) -> dict[int, int]:
-    """embedding server index -> pid (process names are flexemr-emb[i])."""
-    out = {}
-    for pid in cluster.children():
-        try:
-            name = psutil.Process(pid).name()
-        except psutil.NoSuchProcess:
-            continue
-        if name.startswith("flexemr-emb["):
-            out[int(name[len("flexemr-emb["):-1])] = pid
-    return out
-
-
 def wait_restarted(cluster: LocalCluster, index: int, old_pid: int, timeout: float = 30.0) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pid = server_pids(cluster).get(index)
+        pid = cluster.server_pids().get(index)
         if pid and pid != old_pid:
             return pid
         time.sleep(0.05)
@@ -77,28 +63,17 @@ def ups(cluster: LocalCluster, index: int) -> int:
                if f"embedding server {index} (" in line and ("is up again" in line or "answers again" in line))
 
 
-class Load:
+class Load(ClientLoad):
     """Concurrent predict clients, each answer checked exactly; failures recorded with their time."""
+
+    join_timeout_s = 30.0
+    wait_timeout_s = 20.0
 
     def __init__(self, cluster: LocalCluster, reference: MonolithicModel, clients: int = 4,
                  timeout_ms: int | None = None) -> None:
+        super().__init__(clients)
         self.cluster, self.reference, self.timeout_ms = cluster, reference, timeout_ms
-        self.stop = threading.Event()
-        self.ok = 0
         self.failures: list[tuple[float, float, str]] = []   # (started, seconds, message)
-        self.wrong = 0
-        self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(clients)]
-
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
 
     def _run(self, k: int) -> None:
         gen = RequestGenerator(self.reference.spec, ids_per_bag=6, seed=1000 + k)
@@ -109,27 +84,9 @@ class Load:
                 try:
                     got = c.predict(dense, sparse, timeout_ms=self.timeout_ms)
                 except (RemoteError, ConnectionError, OSError) as e:
-                    with self._lock:
-                        self.failures.append((t0, time.monotonic() - t0, str(e)))
+                    self.failed((t0, time.monotonic() - t0, str(e)))
                     continue
-                want = self.reference.predict(dense, sparse)
-                with self._lock:
-                    if np.allclose(got, want, rtol=1e-5, atol=1e-6):
-                        self.ok += 1
-                    else:
-                        self.wrong += 1
-
-    def count(self) -> int:
-        with self._lock:
-            return self.ok
-
-
-def wait_ok(load: Load, more: int, timeout: float = 20.0) -> None:
-    target = load.count() + more
-    deadline = time.monotonic() + timeout
-    while load.count() < target and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert load.count() >= target, f"only {load.count()} answers; failures: {load.failures[-5:]}"
+                self.answered(np.allclose(got, self.reference.predict(dense, sparse), rtol=1e-5, atol=1e-6))
 
 
 # --------------------------------------------------------------------------------------------- with replicas
@@ -145,29 +102,29 @@ def replicated(tiny_model, tmp_path_factory):
 
 def test_killing_any_one_server_with_replicas_fails_no_request(replicated, reference):
     with Load(replicated, reference) as load:
-        wait_ok(load, 50)
+        load.wait_ok(50)
         for index in range(3):
             seen = ups(replicated, index)
-            pid = server_pids(replicated)[index]
+            pid = replicated.server_pids()[index]
             os.kill(pid, signal.SIGKILL)
-            wait_ok(load, 40)                       # served by the replicas meanwhile
+            load.wait_ok(40)                       # served by the replicas meanwhile
             wait_restarted(replicated, index, pid)
             wait_up(replicated, index, seen)        # the engines reconnected: it serves again
-            wait_ok(load, 40)
+            load.wait_ok(40)
         # Two servers, one after the other (the first is back before the second dies).
         seen0, seen1 = ups(replicated, 0), ups(replicated, 1)
-        pid0 = server_pids(replicated)[0]
+        pid0 = replicated.server_pids()[0]
         os.kill(pid0, signal.SIGKILL)
-        wait_ok(load, 30)
+        load.wait_ok(30)
         wait_restarted(replicated, 0, pid0)
         wait_up(replicated, 0, seen0)
-        wait_ok(load, 30)
-        pid1 = server_pids(replicated)[1]
+        load.wait_ok(30)
+        pid1 = replicated.server_pids()[1]
         os.kill(pid1, signal.SIGKILL)
-        wait_ok(load, 30)
+        load.wait_ok(30)
         wait_restarted(replicated, 1, pid1)
         wait_up(replicated, 1, seen1)
-        wait_ok(load, 30)
+        load.wait_ok(30)
     assert load.failures == [], load.failures[:5]
     assert load.wrong == 0
     assert "is down" in replicated.logs()
@@ -185,14 +142,14 @@ def single(tiny_model, tmp_path_factory):
 
 def test_without_replicas_a_killed_server_fails_requests_fast_and_serving_returns(single, reference):
     with Load(single, reference, clients=3) as load:
-        wait_ok(load, 30)
-        pid = server_pids(single)[1]
+        load.wait_ok(30)
+        pid = single.server_pids()[1]
         os.kill(pid, signal.SIGKILL)
         new_pid = wait_restarted(single, 1, pid)
         wait_serving(single, 1, new_pid)
         restarted = time.monotonic()
         # Serving is back, exact, within 3 s of the restart.
-        wait_ok(load, 20, timeout=3.0 + 20)
+        load.wait_ok(20, timeout=3.0 + 20)
         back = time.monotonic()
     assert load.wrong == 0
     assert load.failures, "requests in flight to the killed server must fail, not hang"
@@ -210,7 +167,7 @@ def test_without_replicas_a_killed_server_fails_requests_fast_and_serving_return
 def test_an_expired_request_names_the_server_it_waited_for(single, reference):
     gen = RequestGenerator(reference.spec, ids_per_bag=6, seed=5)
     dense, sparse = gen.batch(8)
-    pid = server_pids(single)[0]
+    pid = single.server_pids()[0]
     with InferenceClient(single.socket) as c:
         os.kill(pid, signal.SIGSTOP)
         try:
@@ -283,7 +240,7 @@ def _server_counter(cluster: LocalCluster, index: int, name: str) -> int:
 
 def test_a_client_is_correct_after_its_own_timeout(single, reference):
     gen = RequestGenerator(reference.spec, ids_per_bag=6, seed=9)
-    pid = server_pids(single)[1]
+    pid = single.server_pids()[1]
     with InferenceClient(single.socket, timeout=0.3) as c:
         dense, sparse = gen.batch(8)
         os.kill(pid, signal.SIGSTOP)

@@ -24,6 +24,7 @@ from flexemr.wire import codec
 from flexemr.wire.frame import HEADER_SIZE, ErrorCode, FrameType, pack_header, unpack_header
 
 from tests.conftest import LocalCluster
+from tests.helpers.sockets import recv_exact
 
 IDLE_TIMEOUT_S = 20.0
 MAX_CLIENTS = 120
@@ -92,9 +93,9 @@ def test_stalled_huge_frames_cost_no_memory_and_good_clients_stay_exact(hostile_
         # The 1 GiB announcements were answered TOO_LARGE at once.
         for s in stalls[1::2]:
             s.settimeout(5)
-            h = unpack_header(_recv_exact(s, HEADER_SIZE), 1 << 20)
+            h = unpack_header(recv_exact(s, HEADER_SIZE), 1 << 20)
             assert h.type == FrameType.ERROR and h.aux == ErrorCode.TOO_LARGE and h.request_id >= 1000
-            _recv_exact(s, h.payload_len)
+            recv_exact(s, h.payload_len)
         # Slow senders are cut off after the idle timeout; the good client is not (it finishes its frames).
         time.sleep(IDLE_TIMEOUT_S + 2)
         for s in stalls:
@@ -123,9 +124,9 @@ def test_one_client_over_max_clients_is_told_overloaded(hostile_cluster, tiny_mo
         extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         extra.connect(c.socket)
         extra.settimeout(10)
-        h = unpack_header(_recv_exact(extra, HEADER_SIZE), 1 << 20)
+        h = unpack_header(recv_exact(extra, HEADER_SIZE), 1 << 20)
         assert h.type == FrameType.ERROR and h.aux == ErrorCode.OVERLOADED
-        assert "max_clients" in codec.decode_error(_recv_exact(extra, h.payload_len))
+        assert "max_clients" in codec.decode_error(recv_exact(extra, h.payload_len))
         extra.close()
     finally:
         for s in held:
@@ -134,13 +135,3 @@ def test_one_client_over_max_clients_is_told_overloaded(hostile_cluster, tiny_mo
     reqs = good_requests(tiny_model)
     with InferenceClient(c.socket) as good:   # the slots come back
         timed_answers(good, reqs, 1)
-
-
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = s.recv(n - len(out))
-        if not chunk:
-            raise ConnectionError(f"closed after {len(out)} of {n} bytes")
-        out += chunk
-    return out

@@ -24,6 +24,7 @@ from flexemr.client import InferenceClient  # noqa: E402
 from flexemr.kserve.convert import kjt_to_csr  # noqa: E402
 from flexemr.monolithic import MonolithicModel  # noqa: E402
 from tests.conftest import REPO, LocalCluster  # noqa: E402
+from tests.helpers.daemons import free_ports, stop_process  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 CLIENTS = {"http": tritonclient_http, "grpc": tritonclient_grpc}
@@ -50,12 +51,7 @@ class Front:
         return f"127.0.0.1:{self.http_port if kind == 'http' else self.grpc_port}"
 
     def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            rc = self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            rc = self.proc.wait()
+        rc = stop_process(self.proc, timeout=20)
         self._logf.close()
         return rc
 
@@ -73,23 +69,11 @@ class DaemonFront:
         return 0
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module", params=["sidecar", "daemon"])
 def stack(request, tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kserve")
     if request.param == "daemon":
-        http_port, grpc_port = _free_ports(2)
+        http_port, grpc_port = free_ports(2)
         cluster = LocalCluster(tiny_model, tmp, servers=2, engines=1,
                                extra=["--http-port", str(http_port), "--grpc-port", str(grpc_port)])
         front = DaemonFront(cluster, http_port, grpc_port)

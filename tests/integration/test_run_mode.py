@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
 from flexemr.client import InferenceClient
@@ -25,51 +20,14 @@ from flexemr.errors import RemoteError
 from flexemr.monolithic import MonolithicModel
 from flexemr.reqgen import RequestGenerator
 
-from tests.conftest import REPO
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Daemon:
-    """One ``flexemrd run --config FILE`` process."""
-
-    def __init__(self, config: Path, log: Path) -> None:
-        self.config, self.log = config, log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self._logf = open(self.log, "a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "flexemrd", "run", "--config", str(self.config)],
-                                     stdout=subprocess.PIPE, stderr=self._logf, text=True, cwd=REPO)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if "ready" in line or not line:
-                break
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"{self.config.name} exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> int:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._logf.close()
-        return self.proc.returncode if self.proc is not None else 0
+from tests.helpers.daemons import Daemon, free_port, named_children
 
 
 @pytest.fixture(scope="module")
 def hosts(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runmode")
     inst = "t" + uuid.uuid4().hex[:8]
-    ports = [_free_port() for _ in range(2)]
+    ports = [free_port() for _ in range(2)]
     emb = []
     for i, port in enumerate(ports):
         cfg = tmp / f"embedding{i}.toml"
@@ -97,14 +55,7 @@ def hosts(tiny_model, tmp_path_factory):
 
 
 def _engine_pids(ranker: Daemon) -> list[int]:
-    out = []
-    for p in psutil.Process(ranker.proc.pid).children(recursive=True):
-        try:
-            if p.name().startswith("flexemr-eng["):
-                out.append(p.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
+    return [p.pid for p in named_children(ranker.proc.pid, "flexemr-eng[")]
 
 
 def _exact(sock: str, reference: MonolithicModel, seed: int, tries: int = 1) -> bool:

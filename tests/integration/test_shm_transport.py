@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import numpy as np
@@ -29,6 +28,7 @@ from flexemr.monolithic import MonolithicModel
 from flexemr.pooling import pool_reference
 from flexemr.reqgen import RequestGenerator
 from tests.conftest import LocalCluster
+from tests.helpers.load import ClientLoad
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -51,18 +51,6 @@ def shm(tiny_model, tmp_path_factory):
     c.stop()
 
 
-def _procs(c: LocalCluster, prefix: str) -> list[psutil.Process]:
-    out = []
-    for pid in c.children():
-        try:
-            p = psutil.Process(pid)
-            if p.name().startswith(prefix):
-                out.append(p)
-        except psutil.NoSuchProcess:
-            continue
-    return out
-
-
 def _inet(p: psutil.Process) -> list:
     get = getattr(p, "net_connections", None) or p.connections
     return [x for x in get(kind="inet")]
@@ -75,7 +63,7 @@ def ring_segments(instance: str) -> list[str]:
 
 def assert_over_shm(c: LocalCluster, rings: int = RINGS_WITH_CREDIT_CHANNEL) -> None:
     """The data path runs over shm: no TCP anywhere between engines and servers, the rings exist."""
-    engines, servers = _procs(c, "flexemr-eng"), _procs(c, "flexemr-emb")
+    engines, servers = c.processes("flexemr-eng"), c.processes("flexemr-emb")
     assert len(engines) == 2 and len(servers) == SERVERS, [p.name() for p in engines + servers]
     for p in engines + servers:
         assert _inet(p) == [], f"{p.name()} has TCP sockets: {_inet(p)}"
@@ -95,29 +83,15 @@ def _exact_lookup(spec, tables, got, sparse) -> bool:
     return True
 
 
-class Load:
+class Load(ClientLoad):
     """Clients alternating predict and lookup, every answer checked; failures kept."""
 
     def __init__(self, c: LocalCluster, tiny_model, reference: MonolithicModel, clients: int = 3) -> None:
+        super().__init__(clients, context=lambda: c.logs()[-3000:])
         self.c, self.reference = c, reference
         self.spec = load_spec(tiny_model)
         self.tables = open_tables(tiny_model, self.spec)
-        self.stop = threading.Event()
-        self.ok = 0
-        self.wrong = 0
         self.failures: list[str] = []
-        self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(clients)]
-
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
 
     def _run(self, k: int) -> None:
         gen = RequestGenerator(self.spec, ids_per_bag=6, zipf_exponent=1.05, seed=500 + k)
@@ -134,21 +108,9 @@ class Load:
                     else:
                         good = _exact_lookup(self.spec, self.tables, cl.lookup(sparse), sparse)
                 except Exception as e:   # every failed request is a finding
-                    with self._lock:
-                        self.failures.append(repr(e))
+                    self.failed(repr(e))
                     continue
-                with self._lock:
-                    if good:
-                        self.ok += 1
-                    else:
-                        self.wrong += 1
-
-    def wait_ok(self, more: int, timeout: float = 60.0) -> None:
-        target = self.ok + more
-        deadline = time.monotonic() + timeout
-        while self.ok < target and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert self.ok >= target, f"only {self.ok} answers; failures: {self.failures[-5:]}\n{self.c.logs()[-3000:]}"
+                self.answered(good)
 
 
 def test_exact_answers_for_every_pooling_mode_over_shm(shm, tiny_model, reference):
@@ -182,14 +144,14 @@ def test_migration_under_load_fails_no_request(shm, tiny_model, reference):
 
 
 def test_killed_server_is_recovered_and_exact_again(shm, tiny_model, reference):
-    servers = {p.name(): p.pid for p in _procs(shm, "flexemr-emb")}
+    servers = {p.name(): p.pid for p in shm.processes("flexemr-emb")}
     old = servers["flexemr-emb[1]"]
     with Load(shm, tiny_model, reference) as load:
         load.wait_ok(20)
         os.kill(old, signal.SIGKILL)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            now = {p.name(): p.pid for p in _procs(shm, "flexemr-emb")}
+            now = {p.name(): p.pid for p in shm.processes("flexemr-emb")}
             if now.get("flexemr-emb[1]", old) != old:
                 break
             time.sleep(0.1)
@@ -234,7 +196,7 @@ def test_tcp_is_still_there_when_asked_for(tiny_model, reference, tmp_path):
     c = LocalCluster(tiny_model, tmp_path, servers=SERVERS, engines=2, extra=["--transport", "tcp"])
     try:
         assert ring_segments(c.instance) == []
-        assert any(_inet(p) for p in _procs(c, "flexemr-eng"))
+        assert any(_inet(p) for p in c.processes("flexemr-eng"))
         with Load(c, tiny_model, reference) as load:
             load.wait_ok(50, timeout=120)
         assert load.failures == [] and load.wrong == 0

@@ -25,7 +25,7 @@ from flexemr.metrics import render_metrics
 from flexemr.monolithic import MonolithicModel
 
 from tests.conftest import LocalCluster
-from tests.integration.test_failover import Load, server_pids, wait_ok
+from tests.integration.test_failover import Load
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_status_lists_three_local_servers_up_with_their_pids(replicated):
     wait_snapshot(replicated, all_up, "every server up")
     snap = json.loads(emrctl(replicated, "--json"))
     assert [s["id"] for s in snap["servers"]] == [0, 1, 2]
-    assert {s["id"]: s["pid"] for s in snap["servers"]} == server_pids(replicated)
+    assert {s["id"]: s["pid"] for s in snap["servers"]} == replicated.server_pids()
     for s in snap["servers"]:
         assert {"id", "address", "state", "pid", "restarts", "outstanding", "connections_up"} <= s.keys()
         assert s["address"].startswith(("127.0.0.1:", "shm:")) and s["restarts"] == 0 and s["connections_up"] >= 1
@@ -90,9 +90,9 @@ def test_status_lists_three_local_servers_up_with_their_pids(replicated):
 def test_a_killed_server_shows_down_then_its_restart_and_up_again(replicated, reference):
     wait_snapshot(replicated, all_up, "every server up")
     with Load(replicated, reference) as load:
-        wait_ok(load, 30)
+        load.wait_ok(30)
         before = json.loads(emrctl(replicated, "--json"))
-        old_pid = server_pids(replicated)[1]
+        old_pid = replicated.server_pids()[1]
         os.kill(old_pid, signal.SIGKILL)
         seen: set[tuple[str, str]] = set()     # (ranker's view, supervisor's view) of server 1
 
@@ -104,9 +104,9 @@ def test_a_killed_server_shows_down_then_its_restart_and_up_again(replicated, re
         back = wait_snapshot(replicated, restarted_and_up, "server 1 restarted and up")
         assert {view for view, _ in seen} & {"down", "reconnecting"}, f"the ranker never showed it down: {seen}"
         assert {proc for _, proc in seen} & {"restarting", "starting"}, f"no restart was shown: {seen}"
-        wait_ok(load, 30)                  # served meanwhile by the replicas, and after the restart
+        load.wait_ok(30)                  # served meanwhile by the replicas, and after the restart
     assert load.wrong == 0
-    assert back["servers"][1]["pid"] == server_pids(replicated)[1]
+    assert back["servers"][1]["pid"] == replicated.server_pids()[1]
     after = json.loads(emrctl(replicated, "--json"))
     assert [s["restarts"] for s in after["servers"]] == [0, 1, 0]
     assert after["shards"] == {"0": 2, "1": 2, "2": 2}

@@ -73,7 +73,7 @@ from flexemr.control.layout import (
     section_dtypes,
 )
 from flexemr.control.seqlock import Row, Runtime, RuntimeState, Section, TopologyArea
-from flexemr.control.slots import ConnSlot, ConnStatsMatrix, EngineSlot, ServerSlot
+from flexemr.control.slots import ConnSlot, ConnStatsMatrix, EngineSlot, ServerSlot, process_fields
 from flexemr.control.snapshot import EngineRates, apply_rates, build_snapshot
 from flexemr.errors import ControlError
 from flexemr.types import CacheMode  # the one cache-policy enum (values stored in this segment)
@@ -401,17 +401,7 @@ class ControlBlock:
     def set_inference(self, *, pid: int | None = None, state: EngineState | str | None = None,
                       restarts: int | None = None, started_ns: int | None = None) -> None:
         """Supervisor side: process facts of the inference process."""
-        fields: dict[str, int] = {}
-        if pid is not None:
-            fields["pid"] = pid
-        if state is not None:
-            fields["state"] = int(EngineState.parse(state))
-        if restarts is not None:
-            fields["restarts"] = restarts
-        if started_ns is not None:
-            fields["started_ns"] = started_ns
-        self.inference.update(**fields)
-
+        self.inference.update(**process_fields(pid=pid, state=state, restarts=restarts, started_ns=started_ns))
 
     def update_rates(self, now_ns: int | None = None, min_interval_s: float = 0.25) -> None:
         """Supervisor side (call from its ~1 s tick): per-engine rates into its engine_proc rows (see EngineRates)."""

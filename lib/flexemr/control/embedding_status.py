@@ -39,6 +39,7 @@ import posix_ipc
 
 from flexemr import naming
 from flexemr.control.block import InstanceNotRunning, pid_alive
+from flexemr.control.seqlock import load_blob, store_blob
 from flexemr.errors import ControlError
 
 __all__ = ["DEFAULT_SLOT_BYTES", "EmbeddingStatusArea", "unlink_embedding_status"]
@@ -50,7 +51,6 @@ HEADER_BYTES = 64
 SLOT_DATA_OFF = 64
 DEFAULT_SLOT_BYTES = 64 << 10   # ~200 rankers at ~300 bytes each
 SEGMENT_MODE = 0o644            # like the control segment's status: readable by anyone on the host
-READ_GIVE_UP_S = 0.1
 
 
 class EmbeddingStatusArea:
@@ -154,30 +154,11 @@ class EmbeddingStatusArea:
         cap = self.slot_bytes - SLOT_DATA_OFF
         if len(data) > cap:
             raise ValueError(f"status document of {len(data)} bytes does not fit slot {slot} ({cap} bytes)")
-        mm, w, lo = self._words(slot)
-        g = int(w[0])
-        g += g & 1                     # a writer that died mid-update left it odd
-        w[0] = g + 1
-        try:
-            mm[lo:lo + len(data)] = data
-            w[1] = len(data)
-        finally:
-            w[0] = g + 2
+        store_blob(*self._words(slot), data)
 
     def read(self, slot: int) -> dict[str, Any] | None:
         """Slot ``slot``'s document, None before its server first wrote it."""
-        mm, w, lo = self._words(slot)
-        deadline = time.monotonic() + READ_GIVE_UP_S
-        while True:
-            g1 = int(w[0])
-            if not g1 & 1:
-                length = min(int(w[1]), self.slot_bytes - SLOT_DATA_OFF)
-                data = mm[lo:lo + length]
-                if int(w[0]) == g1:
-                    break
-            if time.monotonic() > deadline:
-                raise ControlError(f"{self.name}: slot {slot} is being rewritten by a writer that stopped")
-            os.sched_yield()
+        g1, data = load_blob(*self._words(slot), self.slot_bytes - SLOT_DATA_OFF, f"{self.name}: slot {slot}")
         if g1 == 0:
             return None
         return json.loads(data.decode())

@@ -97,6 +97,7 @@ import enum
 import mmap
 import struct
 from collections.abc import Sequence
+from typing import Self
 
 import numpy as np
 
@@ -136,7 +137,27 @@ MAILBOX_REQUEST_BYTES = 64 << 10
 MAILBOX_RESPONSE_BYTES = 1 << 20
 
 
-class EngineState(enum.IntEnum):
+class _StoredState(enum.IntEnum):
+    """A state stored as an integer in a row: parsed from a label or a number, shown by its label."""
+
+    @classmethod
+    def parse(cls, value: Self | str | int) -> Self:
+        if isinstance(value, str):
+            try:
+                return cls[value.upper()]
+            except KeyError:
+                # "EngineState" -> "engine state": the error names the kind of state it expected
+                what = cls.__name__.removesuffix("State").lower() + " state"
+                raise ValueError(f"unknown {what} {value!r} "
+                                 f"(expected {', '.join(s.label for s in cls)})") from None
+        return cls(value)
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class EngineState(_StoredState):
     """Lifecycle state of an engine (and of the inference process), written by the supervisor."""
 
     UNUSED = 0
@@ -146,42 +167,14 @@ class EngineState(enum.IntEnum):
     DEAD = 4
     RESTARTING = 5
 
-    @classmethod
-    def parse(cls, value: EngineState | str | int) -> EngineState:
-        if isinstance(value, str):
-            try:
-                return cls[value.upper()]
-            except KeyError:
-                raise ValueError(f"unknown engine state {value!r} "
-                                 f"(expected {', '.join(s.label for s in cls)})") from None
-        return cls(value)
 
-    @property
-    def label(self) -> str:
-        return self.name.lower()
-
-
-class ServerState(enum.IntEnum):
+class ServerState(_StoredState):
     """An embedding server as the inference process sees it (``server_stats.state``)."""
 
     UNKNOWN = 0        # the inference process has not published yet
     UP = 1
     DOWN = 2           # connected but marked down (subrequests timed out in a row)
     RECONNECTING = 3   # every connection lost; the engines reopen them with backoff
-
-    @classmethod
-    def parse(cls, value: ServerState | str | int) -> ServerState:
-        if isinstance(value, str):
-            try:
-                return cls[value.upper()]
-            except KeyError:
-                raise ValueError(f"unknown server state {value!r} "
-                                 f"(expected {', '.join(s.label for s in cls)})") from None
-        return cls(value)
-
-    @property
-    def label(self) -> str:
-        return self.name.lower()
 
 
 def row_dtype(fields: Sequence[tuple[str, str]]) -> np.dtype:

@@ -50,9 +50,48 @@ from flexemr.control.layout import (
 from flexemr.errors import ControlError
 from flexemr.types import CacheMode
 
-__all__ = ["READ_GIVE_UP_S", "Row", "Runtime", "RuntimeState", "Section", "TopologyArea"]
+__all__ = ["READ_GIVE_UP_S", "Row", "Runtime", "RuntimeState", "Section", "TopologyArea", "load_blob",
+           "store_blob"]
 
 READ_GIVE_UP_S = 0.1  # a writer that died mid-update must not hang readers
+
+
+# ---------------------------------------------------------------------- seqlocked blobs
+#
+# A blob (a JSON document: the topology here, an embedding server's status in
+# embedding_status.py) is guarded by two u64 words: words[0] the generation
+# (the seq, odd while a write is under way), words[1] the stored length.
+
+
+def store_blob(mm: mmap.mmap, words: np.ndarray, lo: int, data: bytes) -> int:
+    """Store ``data`` at ``mm[lo:]`` as one seqlock write (its one writer only); returns the new generation word."""
+    g = int(words[0])
+    g += g & 1                     # a writer that died mid-update left it odd
+    words[0] = g + 1
+    try:
+        mm[lo:lo + len(data)] = data
+        words[1] = len(data)
+    finally:
+        words[0] = g + 2
+    return g + 2
+
+
+def load_blob(mm: mmap.mmap, words: np.ndarray, lo: int, cap: int, what: str) -> tuple[int, bytes]:
+    """(generation word, bytes) of a consistent copy of the blob (at most ``cap`` bytes); lock-free.
+
+    Gives up with ControlError naming ``what`` when a writer stays mid-update
+    longer than READ_GIVE_UP_S (it died there).
+    """
+    deadline = time.monotonic() + READ_GIVE_UP_S
+    while True:
+        g1 = int(words[0])
+        if not g1 & 1:
+            data = mm[lo:lo + min(int(words[1]), cap)]
+            if int(words[0]) == g1:
+                return g1, data
+        if time.monotonic() > deadline:
+            raise ControlError(f"{what} is being rewritten by a writer that stopped")
+        os.sched_yield()
 
 
 class Section:
@@ -116,34 +155,30 @@ class Row:
 
     def update(self, **fields: float) -> None:
         """Store ``fields`` as one consistent change (writer only; no JSON, no syscalls)."""
+        self._write(fields, add=False)
+
+    def add(self, **deltas: float) -> None:
+        """Add to counters as one consistent change (safe: this process is the row's only writer)."""
+        self._write(deltas, add=True)
+
+    def _write(self, values: Mapping[str, float], add: bool) -> None:
+        """One seqlock write of this row: set ``values``, or add them to the counters."""
         sec, i = self._sec, self._i
-        if not sec.fields.issuperset(fields):
-            sec._check(fields)
+        if not sec.fields.issuperset(values):
+            sec._check(values)
         seq, cols = sec.seq, sec.cols
         with sec.lock:
             s = int(seq[i])
             s += s & 1  # previous writer died between its two seq stores
             seq[i] = s + 1
             try:
-                for k, v in fields.items():
-                    cols[k][i] = v
-            finally:
-                seq[i] = s + 2
-
-    def add(self, **deltas: float) -> None:
-        """Add to counters as one consistent change (safe: this process is the row's only writer)."""
-        sec, i = self._sec, self._i
-        if not sec.fields.issuperset(deltas):
-            sec._check(deltas)
-        seq, cols = sec.seq, sec.cols
-        with sec.lock:
-            s = int(seq[i])
-            s += s & 1
-            seq[i] = s + 1
-            try:
-                for k, v in deltas.items():
-                    col = cols[k]
-                    col[i] = col[i] + v
+                if add:
+                    for k, v in values.items():
+                        col = cols[k]
+                        col[i] = col[i] + v
+                else:
+                    for k, v in values.items():
+                        cols[k][i] = v
             finally:
                 seq[i] = s + 2
 
@@ -302,22 +337,11 @@ class TopologyArea:
 
     def read(self) -> tuple[int, dict[str, Any]]:
         """(generation, topology dict); parsed again only when the generation changed."""
-        w, mm = self._w, self._mm
-        lo = self._off + TOPO_DATA_OFF
-        deadline = time.monotonic() + READ_GIVE_UP_S
-        while True:
-            g1 = int(w[0])
-            cached = self._cache
-            if cached is not None and cached[0] == g1:
-                return g1 // 2, cached[1]
-            if not g1 & 1:
-                length = int(w[1])
-                data = mm[lo:lo + length]
-                if int(w[0]) == g1:
-                    break
-            if time.monotonic() > deadline:
-                raise ControlError(f"{self.name}: topology is being rewritten by a writer that stopped")
-            os.sched_yield()
+        cached = self._cache
+        if cached is not None and cached[0] == int(self._w[0]):
+            return cached[0] // 2, cached[1]
+        g1, data = load_blob(self._mm, self._w, self._off + TOPO_DATA_OFF, int(self._w[2]),
+                             f"{self.name}: topology")
         topo = json.loads(data.decode()) if data else {}
         self._cache = (g1, topo)
         return g1 // 2, topo
@@ -328,15 +352,6 @@ class TopologyArea:
         cap = int(self._w[2])
         if len(data) > cap:
             raise ControlError(f"topology is {len(data)} bytes; the control segment holds at most {cap}")
-        w, mm = self._w, self._mm
-        lo = self._off + TOPO_DATA_OFF
         with self._lock:
-            g = int(w[0])
-            g += g & 1
-            w[0] = g + 1
-            try:
-                mm[lo:lo + len(data)] = data
-                w[1] = len(data)
-            finally:
-                w[0] = g + 2
-        return (g + 2) // 2
+            g = store_blob(self._mm, self._w, self._off + TOPO_DATA_OFF, data)
+        return g // 2

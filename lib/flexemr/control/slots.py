@@ -18,7 +18,23 @@ from typing import Any
 from flexemr.control.layout import EngineState, ServerState, label_of
 from flexemr.control.seqlock import Row, Runtime, Section
 
-__all__ = ["ConnSlot", "ConnStatsMatrix", "EngineSlot", "ServerSlot"]
+__all__ = ["ConnSlot", "ConnStatsMatrix", "EngineSlot", "ServerSlot", "given_fields", "process_fields"]
+
+
+def given_fields(**values: int | None) -> dict[str, int]:
+    """The fields the caller gave, as ints for one seqlock write: None means "leave this field as it is"."""
+    return {k: int(v) for k, v in values.items() if v is not None}
+
+
+def process_fields(*, pid: int | None = None, cpu: int | None = None, state: EngineState | str | None = None,
+                   restarts: int | None = None, started_ns: int | None = None) -> dict[str, int]:
+    """The supervisor's process facts of one child (engine, server, inference) as row fields.
+
+    Every ``*_proc`` row is written through this one function, so a state label
+    is parsed the same way (``EngineState.parse``) whichever child it is about.
+    """
+    return given_fields(pid=pid, cpu=cpu, state=None if state is None else EngineState.parse(state),
+                        restarts=restarts, started_ns=started_ns)
 
 
 class ConnStatsMatrix:
@@ -67,18 +83,8 @@ class EngineSlot:
                     state: EngineState | str | None = None, restarts: int | None = None,
                     started_ns: int | None = None) -> None:
         """Supervisor side: process facts of this engine (one seqlock write)."""
-        fields: dict[str, int] = {}
-        if pid is not None:
-            fields["pid"] = pid
-        if cpu is not None:
-            fields["cpu"] = cpu
-        if state is not None:
-            fields["state"] = int(EngineState.parse(state))
-        if restarts is not None:
-            fields["restarts"] = restarts
-        if started_ns is not None:
-            fields["started_ns"] = started_ns
-        self.process.update(**fields)
+        self.process.update(**process_fields(pid=pid, cpu=cpu, state=state, restarts=restarts,
+                                             started_ns=started_ns))
 
     def read(self) -> dict[str, Any]:
         """Both rows merged (each one consistent), ``state`` as a label."""
@@ -102,30 +108,14 @@ class ServerSlot:
     def set_process(self, *, pid: int | None = None, state: EngineState | str | None = None,
                     restarts: int | None = None, started_ns: int | None = None) -> None:
         """Supervisor side: process facts of a server that is this daemon's child (one seqlock write)."""
-        fields: dict[str, int] = {}
-        if pid is not None:
-            fields["pid"] = pid
-        if state is not None:
-            fields["state"] = int(EngineState.parse(state))
-        if restarts is not None:
-            fields["restarts"] = restarts
-        if started_ns is not None:
-            fields["started_ns"] = started_ns
-        self.process.update(**fields)
+        self.process.update(**process_fields(pid=pid, state=state, restarts=restarts, started_ns=started_ns))
 
     def update(self, *, state: ServerState | str | int | None = None, outstanding: int | None = None,
                connections_up: int | None = None, changed_ns: int | None = None) -> None:
         """Inference side: how the ranker sees this server right now (one seqlock write)."""
-        fields: dict[str, int] = {}
-        if state is not None:
-            fields["state"] = int(ServerState.parse(state))
-        if outstanding is not None:
-            fields["outstanding"] = outstanding
-        if connections_up is not None:
-            fields["connections_up"] = connections_up
-        if changed_ns is not None:
-            fields["changed_ns"] = changed_ns
-        self.stats.update(**fields)
+        self.stats.update(**given_fields(state=None if state is None else ServerState.parse(state),
+                                         outstanding=outstanding, connections_up=connections_up,
+                                         changed_ns=changed_ns))
 
     def read(self) -> dict[str, Any]:
         """Both rows merged (each one consistent): ``state`` is the ranker's view, ``process`` the supervisor's.

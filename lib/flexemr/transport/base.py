@@ -23,17 +23,47 @@ A ``Listener`` (``Transport.listen``) hands out server-side connections; its
 watch the listener and every connection.
 
 This module imports no implementation (tcp.py and verbs.py import it), so
-there is no import loop; ``flexemr.transport.registry`` picks one.
+there is no import loop; ``flexemr.transport.registry`` picks one.  It also
+holds the two socket chores every socket-backed transport (tcp.py, shm.py)
+does the same way: ``accept_nowait`` and ``close_socket``.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import Sequence
+import errno
+import socket
+from typing import Any, Sequence
 
 from flexemr.wire.frame import Header
 
-__all__ = ["Connection", "Listener", "Transport"]
+__all__ = ["Connection", "Listener", "Transport", "PEER_ACCEPT_ERRNOS", "accept_nowait", "close_socket"]
+
+# accept() failures of one connection, not of the listener: the peer gave up
+# between SYN and accept, or a firewall refused it.  Running out of
+# descriptors or memory (EMFILE, ENOMEM...) is raised: the listener stays
+# readable, so the caller must back off rather than retry at once.
+PEER_ACCEPT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+
+
+def accept_nowait(sock: socket.socket) -> tuple[socket.socket, Any] | None:
+    """``sock.accept()`` on a non-blocking listener: None when nobody is waiting or that one peer failed."""
+    try:
+        return sock.accept()
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as e:
+        if e.errno in PEER_ACCEPT_ERRNOS:
+            return None
+        raise
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Close ``sock``, never raising: ``close()`` of a connection or listener is idempotent and quiet."""
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
 class Connection(abc.ABC):

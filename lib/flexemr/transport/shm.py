@@ -52,7 +52,7 @@ import posix_ipc
 
 from flexemr import naming
 from flexemr.ring import Ring
-from flexemr.transport.base import Connection, Listener, Transport
+from flexemr.transport.base import Connection, Listener, Transport, accept_nowait, close_socket
 from flexemr.transport.shm_stream import RingReader, RingWriter, read_resume_offset, write_resume_offset
 from flexemr.wire.frame import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, Header, unpack_header
 
@@ -204,10 +204,7 @@ class ShmConnection(Connection):
             self._tx.unlink()
             self._rx.unlink()
         self._close_rings()
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        close_socket(self.sock)
 
     def _close_rings(self) -> None:
         for r in (self._tx, self._rx):
@@ -235,14 +232,10 @@ class ShmListener(Listener):
             logger.info("unlinked %d shm objects a previous server on %s left", len(stale), self.address)
 
     def accept(self) -> Connection | None:
-        try:
-            sock, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
+        accepted = accept_nowait(self.sock)
+        if accepted is None:
             return None
-        except OSError as e:
-            if e.errno in (103, 71, 1):   # ECONNABORTED, EPROTO, EPERM: that peer's problem, not ours
-                return None
-            raise
+        sock = accepted[0]
         try:
             return self._setup(sock)
         except (OSError, ValueError) as e:
@@ -289,10 +282,7 @@ class ShmListener(Listener):
         return self.sock.fileno()
 
     def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        close_socket(self.sock)
 
 
 class ShmTransport(Transport):

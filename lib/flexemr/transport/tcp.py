@@ -13,12 +13,11 @@ server's event loop does not) without mode switches.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import socket
 from typing import Sequence
 
-from flexemr.transport.base import Connection, Listener, Transport
+from flexemr.transport.base import Connection, Listener, Transport, accept_nowait, close_socket
 from flexemr.wire.frame import DEFAULT_MAX_PAYLOAD, Header
 from flexemr.wire.stream import FrameReader, recv_exact_into, send_buffers
 
@@ -28,11 +27,6 @@ PRIORITY_SO = 6
 DSCP_EF_TOS = 0xB8
 _BUF_BYTES = 4 << 20
 _IOV_MAX = 1024
-# accept() failures of one connection, not of the listener: the peer gave up
-# between SYN and accept, or a firewall refused it.  Running out of
-# descriptors or memory (EMFILE, ENOMEM...) is raised: the listener stays
-# readable, so the caller must back off rather than retry at once.
-_PEER_ACCEPT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -126,10 +120,7 @@ class TcpConnection(Connection):
         return self.sock.detach()
 
     def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        close_socket(self.sock)
 
 
 class TcpListener(Listener):
@@ -143,14 +134,10 @@ class TcpListener(Listener):
         self._accepted = 0
 
     def accept(self) -> Connection | None:
-        try:
-            conn, peer = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
+        accepted = accept_nowait(self.sock)
+        if accepted is None:
             return None
-        except OSError as e:
-            if e.errno in _PEER_ACCEPT_ERRNOS:
-                return None
-            raise
+        conn, peer = accepted
         conn.settimeout(None)
         _tune(conn, priority=False)
         self._accepted += 1
@@ -160,10 +147,7 @@ class TcpListener(Listener):
         return self.sock.fileno()
 
     def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        close_socket(self.sock)
 
 
 class TcpTransport(Transport):

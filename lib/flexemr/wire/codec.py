@@ -104,6 +104,21 @@ class _Writer:
             self.parts.append(_ZEROS[:p])
             self.size += p
 
+    def add_concatenated(self, arrays, dtype: str | np.dtype) -> None:
+        """One section made of ``arrays`` back to back as ``dtype``: padded once, after the last (none copied
+        unless its dtype or layout differs)."""
+        total = 0
+        for arr in arrays:
+            a = np.ascontiguousarray(arr, dtype=dtype)
+            if a.nbytes:
+                self.parts.append(a)
+                total += a.nbytes
+        self.size += total
+        p = _pad(total)
+        if p:
+            self.parts.append(_ZEROS[:p])
+            self.size += p
+
 
 class _Reader:
     """Bounds-checked section reader over a payload memoryview."""
@@ -202,28 +217,8 @@ def _add_kjt(w: _Writer, counts: np.ndarray, lengths: Sequence[np.ndarray] | np.
     if isinstance(lengths, np.ndarray):
         w.add(np.ascontiguousarray(lengths, dtype="<i4"))
     else:
-        # Table-major [T*B]; only the padding after the whole block matters.
-        total = 0
-        for ln in lengths:
-            a = np.ascontiguousarray(ln, dtype="<i4")
-            w.parts.append(a)
-            total += a.nbytes
-        w.size += total
-        p = _pad(total)
-        if p:
-            w.parts.append(_ZEROS[:p])
-            w.size += p
-    total = 0
-    for v in values:
-        a = np.ascontiguousarray(v, dtype=ids)
-        if a.nbytes:
-            w.parts.append(a)
-            total += a.nbytes
-    w.size += total
-    p = _pad(total)
-    if p:
-        w.parts.append(_ZEROS[:p])
-        w.size += p
+        w.add_concatenated(lengths, "<i4")   # table-major [T*B]: one section, padded after the whole block
+    w.add_concatenated(values, ids)
 
 
 def _read_kjt(r: _Reader, batch: int, ntables: int) -> KJT:

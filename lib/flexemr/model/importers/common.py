@@ -53,6 +53,8 @@ __all__ = [
     "strip_prefix",
     "float_tensor",
     "dense_weights",
+    "mlp_dense_weights",
+    "build_plan",
     "resolve_tables",
     "write_model_dir",
     "StderrProgress",
@@ -226,6 +228,44 @@ def dense_weights(tensors: Mapping[str, tuple[str, torch.Tensor]], problems: lis
             problems.append(f"{key}: holds NaN or infinite values")
         out[ours] = t32
     return out
+
+
+# A checkpoint MLP: the (weight key, bias key) of each Linear, and its (weight, bias) tensors, in layer order.
+LinearKeys = list[tuple[str, str]]
+LinearLayers = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def mlp_dense_weights(mlps: Mapping[str, tuple[LinearKeys, LinearLayers]],
+                      problems: list[str]) -> dict[str, torch.Tensor]:
+    """Our dense.pt tensors from the checkpoint's MLPs: ``{part: (keys, layers)}`` -> ``part.J.weight/bias``.
+
+    ``part`` is ``bottom_mlp`` or ``top_mlp``; layer ``J`` is the J-th Linear of
+    the chain whatever index the checkpoint gave it.  Problems name the checkpoint key.
+    """
+    src: dict[str, tuple[str, torch.Tensor]] = {}
+    for part, (keys, layers) in mlps.items():
+        for j, ((wk, bk), (w, b)) in enumerate(zip(keys, layers)):
+            src[f"{part}.{j}.weight"] = (wk, w)
+            src[f"{part}.{j}.bias"] = (bk, b)
+    return dense_weights(src, problems)
+
+
+def build_plan(source: str, prefix: str, bottom: LinearLayers, top: LinearLayers, interaction: Interaction,
+               dense: dict[str, torch.Tensor], tables: list[ImportedTable], notes: list[str]) -> ImportPlan:
+    """The ImportPlan of a checked checkpoint: its spec is read off the MLP shapes and the tables' specs.
+
+    ``prefix`` is the wrapper prefix :func:`strip_prefix` removed ("" for none); the user is told about it.
+    """
+    spec = ModelSpec(
+        dense_features=int(bottom[0][0].shape[1]),
+        bottom_mlp=tuple(int(w.shape[0]) for w, _ in bottom),
+        top_mlp=tuple(int(w.shape[0]) for w, _ in top),
+        interaction=interaction,
+        tables=tuple(t.spec for t in tables),
+    )
+    if prefix:
+        notes = [*notes, f"stripped the {prefix!r} prefix of every key"]
+    return ImportPlan(source=source, spec=spec, dense=dense, tables=tuple(tables), notes=tuple(notes))
 
 
 def resolve_tables(

@@ -37,8 +37,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from flexemr.model.importers.common import (
     CheckpointError,
     ImportedTable,
@@ -46,9 +44,10 @@ from flexemr.model.importers.common import (
     ImportPlan,
     Progress,
     UnsupportedCheckpoint,
-    dense_weights,
+    build_plan,
     float_tensor,
     linear_chain,
+    mlp_dense_weights,
     load_checkpoint,
     numbered,
     pairs,
@@ -56,7 +55,7 @@ from flexemr.model.importers.common import (
     strip_prefix,
     write_model_dir,
 )
-from flexemr.model.spec import ModelSpec, TableSpec
+from flexemr.model.spec import TableSpec
 from flexemr.types import Interaction
 
 __all__ = ["plan_dlrm", "import_dlrm"]
@@ -227,12 +226,7 @@ def plan_dlrm(checkpoint: str | Path, options: ImportOptions | None = None) -> I
     if problems:
         raise CheckpointError(source, problems)
 
-    dense_src: dict[str, tuple[str, torch.Tensor]] = {}
-    for part, keys, layers in (("bottom_mlp", bottom_keys, bottom), ("top_mlp", top_keys, top)):
-        for j, ((wk, bk), (w, b)) in enumerate(zip(keys, layers)):
-            dense_src[f"{part}.{j}.weight"] = (wk, w)
-            dense_src[f"{part}.{j}.bias"] = (bk, b)
-    dense = dense_weights(dense_src, problems)
+    dense = mlp_dense_weights({"bottom_mlp": (bottom_keys, bottom), "top_mlp": (top_keys, top)}, problems)
     if problems:
         raise CheckpointError(source, problems)
 
@@ -246,16 +240,7 @@ def plan_dlrm(checkpoint: str | Path, options: ImportOptions | None = None) -> I
             notes.append(f"{t.scale_key}: learned pooling weights folded into the rows of {name}")
         if t.projection is not None:
             notes.append(f"{t.projection_key}: mixed-dimension projection folded into the rows of {name}")
-    spec = ModelSpec(
-        dense_features=dense_in,
-        bottom_mlp=tuple(int(w.shape[0]) for w, _ in bottom),
-        top_mlp=tuple(int(w.shape[0]) for w, _ in top),
-        interaction=interaction,
-        tables=tuple(t.spec for t in imported),
-    )
-    if prefix:
-        notes.append(f"stripped the {prefix!r} prefix of every key")
-    return ImportPlan(source=source, spec=spec, dense=dense, tables=tuple(imported), notes=tuple(notes))
+    return build_plan(source, prefix, bottom, top, interaction, dense, imported, notes)
 
 
 def import_dlrm(checkpoint: str | Path, out: str | Path, options: ImportOptions | None = None,

@@ -44,9 +44,10 @@ from flexemr.model.importers.common import (
     ImportPlan,
     Progress,
     UnsupportedCheckpoint,
-    dense_weights,
+    build_plan,
     float_tensor,
     linear_chain,
+    mlp_dense_weights,
     load_checkpoint,
     numbered,
     pairs,
@@ -55,7 +56,7 @@ from flexemr.model.importers.common import (
     strip_prefix,
     write_model_dir,
 )
-from flexemr.model.spec import ModelSpec, TableSpec
+from flexemr.model.spec import TableSpec
 from flexemr.types import Interaction
 
 __all__ = ["plan_torchrec", "import_torchrec", "interaction_columns"]
@@ -139,23 +140,14 @@ def plan_torchrec(checkpoint: str | Path, options: ImportOptions | None = None) 
         for i in range(max(idx, default=-1) + 1):
             if i not in idx:
                 problems.append(f"{pattern.format(i)}: missing ({what} has layers up to {max(idx)})")
-    bottom = linear_chain(
-        state,
-        [(f"dense_arch.model._mlp.{i}._linear.weight", f"dense_arch.model._mlp.{i}._linear.bias")
-         for i in sorted(bottom_idx)],
-        None, problems, "dense_arch")
-    over = linear_chain(
-        state,
-        [(f"over_arch.model.0._mlp.{i}._linear.weight", f"over_arch.model.0._mlp.{i}._linear.bias")
-         for i in sorted(over_idx)] + [("over_arch.model.1.weight", "over_arch.model.1.bias")],
-        None, problems, "over_arch")
+    bottom_keys = [(f"dense_arch.model._mlp.{i}._linear.weight", f"dense_arch.model._mlp.{i}._linear.bias")
+                   for i in sorted(bottom_idx)]
+    over_keys = [(f"over_arch.model.0._mlp.{i}._linear.weight", f"over_arch.model.0._mlp.{i}._linear.bias")
+                 for i in sorted(over_idx)] + [("over_arch.model.1.weight", "over_arch.model.1.bias")]
+    bottom = linear_chain(state, bottom_keys, None, problems, "dense_arch")
+    over = linear_chain(state, over_keys, None, problems, "over_arch")
 
-    used = {k for _, k in table_keys}
-    for i in bottom_idx:
-        used |= {f"dense_arch.model._mlp.{i}._linear.weight", f"dense_arch.model._mlp.{i}._linear.bias"}
-    for i in over_idx:
-        used |= {f"over_arch.model.0._mlp.{i}._linear.weight", f"over_arch.model.0._mlp.{i}._linear.bias"}
-    used |= {"over_arch.model.1.weight", "over_arch.model.1.bias"}
+    used = {k for _, k in table_keys} | {k for pair in bottom_keys + over_keys for k in pair}
     for k in state:
         if k not in used:
             problems.append(f"{prefix}{k}: unexpected key: not part of torchrec.models.dlrm.DLRM "
@@ -195,38 +187,20 @@ def plan_torchrec(checkpoint: str | Path, options: ImportOptions | None = None) 
     cols = interaction_columns(n_tables)
     w0, b0 = over[0]
     w0_ours = torch.cat([w0[:, :d], w0[:, d:][:, torch.from_numpy(cols)]], dim=1)
-    dense_src: dict[str, tuple[str, torch.Tensor]] = {}
-    for i, (w, b) in zip(sorted(bottom_idx), bottom):
-        dense_src[f"bottom_mlp.{i}.weight"] = (f"dense_arch.model._mlp.{i}._linear.weight", w)
-        dense_src[f"bottom_mlp.{i}.bias"] = (f"dense_arch.model._mlp.{i}._linear.bias", b)
-    top_keys = [f"over_arch.model.0._mlp.{i}._linear" for i in sorted(over_idx)] + ["over_arch.model.1"]
-    for j, (key, (w, b)) in enumerate(zip(top_keys, over)):
-        dense_src[f"top_mlp.{j}.weight"] = (f"{key}.weight", w0_ours if j == 0 else w)
-        dense_src[f"top_mlp.{j}.bias"] = (f"{key}.bias", b)
-    dense = dense_weights(dense_src, problems)
+    dense = mlp_dense_weights({"bottom_mlp": (bottom_keys, bottom), "top_mlp": (over_keys, [(w0_ours, b0), *over[1:]])},
+                              problems)
     if problems:
         raise CheckpointError(source, problems)
 
-    specs = []
     imported = []
     for (name, pooling), (_, key), w in zip(tables, table_keys, weights):
         assert w is not None
         t = TableSpec(name=name, rows=int(w.shape[0]), dim=int(w.shape[1]), pooling=pooling)
-        specs.append(t)
         imported.append(ImportedTable(spec=t, key=key, source=w))
-    spec = ModelSpec(
-        dense_features=dense_in,
-        bottom_mlp=tuple(int(w.shape[0]) for w, _ in bottom),
-        top_mlp=tuple(int(w.shape[0]) for w, _ in over),
-        interaction=Interaction.DOT,
-        tables=tuple(specs),
-    )
     notes = [f"over_arch.model.0._mlp.0._linear.weight: {pairs(n_tables + 1)} interaction columns reordered "
              "from torchrec's upper-triangle order to flexemr's lower-triangle order",
              "score = sigmoid(torchrec logit)"]
-    if prefix:
-        notes.append(f"stripped the {prefix!r} prefix of every key")
-    return ImportPlan(source=source, spec=spec, dense=dense, tables=tuple(imported), notes=tuple(notes))
+    return build_plan(source, prefix, bottom, over, Interaction.DOT, dense, imported, notes)
 
 
 def import_torchrec(checkpoint: str | Path, out: str | Path, options: ImportOptions | None = None,
