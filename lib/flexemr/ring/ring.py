@@ -59,6 +59,7 @@ import numpy as np
 import posix_ipc
 
 from flexemr import naming
+from flexemr.copying import copy_bytes
 from flexemr.ring.layout import (
     BYTES_READ,
     BYTES_WRITTEN,
@@ -579,7 +580,7 @@ class Ring:
         off = 0
         for v in views:
             end = off + v.nbytes
-            slot[off:end] = v
+            copy_bytes(slot[off:end], v)
             off = end
         self.commit(kind=kind)
         return True

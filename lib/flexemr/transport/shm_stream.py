@@ -48,6 +48,7 @@ from typing import Sequence
 
 import posix_ipc
 
+from flexemr.copying import copy_bytes
 from flexemr.ring import Message, Ring
 from flexemr.ring.layout import BYTES_WRITTEN, HEAD, MSG_HEADER_BYTES, MSGS_WRITTEN, SLOT_ALIGN, SPACE_WAIT_SEQ
 
@@ -165,7 +166,7 @@ def _gather(slot: memoryview, views: list[memoryview], vi: int, voff: int) -> tu
     while off < n:
         v = views[vi]
         k = min(len(v) - voff, n - off)
-        slot[off:off + k] = v[voff:voff + k]
+        copy_bytes(slot[off:off + k], v[voff:voff + k])
         off += k
         voff += k
         if voff == len(v):
@@ -211,7 +212,7 @@ class RingReader:
                     continue
                 data, off = cur.data, self._off
                 k = min(len(data) - off, want - got)
-                view[got:got + k] = data[off:off + k]
+                copy_bytes(view[got:got + k], data[off:off + k])
                 got += k
                 self._off = off + k
                 if self._off == len(data):
