@@ -65,19 +65,28 @@ def _pair_loopback(model: Path, out: Path) -> dict[str, ReadyProcess]:
 
 
 def _pair_slow(model: Path, out: Path, netns: str, addr: str) -> tuple[ReadyProcess, dict[str, ReadyProcess]]:
+    from flexemr.auth import write_secret
+
+    # The server listens beyond loopback (on the veth), which it refuses to do without a secret.
+    secret = out / "slow.secret"
+    write_secret(str(secret))
     emb = _toml(out / "slow-embedding.toml", {
         "daemon": {"role": "embedding", "instance": f"cgemb{os.getpid() % 10000}", "model": str(model),
-                   "log_level": "warning"},
+                   "log_level": "warning", "secret_file": str(secret)},
         "embedding": {"listen": f"{addr}:7101", "index": 0, "servers": 1, "threads": 1}})
     server = ReadyProcess(["ip", "netns", "exec", netns, sys.executable, "-m", "flexemrd", "run", "--config",
                            str(emb)], out / "slow-embedding.log", ready_line=False)
     time.sleep(8)   # the server maps its tables before it listens; the rankers retry meanwhile
+    if server.proc.poll() is not None:
+        server.stop()
+        raise RuntimeError(f"the embedding server in {netns} exited with {server.proc.returncode}; "
+                           f"see {out / 'slow-embedding.log'}")
     rankers = {}
     for name, policy in (("off", "off"), ("adaptive", "adaptive")):
         sock = str(out / f"slow-{name}.sock")
         cfg = _toml(out / f"slow-{name}.toml", {
             "daemon": {"role": "ranker", "instance": f"cgr{name[:3]}{os.getpid() % 10000}", "model": str(model),
-                       "log_level": "warning"},
+                       "log_level": "warning", "secret_file": str(secret)},
             "ranker": {"socket": sock, "engines": 1, "servers": [f"{addr}:7101"], "metrics_port": 0,
                        "transport": "tcp"},
             "cache": {"policy": policy, "capacity": "64MiB", "budget": "2GiB"}})
@@ -94,6 +103,8 @@ def _alternate(procs: dict[str, ReadyProcess], requests: list, seconds: float, r
             _log(f"  [{rep + 1}/{reps}] cache {name}: {res.samples_per_s:,.0f} samples/s, {res.errors} errors")
             runs[name].append(res.samples_per_s)
     med = {n: statistics.median(v) for n, v in runs.items()}
+    if not med["off"]:
+        raise RuntimeError(f"cache off served nothing ({runs}); see the logs of {', '.join(procs)} beside the JSON")
     return {"samples_per_s": med, "runs": runs, "adaptive_over_off": round(med["adaptive"] / med["off"], 3)}
 
 
