@@ -97,6 +97,10 @@ class InferenceControl:
         with self._lock:
             self._waiting.discard(conn)
 
+    def opened(self, conn: int, engine: int) -> None:
+        """Migration by reopening: ``engine``'s connection is ready; switch on the batcher (it owns the rings)."""
+        self.svc.post_control(lambda batcher: batcher.submitter.opened(conn, engine))
+
     # ---------------------------------------------------------------- batcher thread
 
     def _apply(self, state, version: int = 0) -> None:

@@ -150,6 +150,10 @@ class Transport(abc.ABC):
     """A way to reach embedding servers (ranker side) and to be reached (server side)."""
 
     name: str
+    # Whether ``detach``/``adopt`` can move a live connection to another engine process.
+    # False (RDMA: a queue pair cannot change process): engines migrate it by reopening
+    # (the new engine opens its own connection, the old one drains and closes).
+    MIGRATES: bool = True
 
     @abc.abstractmethod
     def connect(self, address: str, conn_id: int, server: int, priority: bool = False) -> Connection:

@@ -36,7 +36,7 @@ __all__ = ["IMPLEMENTED", "RdmaConnection", "RdmaTransport", "probe_devices", "p
 logger = logging.getLogger(__name__)
 
 IMPLEMENTED = True
-MIGRATES = False   # detach/adopt of an RDMA connection (engine migration) is not written yet
+MIGRATES = False   # a queue pair cannot change process: no detach/adopt (engines migrate by reopening)
 
 _ENDPOINT_LOCK = threading.Lock()
 _ENDPOINTS: dict[tuple[int, str | None], object] = {}
@@ -188,6 +188,7 @@ class RdmaTransport(Transport):
     """Ranker side: connections that switch to verbs in their HELLO; servers listen on TCP."""
 
     name = "rdma"
+    MIGRATES = False   # engines migrate RDMA connections by reopening them (flexemrd/engine/reopen.py)
 
     def __init__(self, device: str | None = None, max_payload: int = DEFAULT_MAX_PAYLOAD,
                  connect_timeout: float = 10.0) -> None:
