@@ -110,7 +110,8 @@ class InferenceControl:
             sub = batcher.submitter
             if sub is not None:
                 for cid, eng in enumerate(state.owners):
-                    if cid in sub.owners and sub.owners[cid] != eng:
+                    # (or one still opening elsewhere by reopening: moving it back cancels that)
+                    if cid in sub.owners and (sub.owners[cid] != eng or cid in sub.opening):
                         # Waiting first: the engine may confirm before migrate() returns.
                         with self._lock:
                             self._waiting.add(cid)

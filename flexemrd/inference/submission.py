@@ -85,10 +85,17 @@ class Submitter:
         """Under the lock: ask ``to_engine`` to open its own connection for ``conn``."""
         opening = self.opening.get(conn)
         if opening is not None:
-            if opening != to_engine:
-                logger.warning("connection %d: engine %d is still opening it; moving it to engine %d waits for "
-                               "that migration to finish", conn, opening, to_engine)
-            return opening == to_engine
+            if opening == to_engine:
+                return True          # under way already
+            if to_engine == old:
+                # Moved back before the new connection was ready: forget it; when it reports
+                # ready, opened() sees it was not asked for and retires it at once.
+                del self.opening[conn]
+                logger.info("connection %d stays on engine %d (engine %d's reopen is cancelled)", conn, old, opening)
+                return False
+            logger.warning("connection %d: engine %d is still opening it; moving it to engine %d waits for "
+                           "that migration to finish", conn, opening, to_engine)
+            return False
         if old == to_engine:
             return False
         self.opening[conn] = to_engine

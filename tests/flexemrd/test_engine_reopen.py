@@ -65,13 +65,15 @@ class _OldEngine:
     """The old engine's receiver and retirer on one real connection (a socketpair) owing ``owed`` answers."""
 
     def __init__(self, ring: Ring, owed: int, drain_timeout_s: float = 10.0) -> None:
+        self.now = [0.0]                          # the retirer's clock: the test moves it
         self.table = ConnTable()
         self.wakeup = Wakeup()
         self.writer = CompletionWriter(ring, self.wakeup.wake)
         self.stop = threading.Event()
         self.reconnects: list[int] = []
         self.retirer = Retirer(0, self.table, self.writer, lambda cid: self.receiver.release(cid),
-                               lambda cid: False, self.stop, drain_timeout_s=drain_timeout_s)
+                               lambda cid: False, self.stop, drain_timeout_s=drain_timeout_s,
+                               clock=lambda: self.now[0])
         self.receiver = Receiver(self.table, self.writer, CreditMode(), self.wakeup, self.stop,
                                  on_dead=self._lost)
         a, self.server = socket.socketpair()
@@ -88,7 +90,7 @@ class _OldEngine:
         if not self.retirer.dead(cid, reason):
             self.reconnects.append(cid)
 
-    def wait_retired(self, timeout: float = 10.0) -> None:
+    def wait_retired(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while self.retirer.draining() or self.table.retiring:
             assert time.monotonic() < deadline, "the retiring connection was never closed"
@@ -129,15 +131,21 @@ def test_a_retired_connection_closes_once_its_last_answer_is_in_and_then_reports
 
 
 def test_answers_missing_at_the_drain_deadline_are_reported_lost_naming_the_server(comp_ring):
-    old = _OldEngine(comp_ring, owed=2, drain_timeout_s=0.3)
+    old = _OldEngine(comp_ring, owed=2, drain_timeout_s=10.0)
     try:
         old.retirer.retire(5, to_engine=1)
         _answer(old.server, 0)
+        deadline = time.monotonic() + 10
+        while old.st.received < 1:
+            assert time.monotonic() < deadline, "the first answer never landed"
+            time.sleep(0.01)
+        assert old.retirer.draining() == [5]
+        old.now[0] = 10.0                         # the drain deadline passes with one answer missing
         old.wait_retired()
         got = _drain(comp_ring, 4)
         assert [k for k, _ in got] == [em.COMP_FRAME, em.COMP_LOST, em.COMP_CONNECTED, em.COMP_MIGRATED]
         reason = got[1][1][em.PREFIX_SIZE:].decode()
-        assert "server 2 (pair:5)" in reason and "1 subrequest unanswered" in reason, reason
+        assert "server 2 (pair:5)" in reason and "1 subrequest unanswered" in reason and "10 s" in reason, reason
         assert old.retirer.leftovers_total == 1
         assert _peer_closed(old.server)
     finally:
@@ -317,3 +325,14 @@ def test_reopen_is_accepted_over_rdma_and_over_tcp():
         cfg = parse_config({"daemon": {"role": "ranker"}, "ranker": {"transport": transport, "migration": "reopen"}},
                            source="t.toml")
         assert cfg.ranker.migration == "reopen"
+
+
+def test_moving_back_before_the_new_connection_is_ready_cancels_it_and_retires_it_when_it_reports(sub_rings):
+    sub = Submitter(sub_rings, {0: (0, "a")}, {0: 0}, reopen=frozenset({0}))
+    sub.migrate(0, 1)
+    assert _kinds(sub_rings[1]) == [(em.SUB_OPEN, (0, 0))]
+    assert sub.migrate(0, 0) is False and sub.opening == {}
+    sub.opened(0, 1)                             # engine 1's connection, no longer wanted
+    assert sub.owners[0] == 0
+    assert _kinds(sub_rings[1]) == [(em.SUB_RETIRE, (0, 0))], "closed again at once: nothing leaks"
+    assert _kinds(sub_rings[0]) == []

@@ -62,10 +62,6 @@ class RoutedTransport(Transport):
     def listen(self, address: str) -> Listener:
         return self.for_address(address).listen(address)
 
-    def migrates(self, address: str) -> bool:
-        """Whether a live connection to ``address`` can be detached and adopted by another engine."""
-        return self.for_address(address).MIGRATES
-
 
 def migrates_by_reopening(migration: str, preference: str, address: str) -> bool:
     """Whether the ranker moves its connection to ``address`` between engines by reopening it.
