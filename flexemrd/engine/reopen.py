@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 10.0   # how long a retiring connection may take to receive its last answers
 REOPEN_TIMEOUT_S = 30.0  # how long the new engine keeps trying to open its connection
 _POLL_S = 0.002          # how often a drain checks for its last answer (only while one drains)
+_RELEASE_S = 1.0         # the receiver lets go of an idle connection at once; longer means it is blocked in it
 
 
 def _close(st: ConnState) -> None:
@@ -59,13 +60,18 @@ def _close(st: ConnState) -> None:
 class Retirer:
     """The old engine's part: drain connections migrated away, then close them (``run`` on its own thread).
 
-    ``release(cid)`` has the receiver let go of the connection between two
-    frames (Receiver.release); ``cancel_reconnect(cid)`` stops reconnecting
-    one that was down when it moved.
+    ``release(cid, timeout)`` has the receiver let go of the connection
+    between two frames (Receiver.release); ``cancel_reconnect(cid)`` stops
+    reconnecting one that was down when it moved.  A receiver that does not
+    let go at once is blocked reading it (an RDMA stream can wake its
+    selector for a completion that is no frame, and no frame comes any more):
+    the connection is interrupted (its read fails as if the peer had gone)
+    and only closed once the receiver is out of it, since freeing a verbs
+    stream under a reader crashes the process.
     """
 
     def __init__(self, engine_id: int, table: ConnTable, completions: CompletionWriter,
-                 release: Callable[[int], None], cancel_reconnect: Callable[[int], bool], stop: threading.Event,
+                 release: Callable[[int, float], None], cancel_reconnect: Callable[[int], bool], stop: threading.Event,
                  drain_timeout_s: float = DRAIN_TIMEOUT_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.engine_id = engine_id
         self.table = table
@@ -78,6 +84,7 @@ class Retirer:
         self._lock = threading.Condition()
         self._draining: dict[int, tuple[float, int]] = {}   # cid -> (deadline, engine it moved to)
         self._closing: set[int] = set()                     # claimed by a finisher, not closed yet
+        self._stuck: list[ConnState] = []                   # never let go by the receiver: closed at stop
         self.retired_total = 0
         self.leftovers_total = 0                            # answers still missing at a drain deadline
 
@@ -158,10 +165,12 @@ class Retirer:
 
     def _finish(self, cid: int, st: ConnState | None, to_engine: int) -> None:
         if st is not None:
-            try:
-                self.release(cid)           # the receiver reads no further frame on it
-            except TimeoutError as e:
-                logger.warning("%s; closing it anyway", e)
+            if not self._let_go(cid, st):
+                logger.error("connection %d (server %d): the receiver never let go of it; left open until the "
+                             "engine stops rather than freed under a reader", cid, st.conn.server)
+                self._stuck.append(st)
+                self.completions.post_migrated(cid, to_engine)
+                return
             _close(st)
             if st.inflight > 0:
                 self._report_leftovers(cid, st, f"no answer within {self.drain_timeout_s:g} s of its move to "
@@ -169,6 +178,22 @@ class Retirer:
             logger.info("connection %d (server %d) drained and closed; engine %d serves it",
                         cid, st.conn.server, to_engine)
         self.completions.post_migrated(cid, to_engine)
+
+    def _let_go(self, cid: int, st: ConnState) -> bool:
+        """Get the receiver off ``cid`` (the receiver reads no further frame on it); False if it never lets go."""
+        try:
+            self.release(cid, _RELEASE_S)
+            return True
+        except TimeoutError:
+            pass
+        for c in (st.conn, st.credit_conn):
+            if c is not None:
+                c.interrupt()
+        try:
+            self.release(cid, 10.0)
+            return True
+        except TimeoutError:
+            return False
 
     def _report_leftovers(self, cid: int, st: ConnState, why: str) -> None:
         """Never lose answers silently: the inference re-issues (or fails, naming the server) what is left."""
@@ -193,6 +218,9 @@ class Retirer:
         for cid, st in self.table.retiring_items():
             _close(st)
             self.table.retired(cid)
+        for st in self._stuck:
+            _close(st)
+        self._stuck.clear()
 
 
 class Reopener:

@@ -71,7 +71,7 @@ class _OldEngine:
         self.writer = CompletionWriter(ring, self.wakeup.wake)
         self.stop = threading.Event()
         self.reconnects: list[int] = []
-        self.retirer = Retirer(0, self.table, self.writer, lambda cid: self.receiver.release(cid),
+        self.retirer = Retirer(0, self.table, self.writer, lambda cid, t: self.receiver.release(cid, t),
                                lambda cid: False, self.stop, drain_timeout_s=drain_timeout_s,
                                clock=lambda: self.now[0])
         self.receiver = Receiver(self.table, self.writer, CreditMode(), self.wakeup, self.stop,
@@ -162,6 +162,24 @@ def test_a_retiring_connection_that_dies_is_reported_and_not_reconnected(comp_ri
         assert [k for k, _ in got] == [em.COMP_LOST, em.COMP_CONNECTED, em.COMP_MIGRATED]
         assert "2 subrequests unanswered" in got[0][1][em.PREFIX_SIZE:].decode()
         assert old.reconnects == [], "it belongs to the new engine now: the old one must not reconnect it"
+    finally:
+        old.close()
+
+
+def test_a_receiver_blocked_inside_the_retiring_connection_is_interrupted_before_it_is_closed(comp_ring):
+    """What an RDMA stream does: readiness without a whole frame, then nothing more (all answers are in)."""
+    old = _OldEngine(comp_ring, owed=0)
+    try:
+        old.server.sendall(b"\x00" * 5)             # a header's first bytes: the receiver blocks for the rest
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        old.retirer.retire(5, to_engine=1)
+        old.wait_retired()
+        got = _drain(comp_ring, 1)
+        assert [k for k, _ in got] == [em.COMP_MIGRATED]
+        assert time.monotonic() - t0 >= 0.9, "it waited for the receiver before interrupting it"
+        assert _peer_closed(old.server), "closed once the receiver was out of it"
+        assert old.reconnects == [] and old.retirer.leftovers_total == 0
     finally:
         old.close()
 

@@ -148,6 +148,10 @@ class RdmaConnection(Connection):
             f"connection {self.conn_id} to {self.address} is over RDMA: a queue pair cannot move to another "
             "engine process; migrate it by reopening ([ranker].migration = \"auto\" or \"reopen\")")
 
+    def interrupt(self) -> None:
+        # A reader blocked in the stream also watches the TCP control socket: its EOF wakes it.
+        self.tcp.interrupt()
+
     def close(self) -> None:
         for s in (self.stream, self._pending):
             if s is not None:
