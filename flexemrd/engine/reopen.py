@@ -165,6 +165,10 @@ class Retirer:
 
     def _finish(self, cid: int, st: ConnState | None, to_engine: int) -> None:
         if st is not None:
+            if st.inflight > 0:
+                # First: the receiver may be stuck, and these answers may never come.
+                self._report_leftovers(cid, st, f"no answer within {self.drain_timeout_s:g} s of its move to "
+                                                f"engine {to_engine}")
             if not self._let_go(cid, st):
                 logger.error("connection %d (server %d): the receiver never let go of it; left open until the "
                              "engine stops rather than freed under a reader", cid, st.conn.server)
@@ -172,9 +176,6 @@ class Retirer:
                 self.completions.post_migrated(cid, to_engine)
                 return
             _close(st)
-            if st.inflight > 0:
-                self._report_leftovers(cid, st, f"no answer within {self.drain_timeout_s:g} s of its move to "
-                                                f"engine {to_engine}")
             logger.info("connection %d (server %d) drained and closed; engine %d serves it",
                         cid, st.conn.server, to_engine)
         self.completions.post_migrated(cid, to_engine)

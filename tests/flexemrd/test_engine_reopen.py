@@ -152,6 +152,34 @@ def test_answers_missing_at_the_drain_deadline_are_reported_lost_naming_the_serv
         old.close()
 
 
+def test_a_connection_the_receiver_never_lets_go_of_still_reports_its_leftovers_and_is_not_freed(comp_ring):
+    """The receiver stuck elsewhere for good: the answers owed are re-issued, the stream is not freed under it."""
+    table = ConnTable()
+    writer = CompletionWriter(comp_ring, lambda: None)
+    writer.bind_producer()                        # no receiver thread: the test writes what is posted
+
+    def never(cid: int, timeout: float) -> None:
+        raise TimeoutError(f"receiver did not release connection {cid}")
+
+    retirer = Retirer(0, table, writer, never, lambda cid: False, threading.Event(), drain_timeout_s=0.0)
+    a, server = socket.socketpair()
+    st = ConnState(TcpConnection(a, 5, server=2, address="pair:5"), inflight=1)
+    table.add(st)
+    try:
+        retirer.retire(5, to_engine=1)
+        assert retirer.step() == [5]
+        writer.flush()
+        got = _drain(comp_ring, 3)
+        assert [k for k, _ in got] == [em.COMP_LOST, em.COMP_CONNECTED, em.COMP_MIGRATED]
+        assert "server 2 (pair:5)" in got[0][1][em.PREFIX_SIZE:].decode()
+        assert a.fileno() != -1, "not freed while a reader may be inside it"
+        retirer.close_all()
+        assert a.fileno() == -1, "closed when the engine stops"
+    finally:
+        a.close()
+        server.close()
+
+
 def test_a_retiring_connection_that_dies_is_reported_and_not_reconnected(comp_ring):
     old = _OldEngine(comp_ring, owed=2)
     try:
