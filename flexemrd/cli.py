@@ -68,6 +68,10 @@ def run(config_path: str) -> None:
               help="Between engines and the local embedding servers: shm = shared-memory rings (no socket "
                    "carries ids or partials); auto = shm for these same-host servers.")
 @click.option("--rebalance/--no-rebalance", default=True, show_default=True)
+@click.option("--migration", type=click.Choice(["auto", "handoff", "reopen"]), default="auto", show_default=True,
+              help="How a connection moves between engines: handoff = pass the live socket; reopen = the new "
+                   "engine opens its own, the old one drains and closes (what RDMA needs); auto = handoff where "
+                   "the transport allows it.")
 @click.option("--http-port", default=0, show_default=True, type=click.IntRange(0, 65535),
               help="KServe v2 (Triton) REST front on 127.0.0.1 (0: off).")
 @click.option("--grpc-port", default=0, show_default=True, type=click.IntRange(0, 65535),
@@ -91,7 +95,7 @@ def run(config_path: str) -> None:
               help="Seconds a worker may take to become ready (an emulated guest needs more).")
 @click.option("--log-level", default="info", show_default=True)
 def local(model_dir, n_servers, engines, socket_path, instance, routing, replicas, hedging, request_timeout_s, max_batch, max_wait_ms, cache_policy,
-          cache_size, cache_budget, cache_margin, mapping, credits, transport, rebalance, http_port, grpc_port,
+          cache_size, cache_budget, cache_margin, mapping, credits, transport, rebalance, migration, http_port, grpc_port,
           metrics_port, server_threads, torch_threads, heartbeat_timeout_s, max_clients, client_idle_timeout_s,
           boot_timeout_s, log_level) -> None:
     """Run a whole cluster on this host: N embedding servers and one ranker (shm rings by default)."""
@@ -105,7 +109,7 @@ def local(model_dir, n_servers, engines, socket_path, instance, routing, replica
                 "ranker": {"socket": socket_path, "engines": engines, "routing": routing, "max_batch": max_batch,
                            "replicas": replicas, "hedging": hedging, "request_timeout_s": request_timeout_s,
                            "max_wait_ms": max_wait_ms, "mapping": mapping, "credits": credits,
-                           "rebalance": rebalance, "metrics_port": metrics_port, "max_clients": max_clients,
+                           "rebalance": rebalance, "migration": migration, "metrics_port": metrics_port, "max_clients": max_clients,
                            "client_idle_timeout_s": client_idle_timeout_s, "transport": transport,
                            "http_port": http_port, "grpc_port": grpc_port,
                            "torch_threads": 1 if torch_threads is None else torch_threads},

@@ -97,6 +97,10 @@ class InferenceControl:
         with self._lock:
             self._waiting.discard(conn)
 
+    def opened(self, conn: int, engine: int) -> None:
+        """Migration by reopening: ``engine``'s connection is ready; switch on the batcher (it owns the rings)."""
+        self.svc.post_control(lambda batcher: batcher.submitter.opened(conn, engine))
+
     # ---------------------------------------------------------------- batcher thread
 
     def _apply(self, state, version: int = 0) -> None:
@@ -106,7 +110,8 @@ class InferenceControl:
             sub = batcher.submitter
             if sub is not None:
                 for cid, eng in enumerate(state.owners):
-                    if cid in sub.owners and sub.owners[cid] != eng:
+                    # (or one still opening elsewhere by reopening: moving it back cancels that)
+                    if cid in sub.owners and (sub.owners[cid] != eng or cid in sub.opening):
                         # Waiting first: the engine may confirm before migrate() returns.
                         with self._lock:
                             self._waiting.add(cid)

@@ -3,7 +3,12 @@
 It watches each engine's load (submission-ring depth + subrequests in
 flight, smoothed) and moves one connection from the most to the least loaded
 engine when the gap is large and the busy engine owns more than one
-connection.
+connection.  The move itself is the same whatever the transport: the
+supervisor names the new owner and the ranker hands the socket over, or
+reopens the connection where it cannot move (RDMA; ``[ranker].migration``),
+so rebalancing works over every transport.  A reopening move takes a
+connect, a HELLO and a drain rather than one sendmsg, which the cooldown
+(``cooldown_s``, seconds) leaves ample room for.
 """
 
 from __future__ import annotations

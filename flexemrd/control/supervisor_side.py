@@ -18,6 +18,9 @@ from flexemrd.control.rebalancer import Rebalancer
 logger = logging.getLogger(__name__)
 
 ACK_TIMEOUT_S = 4.0  # below emrctl's 5 s, so emrctl hears our reason, not its own timeout
+# A migration by reopening confirms once the new connection serves and the old one drained:
+# connect + HELLO + drain, seconds on an emulated guest (emrctl --timeout must allow it).
+REOPEN_ACK_TIMEOUT_S = 45.0
 
 
 def _topology(plan) -> dict[str, Any]:
@@ -237,16 +240,16 @@ class SupervisorControl:
 
     # -------------------------------------------------------------- commands (emrctl and signals)
 
-    def _wait_ack(self, epoch: int, what: str) -> float:
+    def _wait_ack(self, epoch: int, what: str, timeout: float = ACK_TIMEOUT_S) -> float:
         """Wait until the inference process has applied ``epoch``; returns seconds waited."""
         t0 = time.monotonic()
-        while time.monotonic() - t0 < ACK_TIMEOUT_S:
+        while time.monotonic() - t0 < timeout:
             if self.block.ranker.read()["epoch_seen"] >= epoch:
                 return time.monotonic() - t0
             if self.supervisor is not None:
                 self.supervisor.reap()
             time.sleep(0.005)
-        raise TimeoutError(f"{what}: the inference process did not confirm within {ACK_TIMEOUT_S:g} s")
+        raise TimeoutError(f"{what}: the inference process did not confirm within {timeout:g} s")
 
     def cmd_status(self, cmd) -> dict:
         return {"snapshot": self.block.snapshot()}
@@ -264,8 +267,12 @@ class SupervisorControl:
         src = rt.owners[cmd.conn]
         if src == cmd.to_engine:
             return {"conn": cmd.conn, "engine": src, "moved": False, "message": f"already on engine {src}"}
+        from flexemr.transport.registry import migrates_by_reopening
+
+        r = self.plan.cfg.ranker
+        reopen = migrates_by_reopening(r.migration, r.transport, self.plan.connections[cmd.conn][1])
         epoch = self.block.set_owner(cmd.conn, cmd.to_engine)
-        waited = self._wait_ack(epoch, f"migrate {cmd.conn}")
+        waited = self._wait_ack(epoch, f"migrate {cmd.conn}", REOPEN_ACK_TIMEOUT_S if reopen else ACK_TIMEOUT_S)
         logger.info("connection %d moved from engine %d to engine %d in %.1f ms", cmd.conn, src, cmd.to_engine,
                     waited * 1e3)
         return {"conn": cmd.conn, "from": src, "engine": cmd.to_engine, "moved": True,

@@ -69,6 +69,14 @@ class CompletionWriter:
         """``cid`` is (re)connected and serving: the inference marks its server up."""
         self._post(em.COMP_CONNECTED, em.PREFIX.pack(cid, 0))
 
+    def post_opened(self, cid: int, engine: int) -> None:
+        """Migration by reopening: this engine's own connection for ``cid`` is ready for traffic."""
+        self._post(em.COMP_OPENED, em.PREFIX.pack(cid, engine))
+
+    def post_open_failed(self, cid: int, engine: int, reason: str) -> None:
+        """Migration by reopening: this engine could not open ``cid``; it stays with its owner."""
+        self._post(em.COMP_OPEN_FAILED, em.PREFIX.pack(cid, engine) + reason.encode())
+
     def pending(self) -> int:
         """Posted messages not yet written (approximate when read from another thread)."""
         return self._inbox.qsize() + len(self._backlog)

@@ -14,6 +14,13 @@ the hot path)::
     sender     sent, bytes_sent, sent_at, grants_sent, granted (in-band)
     receiver   received, bytes_received, rtt, grants_made, grant_ns, granted (priority)
     sender / handoff   the table itself (add, remove), under its condition
+    sender / retirer   ``retiring``: connections migrated away by reopening, still
+                       receiving their last answers (flexemrd/engine/reopen.py)
+
+A connection opened for a migration by reopening introduces itself with a
+label of its own (``"<conn id>.<engine>.<n>"`` instead of ``"<conn id>"``), so
+the embedding server books it apart from the connection it replaces, which
+stays open until its answers are in: each keeps its own credit pool.
 """
 
 from __future__ import annotations
@@ -101,6 +108,7 @@ class ConnTable:
         self.owned: dict[int, ConnState] = {}
         self.shared: dict[int, Connection] = {}
         self.down: dict[int, str] = {}          # owned by us but lost: reconnecting (cid -> why)
+        self.retiring: dict[int, ConnState] = {}  # migrated away by reopening, draining its answers
         self._changed = threading.Condition()
 
     def get(self, cid: int) -> ConnState | None:
@@ -153,6 +161,32 @@ class ConnTable:
         with self._changed:
             return list(self.owned.items())
 
+    def retire(self, cid: int) -> ConnState | None:
+        """Stop owning ``cid`` but keep it receiving (its answers in flight): returned, or None if not owned."""
+        with self._changed:
+            st = self.owned.pop(cid, None)
+            if st is not None:
+                self.retiring[cid] = st
+            self._changed.notify_all()
+            return st
+
+    def retired(self, cid: int) -> ConnState | None:
+        """``cid`` finished draining: forget it (returned, to close)."""
+        with self._changed:
+            st = self.retiring.pop(cid, None)
+            self._changed.notify_all()
+            return st
+
+    def retiring_items(self) -> list[tuple[int, ConnState]]:
+        with self._changed:
+            return list(self.retiring.items())
+
+    def wait_not_retiring(self, cid: int, stop: threading.Event, timeout: float) -> bool:
+        """Wait until no connection ``cid`` drains here any more; False after ``timeout``."""
+        with self._changed:
+            return self._changed.wait_for(lambda: cid not in self.retiring or stop.is_set(), timeout=timeout) \
+                and cid not in self.retiring
+
     def __len__(self) -> int:
         return len(self.owned)
 
@@ -168,8 +202,11 @@ def check_shards(conn: Connection, hello: codec.Hello, expected: Sequence[Shard]
         )
 
 
-def say_hello(conn: Connection, token: str, channel: str, credits: int, secret: bytes | None = None) -> codec.Hello:
+def say_hello(conn: Connection, token: str, channel: str, credits: int, secret: bytes | None = None,
+              label: str | None = None) -> codec.Hello:
     """Introduce this engine on ``conn`` (authenticating with ``secret``) and return the server's HELLO.
+
+    ``label`` names the connection to the server (default: its conn id); see the module docstring.
 
     ProtocolError if the server refuses us, fails to prove it knows the secret,
     asks for a secret we do not have, or (we having one) does not ask for it.
@@ -181,7 +218,7 @@ def say_hello(conn: Connection, token: str, channel: str, credits: int, secret: 
         return h, conn.recv_payload(h)
 
     hello = client_hello(conn.send_frame, recv, f"server {conn.server} ({conn.address})", codec.ROLE_RANKER,
-                         f"{token}/{conn.conn_id}/{channel}", credits=credits, secret=secret, blob=conn.hello_blob())
+                         f"{token}/{conn.conn_id if label is None else label}/{channel}", credits=credits, secret=secret, blob=conn.hello_blob())
     conn.hello_done(hello.blob)
     return hello
 
@@ -198,16 +235,17 @@ class Connector:
         self.expected_shards = dict(expected_shards or {})
         self.secret = secret
 
-    def open(self, cid: int, server: int, address: str) -> ConnState:
+    def open(self, cid: int, server: int, address: str, label: str | None = None) -> ConnState:
+        """Connect, HELLO (and the credit channel's); ``label``: a name apart for a reopened connection."""
         opened = [self.transport.connect(address, cid, server)]
         try:
-            hello = say_hello(opened[0], self.token, "data", self.initial_credits, self.secret)
+            hello = say_hello(opened[0], self.token, "data", self.initial_credits, self.secret, label)
             want = self.expected_shards.get(server)
             if want is not None:
                 check_shards(opened[0], hello, want)
             if self.credit_channel:
                 opened.append(self.transport.connect(address, cid, server, priority=True))
-                say_hello(opened[1], self.token, "credit", 0, self.secret)
+                say_hello(opened[1], self.token, "credit", 0, self.secret, label)
         except BaseException:
             for c in opened:
                 c.close()

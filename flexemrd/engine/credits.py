@@ -93,7 +93,8 @@ class InbandCredits(CreditMode):
             st.granted += n
 
     def flush(self, table: ConnTable, exclude: int | None) -> None:
-        for cid, st in table.items():
+        # Retiring connections too: their last answers wait for these grants.
+        for cid, st in table.items() + table.retiring_items():
             n = st.grants_made - st.grants_sent
             if n and cid != exclude:
                 st.grants_sent += n

@@ -12,6 +12,9 @@ Threads, each the only writer of what it owns::
                completion ring: the ring's ONE producer (completions.py)
     handoff    receives connections other engines hand over (handoff.py)
     reconnect  retries lost connections with backoff and jitter (reconnect.py)
+    reopen     migration by reopening (reopen.py): opens this engine's own
+               connection for one migrating here ...
+    retire     ... and drains and closes one that migrated away
     publisher  calls ``publish(stats_view)`` every PUBLISH_INTERVAL_S: control
                work never runs on the data-path threads, and a slow or broken
                control block cannot stall them
@@ -36,6 +39,7 @@ from flexemrd.engine.handoff import HANDOFF_RECONNECT, HANDOFF_SHARE, Handoff, H
 from flexemrd.engine.mapping import ConnectionMapping, CrossProcessLock, OwnedMapping, SharedMapping
 from flexemrd.engine.receiver import Receiver, Wakeup
 from flexemrd.engine.reconnect import Reconnector
+from flexemrd.engine.reopen import Reopener, Retirer
 from flexemrd.engine.sender import Sender
 from flexemrd.engine.stats import EngineStatsView
 
@@ -89,8 +93,13 @@ class Engine:
         connector = Connector(transport, token, self.credits.initial, self.credits.credit_channel, expected_shards,
                               secret=secret)
         self.reconnector = Reconnector(connector, self.directory, self._reconnected, self.stop)
+        self.reopener = Reopener(engine_id, connector, self.directory, self.table, self._own, self.completions,
+                                 self.stop)
+        self.retirer = Retirer(engine_id, self.table, self.completions, self.receiver.release,
+                               self.reconnector.cancel, self.stop)
         self.sender = Sender(engine_id, instance, submission, self.table, self.directory, self.mapping,
-                             self.credits, self.receiver, self.completions, self.stop, self.reconnector)
+                             self.credits, self.receiver, self.completions, self.stop, self.reconnector,
+                             self.reopener, self.retirer)
         self.stats = EngineStatsView(engine_id, self.table, submission, self.sender, self.credits.initial)
         # Bound before connecting, so engines handing us connections find us early.
         self._handoffs = HandoffReceiver(instance, engine_id)
@@ -118,6 +127,8 @@ class Engine:
 
     def _lost(self, cid: int, reason: str) -> None:
         """Any thread: ``cid`` is gone; close it, fail fast what comes for it, and reconnect."""
+        if self.retirer.dead(cid, reason):
+            return  # it had migrated away by reopening: the retirer reports what it still owed
         st = self.table.mark_down(cid, reason)
         if st is not None:
             st.conn.close()
@@ -136,7 +147,9 @@ class Engine:
         """Serve until SUB_STOP or ``stop``; then stop the other threads and close everything."""
         threads = [threading.Thread(target=self.receiver.run, name="receiver", daemon=True),
                    threading.Thread(target=self._handoff_loop, name="handoff", daemon=True),
-                   threading.Thread(target=self.reconnector.run, name="reconnect", daemon=True)]
+                   threading.Thread(target=self.reconnector.run, name="reconnect", daemon=True),
+                   threading.Thread(target=self.reopener.run, name="reopen", daemon=True),
+                   threading.Thread(target=self.retirer.run, name="retire", daemon=True)]
         if self._publish is not None:
             threads.append(threading.Thread(target=self._publisher_loop, args=(self._publish,), name="publisher",
                                             daemon=True))
@@ -153,6 +166,7 @@ class Engine:
             self.close()
 
     def close(self) -> None:
+        self.retirer.close_all()
         for _cid, st in self.table.items():
             st.conn.close()
             if st.credit_conn is not None:

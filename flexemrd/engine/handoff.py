@@ -15,7 +15,9 @@ connection and a fixed description of it::
     ancillary: SCM_RIGHTS, data socket [, credit socket]
 
 The socket itself moves, so nothing reconnects and bytes the server sends
-meanwhile wait in it for the new owner.
+meanwhile wait in it for the new owner.  A connection whose transport cannot
+move (``Transport.MIGRATES`` False: an RDMA queue pair) migrates by reopening
+instead (reopen.py); ``[ranker].migration`` chooses per connection.
 """
 
 from __future__ import annotations

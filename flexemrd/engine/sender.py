@@ -7,6 +7,10 @@
                   still in flight included (no drain): the receiver lets go of
                   it between two frames, the socket moves over SCM_RIGHTS, and
                   COMP_MIGRATED is *posted* to the receiver, which writes it
+    SUB_OPEN      migration by reopening: have the reopener open this engine's own
+                  connection (reopen.py; the sender never waits for it)
+    SUB_RETIRE    migration by reopening: stop owning the connection and let the
+                  retirer drain and close it (reopen.py)
     SUB_STOP      wait (bounded) for the answers in flight, then return
 
 The sender never writes the completion ring and never publishes stats: its
@@ -31,6 +35,7 @@ from flexemrd.engine.handoff import HANDOFF_OWN, HANDOFF_RECONNECT, send_connect
 from flexemrd.engine.mapping import ADOPT_WAIT_S, ConnectionMapping
 from flexemrd.engine.receiver import Receiver
 from flexemrd.engine.reconnect import Reconnector
+from flexemrd.engine.reopen import Reopener, Retirer
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +48,8 @@ class Sender:
     def __init__(self, engine_id: int, instance: str, submission: Ring, table: ConnTable,
                  directory: Mapping[int, tuple[int, str]], mapping: ConnectionMapping, credits: CreditMode,
                  receiver: Receiver, completions: CompletionWriter, stop: threading.Event,
-                 reconnector: Reconnector | None = None) -> None:
+                 reconnector: Reconnector | None = None, reopener: Reopener | None = None,
+                 retirer: Retirer | None = None) -> None:
         self.engine_id = engine_id
         self.instance = instance
         self.sub = submission
@@ -55,6 +61,8 @@ class Sender:
         self.completions = completions
         self.stop = stop
         self.reconnector = reconnector
+        self.reopener = reopener
+        self.retirer = retirer
         # Written here only; read by the stats view.
         self.subrequests = 0
         self.busy_ns = 0
@@ -80,6 +88,10 @@ class Sender:
                         self.busy_ns += time.perf_counter_ns() - t0
                 elif kind == em.SUB_MIGRATE:
                     self.migrate_out(cid, arg)
+                elif kind == em.SUB_OPEN and self.reopener is not None:
+                    self.reopener.request(cid)
+                elif kind == em.SUB_RETIRE and self.retirer is not None:
+                    self.retirer.retire(cid, arg)
                 elif kind == em.SUB_STOP:
                     msg.release()
                     self.drain()
@@ -90,7 +102,8 @@ class Sender:
 
     def drain(self, timeout: float = DRAIN_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
-        while any(st.inflight for _cid, st in self.table.items()) and time.monotonic() < deadline:
+        while any(st.inflight for _cid, st in self.table.items() + self.table.retiring_items()) \
+                and time.monotonic() < deadline:
             time.sleep(0.002)
 
     def migrate_out(self, cid: int, to_engine: int) -> None:
@@ -123,9 +136,15 @@ class Sender:
         self.receiver.release(cid)
         self.table.remove(cid)
         server, address = self.directory[cid]
-        handles = [st.conn.detach()]
-        if st.credit_conn is not None:
-            handles.append(st.credit_conn.detach())
+        try:
+            handles = [st.conn.detach()]
+            if st.credit_conn is not None:
+                handles.append(st.credit_conn.detach())
+        except NotImplementedError as e:
+            # The transport cannot move it ([ranker].migration = "handoff" over RDMA): fail over
+            # what is in flight and have the new owner reconnect, rather than lose the connection.
+            self._handoff_by_reconnecting(cid, to_engine, st, str(e))
+            return
         try:
             send_connection(self.instance, to_engine, cid, server, address, HANDOFF_OWN, handles,
                             inflight=st.inflight)
@@ -134,4 +153,16 @@ class Sender:
                 os.close(h)
         logger.info("connection %d (server %d) handed to engine %d with %d subrequests in flight",
                     cid, server, to_engine, st.inflight)
+        self.completions.post_migrated(cid, to_engine)
+
+    def _handoff_by_reconnecting(self, cid: int, to_engine: int, st, why: str) -> None:
+        for c in (st.conn, st.credit_conn):
+            if c is not None:
+                c.close()
+        server, address = self.directory[cid]
+        logger.error("connection %d (server %d): %s; engine %d reconnects it (set [ranker].migration = "
+                     "\"reopen\" or \"auto\" to migrate it without failing over)", cid, server, why, to_engine)
+        self.completions.post_lost(cid, f"connection {cid} to server {server} ({address}) could not move to "
+                                        f"engine {to_engine}: {why}")
+        send_connection(self.instance, to_engine, cid, server, address, HANDOFF_RECONNECT, [])
         self.completions.post_migrated(cid, to_engine)

@@ -32,6 +32,7 @@ RESCUE_FACTOR = 20.0
 
 class MigrationListener(Protocol):
     def migrated(self, conn: int, engine: int) -> None: ...
+    # Optional: ``opened(conn, engine)`` (migration by reopening) gets the switch applied on the batcher.
 
 
 class Completions:
@@ -110,6 +111,20 @@ class Completions:
             logger.info("connection %d now lives in engine %d", cid, arg)
             if self.on_migrated is not None:
                 self.on_migrated.migrated(cid, arg)
+        elif kind == em.COMP_OPENED:
+            # Migration by reopening: the switch writes the old engine's ring, which is the
+            # batcher's job (this thread must never wait for ring space): post it there.
+            opened = getattr(self.on_migrated, "opened", None)
+            if opened is not None:
+                opened(cid, arg)
+            else:
+                self.submitter.opened(cid, arg)
+        elif kind == em.COMP_OPEN_FAILED:
+            reason = bytes(data[em.PREFIX_SIZE :]).decode("utf-8", "replace")
+            logger.error("connection %d could not migrate to engine %d: %s", cid, arg, reason)
+            self.submitter.open_failed(cid, arg)
+            if self.on_migrated is not None:
+                self.on_migrated.migrated(cid, self.submitter.owners.get(cid, arg))
 
     # ---------------------------------------------------------------- answers
 

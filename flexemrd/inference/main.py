@@ -58,12 +58,16 @@ def inference_main(plan: RankerPlan, ready) -> None:
     model = load_dense(plan.cfg.daemon.model, plan.spec).to(device)
     links = local = cache = None
     if plan.servers:
+        from flexemr.transport.registry import migrates_by_reopening
+
         from flexemrd.inference.cache import RankerCache
 
         links = EngineLinks(
             submission=[Ring.attach(plan.ring_names(e)[0]) for e in range(plan.engines)],
             completion=[Ring.attach(plan.ring_names(e)[1]) for e in range(plan.engines)],
-            doorbell=Doorbell.attach(plan.doorbell_name), connections=plan.connections, owners=plan.owners)
+            doorbell=Doorbell.attach(plan.doorbell_name), connections=plan.connections, owners=plan.owners,
+            reopen=frozenset(c for c, (_server, address) in plan.connections.items()
+                             if migrates_by_reopening(r.migration, r.transport, address)))
         # Built even when "off", so emrctl can switch it on at runtime.
         cache = RankerCache(plan.spec, plan.routing, plan.cfg.cache, device=device, max_batch=r.max_batch)
     else:

@@ -73,6 +73,7 @@ class EngineLinks:
     doorbell: Any
     connections: dict[int, tuple[int, str]]    # conn -> (server, address)
     owners: dict[int, int]                     # conn -> engine at start
+    reopen: frozenset[int] = frozenset()       # conns that migrate by reopening (registry.migrates_by_reopening)
 
 
 class InferenceService:
@@ -99,7 +100,8 @@ class InferenceService:
         if links is not None:
             self.health = ServerHealth(routing, links.connections)
             self.submitter = Submitter(links.submission, links.connections, links.owners,
-                                       shared_mapping=options.shared_mapping, timeout_s=options.request_timeout_s)
+                                       shared_mapping=options.shared_mapping, timeout_s=options.request_timeout_s,
+                                       reopen=links.reopen)
             self.completions = Completions(links.completion, links.doorbell, self.pending, self.finisher.put,
                                            self.health, self.submitter, self.stats.failover,
                                            options.request_timeout_s, lookups, cache=cache,

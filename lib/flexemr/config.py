@@ -114,6 +114,10 @@ class RankerConfig:
     device: str = "auto"             # "auto", "cpu" or "cuda"
     torch_threads: int = 0           # 0 = torch's default
     transport: str = "auto"          # "auto" (shm for shm: addresses, else rdma/tcp), "tcp", "shm" or "rdma"
+    # How a connection moves to another engine: "handoff" passes the live socket (SCM_RIGHTS),
+    # "reopen" has the new engine open its own while the old one drains and closes, "auto" hands
+    # off where the transport can (tcp, shm) and reopens where it cannot (rdma).
+    migration: str = "auto"
     replicas: int = 1                # servers holding each shard (placement: routing.table.RoutingTable.build)
     request_timeout_s: float = 30.0  # default deadline of a request whose client sets none
     hedging: bool = False            # with replicas: resend a slow subrequest to a second replica
@@ -172,6 +176,7 @@ _CHOICES = {
     ("ranker", "credits"): CreditMode.labels(),
     ("ranker", "device"): ("auto", "cpu", "cuda"),
     ("ranker", "transport"): ("auto", "tcp", "shm", "rdma"),
+    ("ranker", "migration"): ("auto", "handoff", "reopen"),
     ("ranker", "partials"): ("fp32", "fp16", "bf16"),
     ("embedding", "transport"): ("tcp", "shm"),
     ("cache", "policy"): CacheMode.labels(),
@@ -269,6 +274,12 @@ def _cross_checks(cfg: Config) -> list[str]:
         too_big = exceeds_host_memory(f"{src}: [ranker].ring_bytes x 2 rings x {r.engines} engines", rings)
         if too_big and r.ring_bytes <= host_memory_bytes():  # one oversized ring is reported by its key already
             problems.append(too_big)
+        if r.transport == "rdma" and r.migration == "handoff":
+            problems.append(f"{src}: [ranker].migration: 'handoff' cannot move an RDMA connection (a queue pair "
+                            f"cannot change process) with [ranker].transport = 'rdma': use 'reopen' or 'auto'")
+        if r.transport == "rdma" and r.mapping == MappingMode.SHARED.value:
+            problems.append(f"{src}: [ranker].mapping: 'shared' gives every engine a copy of each connection, "
+                            f"which an RDMA queue pair cannot be ([ranker].transport = 'rdma'): use 'owned'")
         for i, s in enumerate(cfg.ranker.servers):
             if isinstance(s, str) and s.startswith("shm:"):
                 if cfg.ranker.transport == "tcp":

@@ -10,6 +10,11 @@ ring's own ``kind`` field says what follows::
                                              for ``conn`` before this marker was
                                              submitted here)
       SUB_STOP      prefix(0, 0)           | finish what is queued, then exit
+      SUB_OPEN      prefix(conn, 0)        | migration by reopening: open your own connection
+                                             for ``conn`` (HELLO, auth, credits), answer COMP_OPENED
+      SUB_RETIRE    prefix(conn, engine)   | migration by reopening: nothing more comes for
+                                             ``conn`` here (``engine`` has it now); wait for its
+                                             answers in flight, close it, answer COMP_MIGRATED
 
     completion ring (engine -> inference)
       COMP_FRAME    prefix(conn, 0)        | 32-byte header + payload, received
@@ -17,6 +22,9 @@ ring's own ``kind`` field says what follows::
       COMP_LOST     prefix(conn, 0)        | utf-8 reason: the connection failed
       COMP_MIGRATED prefix(conn, engine)   | the connection now lives in ``engine``
       COMP_CONNECTED prefix(conn, 0)       | the connection is (re)established and serving
+      COMP_OPENED   prefix(conn, engine)   | ``engine``'s own connection for ``conn`` is ready
+                                             (SUB_OPEN): route ``conn`` there from now on
+      COMP_OPEN_FAILED prefix(conn, engine) | utf-8 reason: SUB_OPEN gave up; ``conn`` stays where it is
 
 Each ring has one producer thread: the inference's batcher for submissions,
 the engine's receiver thread for completions (other engine threads post
@@ -35,8 +43,12 @@ PREFIX_SIZE = PREFIX.size
 SUB_FRAME = 1
 SUB_MIGRATE = 2
 SUB_STOP = 3
+SUB_OPEN = 4
+SUB_RETIRE = 5
 
 COMP_FRAME = 1
 COMP_LOST = 2
 COMP_MIGRATED = 3
 COMP_CONNECTED = 4
+COMP_OPENED = 5
+COMP_OPEN_FAILED = 6

@@ -230,9 +230,10 @@ def test_select_transport_says_which_and_why(caplog):
 def test_an_rdma_connection_cannot_move_to_another_engine():
     t = RdmaTransport()  # opens nothing until it connects
     r, w = socket.socketpair()
-    with pytest.raises(NotImplementedError, match="queue pair cannot change process.*owned"):
+    with pytest.raises(NotImplementedError, match="queue pair cannot change process.*migrates by reopening"):
         t.adopt(r.detach(), 0, 0, "h:1")
     w.close()
+    assert RdmaTransport.MIGRATES is False and TcpTransport.MIGRATES is True   # engines reopen it instead
 
 
 def _imports(path: Path) -> set[str]:

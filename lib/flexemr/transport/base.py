@@ -114,6 +114,13 @@ class Connection(abc.ABC):
     def close(self) -> None:
         """Close the connection (idempotent; never raises)."""
 
+    def interrupt(self) -> None:
+        """Wake a thread blocked reading this connection: its read fails as if the peer had gone.
+
+        Nothing is freed (``close`` does that, once no thread is inside): an
+        engine retiring a connection uses it to get its receiver out first.
+        """
+
     # A transport that sets up its data path inside the HELLO (RDMA: the
     # connection blob) overrides these two; TCP needs neither.
     def hello_blob(self) -> bytes:
@@ -150,6 +157,10 @@ class Transport(abc.ABC):
     """A way to reach embedding servers (ranker side) and to be reached (server side)."""
 
     name: str
+    # Whether ``detach``/``adopt`` can move a live connection to another engine process.
+    # False (RDMA: a queue pair cannot change process): engines migrate it by reopening
+    # (the new engine opens its own connection, the old one drains and closes).
+    MIGRATES: bool = True
 
     @abc.abstractmethod
     def connect(self, address: str, conn_id: int, server: int, priority: bool = False) -> Connection:

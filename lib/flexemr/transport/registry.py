@@ -22,9 +22,11 @@ from flexemr.wire.frame import DEFAULT_MAX_PAYLOAD
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PREFERENCES", "RoutedTransport", "listener_from_socket", "select_transport", "server_stats"]
+__all__ = ["MIGRATION_MODES", "PREFERENCES", "RoutedTransport", "listener_from_socket", "migrates_by_reopening",
+           "select_transport", "server_stats"]
 
 PREFERENCES = ("auto", "tcp", "shm", "rdma")
+MIGRATION_MODES = ("auto", "handoff", "reopen")
 
 
 class RoutedTransport(Transport):
@@ -61,6 +63,26 @@ class RoutedTransport(Transport):
         return self.for_address(address).listen(address)
 
 
+def migrates_by_reopening(migration: str, preference: str, address: str) -> bool:
+    """Whether the ranker moves its connection to ``address`` between engines by reopening it.
+
+    ``migration`` is ``[ranker].migration``: "handoff" passes the live
+    connection (its descriptors) to the new engine, "reopen" has the new engine
+    open its own and the old one drain and close, "auto" hands off where the
+    transport can (TCP, shm) and reopens where it cannot (RDMA).  Decided from
+    the settings alone, without opening a device, so the inference process and
+    the engines agree on it.
+    """
+    if migration not in MIGRATION_MODES:
+        raise ValueError(f"unknown migration mode {migration!r} (known: {', '.join(MIGRATION_MODES)})")
+    if migration != "auto":
+        return migration == "reopen"
+    if is_shm_address(address) and preference in ("auto", "shm"):
+        return not ShmTransport.MIGRATES
+    # "auto" keeps TCP on a host with an RDMA device (see _network): only "rdma" means verbs.
+    return not (verbs.RdmaTransport.MIGRATES if preference == "rdma" else TcpTransport.MIGRATES)
+
+
 def _network(preference: str) -> Transport:
     if preference == "tcp":
         return TcpTransport()
@@ -72,15 +94,12 @@ def _network(preference: str) -> Transport:
             raise RuntimeError(f"transport 'rdma' configured but unusable: {why}")
         logger.info("transport: rdma on %s (configured)", devices[0])
         return verbs.RdmaTransport(devices[0])
-    if devices and not verbs.MIGRATES:
-        # Until RDMA connections can migrate, "auto" keeps TCP rather than crash an engine on the
-        # rebalancer's first move; transport = "rdma" opts in (with rebalance = false).
-        logger.info("network transport: tcp (RDMA device %s present, but auto keeps TCP until RDMA connections "
-                    "can migrate: set transport = \"rdma\" and rebalance = false to use it)", devices[0])
-        return TcpTransport()
     if devices:
-        logger.info("transport: rdma on %s (auto: an RDMA device is present)", devices[0])
-        return verbs.RdmaTransport(devices[0])
+        # "auto" keeps TCP: transport = "rdma" opts in (its connections migrate by reopening,
+        # migrates_by_reopening), and the inference process decides that without probing a device.
+        logger.info("network transport: tcp (RDMA device %s present; auto keeps TCP: set transport = \"rdma\" "
+                    "to use it)", devices[0])
+        return TcpTransport()
     logger.info("network transport: tcp (%s)", why)
     return TcpTransport()
 

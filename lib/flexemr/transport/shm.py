@@ -195,6 +195,12 @@ class ShmConnection(Connection):
         self._closed = True
         return self.sock.detach()
 
+    def interrupt(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)   # the reader watches the socket for the peer's death
+        except OSError:
+            pass
+
     def close(self) -> None:
         if self._closed:
             return

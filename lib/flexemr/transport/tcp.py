@@ -119,6 +119,12 @@ class TcpConnection(Connection):
     def detach(self) -> int:
         return self.sock.detach()
 
+    def interrupt(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def close(self) -> None:
         close_socket(self.sock)
 

@@ -13,9 +13,10 @@ One ``Endpoint`` (verbs context, PD) per process, opened on first use in
 that process (engines open theirs after fork): engines never share doorbell
 pages.  It logs "RDMA on rxe0 port 1 gid 1 ...".
 
-Not supported over RDMA (raises, naming the setting): moving a live
-connection to another engine (a QP cannot change process: ``detach`` /
-``adopt``), hence ``[ranker].mapping = "shared"`` and rebalancing.
+A QP cannot change process: ``detach`` / ``adopt`` raise, naming the
+setting, and ``RdmaTransport.MIGRATES`` is False, so engines migrate RDMA
+connections by reopening them (flexemrd/engine/reopen.py); the config refuses
+``[ranker].mapping = "shared"`` and ``migration = "handoff"`` with rdma.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ __all__ = ["IMPLEMENTED", "RdmaConnection", "RdmaTransport", "probe_devices", "p
 logger = logging.getLogger(__name__)
 
 IMPLEMENTED = True
-MIGRATES = False   # detach/adopt of an RDMA connection (engine migration) is not written yet
+MIGRATES = False   # a queue pair cannot change process: no detach/adopt (engines migrate by reopening)
 
 _ENDPOINT_LOCK = threading.Lock()
 _ENDPOINTS: dict[tuple[int, str | None], object] = {}
@@ -145,7 +146,11 @@ class RdmaConnection(Connection):
     def detach(self) -> int:
         raise NotImplementedError(
             f"connection {self.conn_id} to {self.address} is over RDMA: a queue pair cannot move to another "
-            "engine process; run with rebalancing off and [ranker].mapping = \"owned\"")
+            "engine process; migrate it by reopening ([ranker].migration = \"auto\" or \"reopen\")")
+
+    def interrupt(self) -> None:
+        # A reader blocked in the stream also watches the TCP control socket: its EOF wakes it.
+        self.tcp.interrupt()
 
     def close(self) -> None:
         for s in (self.stream, self._pending):
@@ -188,6 +193,7 @@ class RdmaTransport(Transport):
     """Ranker side: connections that switch to verbs in their HELLO; servers listen on TCP."""
 
     name = "rdma"
+    MIGRATES = False   # engines migrate RDMA connections by reopening them (flexemrd/engine/reopen.py)
 
     def __init__(self, device: str | None = None, max_payload: int = DEFAULT_MAX_PAYLOAD,
                  connect_timeout: float = 10.0) -> None:
@@ -203,7 +209,7 @@ class RdmaTransport(Transport):
     def adopt(self, handle: int, conn_id: int, server: int, address: str) -> Connection:
         os.close(handle)
         raise NotImplementedError(f"cannot adopt connection {conn_id} over RDMA: a queue pair cannot change "
-                                  "process (run with rebalancing off and mapping \"owned\")")
+                                  "process (it migrates by reopening: [ranker].migration = \"auto\" or \"reopen\")")
 
     def listen(self, address: str) -> Listener:
         return self._tcp.listen(address)
