@@ -36,7 +36,12 @@ socket says the peer is gone, so a selector loop (the embedding server, the
 engine's receiver) treats it like a socket.
 
 Thread use: one sender thread and one receiver thread at once (the engine),
-or one event loop (the server); a lock covers the CQ and the counters.
+or one event loop (the server); a lock covers the CQ and the counters.  The
+fd also wakes for this side's own send completions, which bring nothing to
+read: a loop that then reads blocking asks ``readable()`` first (the
+engine's receiver), else it sits in this stream while others' bytes wait.
+``close()`` may come from another thread while one waits here: the waiter
+raises ``ConnectionError`` and never touches the destroyed verbs objects.
 Failures: an error completion, a refused post or the TCP control socket
 closing raise ``ConnectionError`` (``QueuePairError`` is one) naming the
 peer; the owner closes the connection and connects a fresh one.
