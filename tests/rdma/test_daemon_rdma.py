@@ -47,7 +47,13 @@ def cluster_log_on_failure(request):
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed and "cluster" in request.fixturenames:
         log = request.getfixturevalue("cluster")["log"]
-        print(f"\n----- {log} (last 12000 bytes) -----\n{log.read_text()[-12000:]}", file=sys.__stderr__)
+        text = f"\n----- {log} (last 12000 bytes) -----\n{log.read_text()[-12000:]}\n"
+        # pytest captures fd 2 itself; the guest's console is what reaches the host.
+        try:
+            with open("/dev/console", "w") as console:
+                console.write(text)
+        except OSError:
+            sys.__stderr__.write(text)
 
 
 def tcp_bytes() -> int:

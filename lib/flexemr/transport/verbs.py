@@ -144,6 +144,10 @@ class RdmaConnection(Connection):
     def fileno(self) -> int:
         return self.tcp.fileno() if self.stream is None else self.stream.fileno()
 
+    def send_backlogged(self) -> bool:
+        """Bytes accepted by ``send_nowait`` wait inside the stream for the peer's grants (TCP: never)."""
+        return self.stream is not None and self.stream.backlogged()
+
     def ready_to_read(self) -> bool:
         """After ``fileno()`` was readable: will a read find bytes (or EOF)?  Non-blocking.
 

@@ -258,6 +258,11 @@ class FrameStream:
             self._settle()
         return total
 
+    def backlogged(self) -> bool:
+        """Bytes ``send_nowait`` took that still wait for the peer's slot grants (the owner must keep
+        watching ``fileno()``: the grants wake it, and its next call pushes them)."""
+        return bool(self._backlog)
+
     # -- internals (lock held) -------------------------------------------------------------
     def _check_open(self) -> None:
         # Another thread may close us (the engine's receiver, on a lost peer) while this
