@@ -4,9 +4,9 @@
 #   python -m pytest -m rdma tests/rdma
 # inside it, with this checkout on PYTHONPATH.  Extra arguments go to pytest.
 #
-#   scripts/test-rdma.sh            # whole rdma suite, ~10 minutes (emulated CPU)
+#   scripts/test-rdma.sh            # whole rdma suite: a few minutes on a quiet host, ~10 loaded
 #   scripts/test-rdma.sh -k read    # one test
-#   scripts/test-rdma.sh -k daemon  # flexemrd local --transport rdma only (~8 minutes)
+#   scripts/test-rdma.sh -k daemon  # flexemrd local --transport rdma only (~2 minutes quiet)
 #   FLEXEMR_RDMA_SKIP_DAEMON=1 scripts/test-rdma.sh   # the verbs-level tests only (~2-3 minutes)
 #
 # On a host that has an RDMA device of its own (a real RNIC), no guest is
