@@ -93,11 +93,14 @@ def run(config_path: str) -> None:
               help="Seconds a client may leave a frame half-sent before it is disconnected.")
 @click.option("--boot-timeout", "boot_timeout_s", default=300.0, show_default=True, type=click.FloatRange(min=1.0),
               help="Seconds a worker may take to become ready (an emulated guest needs more).")
+@click.option("--embedding-kernel", type=click.Choice(["torch", "numpy"]), default="torch", show_default=True,
+              envvar="FLEXEMR_EMBEDDING_KERNEL",
+              help="[embedding].kernel: numpy pools without importing torch (same answers; faster boot).")
 @click.option("--log-level", default="info", show_default=True)
 def local(model_dir, n_servers, engines, socket_path, instance, routing, replicas, hedging, request_timeout_s, max_batch, max_wait_ms, cache_policy,
           cache_size, cache_budget, cache_margin, mapping, credits, transport, rebalance, migration, http_port, grpc_port,
           metrics_port, server_threads, torch_threads, heartbeat_timeout_s, max_clients, client_idle_timeout_s,
-          boot_timeout_s, log_level) -> None:
+          boot_timeout_s, embedding_kernel, log_level) -> None:
     """Run a whole cluster on this host: N embedding servers and one ranker (shm rings by default)."""
     from flexemrd.hosts import build_local, with_local_secret
 
@@ -114,6 +117,7 @@ def local(model_dir, n_servers, engines, socket_path, instance, routing, replica
                            "http_port": http_port, "grpc_port": grpc_port,
                            "torch_threads": 1 if torch_threads is None else torch_threads},
                 "embedding": {"threads": server_threads, "servers": max(1, n_servers), "replicas": replicas,
+                              "kernel": embedding_kernel,
                               "transport": "shm" if transport in ("shm", "auto") else "tcp"},
                 "cache": {"policy": cache_policy, "capacity": cache_size, "budget": cache_budget, "margin": cache_margin},
             },

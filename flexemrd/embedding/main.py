@@ -4,7 +4,9 @@
 socket inherited from the supervisor in the transport's ``Listener`` (a unix
 socket: shm, an inet one: TCP; see flexemr.transport.registry) and runs
 the server's event loop until SIGTERM.  Heavy imports (torch) happen here,
-after the fork.
+after the fork, and only for the torch pooling kernel: with
+``[embedding].kernel = "numpy"`` the process never imports torch (on an
+emulated CPU that is most of its boot).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class EmbeddingPlan:
     instance: str = ""           # with status_slot >= 0: publish this server's rankers in the host's
     status_slot: int = -1        # status segment (flexemr.control.embedding_status), slot status_slot
     secret_file: str = ""        # [daemon].secret_file: rankers must authenticate ("" = no authentication)
+    kernel: str = "torch"        # [embedding].kernel: "torch" or "numpy" (flexemr.pooling.KERNELS)
 
 
 def default_workers(servers_here: int = 1) -> int:
@@ -68,18 +71,20 @@ def default_workers(servers_here: int = 1) -> int:
 
 def embedding_main(plan: EmbeddingPlan, ready: Ready) -> None:
     setup_logging("embedding", plan.index, plan.log_level)
-    import torch
-
     from flexemr.transport.registry import listener_from_socket
     from flexemrd.embedding.server import EmbeddingServer
     from flexemrd.embedding.store import EmbeddingStore
 
-    torch.set_num_threads(max(1, plan.threads))
+    if plan.kernel == "torch":
+        import torch
+
+        torch.set_num_threads(max(1, plan.threads))
+    logger.info("pooling kernel: %s", plan.kernel)
     stop = _stop_event_on_term()
     from flexemr.auth import load_secret
 
     secret = load_secret(plan.secret_file) if plan.secret_file else None
-    store = EmbeddingStore(plan.model_dir, plan.spec, plan.shards)
+    store = EmbeddingStore(plan.model_dir, plan.spec, plan.shards, kernel=plan.kernel)
     listener = listener_from_socket(plan.listener, plan.max_payload)
     logger.info("listening on %s (transport %s)", listener.address,
                 "shm" if plan.listener.family == socket.AF_UNIX else "tcp")
@@ -92,6 +97,8 @@ def embedding_main(plan: EmbeddingPlan, ready: Ready) -> None:
         beat=beat, secret=secret,
     )
     _stop_on(stop, server)
+    if os.environ.get("FLEXEMR_RDMA_TEST_HOOKS") == "1":
+        _break_qps_on_sigusr2()
     rows = sum(s.end - s.start for s in plan.shards)
     logger.info("holding %d shards (%d rows) of %d tables", len(plan.shards), rows, len({s.table for s in plan.shards}))
     server.serve_forever(on_ready=ready.ready)
@@ -105,7 +112,7 @@ def embedding_plans(cfg: Config, spec: ModelSpec, routing: RoutingTable, listene
     return [
         EmbeddingPlan(i, cfg.daemon.model, spec, routing.shards_of(i), sock, e.threads, e.max_payload,
                       cfg.daemon.log_level, max_connections=e.max_connections, workers=workers,
-                      secret_file=cfg.daemon.secret_file)
+                      secret_file=cfg.daemon.secret_file, kernel=e.kernel)
         for i, sock in zip(indices, listeners)
     ]
 
@@ -138,6 +145,19 @@ def _stop_event_on_term() -> threading.Event:
     from flexemrd.process import TermFlag
 
     return TermFlag().event()
+
+
+def _break_qps_on_sigusr2() -> None:
+    """TEST HOOK (FLEXEMR_RDMA_TEST_HOOKS=1, tests/rdma): SIGUSR2 forces this server's RDMA data QPs to ERR."""
+    import signal
+
+    from flexemr.transport.verbs import break_served_streams
+
+    # On its own thread: the handler runs on the event loop's thread, between two
+    # of its bytecodes, possibly inside a stream's critical section.
+    signal.signal(signal.SIGUSR2, lambda *_: threading.Thread(target=break_served_streams, daemon=True,
+                                                               name="break-qps").start())
+    logger.warning("test hooks on: SIGUSR2 breaks this server's RDMA queue pairs")
 
 
 def _stop_on(stop: threading.Event, server: EmbeddingServer) -> None:

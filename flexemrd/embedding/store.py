@@ -2,7 +2,8 @@
 
 Tables are mapped read-only from the model directory's ``.npy`` files (whole
 files: ids stay global, only the pages of this server's shards are touched)
-and pooled through THE kernel, ``flexemr.pooling.TablePooler``: each server
+and pooled through THE kernel, ``flexemr.pooling.TablePooler`` (torch, or
+numpy with ``[embedding].kernel = "numpy"``: same answers): each server
 sends a partial per bag (sums for mean tables; docs/PROTOCOL.md,
 *Hierarchical pooling*).
 
@@ -68,8 +69,10 @@ class HeldVersion:
 class EmbeddingStore:
     """The shards this server holds, per model version: range checks, partial pooling and raw rows."""
 
-    def __init__(self, model_dir: str, spec: ModelSpec, shards: Sequence[Shard], version: int = BOOT_VERSION) -> None:
+    def __init__(self, model_dir: str, spec: ModelSpec, shards: Sequence[Shard], version: int = BOOT_VERSION,
+                 kernel: str = "torch") -> None:
         self.spec = spec
+        self.kernel = kernel            # flexemr.pooling.KERNELS
         self.shards = list(shards)
         self.boot_version = version
         self._names = sorted({s.table for s in shards}, key=spec.table_index)
@@ -86,7 +89,7 @@ class EmbeddingStore:
         mine = self._ranges[name]
         return _HeldTable(
             name=name,
-            pooler=TablePooler(arr, t.pooling),
+            pooler=TablePooler(arr, t.pooling, self.kernel),
             starts=np.array([a for a, _ in mine], dtype=np.int64),
             ends=np.array([b for _, b in mine], dtype=np.int64),
             whole=len(mine) == 1 and mine[0] == (0, t.rows),
@@ -159,7 +162,9 @@ class EmbeddingStore:
         version = self.hold(req.version)
         held = [self._table(t, version) for t in req.table_ids]
         for i, st in enumerate(held):
-            if not st.whole:  # ids of other servers' shards are valid rows to torch: check here
+            # ids of other servers' shards are valid rows to the kernel: check here; numpy's
+            # gather would also wrap a negative id around, so it checks every table.
+            if not st.whole or self.kernel == "numpy":
                 self._check_ids(st, kjt.table(i)[0])
         out = []
         for i, st in enumerate(held):

@@ -164,6 +164,11 @@ class Receiver:
     def _receive_one(self, st: ConnState) -> None:
         conn = st.conn
         try:
+            # A verbs connection's fd also wakes for its own send completions: read only
+            # when bytes wait, or this thread would block here while others' answers wait.
+            ready = getattr(conn, "ready_to_read", None)
+            if ready is not None and not ready():
+                return
             h = conn.recv_header()
         except (ConnectionError, OSError) as e:
             self._dead(st, f"connection to server {conn.server} ({conn.address}) lost: {e}")

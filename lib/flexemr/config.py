@@ -140,6 +140,7 @@ class EmbeddingConfig:
     replicas: int = 1                # must match the rankers' [ranker].replicas
     threads: int = 1                 # torch intra-op threads for pooling
     workers: int = 0                 # pooling workers per server; 0 = this host's cores over its servers (1..8)
+    kernel: str = "torch"            # pooling kernel: "torch" or "numpy" (same answers; numpy never imports torch)
     max_payload: int = 1 << 30
     max_connections: int = 256       # ranker connections served at once; one more gets ERROR OVERLOADED
     insecure: bool = False           # allow listening beyond loopback without [daemon].secret_file
@@ -179,6 +180,7 @@ _CHOICES = {
     ("ranker", "migration"): ("auto", "handoff", "reopen"),
     ("ranker", "partials"): ("fp32", "fp16", "bf16"),
     ("embedding", "transport"): ("tcp", "shm"),
+    ("embedding", "kernel"): ("torch", "numpy"),
     ("cache", "policy"): CacheMode.labels(),
     ("cache", "admission"): ("lru", "tinylfu"),
 }

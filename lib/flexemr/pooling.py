@@ -17,6 +17,14 @@ sum and mean tables (the ranker divides), a max for max tables.
 
 torch's ``embedding_bag`` releases the GIL while it gathers, so threads
 pooling different requests run in parallel.
+
+``pool_numpy`` is the same kernel without torch (``[embedding].kernel =
+"numpy"``, ``TablePooler(..., kernel="numpy")``): a gather and a float32
+``reduceat`` that accumulate in the order ``embedding_bag`` does (row by row
+within a bag), so its answers equal the torch kernel's (the tests compare
+them bit for bit).  It exists so an embedding server need not import torch
+(seconds on a host, over a minute on an emulated CPU); torch stays the
+default because its gather releases the GIL for longer and runs threaded.
 """
 
 from __future__ import annotations
@@ -31,7 +39,10 @@ from flexemr.types import Pooling
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["pool_tensor", "TablePooler", "as_weight", "check_bags", "partial_pooling", "pool_reference", "pool_torch"]
+__all__ = ["KERNELS", "pool_tensor", "TablePooler", "as_weight", "check_bags", "partial_pooling", "pool_numpy",
+           "pool_reference", "pool_torch"]
+
+KERNELS = ("torch", "numpy")
 
 
 def check_bags(rows: int, values: np.ndarray, lengths: np.ndarray, what: str = "bags") -> None:
@@ -140,6 +151,48 @@ def pool_tensor(ids: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, 
     return out
 
 
+def pool_numpy(table: np.ndarray, values: np.ndarray, lengths: np.ndarray, pooling: Pooling,
+               check: bool = True) -> np.ndarray:
+    """Pool bags in float32 with numpy alone; returns float32 [B, dim], bit for bit :func:`pool_torch`'s answer.
+
+    ``embedding_bag`` sums a bag's rows one after the other in float32;
+    ``np.add.reduceat`` does not (its answers differ in the last bits), so
+    sums go position by position instead: step k adds the k-th row of every
+    bag at least k+1 long, all bags at once (bags sorted longest first, so
+    the active ones are a prefix).  That is one whole-array add per position
+    of the longest bag, never a loop over rows.  Max is order-free:
+    ``np.maximum.reduceat`` over the non-empty bags.  Empty bags are zeros.
+    """
+    values = np.asarray(values)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if check:
+        check_bags(table.shape[0], values, lengths)
+    out = np.zeros((len(lengths), table.shape[1]), dtype=np.float32)
+    if not len(values):
+        return out
+    rows = np.asarray(table[values], dtype=np.float32)
+    starts = np.cumsum(lengths) - lengths
+    if Pooling(pooling) is Pooling.MAX:
+        full = lengths > 0
+        out[full] = np.maximum.reduceat(rows, starts[full], axis=0)
+        return out
+    order = np.argsort(-lengths, kind="stable")
+    sorted_starts = starts[order]
+    sorted_lengths = lengths[order]
+    acc = np.zeros_like(out)
+    longest = int(sorted_lengths[0])
+    # active[k] = how many bags have more than k rows (a prefix of the sorted bags)
+    active = np.searchsorted(-sorted_lengths, -np.arange(longest), side="left")
+    for k in range(longest):
+        n = int(active[k])
+        acc[:n] += rows[sorted_starts[:n] + k]
+    if Pooling(pooling) is Pooling.MEAN:
+        full = sorted_lengths > 0
+        acc[full] /= sorted_lengths[full, None].astype(np.float32)
+    out[order] = acc
+    return out
+
+
 def partial_pooling(pooling: Pooling) -> Pooling:
     """What one server computes for a table of ``pooling``: mean travels as partial sums."""
     return Pooling.MAX if Pooling(pooling) is Pooling.MAX else Pooling.SUM
@@ -151,22 +204,39 @@ class TablePooler:
     ``pool`` is the global pool of each bag; ``partial`` is what an embedding
     server holding some of the rows sends (see ``partial_pooling``).  Both
     return float32 [B, dim]; ``check=False`` leaves the id range check to
-    torch, which raises RuntimeError on an id outside the table.
+    torch, which raises RuntimeError on an id outside the table (numpy's
+    gather raises IndexError).  ``kernel="numpy"`` pools with
+    :func:`pool_numpy` and never imports torch (the table must then be a
+    numpy array).
     """
 
-    __slots__ = ("table", "weight", "pooling", "rows", "dim")
+    __slots__ = ("table", "weight", "pooling", "rows", "dim", "kernel")
 
-    def __init__(self, table: np.ndarray | torch.Tensor, pooling: Pooling) -> None:
-        self.weight = as_weight(table)          # no copy: pages stay shared with every other mapper
-        self.table = table if isinstance(table, np.ndarray) else self.weight.numpy()
+    def __init__(self, table: np.ndarray | torch.Tensor, pooling: Pooling, kernel: str = "torch") -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"pooling kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        self.kernel = kernel
+        if kernel == "numpy":
+            if not isinstance(table, np.ndarray):
+                raise TypeError(f"the numpy pooling kernel needs a numpy table, got {type(table).__name__}")
+            self.weight = None
+            self.table = table
+        else:
+            self.weight = as_weight(table)          # no copy: pages stay shared with every other mapper
+            self.table = table if isinstance(table, np.ndarray) else self.weight.numpy()
         self.pooling = Pooling(pooling)
-        self.rows, self.dim = (int(x) for x in self.weight.shape)
+        self.rows, self.dim = (int(x) for x in self.table.shape)
 
     def pool(self, values: np.ndarray, lengths: np.ndarray, check: bool = True) -> np.ndarray:
-        return pool_torch(self.weight, values, lengths, self.pooling, check=check)
+        return self._pool(values, lengths, self.pooling, check)
 
     def partial(self, values: np.ndarray, lengths: np.ndarray, check: bool = True) -> np.ndarray:
-        return pool_torch(self.weight, values, lengths, partial_pooling(self.pooling), check=check)
+        return self._pool(values, lengths, partial_pooling(self.pooling), check)
+
+    def _pool(self, values: np.ndarray, lengths: np.ndarray, pooling: Pooling, check: bool) -> np.ndarray:
+        if self.weight is None:
+            return pool_numpy(self.table, values, lengths, pooling, check=check)
+        return pool_torch(self.weight, values, lengths, pooling, check=check)
 
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Raw rows [n, dim] (a copy), for cache fills; ids must already be checked."""

@@ -28,6 +28,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                        "or set FLEXEMR_RDMA_GUEST=1 on a host with an RNIC"))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Keep each test's call report on its item (``rep_call``): fixtures print logs when it failed."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call":
+        item.rep_call = rep
+
+
 @pytest.fixture(scope="session")
 def rdma_device() -> str:
     """The device the suite runs on (fails, not skips, when there is none)."""

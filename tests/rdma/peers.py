@@ -55,8 +55,20 @@ class Peer:
     def __enter__(self) -> Peer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        child_error = None
+        if exc_type is not None:
+            # The test failed (often: "peer closed the connection"): the child's own
+            # traceback, when it sent one, says why (after any messages nobody read).
+            try:
+                while child_error is None and self.pipe.poll(5.0):
+                    tag, value = self.pipe.recv()
+                    child_error = value if tag == "error" else None
+            except (EOFError, OSError):
+                pass
         self.close()
+        if child_error is not None:
+            raise AssertionError(f"peer process failed:\n{child_error}")
 
 
 class PeerPipe:

@@ -7,6 +7,14 @@ model (odd table sizes, every pooling mode); the logs say RDMA on the device
 for every engine and server and name each connection's QP; the bytes that
 cross TCP in the whole run (HELLOs only) are under 1% of the pooled bytes
 served, measured by the kernel (``ss -tin``), so the data went over verbs.
+
+Then failures, under load (a client thread checking every answer): a
+server whose data QPs are forced to the error state (the embedding server's
+test hook: SIGUSR2 with FLEXEMR_RDMA_TEST_HOOKS=1) is reconnected by the
+engines over RDMA again; a server killed with SIGKILL is restarted by the
+supervisor and served over RDMA again.  In both, every request either gets
+the exact answer or fails with an error naming the server: none is lost
+silently, none is wrong.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -29,6 +38,22 @@ pytestmark = pytest.mark.rdma
 
 REPO = Path(__file__).resolve().parents[2]
 BOOT_S = float(os.environ.get("FLEXEMR_RDMA_BOOT_S", "1200"))
+
+
+@pytest.fixture(autouse=True)
+def cluster_log_on_failure(request):
+    """The guest's files vanish with it: a failing test prints the cluster's log to the console."""
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed and "cluster" in request.fixturenames:
+        log = request.getfixturevalue("cluster")["log"]
+        text = f"\n----- {log} (last 12000 bytes) -----\n{log.read_text()[-12000:]}\n"
+        # pytest captures fd 2 itself; the guest's console is what reaches the host.
+        try:
+            with open("/dev/console", "w") as console:
+                console.write(text)
+        except OSError:
+            sys.__stderr__.write(text)
 
 
 def tcp_bytes() -> int:
@@ -54,11 +79,15 @@ def cluster(answers, tmp_path_factory, rdma_device):
     log = tmp / "cluster.log"
     cmd = [sys.executable, "-m", "flexemrd", "local", "--model", answers["model"], "--embedding-servers", "3",
            "--engines", "2", "--socket", sock, "--instance", instance, "--transport", "rdma", "--no-rebalance",
-           "--heartbeat-timeout", "0", "--boot-timeout", str(BOOT_S)]
+           "--heartbeat-timeout", "0", "--boot-timeout", str(BOOT_S),
+           # the servers pool with numpy: only the ranker imports torch (minutes on the emulated CPU)
+           "--embedding-kernel", "numpy"]
     tcp0 = tcp_bytes()
+    env = {**os.environ, "FLEXEMR_RDMA_TEST_HOOKS": "1"}
     with open(log, "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=logf, text=True, cwd=REPO)
-        deadline = time.monotonic() + BOOT_S + 60
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=logf, text=True, cwd=REPO, env=env)
+        t0 = time.monotonic()
+        deadline = t0 + BOOT_S + 60
         line = ""
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
@@ -67,6 +96,7 @@ def cluster(answers, tmp_path_factory, rdma_device):
         if "ready" not in line:
             proc.kill()
             pytest.fail(f"flexemrd local --transport rdma did not become ready:\n{log.read_text()[-4000:]}")
+        print(f"flexemrd local --transport rdma ready after {time.monotonic() - t0:.0f} s", file=sys.stderr)
         try:
             yield {"socket": sock, "log": log, "tcp0": tcp0, "proc": proc}
         finally:
@@ -107,3 +137,120 @@ def test_lookup_and_predict_equal_the_monolithic_model_and_only_hellos_cross_tcp
     assert "Traceback" not in log, log[-3000:]
     assert counter(rdma_device, "rcvd_pkts") - pkts0 >= 2 * len(answers["cases"])
     assert crossed_tcp < 0.01 * served, f"{crossed_tcp} bytes crossed TCP for {served} bytes served"
+
+
+def server_pids(proc: subprocess.Popen) -> dict[str, int]:
+    """{"flexemr-emb[i]": pid} of the cluster's embedding servers (the process titles flexemrd sets)."""
+    import psutil
+
+    out = {}
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if p.name().startswith("flexemr-emb"):
+                out[p.name()] = p.pid
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+class Load:
+    """A client thread cycling through the reference cases, every answer checked; failures kept."""
+
+    def __init__(self, socket_path: str, answers: dict) -> None:
+        self.socket_path = socket_path
+        self.cases = answers["cases"]
+        self.stop = threading.Event()
+        self.ok = 0
+        self.wrong: list[str] = []
+        self.failures: list[str] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Load:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(120)
+
+    def _run(self) -> None:
+        from flexemr.client import InferenceClient
+
+        with InferenceClient(self.socket_path, timeout=60) as c:
+            i = 0
+            while not self.stop.is_set():
+                case = self.cases[i % len(self.cases)]
+                i += 1
+                try:
+                    if i % 2:
+                        pooled = c.lookup(case["sparse"])
+                        good = sorted(pooled) == sorted(case["lookup"]) and all(
+                            np.allclose(pooled[n], w, rtol=1e-5, atol=1e-6) for n, w in case["lookup"].items())
+                    else:
+                        good = np.allclose(c.predict(case["dense"], case["sparse"]), case["predict"],
+                                           rtol=1e-5, atol=1e-6)
+                except Exception as e:  # every failed request is a finding: it must name the server
+                    self.failures.append(repr(e))
+                    continue
+                if good:
+                    self.ok += 1
+                else:
+                    self.wrong.append(f"case {i % len(self.cases)}")
+
+    def wait_ok(self, more: int, timeout: float, log: Path) -> None:
+        target = self.ok + more
+        deadline = time.monotonic() + timeout
+        while self.ok < target and time.monotonic() < deadline and self.thread.is_alive():
+            time.sleep(0.1)
+        assert self.ok >= target, (f"only {self.ok} of {target} answers in {timeout:g} s; failures: "
+                                   f"{self.failures[-3:]}\n{log.read_text()[-3000:]}")
+
+
+def wait_for(what: str, cond, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what} within {timeout:g} s:\n{log.read_text()[-4000:]}"
+        time.sleep(0.2)
+
+
+def test_a_server_whose_queue_pairs_break_is_reconnected_over_rdma_and_nothing_is_lost(cluster, answers) -> None:
+    log = cluster["log"]
+    server = server_pids(cluster["proc"])["flexemr-emb[1]"]
+    data_qps = len(re.findall(r"over RDMA \(data QP", log.read_text()))
+    reconnects = log.read_text().count("re-established")
+    with Load(cluster["socket"], answers) as load:
+        load.wait_ok(6, 300, log)
+        os.kill(server, signal.SIGUSR2)
+        wait_for("the test hook broke server 1's QPs",
+                 lambda: "test hook: forced" in log.read_text(), 120, log)
+        assert "forced 0 " not in log.read_text(), "server 1 served no RDMA data connection"
+        # The engine owning the connection to server 1 loses it and opens a new one: a new QP, RDMA again.
+        wait_for("the connection to server 1 was re-established",
+                 lambda: log.read_text().count("re-established") > reconnects, 300, log)
+        load.wait_ok(10, 300, log)
+    text = log.read_text()
+    assert len(re.findall(r"over RDMA \(data QP", text)) > data_qps, "the new connection is RDMA too"
+    assert load.wrong == [], load.wrong
+    # What was in flight on the broken QPs (or queued for server 1 while it was down) failed
+    # naming the server: there is no replica to re-issue it to.
+    assert all("server 1" in f for f in load.failures), load.failures[:3]
+    assert server_pids(cluster["proc"])["flexemr-emb[1]"] == server, "recovered without a restart"
+
+
+def test_a_killed_server_is_restarted_and_served_over_rdma_again_exactly(cluster, answers, rdma_device) -> None:
+    log = cluster["log"]
+    old = server_pids(cluster["proc"])["flexemr-emb[2]"]
+    opened = log.read_text().count(f"RDMA on {rdma_device} port 1 gid")
+    reconnects = log.read_text().count("re-established")
+    with Load(cluster["socket"], answers) as load:
+        load.wait_ok(6, 300, log)
+        os.kill(old, signal.SIGKILL)
+        wait_for("the supervisor restarted server 2",
+                 lambda: server_pids(cluster["proc"]).get("flexemr-emb[2]", old) != old, 300, log)
+        wait_for("the connection to the new server 2 was re-established",
+                 lambda: log.read_text().count("re-established") > reconnects, BOOT_S, log)
+        load.wait_ok(10, 300, log)
+    text = log.read_text()
+    assert text.count(f"RDMA on {rdma_device} port 1 gid") > opened, "the new server opened the device"
+    assert load.wrong == [], load.wrong
+    assert all("server 2" in f for f in load.failures), load.failures[:3]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from typing import Sequence
 
 from flexemr.errors import ProtocolError
@@ -31,8 +32,8 @@ from flexemr.transport.base import Connection, Listener, Transport
 from flexemr.transport.tcp import TcpConnection, TcpTransport
 from flexemr.wire.frame import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, Header, unpack_header
 
-__all__ = ["IMPLEMENTED", "RdmaConnection", "RdmaTransport", "probe_devices", "process_endpoint",
-           "upgrade_server_connection"]
+__all__ = ["IMPLEMENTED", "RdmaConnection", "RdmaTransport", "break_served_streams", "probe_devices",
+           "process_endpoint", "upgrade_server_connection"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ MIGRATES = False   # a queue pair cannot change process: no detach/adopt (engine
 
 _ENDPOINT_LOCK = threading.Lock()
 _ENDPOINTS: dict[tuple[int, str | None], object] = {}
+_SERVED: weakref.WeakSet = weakref.WeakSet()   # this process's server-side data streams (test hook below)
 
 
 def probe_devices() -> tuple[list[str], str]:
@@ -143,6 +145,18 @@ class RdmaConnection(Connection):
     def fileno(self) -> int:
         return self.tcp.fileno() if self.stream is None else self.stream.fileno()
 
+    def send_backlogged(self) -> bool:
+        """Bytes accepted by ``send_nowait`` wait inside the stream for the peer's grants (TCP: never)."""
+        return self.stream is not None and self.stream.backlogged()
+
+    def ready_to_read(self) -> bool:
+        """After ``fileno()`` was readable: will a read find bytes (or EOF)?  Non-blocking.
+
+        A TCP socket's readability means exactly that; a verbs stream's fd also
+        wakes for its own send completions (``FrameStream.readable``).
+        """
+        return True if self.stream is None else self.stream.readable()
+
     def detach(self) -> int:
         raise NotImplementedError(
             f"connection {self.conn_id} to {self.address} is over RDMA: a queue pair cannot move to another "
@@ -186,7 +200,27 @@ def upgrade_server_connection(conn: Connection, blob: bytes, priority: bool = Fa
         stream.close()
         raise
     up.stream = stream
+    if not priority:
+        _SERVED.add(stream)
     return up, stream.blob()
+
+
+def break_served_streams() -> int:
+    """TEST HOOK: force the QP of every data connection this process serves to the error state.
+
+    What a peer whose QP breaks looks like to the rankers (their writes fail,
+    the server drops the connection); the embedding server calls it on
+    SIGUSR2 only when FLEXEMR_RDMA_TEST_HOOKS=1.  Returns how many it broke.
+    """
+    broken = 0
+    for stream in list(_SERVED):
+        try:
+            stream.to_error()
+            broken += 1
+        except ConnectionError:
+            continue   # closed meanwhile
+    logger.warning("test hook: forced %d served RDMA data QP%s to the error state", broken, "" if broken == 1 else "s")
+    return broken
 
 
 class RdmaTransport(Transport):

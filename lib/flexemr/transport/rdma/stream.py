@@ -36,7 +36,12 @@ socket says the peer is gone, so a selector loop (the embedding server, the
 engine's receiver) treats it like a socket.
 
 Thread use: one sender thread and one receiver thread at once (the engine),
-or one event loop (the server); a lock covers the CQ and the counters.
+or one event loop (the server); a lock covers the CQ and the counters.  The
+fd also wakes for this side's own send completions, which bring nothing to
+read: a loop that then reads blocking asks ``readable()`` first (the
+engine's receiver), else it sits in this stream while others' bytes wait.
+``close()`` may come from another thread while one waits here: the waiter
+raises ``ConnectionError`` and never touches the destroyed verbs objects.
 Failures: an error completion, a refused post or the TCP control socket
 closing raise ``ConnectionError`` (``QueuePairError`` is one) naming the
 peer; the owner closes the connection and connects a fresh one.
@@ -132,6 +137,9 @@ class FrameStream:
         self.bytes_received = 0
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._efd_set = False
+        # Wakes the thread asleep on the channel fd when another thread consumed the
+        # channel's event and handled the completion that thread was waiting for.
+        self._kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll = select.epoll()
         for fd in (self._chan_fd, self._efd, control.fileno()):
             self._epoll.register(fd, select.EPOLLIN)
@@ -165,11 +173,30 @@ class FrameStream:
     def fileno(self) -> int:
         return self._epoll.fileno()
 
+    def readable(self) -> bool:
+        """Non-blocking: True when bytes wait, so a read will not block on this connection.
+
+        ``fileno()`` also wakes for this side's own send completions (frames,
+        slot grants), which carry nothing to read: a selector loop that reads
+        blocking (the engine's receiver) asks this first, or it would sit in
+        one connection's read while another's answer waits.  Raises
+        ``ConnectionError`` when the peer is gone.
+        """
+        with self._lock:
+            self._check_open()
+            self._consume_event()
+            self._progress()
+            if not self._rx:
+                self._check_control()
+            self._settle()
+            return bool(self._rx)
+
     # -- blocking (engines) ----------------------------------------------------------
     def send(self, buffers: Sequence) -> int:
         """Send every byte of ``buffers`` in order, waiting for credits as needed; returns the count."""
         total = 0
         with self._lock:
+            self._check_open()
             for b in buffers:
                 mv = memoryview(b).cast("B")
                 off = 0
@@ -190,6 +217,7 @@ class FrameStream:
         view = view.cast("B") if view.format != "B" else view
         got = 0
         with self._lock:
+            self._check_open()
             while got < len(view):
                 got += self._read(view[got:])
                 if got < len(view):
@@ -199,6 +227,7 @@ class FrameStream:
     # -- non-blocking (the server's event loop) ------------------------------------------
     def recv_nowait(self, view: memoryview) -> int:
         with self._lock:
+            self._check_open()
             self._consume_event()
             self._progress()
             n = self._read(view)
@@ -211,6 +240,7 @@ class FrameStream:
         """Take every byte now: what does not fit the peer's ring waits here (copied), in order."""
         total = 0
         with self._lock:
+            self._check_open()
             self._consume_event()
             self._progress()
             self._pump()
@@ -228,7 +258,18 @@ class FrameStream:
             self._settle()
         return total
 
+    def backlogged(self) -> bool:
+        """Bytes ``send_nowait`` took that still wait for the peer's slot grants (the owner must keep
+        watching ``fileno()``: the grants wake it, and its next call pushes them)."""
+        return bool(self._backlog)
+
     # -- internals (lock held) -------------------------------------------------------------
+    def _check_open(self) -> None:
+        # Another thread may close us (the engine's receiver, on a lost peer) while this
+        # one waits: its verbs objects are gone, so it must not touch them again.
+        if self.closed:
+            raise ConnectionError(f"connection to {self.peer} was closed")
+
     def _can_write(self) -> bool:
         return self._tx_credits > 0 and self._tx_busy < self.slots and self.qp.send_free > 1
 
@@ -312,6 +353,13 @@ class FrameStream:
             self._reposts = 0
         if handled:
             self._lock.notify_all()
+            if self._rx and not self._efd_set:
+                # Bytes landed while another thread held the channel's event (a sender
+                # waiting for credits): the owner's selector must still see them.
+                os.eventfd_write(self._efd, 1)
+                self._efd_set = True
+            if self._poller:
+                os.eventfd_write(self._kick, 1)
         return handled
 
     def _post_receives(self, n: int) -> None:
@@ -347,6 +395,7 @@ class FrameStream:
     def _wait(self, ready: Callable[[], bool], what: str) -> None:
         """Until ``ready()``: poll, arm, sleep on the channel fd (one thread at a time), poll again."""
         while True:
+            self._check_open()
             self._progress()
             self._pump()
             if ready():
@@ -362,10 +411,15 @@ class FrameStream:
             self._poller = True
             self._lock.release()
             try:
-                select.select([self._chan_fd, self.control], [], [], _WAIT_SLICE_S)
+                select.select([self._chan_fd, self._kick, self.control], [], [], _WAIT_SLICE_S)
             finally:
                 self._lock.acquire()
                 self._poller = False
+            self._check_open()
+            try:
+                os.eventfd_read(self._kick)
+            except BlockingIOError:
+                pass
             self._consume_event()
 
     def _settle(self) -> None:
@@ -391,15 +445,22 @@ class FrameStream:
     def to_error(self) -> None:
         """Force the QP to the error state (tests: a peer whose QP breaks)."""
         with self._lock:
+            self._check_open()
             self.qp.to_error()
 
     def state(self) -> str:
         return self.qp.state()
 
     def close(self) -> None:
+        """Destroy the QP, CQ, channel and rings; any thread, also while another waits in this stream."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self._lock.notify_all()
         for what in (self.qp.close, self._ack_all, self.cq.close, self.channel.close, self.rx.close, self.tx.close,
                      self._epoll.close):
             try:
@@ -407,6 +468,7 @@ class FrameStream:
             except Exception:  # closing must not raise; the process may be going down anyway
                 logger.debug("closing the RDMA stream to %s: %s failed", self.peer, what, exc_info=True)
         os.close(self._efd)
+        os.close(self._kick)
 
     def _ack_all(self) -> None:
         self._consume_event()
