@@ -568,7 +568,7 @@ class EmbeddingServer:
 
     def _flush(self, peer: _Peer) -> None:
         out = peer.outbox
-        if not out and _backlogged(peer.conn):
+        if not out and peer.conn.send_backlogged():
             try:
                 peer.conn.send_nowait([])   # RDMA: push what the stream holds as the ranker's grants arrive
             except OSError:
@@ -622,7 +622,7 @@ class EmbeddingServer:
         want = 0 if peer.closing or self._paused(peer) else selectors.EVENT_READ
         if peer.outbox:
             want |= selectors.EVENT_WRITE
-        elif _backlogged(peer.conn):
+        elif peer.conn.send_backlogged():
             # RDMA took the bytes but holds them until the ranker grants ring slots: its
             # fd turns readable when the grants land, even while reading is paused.
             want |= selectors.EVENT_READ
@@ -667,12 +667,6 @@ class EmbeddingServer:
                 pass
         except (BlockingIOError, OSError):
             pass
-
-
-def _backlogged(conn: Connection) -> bool:
-    """Does the transport hold accepted bytes it could not send yet (RDMA's stream; TCP and shm: never)?"""
-    held = getattr(conn, "send_backlogged", None)
-    return held is not None and held()
 
 
 def _type_name(ftype: int) -> str:

@@ -166,8 +166,7 @@ class Receiver:
         try:
             # A verbs connection's fd also wakes for its own send completions: read only
             # when bytes wait, or this thread would block here while others' answers wait.
-            ready = getattr(conn, "ready_to_read", None)
-            if ready is not None and not ready():
+            if not conn.ready_to_read():
                 return
             h = conn.recv_header()
         except (ConnectionError, OSError) as e:

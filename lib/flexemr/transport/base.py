@@ -121,6 +121,23 @@ class Connection(abc.ABC):
         engine retiring a connection uses it to get its receiver out first.
         """
 
+    def ready_to_read(self) -> bool:
+        """After ``fileno()`` turned readable: will a read find bytes (or EOF) now?  Non-blocking.
+
+        A socket's readability means exactly that (True); an RDMA stream's fd
+        also wakes for its own send completions, which bring nothing to read.
+        """
+        return True
+
+    def send_backlogged(self) -> bool:
+        """Does the connection hold bytes ``send_nowait`` accepted but could not send yet?
+
+        TCP and shm never do (what they accept is in the kernel or the ring);
+        an RDMA stream holds them until the peer grants ring slots, and its
+        fd turns readable when the grants land.
+        """
+        return False
+
     # A transport that sets up its data path inside the HELLO (RDMA: the
     # connection blob) overrides these two; TCP needs neither.
     def hello_blob(self) -> bytes:
