@@ -21,7 +21,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from flexemr.loadgen import wait_for_socket
@@ -30,7 +30,7 @@ from flexemrd.embedding.main import EmbeddingPlan, embedding_main
 from flexemrd.process import ReadyPipe
 
 __all__ = ["Accumulator", "EmbeddingPlan", "ReadyPipe", "ReadyProcess", "embedding_main", "free_ports",
-           "stop_process", "tree_cpu_seconds"]
+           "stop_process", "tree_cpu_by_prefix", "tree_cpu_seconds"]
 
 
 def free_ports(n: int) -> list[int]:
@@ -57,12 +57,11 @@ def stop_process(proc: subprocess.Popen, timeout: float = 30.0) -> int | None:
     return proc.returncode
 
 
-def tree_cpu_seconds(pids: Sequence[int]) -> float:
-    """user+system seconds of ``pids`` and all their descendants (threads included)."""
+def _tree_cpu(pids: Sequence[int]) -> Iterator[tuple[str, float]]:
+    """(process name, user+system seconds) of ``pids`` and all their descendants, each process once."""
     import psutil
 
     seen: set[int] = set()
-    total = 0.0
     for pid in pids:
         try:
             root = psutil.Process(pid)
@@ -74,11 +73,25 @@ def tree_cpu_seconds(pids: Sequence[int]) -> float:
                 continue
             seen.add(p.pid)
             try:
-                t = p.cpu_times()
-                total += t.user + t.system
+                name, t = p.name(), p.cpu_times()
             except psutil.NoSuchProcess:
-                pass
-    return total
+                continue
+            yield name, t.user + t.system
+
+
+def tree_cpu_seconds(pids: Sequence[int]) -> float:
+    """user+system seconds of ``pids`` and all their descendants (threads included)."""
+    return sum(cpu for _name, cpu in _tree_cpu(pids))
+
+
+def tree_cpu_by_prefix(pid: int, roles: Sequence[tuple[str, str]], other: str) -> dict[str, float]:
+    """CPU seconds of ``pid``'s tree summed per role: a process counts for the first (name prefix, role)
+    its name starts with (flexemrd's process titles name their role), else for ``other``."""
+    out = {role: 0.0 for _prefix, role in roles}
+    out[other] = 0.0
+    for name, cpu in _tree_cpu([pid]):
+        out[next((r for prefix, r in roles if name.startswith(prefix)), other)] += cpu
+    return out
 
 
 class ReadyProcess:

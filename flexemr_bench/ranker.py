@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from flexemr.loadgen import LoadResult, run_load, socket_caller
-from flexemr_bench.daemon import ReadyProcess
+from flexemr_bench.daemon import ReadyProcess, tree_cpu_by_prefix
 
 BATCH = 2048
 OPEN_LOOP_LEVELS = (0.3, 0.6)   # offered load, as a fraction of the monolithic layout's predict maximum
@@ -151,22 +151,7 @@ ROLE_COLUMNS = ("embedding servers", "engines", "ranker", "supervisor", "clients
 
 def cpu_by_role(pid: int) -> dict[str, float]:
     """user+system CPU seconds of a ``flexemrd local`` tree, summed per role (process titles name them)."""
-    import psutil
-
-    out = {role: 0.0 for _prefix, role in ROLES}
-    out["supervisor"] = 0.0
-    try:
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return out
-    for p in procs:
-        try:
-            name, t = p.name(), p.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        role = next((r for prefix, r in ROLES if name.startswith(prefix)), "supervisor")
-        out[role] += t.user + t.system
-    return out
+    return tree_cpu_by_prefix(pid, ROLES, "supervisor")
 
 
 def _children_cpu() -> float:
