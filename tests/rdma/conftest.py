@@ -55,3 +55,13 @@ def endpoint(rdma_device: str):
     ep = Endpoint(rdma_device)
     yield ep
     ep.close()
+
+
+@pytest.fixture(scope="module")
+def answers(tmp_path_factory):
+    """The monolithic reference for the daemon tests (made on the host by scripts/test-rdma.sh, or here)."""
+    from tests.rdma.reference import load, prepare
+
+    made = os.environ.get("FLEXEMR_RDMA_REFERENCE")
+    path = Path(made) / "answers.pkl" if made else prepare(tmp_path_factory.mktemp("reference"))
+    return load(path)

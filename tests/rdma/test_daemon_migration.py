@@ -18,25 +18,19 @@ counters), so replacing verbs by TCP fails the test.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
-import sys
 import threading
 import time
-import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.rdma.daemon import rdma_cluster
 from tests.rdma.peers import counter
 
 pytestmark = pytest.mark.rdma
 
-REPO = Path(__file__).resolve().parents[2]
-BOOT_S = float(os.environ.get("FLEXEMR_RDMA_BOOT_S", "1200"))
 SERVERS = 2
 ENGINES = 2
 CHANNELS = 2            # data + credit QP per connection, each with its TCP control socket
@@ -51,46 +45,10 @@ CLIENTS = 2
 
 
 @pytest.fixture(scope="module")
-def answers(tmp_path_factory):
-    from tests.rdma.reference import load, prepare
-
-    made = os.environ.get("FLEXEMR_RDMA_REFERENCE")
-    path = Path(made) / "answers.pkl" if made else prepare(tmp_path_factory.mktemp("reference"))
-    return load(path)
-
-
-@pytest.fixture(scope="module")
 def cluster(answers, tmp_path_factory, rdma_device):
-    tmp = tmp_path_factory.mktemp("cluster")
-    instance = "m" + uuid.uuid4().hex[:8]
-    sock = str(tmp / "api.sock")
-    log = tmp / "cluster.log"
-    cmd = [sys.executable, "-m", "flexemrd", "local", "--model", answers["model"], "--embedding-servers",
-           str(SERVERS), "--engines", str(ENGINES), "--socket", sock, "--instance", instance, "--transport", "rdma",
-           "--no-rebalance", "--heartbeat-timeout", "0", "--boot-timeout", str(BOOT_S)]
-    with open(log, "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=logf, text=True, cwd=REPO)
-        deadline = time.monotonic() + BOOT_S + 60
-        line = ""
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if "ready" in line or not line:
-                break
-        if "ready" not in line:
-            proc.kill()
-            pytest.fail(f"flexemrd local --transport rdma did not become ready:\n{log.read_text()[-4000:]}")
-        try:
-            yield {"socket": sock, "log": log, "proc": proc, "instance": instance}
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            from flexemr import naming
-
-            naming.unlink_instance_segments(instance)
+    with rdma_cluster(answers["model"], tmp_path_factory.mktemp("cluster"), servers=SERVERS, engines=ENGINES,
+                      prefix="m") as c:
+        yield c
 
 
 def _engines(proc: subprocess.Popen) -> list:

@@ -26,18 +26,17 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.rdma.daemon import BOOT_S, rdma_cluster
 from tests.rdma.peers import counter
 
 pytestmark = pytest.mark.rdma
 
-REPO = Path(__file__).resolve().parents[2]
-BOOT_S = float(os.environ.get("FLEXEMR_RDMA_BOOT_S", "1200"))
+
 
 
 @pytest.fixture(autouse=True)
@@ -63,52 +62,11 @@ def tcp_bytes() -> int:
 
 
 @pytest.fixture(scope="module")
-def answers(tmp_path_factory):
-    from tests.rdma.reference import load, prepare
-
-    made = os.environ.get("FLEXEMR_RDMA_REFERENCE")
-    path = Path(made) / "answers.pkl" if made else prepare(tmp_path_factory.mktemp("reference"))
-    return load(path)
-
-
-@pytest.fixture(scope="module")
 def cluster(answers, tmp_path_factory, rdma_device):
-    tmp = tmp_path_factory.mktemp("cluster")
-    instance = "r" + uuid.uuid4().hex[:8]
-    sock = str(tmp / "api.sock")
-    log = tmp / "cluster.log"
-    cmd = [sys.executable, "-m", "flexemrd", "local", "--model", answers["model"], "--embedding-servers", "3",
-           "--engines", "2", "--socket", sock, "--instance", instance, "--transport", "rdma", "--no-rebalance",
-           "--heartbeat-timeout", "0", "--boot-timeout", str(BOOT_S),
-           # the servers pool with numpy: only the ranker imports torch (minutes on the emulated CPU)
-           "--embedding-kernel", "numpy"]
     tcp0 = tcp_bytes()
-    env = {**os.environ, "FLEXEMR_RDMA_TEST_HOOKS": "1"}
-    with open(log, "w") as logf:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=logf, text=True, cwd=REPO, env=env)
-        t0 = time.monotonic()
-        deadline = t0 + BOOT_S + 60
-        line = ""
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if "ready" in line or not line:
-                break
-        if "ready" not in line:
-            proc.kill()
-            pytest.fail(f"flexemrd local --transport rdma did not become ready:\n{log.read_text()[-4000:]}")
-        print(f"flexemrd local --transport rdma ready after {time.monotonic() - t0:.0f} s", file=sys.stderr)
-        try:
-            yield {"socket": sock, "log": log, "tcp0": tcp0, "proc": proc}
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            from flexemr import naming
-
-            naming.unlink_instance_segments(instance)
+    with rdma_cluster(answers["model"], tmp_path_factory.mktemp("cluster"), servers=3, engines=2, prefix="r",
+                      env={"FLEXEMR_RDMA_TEST_HOOKS": "1"}) as c:
+        yield {**c, "tcp0": tcp0}
 
 
 def test_lookup_and_predict_equal_the_monolithic_model_and_only_hellos_cross_tcp(cluster, answers,
