@@ -26,6 +26,17 @@ def _boot_fails(ready) -> None:
     raise RuntimeError("model directory /nope is missing")
 
 
+def _workers_left() -> list[psutil.Process]:
+    """Children of this test process other than multiprocessing's resource tracker.
+
+    An earlier test in the same session (shared memory) may have started the
+    tracker; it is this process's child for the rest of the session, not a worker.
+    """
+    from multiprocessing import resource_tracker
+    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    return [c for c in psutil.Process().children() if c.pid != tracker]
+
+
 def _stop_after(sup: Supervisor, seconds: float) -> None:
     threading.Timer(seconds, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
 
@@ -41,7 +52,7 @@ def test_boot_error_halts_with_the_workers_message_instead_of_restarting(caplog)
     assert time.monotonic() - t0 < 10
     assert "bad failed to start: RuntimeError: model directory /nope is missing" in caplog.text
     assert created == [1] and unlinked == [1], "resources are unlinked even after a boot error"
-    assert not psutil.Process().children(), "no worker is left running"
+    assert not _workers_left(), "no worker is left running"
 
 
 def test_ready_only_after_every_worker_and_term_stops_in_order():
@@ -216,7 +227,7 @@ def test_a_boot_error_stops_the_other_workers_gracefully(tmp_path):
                      graceful_timeout_s=5)
     assert sup.run() == EXIT_BOOT_ERROR
     assert drained.exists(), "the healthy worker was stopped with SIGTERM, not SIGKILL"
-    assert not psutil.Process().children()
+    assert not _workers_left()
 
 
 def test_a_worker_that_never_becomes_ready_is_a_boot_error(caplog):
