@@ -27,7 +27,18 @@ the counter stores rely on; ``read_header`` refuses a big-endian host)::
        328            8   msgs_read        consumer    messages released
        336            8   bytes_read       consumer    payload bytes released
        344            8   space_woken_seq  consumer    last space_wait_seq it rang for
-       352         3744   (zero)
+       352            8   (resume offset)  consumer    shm_stream.RESUME_OFFSET (migration)
+       360           24   (zero)
+      ---- lender cache line (the consumer, when it lends messages out; lend.py) ----
+       384            8   lent_seq         consumer    lends made, monotonic
+       392            8   lent_end         consumer    stream position just past the newest lend
+       400            8   lent_bytes       consumer    payload bytes lent, monotonic
+       408           40   (zero)
+      ---- borrower cache line (only the borrowing process stores here) ----
+       448            8   returned_seq     borrower    lends returned, a prefix in lend order
+       456            8   returned_end     borrower    position just past the newest returned lend
+       464            8   return_woken_seq borrower    last space_wait_seq it rang for
+       472         3624   (zero)
       4096     capacity   data area        producer    message slots (below)
 
 ``head`` and ``tail`` are u64 byte counters that only grow; a counter's
@@ -64,6 +75,25 @@ consumer is done with the bytes before it.  The counters are written through a
 numpy uint64 view (``ctr[HEAD] = value`` is a single aligned 8-byte store), never
 byte by byte.  The one store->load pattern (sleep/wake on "space", see ring.py)
 needs a full fence, which TSO does not give for free.
+
+Lending (zero copy for a third process, see lend.py): the consumer may lend a
+byte range of a message it holds to a *borrower* (another process that maps
+the ring) and release the message at once.  The producer then must not reuse
+the range until the borrower returns it, so its free space ends at::
+
+    reclaim = tail                      if returned_end >= lent_end (nothing out)
+              min(tail, returned_end)   otherwise
+
+    lender:   lent_end, lent_seq (stores)  -> ... -> release: tail
+    producer: load tail -> load lent_end -> load returned_end
+    borrower: read the range -> returned_end, returned_seq -> FENCE -> space_wait_seq?
+
+A producer that sees a ``tail`` past a lend also sees that lend's
+``lent_end`` (stored earlier, TSO).  ``returned_end`` is the end of a lend
+whose predecessors are all returned, so it never lies past an unreturned lend:
+the bound is conservative (bytes between two lends wait for the later one)
+and never unsafe.  All zero (no lend ever made): reclaim == tail, layout v1
+unchanged.
 """
 
 from __future__ import annotations
@@ -102,6 +132,12 @@ TAIL = 320 // 8
 MSGS_READ = TAIL + 1
 BYTES_READ = TAIL + 2
 SPACE_WOKEN_SEQ = TAIL + 3
+LENT_SEQ = 384 // 8
+LENT_END = LENT_SEQ + 1
+LENT_BYTES = LENT_SEQ + 2
+RETURNED_SEQ = 448 // 8
+RETURNED_END = RETURNED_SEQ + 1
+RETURN_WOKEN_SEQ = RETURNED_SEQ + 2
 
 
 class RingError(FlexemrError):

@@ -66,10 +66,15 @@ from flexemr.ring.layout import (
     FLAG_OWNS_DATA_DOORBELL,
     HEAD,
     HEADER_BYTES,
+    LENT_BYTES,
+    LENT_END,
+    LENT_SEQ,
     MAX_KIND,
     MSG_HEADER_BYTES,
     MSGS_READ,
     MSGS_WRITTEN,
+    RETURNED_END,
+    RETURNED_SEQ,
     SLOT_ALIGN,
     SPACE_WAIT_SEQ,
     SPACE_WOKEN_SEQ,
@@ -279,9 +284,13 @@ class Ring:
     """
 
     def __init__(
-        self, name: str, mm: mmap.mmap, data_doorbell: Doorbell, space_doorbell: Doorbell, owns_data_doorbell: bool
+        self, name: str, mm: mmap.mmap, data_doorbell: Doorbell, space_doorbell: Doorbell, owns_data_doorbell: bool,
+        ino: int = 0,
     ) -> None:
         self.name = name
+        # The segment's inode: a name can be unlinked and made again, the inode
+        # tells a borrower (lend.py) whether the ring it mapped is still the one.
+        self.ino = ino
         self._mm: mmap.mmap | None = mm
         self._buf = memoryview(mm)
         info = read_header(self._buf, len(mm), name)
@@ -311,6 +320,9 @@ class Ring:
         self._msgs_r = int(ctr[MSGS_READ])
         self._bytes_r = int(ctr[BYTES_READ])
         self._woken_seq = int(ctr[SPACE_WOKEN_SEQ])
+        # Consumer side, lending (layout docstring): its own counters, cached.
+        self._lent_seq = int(ctr[LENT_SEQ])
+        self._lent_bytes = int(ctr[LENT_BYTES])
         self._fence = _make_fence()
 
     # ------------------------------------------------------------------ lifecycle
@@ -342,6 +354,7 @@ class Ring:
         try:
             try:
                 os.fchmod(shm.fd, mode)
+                ino = os.fstat(shm.fd).st_ino
                 mm = mmap.mmap(shm.fd, size, flags=_map_flags(populate))
             finally:
                 shm.close_fd()
@@ -356,7 +369,7 @@ class Ring:
             flags = FLAG_OWNS_DATA_DOORBELL if doorbell is None else 0
             with memoryview(mm) as buf:
                 write_header(buf, capacity, data.name, space.name, flags)
-            return cls(name, mm, data, space, doorbell is None)
+            return cls(name, mm, data, space, doorbell is None, ino)
         except BaseException:
             shm.unlink()
             if mm is not None:
@@ -382,6 +395,7 @@ class Ring:
         try:
             if shm.size < HEADER_BYTES:
                 raise RingError(f"ring {name!r}: segment is {shm.size} bytes, smaller than a ring header")
+            ino = os.fstat(shm.fd).st_ino
             mm = mmap.mmap(shm.fd, shm.size, flags=_map_flags(populate))
         finally:
             shm.close_fd()
@@ -396,7 +410,7 @@ class Ring:
             for db in opened:
                 db.close()
             raise
-        return cls(name, mm, opened[0], opened[1], bool(info.flags & FLAG_OWNS_DATA_DOORBELL))
+        return cls(name, mm, opened[0], opened[1], bool(info.flags & FLAG_OWNS_DATA_DOORBELL), ino)
 
     def close(self) -> None:
         """Unmap and drop the doorbell handles; idempotent.
@@ -462,7 +476,7 @@ class Ring:
         head = self._head
         pos = head % cap
         skip = cap - pos if need > cap - pos else 0
-        if head + skip + need - int(self._ctr[TAIL]) > cap:
+        if head + skip + need - self.reclaim_tail() > cap:
             return None
         start = 0 if skip else pos
         self._res_start = start
@@ -585,6 +599,20 @@ class Ring:
         self.commit(kind=kind)
         return True
 
+    def reclaim_tail(self) -> int:
+        """Where the producer's free space starts: ``tail``, held back by lends not returned yet.
+
+        Loads in the order the layout docstring gives (tail, lent_end,
+        returned_end); all three are zero-cost when nothing was ever lent.
+        """
+        ctr = self._ctr
+        tail = int(ctr[TAIL])
+        lent = int(ctr[LENT_END])
+        returned = int(ctr[RETURNED_END])
+        if returned < lent and returned < tail:
+            return returned
+        return tail
+
     # ------------------------------------------------------------------ consumer
 
     def has_message(self) -> bool:
@@ -650,6 +678,40 @@ class Ring:
         finally:
             if msg is not None and not msg._released:
                 msg.release()
+
+    def lend(self, msg: Message, offset: int, nbytes: int) -> tuple[int, int]:
+        """Lend ``nbytes`` of held ``msg``'s payload from ``offset`` to a borrower; returns (seq, position).
+
+        After this the message may be released as usual: the producer will
+        not reuse the range until a :class:`flexemr.ring.lend.Borrower`
+        returns lend ``seq``.  ``position`` is the range's stream position
+        (the borrower finds the bytes at ``position % capacity``).  Lends are
+        numbered in the order they are made and must not overlap.
+        """
+        if msg._ring is not self or msg._released:
+            raise RuntimeError(f"ring {self.name}: can only lend from a message of this ring that is still held")
+        if offset < 0 or nbytes <= 0 or offset + nbytes > msg.nbytes:
+            raise ValueError(f"ring {self.name}: lend of {nbytes} bytes at {offset} outside a {msg.nbytes}-byte message")
+        payload = msg._end - ((MSG_HEADER_BYTES + msg.nbytes + SLOT_ALIGN - 1) & _SLOT_MASK) + MSG_HEADER_BYTES
+        pos = payload + offset
+        seq = self._lent_seq
+        self._lent_seq = seq + 1
+        self._lent_bytes += nbytes
+        ctr = self._ctr
+        # lent_end before the release that moves tail past these bytes (layout docstring)
+        ctr[LENT_END] = pos + nbytes
+        ctr[LENT_SEQ] = self._lent_seq
+        ctr[LENT_BYTES] = self._lent_bytes
+        return seq, pos
+
+    def lends_outstanding(self) -> int:
+        """Lends made and not returned yet (readable from any process)."""
+        returned = int(self._ctr[RETURNED_SEQ])
+        return max(0, int(self._ctr[LENT_SEQ]) - returned)
+
+    def lent_bytes(self) -> int:
+        """Payload bytes ever lent out of this ring (readable from any process)."""
+        return int(self._ctr[LENT_BYTES])
 
     def _release(self, msg: Message) -> None:
         if msg._ring is not self:
