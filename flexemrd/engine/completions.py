@@ -14,6 +14,11 @@ receiver writes the queue out between two frames::
                        wake() ──────────┼──▶ select() returns (wake pipe)
                                         └──▶ flush(): ring.write(...) each, in order
 
+A large response on a connection that can lend (shm) is not copied at all:
+the receiver reserves a small COMP_REF slot, the connection lends the
+payload where it landed (``Connection.lend_payload``) and the slot names the
+place.  ``bytes_copied``/``bytes_lent`` count payload bytes of each kind.
+
 So a COMP_MIGRATED lands after every frame this engine received for that
 connection, and no two threads ever reserve in the same ring.  Producer
 methods check the calling thread: a second producer is a bug that should
@@ -30,6 +35,7 @@ from typing import Callable
 
 from flexemr import enginemsg as em
 from flexemr.ring import Ring
+from flexemr.transport.base import Lent
 from flexemr.wire import codec
 from flexemr.wire.frame import HEADER_SIZE, ErrorCode, Header, pack_header_into
 
@@ -38,6 +44,7 @@ logger = logging.getLogger(__name__)
 # A posted message waits at most this long for room per attempt; the receiver
 # retries on its next pass instead of blocking its loop.
 _POST_WRITE_TIMEOUT_S = 0.2
+_MAX_RING_NAME = 200  # shm segment names are at most this long (naming._MAX_NAME)
 
 
 class CompletionWriter:
@@ -49,6 +56,8 @@ class CompletionWriter:
         self._inbox: queue.SimpleQueue[tuple[int, bytes]] = queue.SimpleQueue()
         self._backlog: collections.deque[tuple[int, bytes]] = collections.deque()  # producer only
         self._producer: int | None = None
+        self.bytes_copied = 0   # response payload bytes landed in ring slots (recv_into: a copy for shm/RDMA)
+        self.bytes_lent = 0     # response payload bytes passed by reference (COMP_REF), never copied
 
     @property
     def max_frame_payload(self) -> int:
@@ -135,6 +144,29 @@ class CompletionWriter:
     def commit_frame(self) -> None:
         self._check_producer()
         self.ring.commit(kind=em.COMP_FRAME)
+
+    def reserve_ref(self, cid: int, header: Header, timeout: float) -> memoryview | None:
+        """Reserve a COMP_REF slot for ``header``'s frame on ``cid`` (prefix and header filled in).
+
+        Returns the slot from the REF struct on; :meth:`commit_ref` fills it
+        from the connection's ``Lent``, or :meth:`cancel_frame` if it lent nothing.
+        """
+        self._check_producer()
+        slot = self.ring.reserve(em.PREFIX_SIZE + HEADER_SIZE + em.REF_SIZE + _MAX_RING_NAME, timeout=timeout)
+        if slot is None:
+            return None
+        em.PREFIX.pack_into(slot, 0, cid, 0)
+        pack_header_into(slot, em.PREFIX_SIZE, header.type, header.request_id, header.payload_len, header.aux,
+                         header.flags)
+        return slot[em.PREFIX_SIZE + HEADER_SIZE:]
+
+    def commit_ref(self, view: memoryview, lent: Lent) -> None:
+        self._check_producer()
+        name = lent.ring.encode("ascii")
+        em.REF.pack_into(view, 0, lent.ino, lent.seq, lent.pos)
+        view[em.REF_SIZE:em.REF_SIZE + len(name)] = name
+        self.ring.commit(em.PREFIX_SIZE + HEADER_SIZE + em.REF_SIZE + len(name), kind=em.COMP_REF)
+        self.bytes_lent += lent.nbytes
 
     def cancel_frame(self) -> None:
         self._check_producer()

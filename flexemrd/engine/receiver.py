@@ -3,6 +3,12 @@
 For each readable connection it reads one frame header, reserves a
 completion-ring slot of the exact size and ``recv_into``s the payload there
 (no copy in Python), then commits and gives the server its credit back.
+A payload of at least ``REF_MIN_PAYLOAD`` bytes on a connection that can
+lend it (shm) is not copied at all: a small COMP_REF slot names where it
+lies, and the inference process gives the space back once it has read it.
+The credit is still returned here, at landing: credits bound the server's
+work in flight, and the response ring bounds the bytes the ranker holds
+(a ranker that stops consuming fills it and the server waits for space).
 Between frames it applies connection changes other threads asked for
 (watch a connection adopted by the hand-off thread; let go of one the sender
 migrates away) and writes the messages they posted for the ring
@@ -23,7 +29,7 @@ import time
 from typing import Callable
 
 from flexemr import enginemsg as em
-from flexemr.wire.frame import HEADER_SIZE, ErrorCode, FrameType
+from flexemr.wire.frame import HEADER_SIZE, ErrorCode, FrameType, Header
 
 from flexemrd.engine.completions import CompletionWriter
 from flexemrd.engine.connections import ConnState, ConnTable
@@ -34,6 +40,7 @@ logger = logging.getLogger(__name__)
 HEARTBEAT_S = 0.25
 _SELECT_S = 0.2
 _RESERVE_SLICE_S = 0.5
+_STALL_WARN_S = 5.0   # a completion ring full this long: the inference is not consuming, say so
 
 
 class Wakeup:
@@ -184,20 +191,21 @@ class Receiver:
                 f"a response of {h.payload_len} bytes from server {conn.server} does not fit the completion ring "
                 f"(max {self.completions.max_frame_payload}); raise [ranker].ring_bytes or lower max_batch")
             return
-        view = None
-        while view is None:
-            view = self.completions.reserve_frame(conn.conn_id, h, timeout=_RESERVE_SLICE_S)
-            if view is None:
-                if self.stop.is_set():
-                    return
-                self._beat()  # alive, waiting for the inference to free space
-        try:
-            conn.recv_payload_into(h, view)
-        except (ConnectionError, OSError) as e:
-            self.completions.cancel_frame()
-            self._dead(st, f"connection to server {conn.server} lost mid-frame: {e}")
+        landed = self._land_by_ref(st, h) if h.payload_len >= em.REF_MIN_PAYLOAD else None
+        if landed is False:
             return
-        self.completions.commit_frame()
+        if landed is None:
+            view = self._reserve(st, lambda t: self.completions.reserve_frame(conn.conn_id, h, timeout=t))
+            if view is None:
+                return
+            try:
+                conn.recv_payload_into(h, view)
+            except (ConnectionError, OSError) as e:
+                self.completions.cancel_frame()
+                self._dead(st, f"connection to server {conn.server} lost mid-frame: {e}")
+                return
+            self.completions.commit_frame()
+            self.completions.bytes_copied += h.payload_len
         self.credits.on_response(st)
         if h.type != FrameType.CREDIT:
             st.received += 1
@@ -205,6 +213,41 @@ class Receiver:
             if t0 is not None:
                 st.rtt.add(time.perf_counter_ns() - t0)
         st.bytes_received += em.PREFIX_SIZE + HEADER_SIZE + h.payload_len  # the completion message's size
+
+    def _land_by_ref(self, st: ConnState, h: Header) -> bool | None:
+        """Pass ``h``'s payload by reference: True done, None the connection cannot lend it (copy it), False stop."""
+        conn = st.conn
+        ref = self._reserve(st, lambda t: self.completions.reserve_ref(conn.conn_id, h, timeout=t))
+        if ref is None:
+            return False
+        lent = conn.lend_payload(h)
+        if lent is None:
+            self.completions.cancel_frame()
+            return None
+        self.completions.commit_ref(ref, lent)
+        return True
+
+    def _reserve(self, st: ConnState, reserve: Callable[[float], memoryview | None]) -> memoryview | None:
+        """A completion-ring slot, waiting (alive, and saying so after a while) while the ring is full; None: stop."""
+        view = reserve(0)
+        if view is not None:
+            return view
+        t0 = time.monotonic()
+        warned = False
+        while view is None:
+            if self.stop.is_set():
+                return None
+            self._beat()  # alive, waiting for the inference to free space
+            if not warned and time.monotonic() - t0 >= _STALL_WARN_S:
+                warned = True
+                logger.warning("completion ring %s full for %.0f s: the inference process is not consuming; "
+                               "not reading server %d until it does", self.completions.ring.name, _STALL_WARN_S,
+                               st.conn.server)
+            view = reserve(_RESERVE_SLICE_S)
+        if warned:
+            logger.info("completion ring %s has room again after %.1f s", self.completions.ring.name,
+                        time.monotonic() - t0)
+        return view
 
     def _dead(self, st: ConnState, reason: str) -> None:
         self._unwatch(st)

@@ -5,6 +5,12 @@ for every message finds the batch (or cache fill) waiting for it in the
 pending table.  A lost connection's subrequests are re-issued to a live
 replica at once, or failed naming the server; migrations are reported to the
 listener given at construction (the control package).
+
+A COMP_REF message carries no payload: it names the shm response ring the
+partial landed in (landing.py maps it); the partial is read there, folded in
+like any other, and the space given back at the end of the drain.  A
+reference whose ring is gone (its server died and was swept meanwhile) is
+treated as that part lost: re-issued to a replica, or failed naming the server.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from flexemr.wire.frame import HEADER_SIZE, ErrorCode, FrameType, unpack_header
 
 from flexemrd.inference.batch import Batch, Part
 from flexemrd.inference.health import ServerHealth
+from flexemrd.inference.landing import LandingMaps
 from flexemrd.inference.lookups import LookupEncoder
 from flexemrd.inference.pending import PendingTable
 from flexemrd.inference.stats import FailoverCounters
@@ -65,6 +72,7 @@ class Completions:
         self.hedge_quantile = hedge_quantile
         self.hedge_min_s = hedge_min_s
         self.beat = beat
+        self.landing = LandingMaps()
 
     def run(self, stop) -> None:
         wait = 0.2
@@ -89,21 +97,18 @@ class Completions:
                 finally:
                     msg.release()
                 n += 1
+        self.landing.flush()   # lends read this pass go back together: one wake per ring
         return n
 
     def handle(self, kind: int, data: memoryview) -> None:
         cid, arg = em.PREFIX.unpack_from(data, 0)
         if kind == em.COMP_FRAME:
             h = unpack_header(data[em.PREFIX_SIZE : em.PREFIX_SIZE + HEADER_SIZE])
-            payload = data[em.PREFIX_SIZE + HEADER_SIZE : em.PREFIX_SIZE + HEADER_SIZE + h.payload_len]
-            if h.type == FrameType.LOOKUP_RESP:
-                self._answer(h.request_id, payload, h.aux)
-            elif h.type == FrameType.FETCH_RESP:
-                self._fill_done(h.request_id, payload, h.aux)
-            elif h.type == FrameType.ERROR:
-                if not self._fill_done(h.request_id, None):
-                    self._server_error(h.request_id, h.aux, codec.decode_error(payload))
+            self._frame(h, data[em.PREFIX_SIZE + HEADER_SIZE : em.PREFIX_SIZE + HEADER_SIZE + h.payload_len])
+        elif kind == em.COMP_REF:
+            self._referenced(cid, data)
         elif kind == em.COMP_LOST:
+            self.landing.forget(cid)
             self._lost(cid, bytes(data[em.PREFIX_SIZE :]).decode("utf-8", "replace"))
         elif kind == em.COMP_CONNECTED:
             self.health.conn_connected(cid)
@@ -127,6 +132,46 @@ class Completions:
                 self.on_migrated.migrated(cid, self.submitter.owners.get(cid, arg))
 
     # ---------------------------------------------------------------- answers
+
+    def _frame(self, h, payload: memoryview) -> None:
+        if h.type == FrameType.LOOKUP_RESP:
+            self._answer(h.request_id, payload, h.aux)
+        elif h.type == FrameType.FETCH_RESP:
+            self._fill_done(h.request_id, payload, h.aux)
+        elif h.type == FrameType.ERROR:
+            if not self._fill_done(h.request_id, None):
+                self._server_error(h.request_id, h.aux, codec.decode_error(payload))
+
+    def _referenced(self, cid: int, data: memoryview) -> None:
+        """COMP_REF: the frame's payload is where it landed; read it there, then give the space back."""
+        off = em.PREFIX_SIZE + HEADER_SIZE
+        h = unpack_header(data[em.PREFIX_SIZE : off])
+        ino, seq, pos = em.REF.unpack_from(data, off)
+        name = bytes(data[off + em.REF_SIZE :]).decode("ascii")
+        payload = self.landing.view(cid, name, ino, seq, pos, h.payload_len)
+        if payload is None:
+            self._unreadable(cid, h.request_id, f"the answer of server {self.health.server_of_conn(cid)} is gone "
+                                                f"from its response ring {name} (server restarted?)")
+            return
+        try:
+            self._frame(h, payload)
+        finally:
+            self.landing.give_back(name, seq, pos + h.payload_len)
+            try:
+                payload.release()
+            except BufferError:
+                pass   # a view made from it still lives (nothing keeps one: accumulators copy)
+
+    def _unreadable(self, cid: int, rid: int, reason: str) -> None:
+        """An answer that cannot be read: its part is lost like one on a dead connection."""
+        if self._fill_done(rid, None):
+            return
+        batch = self.pending.take_lookup(rid)
+        if batch is None:
+            return
+        self.health.released(batch.parts[rid].server)
+        if not batch.drop_copy(rid):
+            self._reissue(batch, rid, reason)
 
     def _answer(self, rid: int, payload: memoryview, version: int = 0) -> None:
         batch = self.pending.take_lookup(rid)

@@ -25,6 +25,12 @@ ring's own ``kind`` field says what follows::
       COMP_OPENED   prefix(conn, engine)   | ``engine``'s own connection for ``conn`` is ready
                                              (SUB_OPEN): route ``conn`` there from now on
       COMP_OPEN_FAILED prefix(conn, engine) | utf-8 reason: SUB_OPEN gave up; ``conn`` stays where it is
+      COMP_REF      prefix(conn, 0)        | 32-byte header + REF(ino, seq, pos) + ring name (ascii):
+                                             the payload was not copied; it is lend ``seq`` at
+                                             stream position ``pos`` of shm ring ``name``
+                                             (inode ``ino``), header.payload_len bytes.  The
+                                             inference reads it there and gives the lend back
+                                             (flexemr.ring.lend); see flexemrd/inference/landing.py
 
 Each ring has one producer thread: the inference's batcher for submissions,
 the engine's receiver thread for completions (other engine threads post
@@ -39,6 +45,12 @@ import struct
 
 PREFIX = struct.Struct("<II")
 PREFIX_SIZE = PREFIX.size
+REF = struct.Struct("<QQQ")   # ino, lend seq, stream position
+REF_SIZE = REF.size
+# Payloads at least this large travel as COMP_REF where the transport can lend
+# them (shm): below it, copying the bytes costs less than the reference's
+# bookkeeping on both sides.
+REF_MIN_PAYLOAD = 4096
 
 SUB_FRAME = 1
 SUB_MIGRATE = 2
@@ -52,3 +64,4 @@ COMP_MIGRATED = 3
 COMP_CONNECTED = 4
 COMP_OPENED = 5
 COMP_OPEN_FAILED = 6
+COMP_REF = 7

@@ -33,11 +33,11 @@ from __future__ import annotations
 import abc
 import errno
 import socket
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from flexemr.wire.frame import Header
 
-__all__ = ["Connection", "Listener", "Transport", "PEER_ACCEPT_ERRNOS", "accept_nowait", "close_socket"]
+__all__ = ["Connection", "Lent", "Listener", "Transport", "PEER_ACCEPT_ERRNOS", "accept_nowait", "close_socket"]
 
 # accept() failures of one connection, not of the listener: the peer gave up
 # between SYN and accept, or a firewall refused it.  Running out of
@@ -64,6 +64,21 @@ def close_socket(sock: socket.socket) -> None:
         sock.close()
     except OSError:
         pass
+
+
+class Lent(NamedTuple):
+    """A payload left where it landed (``Connection.lend_payload``): lend ``seq`` of ring ``ring``.
+
+    The bytes are at stream position ``pos`` of the shared-memory ring
+    ``ring`` (segment inode ``ino``) until a ``flexemr.ring.Borrower`` gives
+    lend ``seq`` back.
+    """
+
+    ring: str
+    ino: int
+    seq: int
+    pos: int
+    nbytes: int
 
 
 class Connection(abc.ABC):
@@ -120,6 +135,14 @@ class Connection(abc.ABC):
         Nothing is freed (``close`` does that, once no thread is inside): an
         engine retiring a connection uses it to get its receiver out first.
         """
+
+    def lend_payload(self, header: Header) -> Lent | None:
+        """Leave ``header``'s payload where it landed and say where (zero copy); None: receive it instead.
+
+        Only a transport whose receive buffer is shared memory another process
+        can map (shm) ever lends; None means nothing was consumed.
+        """
+        return None
 
     def ready_to_read(self) -> bool:
         """After ``fileno()`` turned readable: will a read find bytes (or EOF) now?  Non-blocking.

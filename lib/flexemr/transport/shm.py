@@ -25,10 +25,13 @@ interface).  A response is copied once into the response ring (the server's
 gathered outbox) and once out of it into the completion-ring slot
 (``recv_payload_into``).  Loopback TCP makes the same two copies per
 direction, through the kernel, plus segmentation and a wake-up per segment;
-here a frame costs one ring slot and one doorbell byte.  Letting the
-inference process read partials in the response ring itself would save the
-second response copy but would make every response ring a completion ring;
-not done.
+here a frame costs one ring slot and one doorbell byte.  A large response
+is not copied out at all: the engine lends its payload to the inference
+process (``lend_payload``, flexemr.ring.lend), which maps the response ring
+and reads the partial where the server wrote it; the server's free space
+stops at the oldest lend not yet returned.  Who unlinks: still the server
+(on close, or its restarted self's sweep); a ranker mapping survives the
+unlink, so a killed server's rings never vanish under a partial being read.
 
 Migration: ``detach`` returns the socket; the adopting engine finds the ring
 names from the socket's own bound name (``getsockname``), and where the
@@ -52,7 +55,7 @@ import posix_ipc
 
 from flexemr import naming
 from flexemr.ring import Ring
-from flexemr.transport.base import Connection, Listener, Transport, accept_nowait, close_socket
+from flexemr.transport.base import Connection, Lent, Listener, Transport, accept_nowait, close_socket
 from flexemr.transport.shm_stream import RingReader, RingWriter, read_resume_offset, write_resume_offset
 from flexemr.wire.frame import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, Header, unpack_header
 
@@ -168,6 +171,16 @@ class ShmConnection(Connection):
     def recv_payload_into(self, header: Header, view: memoryview) -> None:
         if header.payload_len:
             self._reader.read_into(view[: header.payload_len], block=True)
+
+    def lend_payload(self, header: Header) -> Lent | None:
+        n = header.payload_len
+        if n == 0:
+            return None
+        lent = self._reader.lend(n)
+        if lent is None:
+            return None
+        rx = self._rx
+        return Lent(rx.name, rx.ino, lent[0], lent[1], n)
 
     def recv_payload(self, header: Header) -> memoryview:
         n = header.payload_len

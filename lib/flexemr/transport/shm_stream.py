@@ -31,6 +31,11 @@ through its own mapping of the ring.  The Ring caches its producer counters,
 so :meth:`RingWriter` reloads them from shared memory before each write
 (four loads; nothing else changes for a single producer).
 
+Zero copy: :meth:`RingReader.lend` hands a frame's payload to the ranker
+where it lies in the ring (flexemr.ring.lend) instead of copying it out; the
+writer's free space then stops at the oldest lend not returned yet
+(``Ring.reclaim_tail``), so lent bytes are never overwritten.
+
 Migration: :func:`write_resume_offset` writes how far into the oldest held
 chunk the reader got into the ring's header page (offset ``RESUME_OFFSET``, a
 word the ring layout leaves zero in the consumer's cache line) so that the
@@ -144,10 +149,11 @@ class RingWriter:
 
     def _largest_fit(self) -> int:
         """The largest payload a slot could take right now (no wait), 0 if none."""
-        st = self.ring.stats()
-        cap = self.ring.capacity
-        free = cap - (st.head - st.tail)
-        to_end = cap - st.head % cap
+        ring = self.ring
+        cap = ring.capacity
+        head = int(ring._ctr[HEAD])
+        free = cap - (head - ring.reclaim_tail())   # lent ranges are not free (ring/lend.py)
+        to_end = cap - head % cap
         in_place = (min(to_end, free) & _SLOT_MASK) - MSG_HEADER_BYTES
         wrapped = ((free - to_end) & _SLOT_MASK) - MSG_HEADER_BYTES if free > to_end else 0
         return max(0, in_place, wrapped)
@@ -220,6 +226,27 @@ class RingReader:
         finally:
             self._drain()
         return got
+
+    def lend(self, nbytes: int) -> tuple[int, int] | None:
+        """Take the next ``nbytes`` of the stream without copying them: lend them out of the ring.
+
+        Possible only when they are all in the chunk at hand (or the next one,
+        if its doorbell byte is there): returns (lend seq, stream position) and
+        moves past them, as ``read_into`` would.  None when they are not (a
+        frame split across chunks, or not arrived yet): nothing was consumed,
+        read them with ``read_into``.
+        """
+        try:
+            cur = self._cur if self._cur is not None else self._take()
+            if cur is None or cur.nbytes - self._off < nbytes:
+                return None
+            lent = self.ring.lend(cur, self._off, nbytes)
+            self._off += nbytes
+            if self._off == cur.nbytes:
+                self._finish()
+            return lent
+        finally:
+            self._drain()
 
     def _take(self) -> Message | None:
         """The next chunk whose doorbell byte has arrived, or None (``_eof`` set when the peer is gone)."""
