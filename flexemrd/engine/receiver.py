@@ -212,7 +212,7 @@ class Receiver:
             t0 = st.sent_at.pop(h.request_id, None)
             if t0 is not None:
                 st.rtt.add(time.perf_counter_ns() - t0)
-        st.bytes_received += em.PREFIX_SIZE + HEADER_SIZE + h.payload_len  # the completion message's size
+        st.bytes_received += em.PREFIX_SIZE + HEADER_SIZE + h.payload_len  # the answer as delivered, copied or lent
 
     def _land_by_ref(self, st: ConnState, h: Header) -> bool | None:
         """Pass ``h``'s payload by reference: True done, None the connection cannot lend it (copy it), False stop."""

@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 
 from flexemr import enginemsg as em
 from flexemr.wire import codec
-from flexemr.wire.frame import HEADER_SIZE, ErrorCode, FrameType, unpack_header
+from flexemr.wire.frame import HEADER_SIZE, ErrorCode, FrameType, Header, unpack_header
 
 from flexemrd.inference.batch import Batch, Part
 from flexemrd.inference.health import ServerHealth
@@ -133,7 +133,7 @@ class Completions:
 
     # ---------------------------------------------------------------- answers
 
-    def _frame(self, h, payload: memoryview) -> None:
+    def _frame(self, h: Header, payload: memoryview) -> None:
         if h.type == FrameType.LOOKUP_RESP:
             self._answer(h.request_id, payload, h.aux)
         elif h.type == FrameType.FETCH_RESP:
