@@ -8,7 +8,7 @@ listener given at construction (the control package).
 
 A COMP_REF message carries no payload: it names the shm response ring the
 partial landed in (landing.py maps it); the partial is read there, folded in
-like any other, and the space given back at the end of the drain.  A
+like any other, and the space given back at once.  A
 reference whose ring is gone (its server died and was swept meanwhile) is
 treated as that part lost: re-issued to a replica, or failed naming the server.
 """
@@ -97,7 +97,7 @@ class Completions:
                 finally:
                     msg.release()
                 n += 1
-        self.landing.flush()   # lends read this pass go back together: one wake per ring
+        self.landing.flush()   # sweep mappings of rings that are gone
         return n
 
     def handle(self, kind: int, data: memoryview) -> None:

@@ -4,9 +4,10 @@ A COMP_REF completion names a shm response ring, a lend in it and a range:
 the engine did not copy the partial (flexemrd/engine/receiver.py).  This
 module maps each such ring once (a ``flexemr.ring.Borrower``, keyed by name
 and inode so a ring made again under an old name is never taken for the old
-one), hands out the range as a memoryview, and gives lends back: at the end
-of every drain (``flush``), so a server waiting for space is woken once per
-pass, not once per partial.
+one), hands out the range as a memoryview, and gives each lend back as soon
+as its partial is folded in (``give_back`` publishes at once: a partial is a
+whole batch's share, up to megabytes, and a server waiting for space should
+not wait for the rest of the drain; the producer is rung only if it sleeps).
 
 Who unlinks what: the embedding server creates and unlinks its response
 rings; a mapping here survives the unlink, so a partial being read never
@@ -67,13 +68,14 @@ class LandingMaps:
         return v
 
     def give_back(self, name: str, seq: int, end: int) -> None:
+        """The partial of lend ``seq`` is folded in: its space is the server's again (published now)."""
         b = self._maps.get(name)
         if b is not None:
             b.give_back(seq, end)
-            self._touched.add(name)
+            b.flush()
 
     def flush(self) -> None:
-        """Publish every return made since the last flush (one wake per ring at most)."""
+        """End of a drain: publish gaps skipped by the sweep, and sweep every ``SWEEP_S``."""
         if self._touched:
             for name in self._touched:
                 b = self._maps.get(name)
