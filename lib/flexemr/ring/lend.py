@@ -58,9 +58,9 @@ class Borrower:
     @classmethod
     def attach(cls, name: str) -> Borrower:
         """Map ring ``name`` to borrow from it (FileNotFoundError when it is gone)."""
-        # not pre-faulted: a ranker maps one response ring per connection and
-        # touches only the pages that partials land in
-        return cls(Ring.attach(name, populate=False))
+        # Pre-faulted (page tables only: the server's pages exist already), so
+        # reading a partial never takes a page fault on the completion thread.
+        return cls(Ring.attach(name, populate=True))
 
     def view(self, seq: int, pos: int, nbytes: int) -> memoryview | None:
         """The lent range, read-only in spirit; None if lend ``seq`` was already returned or skipped."""
