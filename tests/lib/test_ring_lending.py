@@ -11,6 +11,7 @@ much, and a shm connection whose large frames are lent, not copied.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
 import threading
 import time
@@ -264,3 +265,77 @@ def test_shm_connection_lends_large_payloads_and_a_borrower_reads_them_exactly(p
     assert eng._rx.lends_outstanding() == 0
     assert eng._rx.lent_bytes() == sum(map(len, payloads))
     borrower.close()
+
+
+def _adopt_and_lend(instance: str, q, back) -> None:
+    from flexemrd.engine.handoff import HandoffReceiver
+
+    rx = HandoffReceiver(instance, 1)
+    q.put("bound")
+    h = rx.receive(timeout=60)
+    conn = ShmTransport().adopt(h.fds[0], h.conn_id, h.server, h.address)
+    out = []
+    for _ in range(2):
+        hdr = conn.recv_header()
+        out.append(conn.lend_payload(hdr))
+    q.put(out)
+    back.get(timeout=60)   # stay up (holding the connection) until the test is done
+    conn.close()
+
+
+def test_lends_of_a_handed_over_connection_stay_valid_and_may_come_back_out_of_order(instance):
+    """Hand-off: the old engine lent frame 0, the adopting process lends frames 1-2 (its lend numbers
+    continue the ring's); the ranker sees the new engine's references first.  Every partial reads
+    exactly, and the server gets the space only when the old engine's lend is back too."""
+    from flexemrd.engine.handoff import HANDOFF_OWN, send_connection
+
+    t = ShmTransport()
+    lst = t.listen(server_address(instance, 0))
+    box: dict = {}
+    th = threading.Thread(target=lambda: box.setdefault("c", t.connect(lst.address, 7, 0)))
+    th.start()
+    srv = None
+    deadline = time.monotonic() + 5
+    while srv is None and time.monotonic() < deadline:
+        srv = lst.accept()
+        time.sleep(0.001)
+    th.join(5)
+    eng = box["c"]
+    ctx = mp.get_context("spawn")
+    q, back = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=_adopt_and_lend, args=(instance, q, back))
+    try:
+        payloads = [bytes([i + 1]) * (6 << 20) for i in range(3)]   # 18 MiB: more than half the 32 MiB ring
+        for i, pl in enumerate(payloads):
+            srv.send_frame(_frame(i, pl))
+        h = eng.recv_header()
+        first = eng.lend_payload(h)
+        assert first is not None and first.seq == 0
+        p.start()
+        assert q.get(timeout=60) == "bound"
+        fd = eng.detach()
+        send_connection(instance, 1, 7, 0, eng.address, HANDOFF_OWN, [fd])
+        os.close(fd)
+        later = q.get(timeout=60)
+        assert [x.seq for x in later] == [1, 2], "lend numbers continue in the adopting process"
+        b = Borrower.attach(first.ring)
+        for x, pl in zip([first, *later], payloads):
+            assert bytes(b.view(x.seq, x.pos, x.nbytes)) == pl
+        for x in later:   # the new engine's completion ring was drained first
+            b.give_back(x.seq, x.pos + x.nbytes)
+        b.flush()
+        assert b.waiting == 2
+        rsp = srv._tx   # the server's end of the response ring
+        head = rsp.stats().head
+        assert rsp.stats().tail == head, "both engines read everything"
+        assert rsp.reclaim_tail() <= first.pos, "lend 0 is still out: the server may not reuse its bytes"
+        b.give_back(first.seq, first.pos + first.nbytes)
+        b.flush()
+        assert b.waiting == 0 and b.ring.lends_outstanding() == 0
+        assert rsp.reclaim_tail() == head, "all three back: the whole ring is the server's again"
+        b.close()
+    finally:
+        back.put("done")
+        p.join(30)
+        srv.close()
+        lst.close()
