@@ -21,9 +21,9 @@ left under its own prefix before it accepts.
 Copies: a request is copied once into the request ring (the engine's send
 gathers the submission-ring slot into it) and once out of it into the
 server's frame buffer (the server reads with ``recv_nowait``, a copy by that
-interface).  A response is copied once into the response ring (the server's
-gathered outbox) and once out of it into the completion-ring slot
-(``recv_payload_into``).  Loopback TCP makes the same two copies per
+interface).  A small response (below enginemsg.REF_MIN_PAYLOAD) is copied
+once into the response ring (the server's gathered outbox) and once out of it
+into the completion-ring slot (``recv_payload_into``).  Loopback TCP makes the same two copies per
 direction, through the kernel, plus segmentation and a wake-up per segment;
 here a frame costs one ring slot and one doorbell byte.  A large response
 is not copied out at all: the engine lends its payload to the inference
