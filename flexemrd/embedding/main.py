@@ -55,6 +55,7 @@ class EmbeddingPlan:
     status_slot: int = -1        # status segment (flexemr.control.embedding_status), slot status_slot
     secret_file: str = ""        # [daemon].secret_file: rankers must authenticate ("" = no authentication)
     kernel: str = "torch"        # [embedding].kernel: "torch" or "numpy" (flexemr.pooling.KERNELS)
+    resident: bool = True        # tables held whole pool from huge-page copies while they fit (store.py)
 
 
 def default_workers(servers_here: int = 1) -> int:
@@ -84,7 +85,10 @@ def embedding_main(plan: EmbeddingPlan, ready: Ready) -> None:
     from flexemr.auth import load_secret
 
     secret = load_secret(plan.secret_file) if plan.secret_file else None
-    store = EmbeddingStore(plan.model_dir, plan.spec, plan.shards, kernel=plan.kernel)
+    store = EmbeddingStore(plan.model_dir, plan.spec, plan.shards, kernel=plan.kernel, resident=plan.resident)
+    if store.resident_tables:
+        logger.info("%d tables pool from huge-page copies (%d MiB of copy budget left)", store.resident_tables,
+                    store.resident_budget >> 20)
     listener = listener_from_socket(plan.listener, plan.max_payload)
     logger.info("listening on %s (transport %s)", listener.address,
                 "shm" if plan.listener.family == socket.AF_UNIX else "tcp")

@@ -7,6 +7,12 @@ numpy with ``[embedding].kernel = "numpy"``: same answers): each server
 sends a partial per bag (sums for mean tables; docs/PROTOCOL.md,
 *Hierarchical pooling*).
 
+With ``resident=True`` (the serving processes' default) a table held whole
+is pooled from a private copy in transparent huge pages
+(:func:`flexemr.hugepages.resident_copy`: ~20% less CPU per gather than over
+the 4 KiB pages of the map) as long as the copies fit in a quarter of the
+memory available when the store opened; the others stay maps.
+
 Model versions (docs/MODEL-UPDATES.md): the store holds one or more versions
 side by side, each a dict of read-only pooled tables.  A full version maps
 another model directory; a delta version shares its base's unchanged tables
@@ -26,6 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
+from flexemr.hugepages import available_memory, resident_copy
 from flexemr.model.spec import ModelSpec, load_spec
 from flexemr.model.tables import open_tables, table_path
 from flexemr.model.versions import BOOT_VERSION, apply_delta, read_delta, same_architecture
@@ -70,9 +77,12 @@ class EmbeddingStore:
     """The shards this server holds, per model version: range checks, partial pooling and raw rows."""
 
     def __init__(self, model_dir: str, spec: ModelSpec, shards: Sequence[Shard], version: int = BOOT_VERSION,
-                 kernel: str = "torch") -> None:
+                 kernel: str = "torch", resident: bool = False) -> None:
         self.spec = spec
         self.kernel = kernel            # flexemr.pooling.KERNELS
+        # Bytes of huge-page table copies still allowed (0: pool from the maps only).
+        self.resident_budget = (available_memory() or 0) // 4 if resident else 0
+        self.resident_tables = 0
         self.shards = list(shards)
         self.boot_version = version
         self._names = sorted({s.table for s in shards}, key=spec.table_index)
@@ -87,12 +97,18 @@ class EmbeddingStore:
     def _held(self, name: str, arr: np.ndarray) -> _HeldTable:
         t = self.spec.table(name)
         mine = self._ranges[name]
+        whole = len(mine) == 1 and mine[0] == (0, t.rows)
+        # Only a table held whole is copied: a shard's server touches only its rows' pages of the map.
+        copy = resident_copy(arr, self.resident_budget) if whole and self.resident_budget else None
+        if copy is not None:
+            self.resident_budget -= copy.nbytes
+            self.resident_tables += 1
         return _HeldTable(
             name=name,
-            pooler=TablePooler(arr, t.pooling, self.kernel),
+            pooler=TablePooler(arr if copy is None else copy, t.pooling, self.kernel),
             starts=np.array([a for a, _ in mine], dtype=np.int64),
             ends=np.array([b for _, b in mine], dtype=np.int64),
-            whole=len(mine) == 1 and mine[0] == (0, t.rows),
+            whole=whole,
         )
 
     def _open_full(self, model_dir: str) -> dict[int, _HeldTable]:
