@@ -39,6 +39,9 @@ def _start_kserve(svc, r):
 
 def inference_main(plan: RankerPlan, ready) -> None:
     setup_logging("inference", None, plan.cfg.daemon.log_level)
+    from flexemr.malloc import retain_freed_memory
+
+    retain_freed_memory()   # a batch's buffers are reused, not faulted back in (flexemr/malloc.py)
     import torch
 
     from flexemr.model.dense import load_dense
