@@ -78,7 +78,7 @@ def inference_main(plan: RankerPlan, ready) -> None:
 
         from flexemrd.inference.local import LocalPooler
 
-        local = LocalPooler(plan.spec, open_tables(plan.cfg.daemon.model, plan.spec))
+        local = LocalPooler(plan.spec, open_tables(plan.cfg.daemon.model, plan.spec), resident=True)
         logger.info("no embedding servers: pooling %d tables in this process (monolithic layout)",
                     len(plan.spec.tables))
     control = InferenceControl(plan.instance)

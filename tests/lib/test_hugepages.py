@@ -56,3 +56,19 @@ def test_a_store_pools_the_same_partials_from_resident_copies_and_names_bad_ids(
     bad = codec.encode_lookup(2, 1, [0], [np.array([1], dtype=np.int32)], [np.array([spec.tables[0].rows])])
     with pytest.raises((RequestRejected, RuntimeError), match=str(spec.tables[0].rows)):
         resident.pool(codec.decode_lookup(b"".join(bytes(memoryview(b).cast("B")) for b in bad[1:])))
+
+
+def test_the_monolithic_pooler_answers_the_same_from_resident_copies(tiny_model):
+    from flexemr.model.spec import load_spec
+    from flexemr.model.tables import open_tables
+    from flexemr.reqgen import RequestGenerator
+    from flexemrd.inference.local import LocalPooler
+
+    spec = load_spec(tiny_model)
+    maps = open_tables(tiny_model, spec)
+    mapped, resident = LocalPooler(spec, maps), LocalPooler(spec, maps, resident=True)
+    assert all(p.table.ctypes.data % HUGE_PAGE == 0 for p in resident.poolers)
+    _, sparse = RequestGenerator(spec, ids_per_bag=5, seed=9).batch(40)
+    for i, t in enumerate(spec.tables):
+        v, ln = sparse[t.name]
+        np.testing.assert_array_equal(resident.pool(i, v, ln), mapped.pool(i, v, ln))
