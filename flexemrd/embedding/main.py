@@ -56,6 +56,7 @@ class EmbeddingPlan:
     secret_file: str = ""        # [daemon].secret_file: rankers must authenticate ("" = no authentication)
     kernel: str = "torch"        # [embedding].kernel: "torch" or "numpy" (flexemr.pooling.KERNELS)
     resident: bool = True        # tables held whole pool from huge-page copies while they fit (store.py)
+    servers_here: int = 1        # servers started on this host: they share its copy budget
 
 
 def default_workers(servers_here: int = 1) -> int:
@@ -85,7 +86,8 @@ def embedding_main(plan: EmbeddingPlan, ready: Ready) -> None:
     from flexemr.auth import load_secret
 
     secret = load_secret(plan.secret_file) if plan.secret_file else None
-    store = EmbeddingStore(plan.model_dir, plan.spec, plan.shards, kernel=plan.kernel, resident=plan.resident)
+    store = EmbeddingStore(plan.model_dir, plan.spec, plan.shards, kernel=plan.kernel,
+                           resident=plan.resident, resident_share=plan.servers_here)
     if store.resident_tables:
         logger.info("%d tables pool from huge-page copies (%d MiB of copy budget left)", store.resident_tables,
                     store.resident_budget >> 20)
@@ -116,7 +118,7 @@ def embedding_plans(cfg: Config, spec: ModelSpec, routing: RoutingTable, listene
     return [
         EmbeddingPlan(i, cfg.daemon.model, spec, routing.shards_of(i), sock, e.threads, e.max_payload,
                       cfg.daemon.log_level, max_connections=e.max_connections, workers=workers,
-                      secret_file=cfg.daemon.secret_file, kernel=e.kernel)
+                      secret_file=cfg.daemon.secret_file, kernel=e.kernel, servers_here=len(indices))
         for i, sock in zip(indices, listeners)
     ]
 

@@ -11,7 +11,8 @@ With ``resident=True`` (the serving processes' default) a table held whole
 is pooled from a private copy in transparent huge pages
 (:func:`flexemr.hugepages.resident_copy`: ~20% less CPU per gather than over
 the 4 KiB pages of the map) as long as the copies fit in a quarter of the
-memory available when the store opened; the others stay maps.
+memory available when the store opened, shared by the ``resident_share``
+servers starting on the host; the others stay maps.
 
 Model versions (docs/MODEL-UPDATES.md): the store holds one or more versions
 side by side, each a dict of read-only pooled tables.  A full version maps
@@ -77,11 +78,11 @@ class EmbeddingStore:
     """The shards this server holds, per model version: range checks, partial pooling and raw rows."""
 
     def __init__(self, model_dir: str, spec: ModelSpec, shards: Sequence[Shard], version: int = BOOT_VERSION,
-                 kernel: str = "torch", resident: bool = False) -> None:
+                 kernel: str = "torch", resident: bool = False, resident_share: int = 1) -> None:
         self.spec = spec
         self.kernel = kernel            # flexemr.pooling.KERNELS
         # Bytes of huge-page table copies still allowed (0: pool from the maps only).
-        self.resident_budget = (available_memory() or 0) // 4 if resident else 0
+        self.resident_budget = (available_memory() or 0) // (4 * max(1, resident_share)) if resident else 0
         self.resident_tables = 0
         self.shards = list(shards)
         self.boot_version = version

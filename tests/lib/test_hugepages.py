@@ -72,3 +72,17 @@ def test_the_monolithic_pooler_answers_the_same_from_resident_copies(tiny_model)
     for i, t in enumerate(spec.tables):
         v, ln = sparse[t.name]
         np.testing.assert_array_equal(resident.pool(i, v, ln), mapped.pool(i, v, ln))
+
+
+def test_servers_sharing_a_host_split_its_copy_budget(tiny_model):
+    """Each server starting on a host gets its share of the budget: with enough of them none copies."""
+    from flexemr.model.spec import load_spec
+    from flexemr.routing.table import RoutingTable
+    from flexemrd.embedding.store import EmbeddingStore
+
+    spec = load_spec(tiny_model)
+    shards = RoutingTable.build(spec, 1, "tables").shards_of(0)
+    alone = EmbeddingStore(str(tiny_model), spec, shards, resident=True)
+    crowded = EmbeddingStore(str(tiny_model), spec, shards, resident=True, resident_share=1 << 40)
+    assert alone.resident_tables == len(spec.tables)
+    assert crowded.resident_tables == 0 and crowded.resident_budget < 1 << 20
