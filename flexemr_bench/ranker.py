@@ -12,7 +12,8 @@ Systems, each started as real processes and stopped by pid:
                  validation, batching, NN) pooling its own tables in-process:
                  the monolithic reference behind the same API
     kernel       MonolithicModel called directly in this process: no socket, no
-                 batching, one caller
+                 batching, one caller; its tables gathered from huge-page
+                 copies like the daemons' (flexemr.hugepages)
     kernel-4     the same with as many caller threads as the daemons get
                  clients (embedding_bag and the MLP release the GIL): the best
                  the same process can do on all cores
@@ -83,7 +84,7 @@ class Daemon(ReadyProcess):
 def _kernel_closed_loop(model: Path, requests: list, seconds: float, kind: str) -> LoadResult:
     from flexemr.monolithic import MonolithicModel
 
-    m = MonolithicModel(model)
+    m = MonolithicModel(model, resident=True)
     call = m.predict if kind == "predict" else (lambda d, s: m.lookup(s))
     for r in requests:  # warm: map the tables' pages and torch's kernels before the clock starts
         call(*r)
@@ -117,7 +118,7 @@ def _kernel_concurrent(model: Path, requests: list, seconds: float, kind: str, c
     if torch_threads is not None:
         torch.set_num_threads(torch_threads)
     try:
-        m = MonolithicModel(model)
+        m = MonolithicModel(model, resident=True)
         call = m.predict if kind == "predict" else (lambda d, s: m.lookup(s))
         for r in requests:
             call(*r)

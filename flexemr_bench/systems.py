@@ -276,7 +276,7 @@ class InprocessSystem(System):
 
             cores = os.cpu_count() or 1
             torch.set_num_threads(1 if concurrent else cores)
-            return MonolithicModel(model).predict
+            return MonolithicModel(model, resident=True).predict   # as the daemons gather: huge-page copies
 
         return make
 

@@ -60,6 +60,7 @@ class _HeldTable:
     starts: np.ndarray     # shard range starts held here (sorted)
     ends: np.ndarray
     whole: bool            # every row is held here: the kernel's own bounds check suffices
+    resident_bytes: int = 0  # bytes of its huge-page copy (0: pooled from the map)
 
 
 @dataclasses.dataclass(slots=True)
@@ -110,6 +111,7 @@ class EmbeddingStore:
             starts=np.array([a for a, _ in mine], dtype=np.int64),
             ends=np.array([b for _, b in mine], dtype=np.int64),
             whole=whole,
+            resident_bytes=0 if copy is None else int(copy.nbytes),
         )
 
     def _open_full(self, model_dir: str) -> dict[int, _HeldTable]:
@@ -157,7 +159,15 @@ class EmbeddingStore:
         with self._lock:
             if version not in self.versions:
                 return False
+            gone = self.versions[version]
             self.versions = {v: h for v, h in self.versions.items() if v != version}
+            # Its huge-page copies no longer count against the budget once no held version shares them
+            # (a delta shares its base's unchanged tables), so a later full push may copy again.
+            kept = {id(t) for h in self.versions.values() for t in h.tables.values()}
+            for t in gone.tables.values():
+                if t.resident_bytes and id(t) not in kept:
+                    self.resident_budget += t.resident_bytes
+                    self.resident_tables -= 1
             return True
 
     def hold(self, version: int) -> HeldVersion:

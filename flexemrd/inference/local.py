@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flexemr.hugepages import available_memory, resident_copy
+from flexemr.hugepages import resident_copies
 from flexemr.model.spec import ModelSpec
 from flexemr.pooling import TablePooler
 
@@ -20,12 +20,7 @@ class LocalPooler:
         self.spec = spec
         if resident:
             # As an embedding server does: huge-page copies gather faster than the maps (flexemr.hugepages).
-            budget = (available_memory() or 0) // 4
-            for t in spec.tables:
-                copy = resident_copy(tables[t.name], budget)
-                if copy is not None:
-                    budget -= copy.nbytes
-                    tables = {**tables, t.name: copy}
+            tables = resident_copies({t.name: tables[t.name] for t in spec.tables})
         self.poolers = [TablePooler(tables[t.name], t.pooling) for t in spec.tables]
 
     def pool(self, table: int, values: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import logging
 import mmap
+from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["HUGE_PAGE", "available_memory", "resident_copy"]
+__all__ = ["HUGE_PAGE", "available_memory", "resident_copies", "resident_copy"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,4 +71,21 @@ def resident_copy(table: np.ndarray, budget: int) -> np.ndarray | None:
     for off in range(0, nbytes, _COPY_CHUNK):
         np.copyto(dst[off:off + _COPY_CHUNK], src[off:off + _COPY_CHUNK])
     out.flags.writeable = False
+    return out
+
+
+def resident_copies(tables: Mapping[str, np.ndarray], budget: int | None = None) -> dict[str, np.ndarray]:
+    """``tables`` with each one that fits the budget replaced by its :func:`resident_copy` (in order).
+
+    ``budget`` defaults to a quarter of the memory available now, as one
+    process holding every table (the monolithic layout, the in-process limit)
+    gets; what does not fit stays the caller's array.
+    """
+    left = (available_memory() or 0) // 4 if budget is None else budget
+    out = dict(tables)
+    for name, arr in tables.items():
+        copy = resident_copy(arr, left)
+        if copy is not None:
+            left -= copy.nbytes
+            out[name] = copy
     return out

@@ -115,6 +115,26 @@ def test_a_version_not_held_is_refused_naming_it_and_retired_versions_are_gone(m
     assert store.fetch(0, np.array([1, 2]), 2).shape == (2, spec.tables[0].dim)
 
 
+def test_retiring_a_version_gives_its_huge_page_copies_back_to_the_budget(models):
+    """Full pushes one after another keep gathering from copies: a retired version's copies are budget again."""
+    spec, v1, delta, v2 = models
+    store = EmbeddingStore(str(v1), spec, RoutingTable.build(spec, 1, "tables", 1).shards_of(0), resident=True)
+    if store.resident_tables == 0:
+        pytest.skip("no huge-page copies on this host (madvise missing or no memory)")
+    booted_budget, booted_tables = store.resident_budget, store.resident_tables
+    store.load_full(2, str(v2))
+    assert store.resident_budget < booted_budget and store.resident_tables == 2 * booted_tables
+    assert store.retire(1)
+    assert (store.resident_budget, store.resident_tables) == (booted_budget, booted_tables)
+    # a delta shares its base's unchanged tables: retiring the base keeps those counted
+    one = write_delta(delta.parent / "one-resident", {spec.tables[0].name: (np.array([0]),
+                                                                            np.ones((1, spec.tables[0].dim), np.float32))})
+    store.load_delta(3, 2, str(one))
+    assert store.retire(2)
+    assert store.resident_tables == booted_tables
+    assert store.fetch(0, np.array([0]), 3)[0].tolist() == [1.0] * spec.tables[0].dim
+
+
 def test_bad_deltas_and_models_are_refused_with_the_file_named(models, tmp_path):
     spec, v1, _delta, _v2 = models
     t = spec.tables[0]

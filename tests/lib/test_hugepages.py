@@ -74,6 +74,22 @@ def test_the_monolithic_pooler_answers_the_same_from_resident_copies(tiny_model)
         np.testing.assert_array_equal(resident.pool(i, v, ln), mapped.pool(i, v, ln))
 
 
+def test_the_in_process_limit_gathers_from_copies_too_and_answers_the_same(tiny_model):
+    """The benchmarks' limit (MonolithicModel(resident=True)) gets the daemons' memory layout, same answers."""
+    from flexemr.model.spec import load_spec
+    from flexemr.monolithic import MonolithicModel
+    from flexemr.reqgen import RequestGenerator
+
+    spec = load_spec(tiny_model)
+    mapped, resident = MonolithicModel(tiny_model), MonolithicModel(tiny_model, resident=True)
+    assert all(resident.tables[t.name].ctypes.data % HUGE_PAGE == 0 for t in spec.tables)
+    assert all(isinstance(mapped.tables[t.name], np.memmap) for t in spec.tables)
+    dense, sparse = RequestGenerator(spec, ids_per_bag=5, seed=4).batch(32)
+    np.testing.assert_array_equal(resident.predict(dense, sparse), mapped.predict(dense, sparse))
+    for name, got in resident.lookup(sparse).items():
+        np.testing.assert_array_equal(got, mapped.lookup(sparse)[name])
+
+
 def test_servers_sharing_a_host_split_its_copy_budget(tiny_model):
     """Each server starting on a host gets its share of the budget: with enough of them none copies."""
     from flexemr.model.spec import load_spec
