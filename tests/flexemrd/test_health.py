@@ -48,3 +48,23 @@ def test_slow_timeouts_mark_a_server_down_then_one_probe_at_a_time_until_it_answ
     assert hl.choose(0) is None, "and only one"
     hl.answered(0, 0.001)
     assert hl.choose(0) == (0, 0) and hl.all_shards_live()
+
+
+def test_hedge_thresholds_follow_the_servers_latency_within_the_refresh_interval(monkeypatch):
+    """Quantiles wait for 20 answers, are capped at 3x the median, and track a server that slows down."""
+    clock = [100.0]
+    monkeypatch.setattr(h.time, "monotonic", lambda: clock[0])
+    hl = _health(replicas=1)
+    for _ in range(19):
+        hl.answered(0, 0.001)
+    assert hl.median_s(0) is None and hl.hedge_after_s(0, 0.95) is None
+    hl.answered(0, 0.001)
+    assert hl.median_s(0) == 0.001
+    for _ in range(3):
+        hl.answered(0, 1.0)                  # a stall or three: the tail is capped at 3x the median
+    assert hl.hedge_after_s(0, 0.99) <= 0.003 + 1e-12
+    for _ in range(200):
+        hl.answered(0, 0.010)                # the server got slower for good
+    assert hl.median_s(0) == 0.001           # cached: the same pass asks for it per part in flight
+    clock[0] += 2 * h.QUANTILES_REFRESH_S
+    assert hl.median_s(0) == 0.010
