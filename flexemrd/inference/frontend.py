@@ -15,7 +15,13 @@ What a client can make this process hold is bounded:
   (``[ranker].max_inflight_request_bytes``): a request that would exceed it
   is answered ERROR OVERLOADED (its bytes discarded, the session kept);
 - a client that leaves a frame unfinished for ``client_idle_timeout_s`` is
-  disconnected (waiting between frames is free).
+  disconnected (waiting between frames is free);
+- the reply regions clients pass (shared-memory replies, one per session,
+  ``reply_region.py``) count against one ``RegionBudget``
+  (``max_reply_region_bytes``): a region over it is refused with an ERROR
+  naming the limit, and that client is answered by frames; a session's
+  region is unmapped when it disconnects.  Descriptors a client attaches to
+  any other frame are closed at once.
 
 A peer's mistake (a bad header, a malformed payload, a stall) costs one
 rate-limited warning line naming the client, never a traceback.
@@ -35,12 +41,14 @@ from typing import Callable
 import numpy as np
 
 from flexemr.errors import ProtocolError, RequestError
-from flexemr.wire import codec
-from flexemr.wire.frame import ErrorCode, FrameType
+from flexemr.wire import codec, replyslot
+from flexemr.wire.frame import ErrorCode, FrameType, pack_header
+from flexemr.wire.replyslot import FdCatchingSocket
 from flexemr.wire.stream import BudgetExceeded, FrameReader
 
 from flexemrd.inference.admission import Admission, Work
 from flexemrd.inference.replies import SocketReplies
+from flexemrd.inference.reply_region import RegionBudget, RegionRefused, map_region
 from flexemrd.peerlog import PeerWarnings
 
 logger = logging.getLogger(__name__)
@@ -55,6 +63,7 @@ class FrontendLimits:
     max_clients: int = 256
     max_inflight_request_bytes: int = 1 << 30
     client_idle_timeout_s: float = 30.0
+    max_reply_region_bytes: int = 1 << 30   # all clients' shared reply regions together; 0 turns them off
 
 
 class RequestBudget:
@@ -132,6 +141,7 @@ class SocketFrontend:
         self.max_request_bytes = max_request_bytes
         self.limits = limits
         self.budget = RequestBudget(limits.max_inflight_request_bytes)
+        self.regions = RegionBudget(limits.max_reply_region_bytes)
         self.accepting = True
         self.stop = threading.Event()
         self.listener: socket.socket | None = None
@@ -200,7 +210,10 @@ class SocketFrontend:
         self._warn.warn(peer, "too-many-clients", "refused: %s", msg)
 
     def _session_loop(self, s: _BudgetedReplies) -> None:
-        reader = FrameReader(s.sock, self.max_request_bytes, frame_timeout_s=self.limits.client_idle_timeout_s)
+        # Reads keep the descriptors a client attaches (its reply region); see _serve_region.
+        catcher = FdCatchingSocket(s.sock)
+        reader = FrameReader(catcher, self.max_request_bytes,  # type: ignore[arg-type]
+                             frame_timeout_s=self.limits.client_idle_timeout_s)
         try:
             while not self.stop.is_set():
                 try:
@@ -230,6 +243,11 @@ class SocketFrontend:
                     continue
                 held = len(payload.obj)     # type: ignore[arg-type]
                 s.hold(h.request_id, held)
+                fds = catcher.take_fds() if catcher.fds else []
+                if h.type == FrameType.REPLY_REGION:
+                    self._serve_region(s, h, payload, fds)
+                    continue
+                _close_all(fds)   # attached to a frame that carries none: never kept
                 self._serve(s, h, payload)
         except TimeoutError as e:
             self._warn.warn(s.peer, "slow-sender", "disconnected: %s ([ranker].client_idle_timeout_s)", e)
@@ -237,6 +255,9 @@ class SocketFrontend:
             pass
         finally:
             s.alive = False
+            _close_all(catcher.take_fds())
+            if s.region is not None:
+                s.region.close()
             s.release_all()
             self._sessions.discard(s)
             try:
@@ -247,13 +268,17 @@ class SocketFrontend:
     def _serve(self, s: _BudgetedReplies, h, payload: memoryview) -> None:
         """One whole frame: answer it here or hand it to the batcher (whose answer releases its bytes)."""
         if h.type == FrameType.PING:
-            s.send([codec.pack_header(FrameType.PONG, h.request_id, 0)])
+            # A client offering a reply region (flag REPLY_SLOT) learns that this ranker maps them.
+            accept = h.flags & replyslot.REPLY_SLOT and self.regions.limit > 0 and s.region is None
+            s.send([pack_header(FrameType.PONG, h.request_id, 0, flags=replyslot.REPLY_SLOT if accept else 0)])
             s.release(h.request_id)
             return
         if not self.accepting:
             s.error(h.request_id, ErrorCode.UNAVAILABLE, "the ranker is shutting down")
             return
         try:
+            if h.flags & replyslot.REPLY_SLOT:
+                payload = self._name_slot(s, h.request_id, payload)
             work = self.admission.admit_frame(s, h.type, h.request_id, payload, h.aux)
         except (RequestError, ProtocolError) as e:
             self.count_errors(1)
@@ -265,6 +290,50 @@ class SocketFrontend:
             s.release(h.request_id)   # answered already (an empty batch)
         else:
             self.submit(work)
+
+    @staticmethod
+    def _name_slot(s: _BudgetedReplies, request_id: int, payload: memoryview) -> memoryview:
+        """Strip a request's reply-slot trailer and remember its slot (without a region: answer by frame)."""
+        payload, offset, capacity = replyslot.split_slot_trailer(payload)
+        if s.region is not None:
+            replyslot.check_slot(offset, capacity, s.region.nbytes)
+            s.name_slot(request_id, offset, capacity)
+        return payload
+
+    def _serve_region(self, s: _BudgetedReplies, h, payload: memoryview, fds: list[int]) -> None:
+        """A client's reply region: map it (bounded, checked) or answer an ERROR saying why; never fatal."""
+        try:
+            if s.region is not None:
+                raise RegionRefused("this connection has a reply region already (one per connection)")
+            try:
+                declared = replyslot.decode_region(payload)
+            except ProtocolError as e:
+                raise RegionRefused(str(e)) from None
+        except RegionRefused as e:
+            _close_all(fds)
+            self._refuse_region(s, h.request_id, e)
+            return
+        try:
+            s.region = map_region(fds, declared, self.regions)   # closes fds, mapped or not
+        except RegionRefused as e:
+            self._refuse_region(s, h.request_id, e)
+            return
+        s.send(replyslot.encode_region(h.request_id, s.region.nbytes))
+        s.release(h.request_id)
+
+    def _refuse_region(self, s: _BudgetedReplies, request_id: int, e: RegionRefused) -> None:
+        self.count_errors(1)
+        if not e.overloaded:
+            self._warn.warn(s.peer, "bad-region", "reply region refused: %s", e)
+        s.error(request_id, ErrorCode.OVERLOADED if e.overloaded else ErrorCode.BAD_REQUEST, str(e))
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _peer_name(sock: socket.socket) -> str:

@@ -21,26 +21,46 @@ the call raises ``DeadlineExceeded`` naming the stage that ran out of time.
 A call whose answer does not arrive in time on the socket (the client's own
 timeout) discards the connection, so the next call is never answered with a
 late answer to this one; the client reconnects on its next call.
+
+Shared-memory replies (``shm_replies=True``, the default): on connecting, the
+client offers the ranker a reply region (a sealed memfd of
+``reply_region_bytes``, cut into ``reply_slots`` slots, passed over the
+socket; see :mod:`flexemr.wire.replyslot`).  A ranker that takes it writes
+each answer once into a slot the request names, and the arrays returned are
+numpy views of that slot: no copy on either side of the socket.  A slot stays
+**leased** until every array returned from it (and every view of those) is
+garbage, so the ranker never writes over an answer the caller still holds.
+With every slot leased (a caller keeping many answers), or an answer larger
+than a slot, answers come by the normal frame: a call never waits for a slot.
+An old ranker, or one that refuses the region (its per-process limit,
+``shm_replies_error`` says why), is served by frames as before.  Arrays from
+a slot are writable; writing them touches only that answer.  Use
+``np.copy`` to keep an answer for long without holding its slot.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import socket
 import threading
 from typing import Sequence
 
 import numpy as np
 
+from flexemr.client_shm import DEFAULT_REGION_BYTES, DEFAULT_SLOTS, ReplyRegion, Slot
 from flexemr.errors import DeadlineExceeded, ProtocolError, RemoteError, RequestError
 from flexemr.kserve.convert import csr_to_kjt
 from flexemr.model.spec import ModelSpec
 from flexemr.validation import Sparse, prepare_dense, prepare_sparse
 from flexemr.wire import codec
-from flexemr.wire.frame import ErrorCode, FrameType
+from flexemr.wire import replyslot
+from flexemr.wire.frame import ErrorCode, FrameType, pack_header
 from flexemr.wire.stream import FrameReader, send_buffers
 
 __all__ = ["InferenceClient", "Sparse", "prepare_sparse"]
+
+logger = logging.getLogger(__name__)
 
 
 def _timeout(timeout_ms: int | None) -> int:
@@ -55,20 +75,38 @@ class InferenceClient:
     """A connection to a ranker's inference socket."""
 
     def __init__(self, path: str, timeout: float | None = 60.0, max_payload: int = 1 << 30,
-                 narrow_ids: bool = True) -> None:
-        """``narrow_ids``: send ids as int32 when they all fit (one max pass per table; half the id bytes)."""
+                 narrow_ids: bool = True, shm_replies: bool = True,
+                 reply_region_bytes: int = DEFAULT_REGION_BYTES, reply_slots: int = DEFAULT_SLOTS) -> None:
+        """``narrow_ids``: send ids as int32 when they all fit (one max pass per table; half the id bytes).
+
+        ``shm_replies``: offer the ranker a reply region of ``reply_region_bytes`` in ``reply_slots``
+        slots (see the module docstring); False: every answer comes by frame over the socket.
+        """
         self.path = path
         self.narrow_ids = narrow_ids
         self.timeout = timeout
         self.max_payload = max_payload
+        self.shm_replies = shm_replies
+        self.reply_region_bytes = reply_region_bytes
+        self.reply_slots = reply_slots
+        if shm_replies:
+            ReplyRegion.check_size(reply_region_bytes, reply_slots)
         self._sock: socket.socket | None = None
         self._reader: FrameReader | None = None
+        self._region: ReplyRegion | None = None
+        # Why the ranker took no reply region on the last connect (None: it took it, or none was offered).
+        self.shm_replies_error: str | None = None
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         # The model version that served the last answer (0: the ranker did not name one).
         self.last_version = 0
         self._flags = 0
         self._connect()
+
+    @property
+    def shm_active(self) -> bool:
+        """True when answers on this connection may come through the shared reply region."""
+        return self._region is not None
 
     def _connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -80,15 +118,64 @@ class InferenceClient:
             raise ConnectionError(f"no flexemr ranker is serving on {self.path}: {e.strerror}") from None
         self._sock = sock
         self._reader = FrameReader(sock, self.max_payload)
+        if self.shm_replies:
+            try:
+                self._offer_region()
+            except BaseException:
+                self._discard()
+                raise
+
+    def _offer_region(self) -> None:
+        """PING with REPLY_SLOT; a ranker that answers PONG with it gets a fresh region (wire/replyslot.py)."""
+        assert self._sock is not None and self._reader is not None
+        rid = next(self._ids)
+        send_buffers(self._sock, [pack_header(FrameType.PING, rid, 0, flags=replyslot.REPLY_SLOT)])
+        h, _ = self._answer(rid)
+        if h.type != FrameType.PONG or not h.flags & replyslot.REPLY_SLOT:
+            return   # a ranker without reply regions: frames as before
+        region = ReplyRegion(self.reply_region_bytes, self.reply_slots)
+        rid = next(self._ids)
+        try:
+            replyslot.send_with_fd(self._sock, replyslot.encode_region(rid, region.region_bytes), region.fd)
+            h, payload = self._answer(rid)
+        finally:
+            region.close()   # the ranker holds its own descriptor; the mapping stays
+        if h.type == FrameType.ERROR:
+            self.shm_replies_error = codec.decode_error(payload)
+            logger.warning("the ranker on %s refused the reply region, answers come by frame: %s",
+                           self.path, self.shm_replies_error)
+            return
+        if h.type != FrameType.REPLY_REGION:
+            raise ProtocolError(f"expected REPLY_REGION, got frame type {h.type}")
+        self._region = region
+        self.shm_replies_error = None
+
+    def _answer(self, request_id: int):
+        """The next frame answering ``request_id`` (header, payload), skipping late answers to earlier calls."""
+        assert self._reader is not None
+        while True:
+            h = self._reader.read_header()
+            # A fresh buffer per answer: the arrays we return are views of it,
+            # so nothing is copied after the socket read.
+            payload = self._reader.read_payload_owned(h)
+            if h.request_id == request_id or h.request_id == 0:
+                return h, payload
+            if h.request_id > request_id:
+                raise ProtocolError(f"answer to request {h.request_id} while waiting for {request_id}")
+            # A late answer to an earlier call: skip it.
 
     def _discard(self) -> None:
-        """Drop the connection: whatever it still owes us must never answer a later call."""
+        """Drop the connection: whatever it still owes us must never answer a later call.
+
+        The region goes with it: the ranker may still write a late answer into the slot
+        in flight, so no slot of it is ever named again (leased arrays keep its memory)."""
         if self._sock is not None:
             try:
                 self._sock.close()
             except OSError:
                 pass
         self._sock = self._reader = None
+        self._region = None
 
     def __enter__(self) -> "InferenceClient":
         return self
@@ -108,18 +195,15 @@ class InferenceClient:
                 # Our own wait outlives the ranker's deadline a little, so its error (naming the stage) wins.
                 sock_timeout = timeout_ms / 1e3 + max(0.5, timeout_ms / 1e3)
             self._sock.settimeout(sock_timeout)
+            region = self._region
+            slot = region.acquire() if region is not None else None
+            if slot is not None:
+                frame = replyslot.add_slot_trailer(frame, slot.offset, slot.capacity)
             try:
                 send_buffers(self._sock, frame)
-                while True:
-                    h = self._reader.read_header()
-                    # A fresh buffer per answer: the arrays we return are views of it,
-                    # so nothing is copied after the socket read.
-                    payload = self._reader.read_payload_owned(h)
-                    if h.request_id == request_id or h.request_id == 0:
-                        break
-                    if h.request_id > request_id:
-                        raise ProtocolError(f"answer to request {h.request_id} while waiting for {request_id}")
-                    # A late answer to an earlier call: skip it.
+                h, payload = self._answer(request_id)
+                if slot is not None and h.flags & replyslot.REPLY_SLOT:
+                    payload, slot = self._leased(region, slot, payload), None
             except (TimeoutError, socket.timeout):
                 self._discard()
                 raise DeadlineExceeded(ErrorCode.DEADLINE_EXCEEDED,
@@ -128,6 +212,9 @@ class InferenceClient:
             except (OSError, ProtocolError):
                 self._discard()
                 raise
+            finally:
+                if slot is not None and self._region is region:
+                    region.release(slot)   # never answered into (the region is gone if the connection is)
             if h.type == FrameType.ERROR:
                 msg = codec.decode_error(payload)
                 if h.aux in (ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_TABLE, ErrorCode.ID_OUT_OF_RANGE,
@@ -140,6 +227,15 @@ class InferenceClient:
                 raise ProtocolError(f"expected {expect.name}, got frame type {h.type}")
             self._flags = h.flags
             return payload
+
+    @staticmethod
+    def _leased(region: ReplyRegion, slot: Slot, descriptor) -> memoryview:
+        """The answer the ranker wrote into ``slot``, as a view that keeps the slot leased."""
+        offset, nbytes = replyslot.decode_descriptor(descriptor)
+        try:
+            return region.lease(slot, offset, nbytes)
+        except ValueError as e:
+            raise ProtocolError(str(e)) from None
 
     def _narrow(self, values: list[np.ndarray]) -> bool:
         """Whether these ids may travel as int32 (negative or huge ids go as int64, for the ranker to name)."""

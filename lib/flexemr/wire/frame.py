@@ -57,6 +57,7 @@ class FrameType(enum.IntEnum):
     AUTH_CHALLENGE = 18  # server -> ranker, answering HELLO when a secret is required: the server's nonce
     AUTH_PROOF = 19      # ranker -> server: the ranker's nonce + HMAC proof (flexemr.auth)
     AUTH_OK = 20         # server -> ranker: the server's HMAC proof back; the ranker then repeats HELLO
+    REPLY_REGION = 21    # client -> ranker: a shared reply region (memfd by SCM_RIGHTS); ranker -> client: accepted
 
 
 class FrameFlag(enum.IntFlag):
@@ -67,6 +68,8 @@ class FrameFlag(enum.IntFlag):
     PARTIALS_BF16 = 8    # LOOKUP: answer with bf16 partials
     MODEL_VERSION = 16   # LOOKUP: a u32 model version before the other trailers; FETCH: the version in its
                           # second u32; PREDICT_RESP: a u32 version trailer; CLIENT_LOOKUP_RESP: in its 4th u32
+    REPLY_SLOT = 32      # PING/PONG: offer/accept a reply region; PREDICT/CLIENT_LOOKUP: a reply-slot trailer;
+                          # PREDICT_RESP/CLIENT_LOOKUP_RESP: the answer is in that slot (see wire/replyslot.py)
 
 
 class ErrorCode(enum.IntEnum):
