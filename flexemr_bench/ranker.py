@@ -1,6 +1,7 @@
 """Ranker benchmark: ``flexemrd local`` against the monolithic layout, same front end, one run.
 
     python -m flexemr_bench.ranker --out bench-out/ranker [--rows-cap 250000] [--seconds 6] [--reps 3]
+                                   [--shm-replies both|on|off]
 
 Workload (the ranker issue's): batches of 2048 samples, 8 tables x 64 dims,
 20 ids per bag, Zipf ids (s = 1.05) scattered over the rows by a permutation.
@@ -20,6 +21,13 @@ Systems, each started as real processes and stopped by pid:
     kernel-4/t1  the same with one torch intra-op thread per call (concurrent
                  OpenMP teams stall each other; on 2 cores this is often faster)
     limit        the best of the three per phase: every ratio is against it
+
+Answers reach the daemons' clients through their shared-memory reply region
+(``InferenceClient(shm_replies=True)``, the default); with ``--shm-replies
+both`` (the default) the closed loops also run ``monolithic/frames`` and
+``flexemr/frames``, the same daemons answering by frames over the socket
+(``shm_replies=False``), in the same rotation, so the two are compared in one
+run (CPU per 1,000 samples and samples/s).
 
 Phases: closed loop (C clients, each sends its next request when answered:
 maximum samples/s) for lookup() and predict(); then open loop (Poisson
@@ -41,7 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flexemr.loadgen import LoadResult, run_load, socket_caller
+from flexemr.client import InferenceClient
+from flexemr.loadgen import LoadResult, run_load
 from flexemr_bench.daemon import ReadyProcess, tree_cpu_by_prefix
 
 BATCH = 2048
@@ -162,11 +171,27 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _measure(daemon: Daemon, requests: list, kind: str, clients: int, seconds: float, rate: float = 0.0) -> dict:
+def socket_caller(path: str, kind: str, shm_replies: bool = True):
+    """A factory (run in each client process) of a predict or lookup call; answers by reply region or frame."""
+
+    def make():
+        client = InferenceClient(path, shm_replies=shm_replies)
+        if shm_replies and not client.shm_active:
+            raise RuntimeError(f"the ranker on {path} took no reply region: {client.shm_replies_error}")
+        if kind == "predict":
+            return client.predict
+        return lambda dense, sparse: client.lookup(sparse)
+
+    return make
+
+
+def _measure(daemon: Daemon, requests: list, kind: str, clients: int, seconds: float, rate: float = 0.0,
+             shm_replies: bool = True) -> dict:
     """One closed- or open-loop run, with where the CPU went: ms of CPU per 1,000 samples, per role and
     for the clients (the in-process limit pays neither the clients nor the copies between processes)."""
     cpu0, c0 = cpu_by_role(daemon.proc.pid), _children_cpu()
-    res = run_load(socket_caller(daemon.sock, kind), requests, clients, seconds, rate / clients if rate else 0.0)
+    res = run_load(socket_caller(daemon.sock, kind, shm_replies), requests, clients, seconds,
+                   rate / clients if rate else 0.0)
     cpu1, c1 = cpu_by_role(daemon.proc.pid), _children_cpu()
     out = res.summary()
     per_k = 1e6 / max(1, res.samples)   # seconds -> ms per 1,000 samples
@@ -186,7 +211,11 @@ def _median_run(runs: list[dict]) -> dict:
     return out
 
 
-def run(out: Path, rows_cap: int, seconds: float, clients: int, nreq: int, zipf: float, reps: int = 3) -> dict:
+REPLY_MODES = {"both": (True, False), "on": (True,), "off": (False,)}
+
+
+def run(out: Path, rows_cap: int, seconds: float, clients: int, nreq: int, zipf: float, reps: int = 3,
+        shm_replies: str = "both") -> dict:
     from flexemr.model.spec import load_spec
     from flexemr.reqgen import RequestGenerator
 
@@ -198,7 +227,8 @@ def run(out: Path, rows_cap: int, seconds: float, clients: int, nreq: int, zipf:
     requests = [gen.batch(BATCH) for _ in range(nreq)]
     results: dict = {"workload": {"batch": BATCH, "tables": len(spec.tables), "dim": spec.tables[0].dim,
                                   "rows_per_table": spec.tables[0].rows, "ids_per_bag": 20, "zipf": zipf},
-                     "clients": clients, "seconds": seconds, "repetitions": reps, "systems": {}}
+                     "clients": clients, "seconds": seconds, "repetitions": reps, "shm_replies": shm_replies,
+                     "systems": {}}
     sysres = results["systems"]
     configs = {"monolithic": (0, 2, []), "flexemr": (2, 2, ["--routing", "tables"])}
     # Both daemons run for the whole benchmark (an idle daemon sleeps on
@@ -222,8 +252,11 @@ def run(out: Path, rows_cap: int, seconds: float, clients: int, nreq: int, zipf:
                 runs.setdefault(("kernel-4/t1", kind), []).append(
                     _kernel_concurrent(model, requests, seconds, kind, clients, torch_threads=1).summary())
                 for name, d in daemons.items():
-                    _log(f"  [{rep + 1}/{reps}] {name} {kind}: closed loop, {clients} clients, {seconds:g} s")
-                    runs.setdefault((name, kind), []).append(_measure(d, requests, kind, clients, seconds))
+                    for shm in REPLY_MODES[shm_replies]:
+                        variant = _variant(name, shm, shm_replies)
+                        _log(f"  [{rep + 1}/{reps}] {variant} {kind}: closed loop, {clients} clients, {seconds:g} s")
+                        runs.setdefault((variant, kind), []).append(
+                            _measure(d, requests, kind, clients, seconds, shm_replies=shm))
         for (name, kind), rs in runs.items():
             sysres.setdefault(name, {})[kind] = _median_run(rs)
         baselines = ("kernel", "kernel-4", "kernel-4/t1")
@@ -238,10 +271,11 @@ def run(out: Path, rows_cap: int, seconds: float, clients: int, nreq: int, zipf:
             for level in OPEN_LOOP_LEVELS:
                 offered = level * mono_max
                 for name, d in daemons.items():
+                    shm = shm_replies != "off"
                     _log(f"  [{rep + 1}/{reps}] {name} predict: open loop at {offered:.1f} req/s "
                          f"({offered * BATCH:,.0f} samples/s)")
                     runs.setdefault((name, level), []).append(
-                        _measure(d, requests, "predict", OPEN_LOOP_CLIENTS, seconds, rate=offered))
+                        _measure(d, requests, "predict", OPEN_LOOP_CLIENTS, seconds, rate=offered, shm_replies=shm))
         for (name, level), rs in runs.items():
             sysres[name][f"predict_open_loop_{int(level * 100)}"] = _median_run(rs)
     finally:
@@ -257,10 +291,24 @@ def run(out: Path, rows_cap: int, seconds: float, clients: int, nreq: int, zipf:
         **{f"{k}_{n}_over_limit": round(sysres[n][k]["samples_per_s"] / sysres["limit"][k]["samples_per_s"], 3)
            for n in ("monolithic", "flexemr", "kernel") for k in ("lookup", "predict")},
     }
+    if shm_replies == "both":
+        results["ratios"].update({
+            f"{k}_{n}_shm_over_frames": round(sysres[n][k]["samples_per_s"] / sysres[f"{n}/frames"][k]["samples_per_s"], 3)
+            for n in ("monolithic", "flexemr") for k in ("lookup", "predict")})
+        results["ratios"].update({
+            f"{k}_{n}_cpu_shm_over_frames": round(sum(sysres[n][k]["cpu_ms_per_1k_samples"].values())
+                                                  / sum(sysres[f"{n}/frames"][k]["cpu_ms_per_1k_samples"].values()), 3)
+            for n in ("monolithic", "flexemr") for k in ("lookup", "predict")})
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     (out / "ranker.json").write_text(json.dumps(results, indent=2))
     _plot(results, out / "ranker.png")
     return results
+
+
+def _variant(name: str, shm: bool, mode: str) -> str:
+    """The system's name in the results: the default (reply region, or whatever ``--shm-replies`` chose) keeps
+    the daemon's name; with both, the frames variant is ``<name>/frames``."""
+    return f"{name}/frames" if mode == "both" and not shm else name
 
 
 def _plot(results: dict, path: Path) -> None:
@@ -307,13 +355,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--zipf", type=float, default=1.05)
     ap.add_argument("--reps", type=int, default=3, help="repetitions per measurement (median kept)")
+    ap.add_argument("--shm-replies", choices=sorted(REPLY_MODES), default="both",
+                    help="answers to the daemons' clients through their shared reply region (on), by frames (off), "
+                         "or both in the same rotation (the frames runs appear as <system>/frames)")
     a = ap.parse_args(argv)
-    r = run(a.out, a.rows_cap, a.seconds, a.clients, a.requests, a.zipf, a.reps)
+    r = run(a.out, a.rows_cap, a.seconds, a.clients, a.requests, a.zipf, a.reps, a.shm_replies)
     s = r["systems"]
     levels = [int(lv * 100) for lv in r["open_loop_levels"]]
     head = "".join(f" {f'p50/p99 ms @{lv}%':>18}" for lv in levels)
     print(f"{'system':12} {'lookup samples/s':>17} {'predict samples/s':>18}{head}")
-    for n in ("kernel", "kernel-4", "kernel-4/t1", "limit", "monolithic", "flexemr"):
+    daemons = [n for n in ("monolithic", "monolithic/frames", "flexemr", "flexemr/frames") if n in s]
+    for n in ("kernel", "kernel-4", "kernel-4/t1", "limit", *daemons):
         cells = ""
         for lv in levels:
             ol = s[n].get(f"predict_open_loop_{lv}")
@@ -321,10 +373,10 @@ def main(argv: list[str] | None = None) -> int:
             cells += f" {cell:>18}"
         print(f"{n:12} {s[n]['lookup']['samples_per_s']:>17,.0f} {s[n]['predict']['samples_per_s']:>18,.0f}{cells}")
     print(f"\nCPU ms per 1,000 samples (closed loop): {', '.join(ROLE_COLUMNS)}")
-    for n in ("monolithic", "flexemr"):
+    for n in daemons:
         for k in ("lookup", "predict"):
             split = s[n][k]["cpu_ms_per_1k_samples"]
-            print(f"  {n:10} {k:8} " + "  ".join(f"{split[c]:6.2f}" for c in ROLE_COLUMNS)
+            print(f"  {n:17} {k:8} " + "  ".join(f"{split[c]:6.2f}" for c in ROLE_COLUMNS)
                   + f"   total {sum(split.values()):6.2f}")
     print(json.dumps(r["ratios"], indent=2))
     return 0
