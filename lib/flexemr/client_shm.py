@@ -18,9 +18,13 @@ derived array's ``.base`` chain, and ``weakref.finalize`` on that owner frees
 the slot once the last such array is garbage; ``release`` frees a named slot
 whose answer came by frame (or not at all).
 
-Free slots live in a deque (append and popleft are atomic in CPython), so a
+Free slots live in a deque (append and pop are atomic in CPython), so a
 finalizer that runs inside ``acquire`` (garbage collection can start at any
-allocation) cannot deadlock on a lock.
+allocation) cannot deadlock on a lock.  They are reused last-freed first: a
+caller that drops each answer before the next call keeps writing the same
+slot, whose pages are already mapped on both sides and warm in cache; the
+other slots' pages are never touched (a memfd's pages cost memory only once
+written).
 """
 
 from __future__ import annotations
@@ -86,7 +90,7 @@ class ReplyRegion:
             raise
         self._bytes = np.frombuffer(self._mmap, np.uint8)
         self._slots = [Slot(i, i * self.slot_bytes, self.slot_bytes) for i in range(slots)]
-        self._free: collections.deque[int] = collections.deque(range(slots))
+        self._free: collections.deque[int] = collections.deque(range(slots - 1, -1, -1))   # slot 0 first
         self._leased = 0
 
     @staticmethod
@@ -110,7 +114,7 @@ class ReplyRegion:
     def acquire(self) -> Slot | None:
         """A free slot to name in a request, or None when all are named or leased (use a normal frame)."""
         try:
-            return self._slots[self._free.popleft()]
+            return self._slots[self._free.pop()]
         except IndexError:
             return None
 
