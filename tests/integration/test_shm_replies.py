@@ -256,15 +256,18 @@ def test_slots_past_the_region_a_second_region_and_a_closed_fd(mono, tiny_model)
         np.testing.assert_array_equal(good.predict(dense, sparse), want)
 
 
-def test_a_client_against_a_ranker_without_reply_regions_uses_frames(tmp_path):
-    """An old ranker answers the flagged PING with a plain PONG: the client never sends a region or a trailer."""
+@pytest.mark.parametrize("ranker", ["old", "refusing"])
+def test_a_client_against_a_ranker_without_reply_regions_uses_frames(tmp_path, ranker):
+    """An old ranker answers the flagged PING with a plain PONG; a full one refuses the region (OVERLOADED,
+    naming its limit).  Either way the client sends no slot trailer and is answered by frames."""
     path = str(tmp_path / "old.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(1)
     seen: list = []
+    refusal = "a reply region of 33554432 bytes would exceed the ranker's limit (max_reply_region_bytes)"
 
-    def old_ranker() -> None:
+    def fake_ranker() -> None:
         conn, _ = listener.accept()
         with conn:
             while True:
@@ -275,18 +278,24 @@ def test_a_client_against_a_ranker_without_reply_regions_uses_frames(tmp_path):
                 body = recv_exact(conn, h.payload_len) if h.payload_len else b""
                 seen.append((h.type, h.flags, len(body)))
                 if h.type == FrameType.PING:
-                    send_buffers(conn, [pack_header(FrameType.PONG, h.request_id, 0)])
+                    flags = replyslot.REPLY_SLOT if ranker == "refusing" else 0
+                    send_buffers(conn, [pack_header(FrameType.PONG, h.request_id, 0, flags=flags)])
+                elif h.type == FrameType.REPLY_REGION:
+                    send_buffers(conn, codec.encode_error(h.request_id, ErrorCode.OVERLOADED, refusal))
                 else:
                     send_buffers(conn, codec.encode_scores(h.request_id, np.arange(2, dtype=np.float32)))
 
-    t = threading.Thread(target=old_ranker, daemon=True)
+    t = threading.Thread(target=fake_ranker, daemon=True)
     t.start()
     with InferenceClient(path) as c:
         assert not c.shm_active
+        assert c.shm_replies_error == (refusal if ranker == "refusing" else None)
         dense = np.zeros((2, 3), np.float32)
         np.testing.assert_array_equal(c.predict(dense, {"a": (np.array([1, 2], np.int64), np.array([1, 1], np.int32))}),
                                       [0, 1])
     t.join(10)
     listener.close()
-    assert [ty for ty, _, _ in seen] == [FrameType.PING, FrameType.PREDICT]
-    assert not seen[1][1] & replyslot.REPLY_SLOT
+    types = [ty for ty, _, _ in seen]
+    assert types == ([FrameType.PING, FrameType.PREDICT] if ranker == "old"
+                     else [FrameType.PING, FrameType.REPLY_REGION, FrameType.PREDICT])
+    assert not seen[-1][1] & replyslot.REPLY_SLOT
