@@ -94,6 +94,7 @@ class InferenceClient:
         self._sock: socket.socket | None = None
         self._reader: FrameReader | None = None
         self._region: ReplyRegion | None = None
+        self._early_error: tuple | None = None   # an ERROR frame that answered the region offer
         # Why the ranker took no reply region on the last connect (None: it took it, or none was offered).
         self.shm_replies_error: str | None = None
         self._ids = itertools.count(1)
@@ -130,7 +131,12 @@ class InferenceClient:
         assert self._sock is not None and self._reader is not None
         rid = next(self._ids)
         send_buffers(self._sock, [pack_header(FrameType.PING, rid, 0, flags=replyslot.REPLY_SLOT)])
-        h, _ = self._answer(rid)
+        h, payload = self._answer(rid)
+        if h.type == FrameType.ERROR:
+            # Said to the connection, not to the PING (OVERLOADED at accept): the first call reports it,
+            # as it would without the offer.
+            self._early_error = (h, payload)
+            return
         if h.type != FrameType.PONG or not h.flags & replyslot.REPLY_SLOT:
             return   # a ranker without reply regions: frames as before
         region = ReplyRegion(self.reply_region_bytes, self.reply_slots)
@@ -195,6 +201,10 @@ class InferenceClient:
                 # Our own wait outlives the ranker's deadline a little, so its error (naming the stage) wins.
                 sock_timeout = timeout_ms / 1e3 + max(0.5, timeout_ms / 1e3)
             self._sock.settimeout(sock_timeout)
+            if self._early_error is not None:
+                (h, payload), self._early_error = self._early_error, None
+                self._discard()
+                self._raise_error(h, payload)
             region = self._region
             slot = region.acquire() if region is not None else None
             if slot is not None:
@@ -216,17 +226,22 @@ class InferenceClient:
                 if slot is not None and self._region is region:
                     region.release(slot)   # never answered into (the region is gone if the connection is)
             if h.type == FrameType.ERROR:
-                msg = codec.decode_error(payload)
-                if h.aux in (ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_TABLE, ErrorCode.ID_OUT_OF_RANGE,
-                             ErrorCode.SIZE_MISMATCH, ErrorCode.TOO_LARGE, ErrorCode.BAD_FRAME):
-                    raise RequestError(msg)
-                if h.aux == ErrorCode.DEADLINE_EXCEEDED:
-                    raise DeadlineExceeded(h.aux, msg)
-                raise RemoteError(h.aux, msg)
+                self._raise_error(h, payload)
             if h.type != expect:
                 raise ProtocolError(f"expected {expect.name}, got frame type {h.type}")
             self._flags = h.flags
             return payload
+
+    @staticmethod
+    def _raise_error(h, payload) -> None:
+        """Raise what an ERROR frame says, as the exception its code calls for."""
+        msg = codec.decode_error(payload)
+        if h.aux in (ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_TABLE, ErrorCode.ID_OUT_OF_RANGE,
+                     ErrorCode.SIZE_MISMATCH, ErrorCode.TOO_LARGE, ErrorCode.BAD_FRAME):
+            raise RequestError(msg)
+        if h.aux == ErrorCode.DEADLINE_EXCEEDED:
+            raise DeadlineExceeded(h.aux, msg)
+        raise RemoteError(h.aux, msg)
 
     @staticmethod
     def _leased(region: ReplyRegion, slot: Slot, descriptor) -> memoryview:

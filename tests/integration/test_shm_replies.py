@@ -299,3 +299,32 @@ def test_a_client_against_a_ranker_without_reply_regions_uses_frames(tmp_path, r
     assert types == ([FrameType.PING, FrameType.PREDICT] if ranker == "old"
                      else [FrameType.PING, FrameType.REPLY_REGION, FrameType.PREDICT])
     assert not seen[-1][1] & replyslot.REPLY_SLOT
+
+
+def test_a_ranker_full_of_clients_is_reported_by_the_first_call_as_before(tmp_path):
+    """The ranker's OVERLOADED at accept answers the region offer; the client's first call raises it."""
+    from flexemr.errors import RemoteError
+
+    path = str(tmp_path / "full.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+
+    def full_ranker() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            send_buffers(conn, codec.encode_error(0, ErrorCode.OVERLOADED, "at most 1 clients ([ranker].max_clients)"))
+            try:
+                while conn.recv(65536):
+                    pass
+            except OSError:
+                pass
+
+    t = threading.Thread(target=full_ranker, daemon=True)
+    t.start()
+    c = InferenceClient(path, timeout=10)
+    with pytest.raises(RemoteError, match="max_clients"):
+        c.predict(np.zeros((1, 3), np.float32), {"a": (np.array([1], np.int64), np.array([1], np.int32))})
+    c.close()
+    t.join(10)
+    listener.close()
