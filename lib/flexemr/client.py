@@ -44,7 +44,7 @@ import itertools
 import logging
 import socket
 import threading
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import numpy as np
 
@@ -55,7 +55,7 @@ from flexemr.model.spec import ModelSpec
 from flexemr.validation import Sparse, prepare_dense, prepare_sparse
 from flexemr.wire import codec
 from flexemr.wire import replyslot
-from flexemr.wire.frame import ErrorCode, FrameType, pack_header
+from flexemr.wire.frame import ErrorCode, FrameType, Header, pack_header
 from flexemr.wire.stream import FrameReader, send_buffers
 
 __all__ = ["InferenceClient", "Sparse", "prepare_sparse"]
@@ -94,7 +94,7 @@ class InferenceClient:
         self._sock: socket.socket | None = None
         self._reader: FrameReader | None = None
         self._region: ReplyRegion | None = None
-        self._early_error: tuple | None = None   # an ERROR frame that answered the region offer
+        self._early_error: tuple[Header, memoryview] | None = None   # an ERROR frame that answered the region offer
         # Why the ranker took no reply region on the last connect (None: it took it, or none was offered).
         self.shm_replies_error: str | None = None
         self._ids = itertools.count(1)
@@ -156,7 +156,7 @@ class InferenceClient:
         self._region = region
         self.shm_replies_error = None
 
-    def _answer(self, request_id: int):
+    def _answer(self, request_id: int) -> tuple[Header, memoryview]:
         """The next frame answering ``request_id`` (header, payload), skipping late answers to earlier calls."""
         assert self._reader is not None
         while True:
@@ -233,7 +233,7 @@ class InferenceClient:
             return payload
 
     @staticmethod
-    def _raise_error(h, payload) -> None:
+    def _raise_error(h: Header, payload: memoryview) -> NoReturn:
         """Raise what an ERROR frame says, as the exception its code calls for."""
         msg = codec.decode_error(payload)
         if h.aux in (ErrorCode.BAD_REQUEST, ErrorCode.UNKNOWN_TABLE, ErrorCode.ID_OUT_OF_RANGE,
