@@ -77,7 +77,7 @@ _QUEUED, _RUNNING, _DONE = 0, 1, 2
 class _Request:
     """One frame awaiting its answer, in its connection's order."""
 
-    __slots__ = ("header", "payload", "reply", "stat", "state", "needs_credit", "received")
+    __slots__ = ("header", "payload", "reply", "stat", "state", "needs_credit", "received", "bags")
 
     def __init__(self, header: Header | None, payload: memoryview | None, needs_credit: bool,
                  reply: list | None = None) -> None:
@@ -88,6 +88,7 @@ class _Request:
         self.state = _DONE if reply is not None else _QUEUED
         self.needs_credit = needs_credit
         self.received = time.perf_counter()   # a LOOKUP's deadline budget counts from here
+        self.bags = 0                   # (bag, table) pairs a LOOKUP pooled (counted with the answer)
 
 
 class _Peer:
@@ -499,8 +500,10 @@ class EmbeddingServer:
                     # aux: the version that served it, so the ranker can check it never mixes versions
                     req.reply = codec.encode_lookup_response(h.request_id, lookup.table_ids, pooled,
                                                              aux=lookup.version or self.store.boot_version,
-                                                             partials=codec.partials_of_flags(h.flags))
+                                                             partials=codec.partials_of_flags(h.flags),
+                                                             batch=lookup.kjt.batch)
                     req.stat = "lookups"
+                    req.bags = sum(len(p) for p in pooled)
             else:
                 tid, ids = codec.decode_fetch(payload)
                 version = codec.fetch_version(payload, h.flags) or self.store.boot_version
@@ -525,6 +528,7 @@ class EmbeddingServer:
             peer.running -= 1
             peer.done += 1
             self.stats[req.stat] += 1
+            self.stats["bags_pooled"] += req.bags
             self._sched.finished()
             self.rankers.count_answer(peer.member, req.stat)
             if not peer.dead:

@@ -38,15 +38,17 @@ class Part:
     server: int                # the replica it was sent to
     conn: int
     tables: list[int]
-    counts: list[np.ndarray]   # ids per bag for each table (mean/max need them)
+    counts: list[np.ndarray]   # ids per bag sent for each table (mean/max need them)
     values: list[np.ndarray]   # the ids, kept so the part can be re-issued or hedged
+    rows: list[np.ndarray | None] | None = None   # per table, the batch positions of the bags sent
+                                                   # (None: all); the answer is scattered back there
     group: int = 0             # the rid of the part's first copy
     sent_at: float = 0.0
     hedge: bool = False        # this copy is a hedge (counts "hedges won" when it answers first)
     spare: bool = False        # a second copy while the first is still out (hedge or rescue): one per part
 
     def copy_to(self, server: int, conn: int, hedge: bool = False, spare: bool = False) -> "Part":
-        return Part(self.primary, server, conn, self.tables, self.counts, self.values, self.group,
+        return Part(self.primary, server, conn, self.tables, self.counts, self.values, self.rows, self.group,
                     time.perf_counter(), hedge, spare or hedge)
 
 
@@ -146,8 +148,9 @@ class Batch:
                 return False, False, []   # another copy answered first
             if self.error is None:
                 _tids, partials = codec.decode_lookup_response(payload)
-                for t, p, cnt in zip(part.tables, partials, part.counts):
-                    self.acc[t].add(p, cnt)
+                rows = part.rows or [None] * len(part.tables)
+                for t, p, cnt, r in zip(part.tables, partials, part.counts, rows):
+                    self.acc[t].add(p, cnt, r)
             copies.discard(rid)
             return True, self._part_done(), sorted(copies)
 

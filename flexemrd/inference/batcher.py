@@ -186,10 +186,10 @@ class Batcher:
             return
         frames = []
         for primary, part in plan.parts.items():
-            self.stats.count_wire(self.spec, batch.size, part.tables, part.values)
+            self.stats.count_wire(self.spec, [len(ln) for ln in part.lengths], part.tables, part.values)
             server, cid = choices[primary]
             rid = self.pending.next_rid()
-            batch.expect(rid, Part(primary, server, cid, part.tables, part.lengths, part.values))
+            batch.expect(rid, Part(primary, server, cid, part.tables, part.lengths, part.values, part.rows))
             frames.append((cid, rid))
         # Every part is registered before the first is submitted: an answer may come at once.
         self.pending.add_lookups(batch, [rid for _c, rid in frames])

@@ -76,10 +76,11 @@ class ServiceStats:
             self.t_lookups[t] += size
             self.t_ids[t] += len(v)
 
-    def count_wire(self, spec: ModelSpec, size: int, tables: list[int], values: list[np.ndarray]) -> None:
-        for t, v in zip(tables, values):
+    def count_wire(self, spec: ModelSpec, bags: list[int], tables: list[int], values: list[np.ndarray]) -> None:
+        """Wire bytes of one subrequest and its answer; ``bags[i]``: the bags table ``tables[i]`` sent (compact)."""
+        for t, b, v in zip(tables, bags, values):
             ids = 4 if spec.tables[t].rows <= 2**31 else 8   # the id width the batcher sends (protocol 2)
-            self.t_wire[t] += ids * len(v) + 4 * size + 4 * size * spec.tables[t].dim
+            self.t_wire[t] += ids * len(v) + 4 * b + 4 * b * spec.tables[t].dim
 
     # ---------------------------------------------------------------- finisher
 

@@ -259,7 +259,7 @@ def test_completions_combine_partials_from_every_server_exactly(model, instance)
 
         for server in range(3):
             part, _ = _server_partials(model, routing, work, server)
-            batch.expect(100 + server, Part(server, server, server, part.tables, part.lengths, part.values))
+            batch.expect(100 + server, Part(server, server, server, part.tables, part.lengths, part.values, part.rows))
         pending.add_lookups(batch, [100, 101, 102])
         for server in (2, 0, 1):   # any order
             part, pooled = _server_partials(model, routing, work, server)

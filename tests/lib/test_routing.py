@@ -6,6 +6,11 @@ them: ``split_batch`` routes each id to the server holding its row, each
 server pools its share of every bag (partial *sums* for mean tables, maxima
 for max tables, zeros for a bag it got no ids of), and ``combine_partials``
 merges the partials using the per-server counts from the split.
+
+Subrequests are compact (protocol 3): a server gets only the bags with ids
+for it, and the answer is scattered back to them; the harness checks that
+no empty bag travels and combines both ways (compact scatter, and the
+partials expanded to the whole batch through ``combine_partials``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from flexemr.errors import ConfigError
 from flexemr.model.spec import ModelSpec, TableSpec
 from flexemr.pooling import pool_reference
 from flexemr.routing import RoutingTable, Shard, combine_partials, split_batch
+from flexemr.routing.combine import combine_compact
 from flexemr.types import Interaction, Pooling
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -44,17 +50,30 @@ def _route_and_pool(routing: RoutingTable, data: dict[str, np.ndarray], batch: i
     assert plan.batch == batch
     partials: dict[int, list[np.ndarray]] = {i: [] for i in tidx}
     counts: dict[int, list[np.ndarray]] = {i: [] for i in tidx}
+    compact: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]] = {i: [] for i in tidx}
     for server, part in plan.parts.items():
         assert part.server == server
         assert part.tables == sorted(part.tables), "tables travel in model order"
-        for t, v, ln in zip(part.tables, part.values, part.lengths):
+        for t, v, ln, rows in zip(part.tables, part.values, part.lengths, part.rows):
             ts = spec.tables[t]
-            assert ln.shape == (batch,) and int(ln.sum()) == len(v)
+            assert int(ln.sum()) == len(v) and len(v) > 0, "a table travels only with ids for the server"
+            assert (ln > 0).all(), "no bag without ids for the server travels"
+            if rows is None:
+                assert ln.shape == (batch,)
+            else:
+                assert ln.shape == rows.shape and len(rows) < batch
+                assert (np.diff(rows) > 0).all() and rows.min() >= 0 and rows.max() < batch
             # Every id sent to this server is one of its rows: a server never sees another's id.
-            if len(v):
-                assert (routing.server_of(t, v) == server).all(), f"{ts.name}: ids routed to the wrong server"
-            partials[t].append(pool_reference(data[ts.name], v, ln, _partial_mode(ts.pooling)))
-            counts[t].append(ln)
+            assert (routing.server_of(t, v) == server).all(), f"{ts.name}: ids routed to the wrong server"
+            p = pool_reference(data[ts.name], v, ln, _partial_mode(ts.pooling))
+            compact[t].append((p, ln, rows))
+            # The same partial as a full-batch one (zeros, count 0, for the bags not sent).
+            full_p = np.zeros((batch, ts.dim), np.float32)
+            full_ln = np.zeros(batch, np.int32)
+            sel = slice(None) if rows is None else rows
+            full_p[sel], full_ln[sel] = p, ln
+            partials[t].append(full_p)
+            counts[t].append(full_ln)
     out = {}
     for t in tidx:
         ts = spec.tables[t]
@@ -68,6 +87,9 @@ def _route_and_pool(routing: RoutingTable, data: dict[str, np.ndarray], batch: i
         np.testing.assert_array_equal(np.sum(counts[t], axis=0), lengths)
         assert sum(len(v) for s, p in plan.parts.items() for tt, v in zip(p.tables, p.values) if tt == t) == len(values)
         out[ts.name] = combine_partials(ts.pooling, partials[t], counts[t])
+        scattered = combine_compact(ts.pooling, batch, ts.dim, lengths, *map(list, zip(*compact[t])))
+        np.testing.assert_allclose(scattered, out[ts.name], rtol=RTOL, atol=ATOL,
+                                   err_msg=f"{ts.name}: compact scatter differs from the full-batch combine")
     return out
 
 

@@ -143,7 +143,7 @@ def test_lookup_response_round_trip(p, rid, data):
     assert (h.type, h.request_id) == (FrameType.LOOKUP_RESP, rid)
     # The documented layout: every section starts on an 8-byte boundary.
     a8 = lambda n: n + (-n & 7)  # noqa: E731
-    assert len(payload) == 8 + 2 * a8(4 * len(pooled)) + sum(a8(q.nbytes) for q in pooled)
+    assert len(payload) == 8 + 3 * a8(4 * len(pooled)) + sum(a8(q.nbytes) for q in pooled)  # tids, dims, bags
     # ... which is what a receiver reserving its slot up front computes.
     assert codec.lookup_response_size(batch, [q.shape[1] for q in pooled]) == len(payload)
     got_tids, got = codec.decode_lookup_response(payload)
@@ -393,13 +393,14 @@ def test_lookup_rejects_lengths_that_disagree_with_counts():
     lengths = [np.array([2, 1], np.int32)]
     values = [np.array([1, 2, 3], np.int64)]
     payload = bytearray(_split(codec.encode_lookup(1, 2, [0], lengths, values))[1])
-    # Layout: u32 B, u32 T | u32 tids[1] pad 4 | u32 id_bytes, u32 0 | i64 counts[1] | i32 lengths[2] | i64 values[3]
-    struct.pack_into("<i", payload, 32, 3)  # bag 0 claims 3 ids: lengths sum to 4, counts say 3
+    # Layout: u32 B, u32 T | u32 tids[1] pad 4 | u32 bags[1] pad 4 | u32 id_bytes, u32 0 | i64 counts[1]
+    #         | i32 lengths[2] | i64 values[3]
+    struct.pack_into("<i", payload, 40, 3)  # bag 0 claims 3 ids: lengths sum to 4, counts say 3
     with pytest.raises(ProtocolError, match="sum to 4 but 3") as e:
         codec.decode_lookup(bytes(payload))
     assert e.value.code == ErrorCode.SIZE_MISMATCH
-    struct.pack_into("<i", payload, 32, -1)
-    struct.pack_into("<i", payload, 36, 4)
+    struct.pack_into("<i", payload, 40, -1)
+    struct.pack_into("<i", payload, 44, 4)
     with pytest.raises(ProtocolError, match="negative bag length") as e:
         codec.decode_lookup(bytes(payload))
     assert e.value.code == ErrorCode.SIZE_MISMATCH
@@ -694,8 +695,8 @@ def test_a_kjt_block_with_an_unknown_id_width_is_refused_by_name():
     frame = codec.encode_lookup(1, 1, [0], [np.array([1], np.int32)], [np.array([3], np.int64)])
     _, payload = _split(frame)
     bad = bytearray(payload)
-    # LOOKUP: u32 B, u32 T | u32 table_ids (padded to 8) | u32 id_bytes ...
-    struct.pack_into("<I", bad, 16, 2)
+    # LOOKUP: u32 B, u32 T | u32 table_ids (padded to 8) | u32 bags (padded to 8) | u32 id_bytes ...
+    struct.pack_into("<I", bad, 24, 2)
     with pytest.raises(ProtocolError, match="ids are 2 bytes wide"):
         codec.decode_lookup(bytes(bad))
 
@@ -712,7 +713,7 @@ def test_partials_travel_in_the_asked_precision_within_the_stated_bound(partials
     h, payload = _split(codec.encode_lookup_response(9, np.array([4, 7], np.uint32), pooled, partials=partials))
     width = {"fp32": 4, "fp16": 2, "bf16": 2}[partials]
     assert len(payload) == codec.lookup_response_size(64, [16, 16], partials)
-    assert len(payload) == 8 + 8 + 8 + 2 * 64 * 16 * width
+    assert len(payload) == 8 + 8 + 8 + 8 + 2 * 64 * 16 * width   # head, tids, dims, bags, partials
     tids, got = codec.decode_lookup_response(payload)
     np.testing.assert_array_equal(tids, [4, 7])
     for g, p in zip(got, pooled):

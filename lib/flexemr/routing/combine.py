@@ -13,6 +13,11 @@ vector; the ranker combines the partials of a bag:
 responses arrive (serving); :func:`combine_partials` is the same code fed a
 list (tests, the benchmarks' reference paths), so both are checked by the same
 tests.  Whole-array numpy, no loop over bags.
+
+A *compact* partial (protocol 3) has rows only for the bags that were sent to
+its server (``rows``: their positions in the batch, unique and ascending);
+it is scattered back with one fancy-indexed add or max.  Every bag sent has
+at least one id, so max needs no emptiness mask for it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 
 from flexemr.types import Pooling
 
-__all__ = ["Accumulator", "combine_partials"]
+__all__ = ["Accumulator", "combine_compact", "combine_partials"]
 
 
 class Accumulator:
@@ -43,8 +48,15 @@ class Accumulator:
         self.out = np.empty((batch, dim), dtype=np.float32) if out is None else out
         self.empty = True
 
-    def add(self, partial: np.ndarray, counts: np.ndarray) -> None:
-        """Fold in one server's partial pools [B, dim] and its per-bag id counts [B]."""
+    def add(self, partial: np.ndarray, counts: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """Fold in one server's partial pools [B, dim] and its per-bag id counts [B].
+
+        With ``rows`` the partial is compact: [len(rows), dim], one row per
+        bag ``rows`` names (each of which had ids there).
+        """
+        if rows is not None:
+            self._scatter(partial, rows)
+            return
         if self.pooling is Pooling.MAX:
             has = (counts > 0)[:, None]
             if self.empty:
@@ -54,6 +66,19 @@ class Accumulator:
             np.copyto(self.out, partial)
         else:
             self.out += partial
+        self.empty = False
+
+    def _scatter(self, partial: np.ndarray, rows: np.ndarray) -> None:
+        if len(rows) != len(partial):
+            raise ValueError(f"a compact partial has {len(partial)} rows for {len(rows)} bags sent")
+        if self.empty:
+            # Bags this server was not sent start from the identity of the pooling.
+            self.out.fill(-np.inf if self.pooling is Pooling.MAX else 0.0)
+            self.out[rows] = partial
+        elif self.pooling is Pooling.MAX:
+            self.out[rows] = np.maximum(self.out[rows], partial)
+        else:
+            self.out[rows] += partial       # rows are unique: a buffered fancy add is exact
         self.empty = False
 
     def set_pooled(self, pooled: np.ndarray) -> None:
@@ -92,4 +117,24 @@ def combine_partials(
     acc = Accumulator(pooling, first.shape[0], first.shape[1], total, out=out)
     for p, c in zip(partials, counts):
         acc.add(p, c)
+    return acc.result()
+
+
+def combine_compact(
+    pooling: Pooling,
+    batch: int,
+    dim: int,
+    lengths: np.ndarray,
+    partials: Sequence[np.ndarray],
+    counts: Sequence[np.ndarray],
+    rows: Sequence[np.ndarray | None],
+) -> np.ndarray:
+    """Global pooling of one table from compact partials: ``partials[i]`` answers the bags ``rows[i]``
+    (None: all ``batch``) with id counts ``counts[i]``; ``lengths`` [batch] are the bags' total lengths."""
+    if not (len(partials) == len(counts) == len(rows)):
+        raise ValueError(f"combine_compact needs as many counts ({len(counts)}) and rows ({len(rows)}) "
+                         f"as partials ({len(partials)})")
+    acc = Accumulator(pooling, batch, dim, lengths)
+    for p, c, r in zip(partials, counts, rows):
+        acc.add(p, c, r)
     return acc.result()

@@ -10,11 +10,15 @@ no per-element Python) and encodes as a list of buffers for ``sendmsg``::
       i32 lengths[T*B]         bag lengths, table-major        (padded to 8)
       i32|i64 values[sum(counts)]  ids, table-major, bag order  (padded to 8)
 
-    LOOKUP        u32 B, u32 T | u32 table_ids[T] (pad) | KJT block
+    LOOKUP        u32 B, u32 T | u32 table_ids[T] (pad) | u32 bags[T] (pad) | KJT block  (protocol 3)
+                  (compact: table t carries bags[t] <= B bags, its lengths section
+                  holds bags[t] entries; the ranker leaves out the bags that have no
+                  ids for this server and remembers which ones it sent)
                   [| u64 budget_us   when flags has DEADLINE: time left when sent]
                   [| u64 granted_ns  when flags has INBAND_CREDIT; aux = credits]
     LOOKUP_RESP   u32 B, u16 T, u16 partials | u32 table_ids[T] (pad) | u32 dims[T] (pad)
-                  | partial[B, dims[t]] for each t in order, as ``partials`` says:
+                  | u32 bags[T] (pad)                                           (protocol 3)
+                  | partial[bags[t], dims[t]] for each t in order, as ``partials`` says:
                   0 f32, 1 f16, 2 bf16 (the top half of an f32, rounded to nearest even)
     FETCH         u32 table_id, u32 0 | i64 ids[n]
     FETCH_RESP    u32 table_id, u32 dim | f32 rows[n, dim]  (unpadded: n = rest / (4 dim))
@@ -64,7 +68,7 @@ from typing import Sequence
 import numpy as np
 
 from flexemr.errors import ProtocolError
-from flexemr.wire.frame import HEADER_SIZE, FrameFlag, FrameType, header_flags, pack_header, set_header_aux
+from flexemr.wire.frame import HEADER_SIZE, VERSION, FrameFlag, FrameType, header_flags, pack_header, set_header_aux
 
 _U32x2 = struct.Struct("<II")
 _U32x4 = struct.Struct("<IIII")
@@ -177,12 +181,20 @@ class KJT:
 
     batch: int
     counts: np.ndarray   # int64 [T]
-    lengths: np.ndarray  # int32 [T, B]
+    lengths: np.ndarray  # int32 [T, B]; a compact block (LOOKUP): int32 [sum(bags)], table-major
     values: np.ndarray   # int32 or int64 [sum(counts)] (as sent)
     starts: np.ndarray   # int64 [T + 1]: value offset of each table
+    bag_starts: np.ndarray | None = None   # int64 [T + 1]: lengths offset of each table (compact blocks)
 
     def table(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.values[self.starts[i] : self.starts[i + 1]], self.lengths[i]
+        values = self.values[self.starts[i] : self.starts[i + 1]]
+        if self.bag_starts is None:
+            return values, self.lengths[i]
+        return values, self.lengths[self.bag_starts[i] : self.bag_starts[i + 1]]
+
+    def bags(self, i: int) -> int:
+        """Bags table ``i`` carries (B unless the block is compact)."""
+        return self.batch if self.bag_starts is None else int(self.bag_starts[i + 1] - self.bag_starts[i])
 
 
 ID_DTYPES = {4: np.dtype("<i4"), 8: np.dtype("<i8")}
@@ -221,30 +233,66 @@ def _add_kjt(w: _Writer, counts: np.ndarray, lengths: Sequence[np.ndarray] | np.
     w.add_concatenated(values, ids)
 
 
-def _read_kjt(r: _Reader, batch: int, ntables: int) -> KJT:
+def _read_kjt(r: _Reader, batch: int, ntables: int, bags: np.ndarray | None = None) -> KJT:
+    """A KJT block of ``ntables`` tables of ``batch`` bags each, or of ``bags[t]`` bags (compact)."""
     id_bytes, _ = r.struct(_U32x2, "id width")
     ids = ID_DTYPES.get(id_bytes)
     if ids is None:
-        raise ProtocolError(f"{r.what}: ids are {id_bytes} bytes wide; protocol 2 sends 4 or 8", BAD_FRAME)
+        raise ProtocolError(f"{r.what}: ids are {id_bytes} bytes wide; protocol {VERSION} sends 4 or 8", BAD_FRAME)
     counts = r.array("<i8", ntables, "counts")
-    lengths = r.array("<i4", ntables * batch, "lengths").reshape(ntables, batch)
     if ntables and counts.min(initial=0) < 0:
         raise ProtocolError(f"{r.what}: negative id count", SIZE_MISMATCH)
-    total = int(counts.sum())
-    if batch and ntables and lengths.min() < 0:
-        t = int(np.argmin(lengths.min(axis=1)))
-        raise ProtocolError(f"{r.what}: table #{t} has a negative bag length", SIZE_MISMATCH)
-    sums = lengths.sum(axis=1, dtype=np.int64) if batch else np.zeros(ntables, np.int64)
+    bag_starts = None
+    if bags is not None and (not ntables or int(bags.min()) == batch):
+        bags = None                    # every table carries all B bags: the plain [T, B] layout
+    if bags is None:
+        lengths = r.array("<i4", ntables * batch, "lengths").reshape(ntables, batch)
+        if batch and ntables and lengths.min() < 0:
+            t = int(np.argmin(lengths.min(axis=1)))
+            raise ProtocolError(f"{r.what}: table #{t} has a negative bag length", SIZE_MISMATCH)
+        sums = lengths.sum(axis=1, dtype=np.int64) if batch else np.zeros(ntables, np.int64)
+    else:
+        bag_starts = np.zeros(ntables + 1, dtype=np.int64)
+        np.cumsum(bags, out=bag_starts[1:])
+        lengths = r.array("<i4", int(bag_starts[-1]), "lengths")
+        if len(lengths) and lengths.min() < 0:
+            t = int(np.searchsorted(bag_starts, int(np.argmin(lengths)), side="right") - 1)
+            raise ProtocolError(f"{r.what}: table #{t} has a negative bag length", SIZE_MISMATCH)
+        # Per-table sums of a ragged section: one cumsum read at the table offsets.
+        csum = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=csum[1:])
+        sums = csum[bag_starts[1:]] - csum[bag_starts[:-1]]
     if not np.array_equal(sums, counts):
         t = int(np.nonzero(sums != counts)[0][0])
         raise ProtocolError(
             f"{r.what}: table #{t}: bag lengths sum to {int(sums[t])} but {int(counts[t])} ids were sent",
             SIZE_MISMATCH,
         )
+    total = int(counts.sum())
     values = r.array(ids, total, "values")
     starts = np.zeros(ntables + 1, dtype=np.int64)
     np.cumsum(counts, out=starts[1:])
-    return KJT(batch, counts, lengths, values, starts)
+    return KJT(batch, counts, lengths, values, starts, bag_starts)
+
+
+def _read_bags(r: _Reader, batch: int, ntables: int) -> np.ndarray:
+    """The ``u32 bags[T]`` section of a compact LOOKUP / LOOKUP_RESP; none may exceed B."""
+    bags = r.array("<u4", ntables, "bags")
+    if ntables and int(bags.max()) > batch:
+        t = int(np.argmax(bags))
+        raise ProtocolError(f"{r.what}: table #{t} carries {int(bags[t])} bags, more than the batch of {batch}",
+                            SIZE_MISMATCH)
+    return bags
+
+
+def _bag_counts(batch: int, lengths: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """u32 [T]: how many bags each table of an outgoing LOOKUP carries (at most ``batch``)."""
+    if isinstance(lengths, np.ndarray) and lengths.ndim == 2:
+        return np.full(lengths.shape[0], lengths.shape[1], dtype="<u4")
+    bags = np.fromiter((len(ln) for ln in lengths), dtype="<u4", count=len(lengths))
+    if len(bags) and int(bags.max()) > batch:
+        raise ValueError(f"a LOOKUP table carries {int(bags.max())} bags, more than its batch of {batch}")
+    return bags
 
 
 # ---------------------------------------------------------------- LOOKUP
@@ -273,6 +321,11 @@ def encode_lookup(
 ) -> list:
     """Buffers (header first) of a LOOKUP frame; arrays are referenced, not copied.
 
+    ``lengths`` may be compact: table ``i`` then carries ``len(lengths[i])``
+    bags (at most ``batch``), the ones that have ids for this server; the
+    caller remembers which bags those are (the answer has one partial per
+    bag sent, in the same order).
+
     Ids go as int32 when they are int32 already or ``narrow_ids`` says they
     all fit (the caller knows every table has fewer than 2^31 rows; int64 ids
     are then converted, one pass), else as int64.
@@ -287,6 +340,7 @@ def encode_lookup(
     w = _Writer()
     w.add(_U32x2.pack(batch, len(tids)))
     w.add(tids)
+    w.add(_bag_counts(batch, lengths))
     _add_kjt(w, counts, lengths, values, ids_wire_dtype(values, narrow_ids))
     if version > 0:
         w.add(_U32x2.pack(int(version), 0))
@@ -323,7 +377,7 @@ def decode_lookup(payload, flags: int = 0) -> LookupRequest:
     r = _Reader(payload, "LOOKUP")
     batch, ntables = r.struct(_U32x2, "batch/tables")
     tids = r.array("<u4", ntables, "table_ids")
-    kjt = _read_kjt(r, batch, ntables)
+    kjt = _read_kjt(r, batch, ntables, _read_bags(r, batch, ntables))
     r.finish()
     return LookupRequest(tids, kjt, budget, version)
 
@@ -370,22 +424,31 @@ def _from_bf16(bits: np.ndarray) -> np.ndarray:
     return (bits.astype("<u4") << 16).view("<f4")
 
 
-def lookup_response_size(batch: int, dims: Sequence[int], partials: str = "fp32") -> int:
-    """Payload bytes of a LOOKUP_RESP: lets a receiver reserve its slot up front."""
+def lookup_response_size(batch: int | Sequence[int], dims: Sequence[int], partials: str = "fp32") -> int:
+    """Payload bytes of a LOOKUP_RESP: lets a receiver reserve its slot up front.
+
+    ``batch`` is the bags of every table, or one count per table (a compact LOOKUP's ``bags``).
+    """
     t = len(dims)
+    bags = [batch] * t if isinstance(batch, int) else [int(b) for b in batch]
     width = _PARTIAL_BYTES[PARTIALS[partials]]
-    head = 8 + (4 * t + _pad(4 * t)) * 2
-    return head + sum(width * batch * d + _pad(width * batch * d) for d in dims)  # each partial starts 8-aligned
+    head = 8 + (4 * t + _pad(4 * t)) * 3
+    return head + sum(width * b * d + _pad(width * b * d) for b, d in zip(bags, dims))  # each partial 8-aligned
 
 
 def encode_lookup_response(request_id: int, table_ids: np.ndarray, pooled: Sequence[np.ndarray], aux: int = 0,
-                           partials: str = "fp32") -> list:
-    """Buffers of a LOOKUP_RESP; ``pooled[i]`` is float32 [B, dim_i] (C order).
+                           partials: str = "fp32", batch: int | None = None) -> list:
+    """Buffers of a LOOKUP_RESP; ``pooled[i]`` is float32 [bags_i, dim_i] (C order).
+
+    ``batch`` echoes the LOOKUP's B (default: the most bags of any table);
+    each partial has one row per bag its table carried in the LOOKUP.
 
     ``partials`` "fp16" or "bf16" halves the bytes (one rounding per value; see
     PARTIALS); f16 falls back to f32 for a frame with a value f16 cannot hold.
     """
-    batch = pooled[0].shape[0] if pooled else 0
+    bags = np.fromiter((p.shape[0] for p in pooled), dtype="<u4", count=len(pooled))
+    if batch is None:
+        batch = int(bags.max()) if len(bags) else 0
     if len(pooled) > 0xFFFF:
         raise ValueError(f"a LOOKUP_RESP carries at most 65535 tables, got {len(pooled)}")
     code = PARTIALS[partials]
@@ -395,6 +458,7 @@ def encode_lookup_response(request_id: int, table_ids: np.ndarray, pooled: Seque
     w.add(_U32_U16x2.pack(batch, len(pooled), code))
     w.add(np.asarray(table_ids, dtype="<u4"))
     w.add(np.fromiter((p.shape[1] for p in pooled), dtype="<u4", count=len(pooled)))
+    w.add(bags)
     for p in pooled:
         if code == 0:
             w.add(np.ascontiguousarray(p, dtype="<f4"))
@@ -406,15 +470,17 @@ def encode_lookup_response(request_id: int, table_ids: np.ndarray, pooled: Seque
 
 
 def decode_lookup_response(payload) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(table_ids, [float32 [B, dim]]) of a LOOKUP_RESP payload (views when sent as f32)."""
+    """(table_ids, [float32 [bags_t, dim_t]]) of a LOOKUP_RESP payload (views when sent as f32)."""
     r = _Reader(payload, "LOOKUP_RESP")
     batch, ntables, code = r.struct(_U32_U16x2, "batch/tables/partials")
     if code not in _PARTIAL_BYTES:
         raise ProtocolError(f"LOOKUP_RESP: unknown partials precision {code} (0 f32, 1 f16, 2 bf16)", BAD_FRAME)
     tids = r.array("<u4", ntables, "table_ids")
     dims = r.array("<u4", ntables, "dims")
+    bags = _read_bags(r, batch, ntables)
     wire = ("<f4", "<f2", "<u2")[code]
-    out = [r.array(wire, batch * int(d), f"partial[{i}]").reshape(batch, int(d)) for i, d in enumerate(dims)]
+    out = [r.array(wire, int(b) * int(d), f"partial[{i}]").reshape(int(b), int(d))
+           for i, (b, d) in enumerate(zip(bags, dims))]
     r.finish()
     if code == 1:
         out = [p.astype(np.float32) for p in out]
@@ -659,7 +725,7 @@ def decode_hello(payload) -> Hello:
 
 SERVER_STATS = ("lookups", "fetches", "errors", "bytes_in", "bytes_out", "connections", "credits_received",
                 "credit_waits", "credit_wait_ns", "credit_latency_p50_ns", "credit_latency_p99_ns", "credit_samples",
-                "expired")
+                "expired", "bags_pooled")   # bags_pooled: (bag, table) pairs pooled (compact LOOKUPs send fewer)
 
 
 def encode_stats(request_id: int, values: Sequence[int]) -> list:

@@ -27,7 +27,7 @@ import struct
 from flexemr.errors import ProtocolError
 
 MAGIC = b"FXMR"
-VERSION = 2   # 2: KJT blocks say their id width (int32 or int64); see docs/PROTOCOL.md
+VERSION = 3   # 2: KJT blocks say their id width; 3: compact LOOKUPs (bags per table); see docs/PROTOCOL.md
 HEADER = struct.Struct("<4sHHIIQQ")
 HEADER_SIZE = HEADER.size  # 32
 _FLAGS_AT = struct.Struct("<I")     # offset 8
