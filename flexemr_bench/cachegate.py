@@ -127,6 +127,12 @@ class SlowLink:
         self.server.stop()
 
 
+def _qdisc(dev: str) -> str:
+    """``tc qdisc show dev DEV`` (this side's rate limit), kept with the results."""
+    r = subprocess.run(["tc", "qdisc", "show", "dev", dev], capture_output=True, text=True, timeout=10)
+    return r.stdout.strip() or r.stderr.strip()
+
+
 def _cache_status(instance: str) -> dict:
     """The ranker's cache as ``emrctl status --json`` shows it (capacity, hit rate, the gate's state)."""
     r = subprocess.run([sys.executable, "-m", "emrctl", "--instance", instance, "status", "--json"],
@@ -234,7 +240,7 @@ def _plot_curve(curve: list[dict], path: Path) -> bool:
 
 def run(out: Path, rows_cap: int, seconds: float, reps: int, clients: int, netns: str | None, addr: str,
         veth: str = "veth-emr", cache_size: str = "64MiB", capacities: list[str] | None = None,
-        loopback: bool = True) -> dict:
+        loopback: bool = True, distinct_batches: int = 96) -> dict:
     from flexemr.model.spec import load_spec
     from flexemr.reqgen import RequestGenerator
 
@@ -245,9 +251,12 @@ def run(out: Path, rows_cap: int, seconds: float, reps: int, clients: int, netns
     spec = load_spec(model)
     n_tables = len(spec.tables)
     gen = RequestGenerator(spec, ids_per_bag=20, zipf_exponent=1.05, seed=11, empty_bag_prob=0.0, length_dist="fixed")
-    requests = [gen.batch(BATCH) for _ in range(16)]
+    # Many distinct batches: the clients cycle through them, and a short cycle would let a cache hold every
+    # row the benchmark ever asks for (a working set no stationary Zipf stream has).
+    requests = [gen.batch(BATCH) for _ in range(distinct_batches)]
     result: dict = {"batch": BATCH, "clients": clients, "seconds": seconds, "repetitions": reps,
                     "rows_per_table": rows_cap, "cache_size": cache_size, "cache_budget": BUDGET,
+                    "distinct_batches": distinct_batches,
                     "workload": f"bench8 (8 tables x {rows_cap:,} rows x 64), 20 Zipf-1.05 ids per bag, predict",
                     "load_before": os.getloadavg()[0]}
     if loopback:
@@ -261,6 +270,7 @@ def run(out: Path, rows_cap: int, seconds: float, reps: int, clients: int, netns
                 p.stop()
     if netns:
         link = SlowLink(model, out, netns, addr, veth)
+        result["link_qdisc"] = _qdisc(veth)
         rankers: dict[str, ReadyProcess] = {}
         try:
             rankers = {"off": link.ranker("off", "off", cache_size),
@@ -298,15 +308,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slow-addr", default="10.77.0.2")
     ap.add_argument("--slow-veth", default="veth-emr", help="this side's end of the veth (its byte counters)")
     ap.add_argument("--capacities", default="", help="comma-separated fixed cache sizes for the curve (slow link)")
+    ap.add_argument("--distinct-batches", type=int, default=96, help="request batches the clients cycle through")
     a = ap.parse_args(argv)
     caps = [c.strip() for c in a.capacities.split(",") if c.strip()]
     r = run(a.out, a.rows_cap, a.seconds, a.reps, a.clients, a.slow_netns, a.slow_addr, a.slow_veth,
-            a.cache_size, caps, not a.skip_loopback)
+            a.cache_size, caps, not a.skip_loopback, a.distinct_batches)
     for k in ("loopback", "slow_network"):
         if k in r:
             s = r[k]["samples_per_s"]
             print(f"{k:13} cache off {s['off']:>10,.0f}  adaptive ({r['cache_size']}) {s['adaptive']:>10,.0f}  "
                   f"ratio {r[k]['adaptive_over_off']:.2f}")
+    if "link_qdisc" in r:
+        print(f"link: {r['link_qdisc']}")
     for c in r.get("capacity_curve", []):
         s = c["samples_per_s"]
         print(f"fixed {c['capacity']:>8}  cache off {s['off']:>10,.0f}  cached {s['fixed-' + c['capacity']]:>10,.0f}  "
