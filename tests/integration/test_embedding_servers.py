@@ -28,7 +28,8 @@ from flexemr.model.spec import load_spec
 from flexemr.model.tables import open_tables
 from flexemr.pooling import pool_reference
 from flexemr.reqgen import RequestGenerator
-from flexemr.routing import RoutingTable, combine_partials, split_batch
+from flexemr.routing import RoutingTable, split_batch
+from flexemr.routing.combine import combine_compact
 from flexemr.wire import codec
 from flexemr.wire.frame import HEADER_SIZE, VERSION, ErrorCode, FrameType, pack_header
 from flexemr.wire.stream import FrameReader, send_buffers
@@ -161,17 +162,24 @@ def lookup(conns: list[Conn], routing: RoutingTable, batch: int, sparse: dict, r
         conns[s].send(codec.encode_lookup(rid, batch, part.tables, part.lengths, part.values))
     partials: dict[int, list] = {t: [] for t in tidx}
     counts: dict[int, list] = {t: [] for t in tidx}
+    rows: dict[int, list] = {t: [] for t in tidx}
     for s, part in plan.parts.items():
         h, payload = conns[s].recv()
         assert h.type == FrameType.LOOKUP_RESP, codec.decode_error(payload) if h.type == FrameType.ERROR else h
         assert h.request_id == rid
         tids, pooled = codec.decode_lookup_response(payload)
         assert tids.tolist() == part.tables
-        for t, p, ln in zip(part.tables, pooled, part.lengths):
+        for t, p, ln, r in zip(part.tables, pooled, part.lengths, part.rows):
             partials[t].append(p)
             counts[t].append(ln)
-    return {spec.tables[t].name: (combine_partials(spec.tables[t].pooling, partials[t], counts[t]) if partials[t]
-                                  else np.zeros((batch, spec.tables[t].dim), np.float32)) for t in tidx}
+            rows[t].append(r)    # compact subrequests (protocol 3): the bags sent, scattered back
+    out = {}
+    for t in tidx:
+        ts = spec.tables[t]
+        total = np.asarray(sparse[ts.name][1])
+        out[ts.name] = (combine_compact(ts.pooling, batch, ts.dim, total, partials[t], counts[t], rows[t])
+                        if partials[t] else np.zeros((batch, ts.dim), np.float32))
+    return out
 
 
 def assert_matches_reference(world, batch: int, sparse: dict, got: dict) -> None:
@@ -306,10 +314,10 @@ def test_malformed_payloads_get_errors_and_connection_keeps_serving(servers, wor
     try:
         lo = world[1].ranges_of(0, 1)[0][0]
         raw = _lookup_bytes(51, [0], [np.array([2, 1], np.int32)], [np.array([lo, lo + 1, lo + 2])])
-        # Layout after the header: u32 B, u32 T | u32 tid, pad | u32 id_bytes, u32 0 | i64 counts[1]
-        # | i32 lengths[2] | i64 values[3]
+        # Layout after the header: u32 B, u32 T | u32 tid, pad | u32 bags[1], pad | u32 id_bytes, u32 0
+        # | i64 counts[1] | i32 lengths[2] | i64 values[3]
         disagree = bytearray(raw)
-        struct.pack_into("<i", disagree, HEADER_SIZE + 32, 5)  # lengths now sum to 6, counts say 3
+        struct.pack_into("<i", disagree, HEADER_SIZE + 40, 5)  # lengths now sum to 6, counts say 3
         conn.send([bytes(disagree)])
         assert "sum to 6 but 3" in conn.expect_error(51, ErrorCode.SIZE_MISMATCH)
         _valid(world, conn, 1, 52)
@@ -480,7 +488,9 @@ def test_flow_controlled_connection_pipelines_mixed_requests_correctly(servers, 
             _, sparse = gen.batch(b)
             plan = split_batch(routing, b, tids, [sparse[spec.tables[t].name][0] for t in tids],
                                [sparse[spec.tables[t].name][1] for t in tids])
-            part = plan.parts[1]
+            part = plan.parts.get(1)
+            if part is None:
+                continue             # no bag has ids on server 1: it gets no subrequest (compact, protocol 3)
             conn.send(codec.encode_lookup(rid, b, part.tables, part.lengths, part.values))
             sent.append((rid, part))
         for rid, part in sent:
