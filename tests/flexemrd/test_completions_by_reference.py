@@ -56,7 +56,7 @@ def test_partials_are_read_where_they_landed_and_the_space_is_given_back(model, 
                             {s: (s, f"srv{s}") for s in range(3)})
         for server in range(3):
             part, _ = _server_partials(model, routing, work, server)
-            batch.expect(100 + server, Part(server, server, server, part.tables, part.lengths, part.values))
+            batch.expect(100 + server, Part(server, server, server, part.tables, part.lengths, part.values, part.rows))
         pending.add_lookups(batch, [100, 101, 102])
         for server in range(3):
             part, pooled = _server_partials(model, routing, work, server)
@@ -98,7 +98,7 @@ def test_a_reference_into_a_ring_that_is_gone_sends_its_part_again(model, instan
         comp = _completions(model, [comp_ring], bell, pending, done.append, routing, {0: (0, "srv0")},
                             sub_rings=[sub])
         part, pooled = _server_partials(model, routing, work, 0)
-        batch.expect(7, Part(0, 0, 0, part.tables, part.lengths, part.values))
+        batch.expect(7, Part(0, 0, 0, part.tables, part.lengths, part.values, part.rows))
         pending.add_lookups(batch, [7])
         seq, pos, n = _land(rsp, codec.encode_lookup_response(7, np.array(part.tables, "<u4"), pooled))
         name, ino = rsp.name, rsp.ino
