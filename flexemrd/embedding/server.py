@@ -177,7 +177,8 @@ class EmbeddingServer:
         self._accept_again = 0.0        # when to watch the listener again after a failed accept
         self._refused_logged = 0.0
         self.stats = {k: 0 for k in codec.SERVER_STATS}
-        self.model_versions = ServerVersions(store, name)   # MODEL frames (embedding/versions.py)
+        self.model_versions = ServerVersions(store, name, on_retire=self._retired)   # MODEL frames (versions.py)
+        self._reads = None   # ReadRegistry (embedding/reads.py), made when the first RDMA ranker connects
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -227,6 +228,13 @@ class EmbeddingServer:
         self.listener.close()
         self._wake_r.close()
         self._wake_w.close()
+        if self._reads is not None:
+            self._reads.close()
+
+    def _retired(self, version: int) -> None:
+        """A version was retired: deregister its READ shards no open connection was told about."""
+        if self._reads is not None:
+            self._reads.sweep()
 
     def counters(self) -> list[int]:
         """STATS_RESP values, in codec.SERVER_STATS order."""
@@ -436,7 +444,16 @@ class EmbeddingServer:
         if peer.pending:
             raise RequestRejected(ErrorCode.BAD_REQUEST, "an RDMA HELLO must be the first frame of a connection")
         try:
-            conn, blob = upgrade_server_connection(peer.conn, hello.blob, priority=channel == "credit")
+            if self._reads is None:
+                from flexemr.transport.verbs import process_endpoint
+
+                from flexemrd.embedding.reads import ReadRegistry
+
+                self._reads = ReadRegistry(self.store, process_endpoint)
+            # Cache fills: the shards this ranker may RDMA READ go into our blob (embedding/reads.py).
+            conn, blob = upgrade_server_connection(peer.conn, hello.blob, priority=channel == "credit",
+                                                   read_tables=self._reads.advertise)
+            self._reads.bind(conn)
         except ProtocolError:
             raise
         except FlexemrError as e:  # RdmaUnavailable: this host has no usable device

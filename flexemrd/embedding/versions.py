@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 from flexemr.errors import FlexemrError
 from flexemr.wire import codec
@@ -53,9 +54,10 @@ def _reset_peak() -> None:
 class ServerVersions:
     """Serves MODEL frames for one store; thread-safe (loop thread + one loader thread per load)."""
 
-    def __init__(self, store: EmbeddingStore, name: str) -> None:
+    def __init__(self, store: EmbeddingStore, name: str, on_retire: Callable[[int], None] | None = None) -> None:
         self.store = store
         self.name = name
+        self._on_retire = on_retire   # the server's READ registrations of the version may go (embedding/reads.py)
         self._lock = threading.Lock()
         self._loading: dict[int, int] = {}          # version -> base (0: full)
         self._failed: dict[int, tuple[int, str]] = {}
@@ -128,3 +130,5 @@ class ServerVersions:
     def _retire(self, version: int) -> None:
         if self.store.retire(version):
             logger.info("%s: model version %d retired", self.name, version)
+            if self._on_retire is not None:
+                self._on_retire(version)

@@ -38,6 +38,7 @@ from flexemrd.engine.credits import credit_mode
 from flexemrd.engine.handoff import HANDOFF_RECONNECT, HANDOFF_SHARE, Handoff, HandoffReceiver
 from flexemrd.engine.mapping import ConnectionMapping, CrossProcessLock, OwnedMapping, SharedMapping
 from flexemrd.engine.receiver import Receiver, Wakeup
+from flexemrd.engine.reads import CacheReads
 from flexemrd.engine.reconnect import Reconnector
 from flexemrd.engine.reopen import Reopener, Retirer
 from flexemrd.engine.sender import Sender
@@ -88,8 +89,11 @@ class Engine:
         self.mapping: ConnectionMapping = (
             OwnedMapping(engine_id, self.table, self.credits, lost, self.stop) if shared_locks is None
             else SharedMapping(engine_id, self.table, shared_locks, lost, self.stop))
+        # Cache fills by RDMA READ where the server advertised its rows (reads.py); RDMA only.
+        self.reads = (CacheReads(self.table, self.completions, engine_id, self.stop)
+                      if transport.name == "rdma" else None)
         self.receiver = Receiver(self.table, self.completions, self.credits, self.wakeup, self.stop,
-                                 heartbeat or (lambda: None), on_dead=self._lost)
+                                 heartbeat or (lambda: None), on_dead=self._lost, reads=self.reads)
         connector = Connector(transport, token, self.credits.initial, self.credits.credit_channel, expected_shards,
                               secret=secret)
         self.reconnector = Reconnector(connector, self.directory, self._reconnected, self.stop)
@@ -99,7 +103,7 @@ class Engine:
                                self.reconnector.cancel, self.stop)
         self.sender = Sender(engine_id, instance, submission, self.table, self.directory, self.mapping,
                              self.credits, self.receiver, self.completions, self.stop, self.reconnector,
-                             self.reopener, self.retirer)
+                             self.reopener, self.retirer, reads=self.reads)
         self.stats = EngineStatsView(engine_id, self.table, submission, self.sender, self.credits.initial)
         # Bound before connecting, so engines handing us connections find us early.
         self._handoffs = HandoffReceiver(instance, engine_id)

@@ -34,6 +34,7 @@ from flexemr.wire.frame import HEADER_SIZE, ErrorCode, FrameType, Header
 from flexemrd.engine.completions import CompletionWriter
 from flexemrd.engine.connections import ConnState, ConnTable
 from flexemrd.engine.credits import CreditMode
+from flexemrd.engine.reads import CacheReads
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,9 @@ class Receiver:
 
     def __init__(self, table: ConnTable, completions: CompletionWriter, credits: CreditMode, wakeup: Wakeup,
                  stop: threading.Event, heartbeat: Callable[[], None] = lambda: None,
-                 on_dead: Callable[[int, str], None] | None = None) -> None:
+                 on_dead: Callable[[int, str], None] | None = None, reads: CacheReads | None = None) -> None:
         self.on_dead = on_dead or completions.post_lost   # who closes, fails fast and reconnects
+        self.reads = reads   # cache fills by RDMA READ: their answers land here too (reads.py)
         self.table = table
         self.completions = completions
         self.credits = credits
@@ -173,7 +175,10 @@ class Receiver:
         try:
             # A verbs connection's fd also wakes for its own send completions: read only
             # when bytes wait, or this thread would block here while others' answers wait.
-            if not conn.ready_to_read():
+            ready = conn.ready_to_read()
+            if self.reads is not None:
+                self.reads.land(st)   # fills whose READs completed: written as their FETCH_RESP would be
+            if not ready:
                 return
             h = conn.recv_header()
         except (ConnectionError, OSError) as e:

@@ -2,7 +2,9 @@
 
     SUB_FRAME     send the frame on its connection straight from the ring slot
                   (the mapping decides which socket and lock; the credit mode
-                  may piggyback credits into the slot first)
+                  may piggyback credits into the slot first); a cache-fill
+                  FETCH the server advertised for RDMA READ is read instead
+                  (reads.py) and never sent
     SUB_MIGRATE   hand the connection to another engine right away, answers
                   still in flight included (no drain): the receiver lets go of
                   it between two frames, the socket moves over SCM_RIGHTS, and
@@ -33,6 +35,7 @@ from flexemrd.engine.connections import ConnTable
 from flexemrd.engine.credits import CreditMode
 from flexemrd.engine.handoff import HANDOFF_OWN, HANDOFF_RECONNECT, send_connection
 from flexemrd.engine.mapping import ADOPT_WAIT_S, ConnectionMapping
+from flexemrd.engine.reads import CacheReads
 from flexemrd.engine.receiver import Receiver
 from flexemrd.engine.reconnect import Reconnector
 from flexemrd.engine.reopen import Reopener, Retirer
@@ -49,7 +52,7 @@ class Sender:
                  directory: Mapping[int, tuple[int, str]], mapping: ConnectionMapping, credits: CreditMode,
                  receiver: Receiver, completions: CompletionWriter, stop: threading.Event,
                  reconnector: Reconnector | None = None, reopener: Reopener | None = None,
-                 retirer: Retirer | None = None) -> None:
+                 retirer: Retirer | None = None, reads: CacheReads | None = None) -> None:
         self.engine_id = engine_id
         self.instance = instance
         self.sub = submission
@@ -63,6 +66,7 @@ class Sender:
         self.reconnector = reconnector
         self.reopener = reopener
         self.retirer = retirer
+        self.reads = reads          # cache fills by RDMA READ (reads.py): a FETCH it takes is not sent
         # Written here only; read by the stats view.
         self.subrequests = 0
         self.busy_ns = 0
@@ -83,7 +87,8 @@ class Sender:
             try:
                 if kind == em.SUB_FRAME:
                     t0 = time.perf_counter_ns()
-                    if self.mapping.send(cid, msg.data[em.PREFIX_SIZE:]):
+                    frame = msg.data[em.PREFIX_SIZE:]
+                    if (self.reads is not None and self.reads.try_read(cid, frame)) or self.mapping.send(cid, frame):
                         self.subrequests += 1
                         self.busy_ns += time.perf_counter_ns() - t0
                 elif kind == em.SUB_MIGRATE:

@@ -34,7 +34,7 @@ def test_round_trip_keeps_every_field() -> None:
     b = blob()
     data = b.pack()
     assert len(data) == HEADER.size + 2 * REGION.size
-    assert data[:4] == b"FXRB" and int.from_bytes(data[4:6], "big") == VERSION
+    assert data[:4] == b"FXRB" and int.from_bytes(data[4:6], "big") == b.version == 1
     assert ConnectionBlob.unpack(data) == b
     assert ConnectionBlob.unpack(data).flags == FLAG_CREDITS_IN_BAND
     assert ConnectionBlob.unpack(memoryview(bytearray(data))) == b

@@ -13,6 +13,13 @@ One ``Endpoint`` (verbs context, PD) per process, opened on first use in
 that process (engines open theirs after fork): engines never share doorbell
 pages.  It logs "RDMA on rxe0 port 1 gid 1 ...".
 
+Cache fills: a v2 server's HELLO blob lists the table rows it registered
+for RDMA READ (``ReadTable``); ``RdmaConnection.read_tables`` is that list
+and ``stream`` posts the READs (flexemrd/engine/reads.py).  The server side
+hands ``upgrade_server_connection`` a callable that registers and lists them
+(flexemrd/embedding/reads.py); only a ranker whose blob accepts version 2 is
+asked, and only on data connections.
+
 A QP cannot change process: ``detach`` / ``adopt`` raise, naming the
 setting, and ``RdmaTransport.MIGRATES`` is False, so engines migrate RDMA
 connections by reopening them (flexemrd/engine/reopen.py); the config refuses
@@ -25,7 +32,7 @@ import logging
 import os
 import threading
 import weakref
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from flexemr.errors import ProtocolError
 from flexemr.transport.base import Connection, Listener, Transport
@@ -35,7 +42,13 @@ from flexemr.wire.frame import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, Header, unpack_
 __all__ = ["IMPLEMENTED", "RdmaConnection", "RdmaTransport", "break_served_streams", "probe_devices",
            "process_endpoint", "upgrade_server_connection"]
 
+if TYPE_CHECKING:
+    from flexemr.transport.rdma.blob import ReadTable
+
 logger = logging.getLogger(__name__)
+
+# Embedding server: (the tables a ranker may READ, the boot model version), asked per data connection.
+ReadTablesFn = Callable[[], "tuple[tuple[ReadTable, ...], int]"]
 
 IMPLEMENTED = True
 MIGRATES = False   # a queue pair cannot change process: no detach/adopt (engines migrate by reopening)
@@ -78,6 +91,7 @@ class RdmaConnection(Connection):
         self.max_payload = max_payload
         self.stream = None          # FrameStream once the HELLO exchange switched us to verbs
         self._pending = None        # the ranker's stream between its HELLO and the answer
+        self.advertised: tuple = ()  # server: the ReadTables our blob listed (flexemrd/embedding/reads.py)
         self._hdr = bytearray(HEADER_SIZE)
         self._buf = bytearray(0)
 
@@ -177,9 +191,25 @@ class RdmaConnection(Connection):
     def transport_name(self) -> str:
         return "rdma" if self.stream is not None else "tcp"
 
+    @property
+    def read_tables(self) -> tuple[ReadTable, ...]:
+        """Ranker: the table rows the server registered for RDMA READ (empty: v1 server or none registered)."""
+        blob = self.stream.peer_blob if self.stream is not None else None
+        return blob.tables if blob is not None else ()
 
-def upgrade_server_connection(conn: Connection, blob: bytes, priority: bool = False) -> tuple[Connection, bytes]:
+    @property
+    def boot_version(self) -> int:
+        """Ranker: the model version the server serves a FETCH naming none from (0: not advertised)."""
+        blob = self.stream.peer_blob if self.stream is not None else None
+        return blob.boot_version if blob is not None else 0
+
+
+def upgrade_server_connection(conn: Connection, blob: bytes, priority: bool = False,
+                              read_tables: ReadTablesFn | None = None) -> tuple[Connection, bytes]:
     """Embedding server: a ranker's HELLO carried ``blob``; returns (the verbs connection, our blob).
+
+    ``read_tables`` (data connections of a ranker that reads blob version 2
+    only) lists the rows it may RDMA READ for cache fills; they go into our blob.
 
     The returned connection is ready (QP at RTS, receives posted) before our
     blob is sent, so the ranker's first WRITE finds it.  Raises
@@ -200,9 +230,14 @@ def upgrade_server_connection(conn: Connection, blob: bytes, priority: bool = Fa
         stream.close()
         raise
     up.stream = stream
+    tables: tuple = ()
+    boot = 0
+    if not priority and read_tables is not None and remote.peer_reads >= 2:
+        tables, boot = read_tables()
     if not priority:
         _SERVED.add(stream)
-    return up, stream.blob()
+    up.advertised = tuple(tables)
+    return up, stream.blob(tables, boot)
 
 
 def break_served_streams() -> int:

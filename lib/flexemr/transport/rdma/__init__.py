@@ -20,7 +20,7 @@ See docs/RDMA.md.
 
 from __future__ import annotations
 
-from flexemr.transport.rdma.blob import ConnectionBlob, RemoteRegion
+from flexemr.transport.rdma.blob import ConnectionBlob, ReadTable, RemoteRegion
 from flexemr.transport.rdma.errors import BlobError, QueuePairError, RdmaUnavailable
 
-__all__ = ["BlobError", "ConnectionBlob", "QueuePairError", "RdmaUnavailable", "RemoteRegion"]
+__all__ = ["BlobError", "ConnectionBlob", "QueuePairError", "RdmaUnavailable", "ReadTable", "RemoteRegion"]

@@ -27,7 +27,7 @@ import os
 import select
 import threading
 from collections import defaultdict
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -165,21 +165,33 @@ class Endpoint:
                                     f"(access 0x{access:x}): {ex}") from ex
         return Region(mr, array, access)
 
-    def register_for_reads(self, buf: Any, what: str) -> Region | None:
+    def register_for_reads(self, buf: Any, what: str, *, detail: str = "",
+                           fallback: Callable[[], Any] | None = None) -> Region | None:
         """Register table memory for one-sided RDMA READs, or None when the device refuses.
 
-        Logs which way cache fills of ``what`` will go.  Measured on Debian's
-        6.1 kernel with soft-RoCE: a shared read-only file mapping
+        ``fallback`` (optional) makes another buffer with the same bytes to
+        try when ``buf`` is refused.  Logs which way cache fills of ``what``
+        will go (``detail`` says which rows).  Measured on Debian's 6.1
+        kernel with soft-RoCE: a shared read-only file mapping
         (``np.load(mmap_mode="r")``) is refused with EFAULT, a private one
         (``mmap_mode="c"``, still sharing the page cache until written) is
-        accepted; see ``map_table``.
+        accepted, registered read-only too; see ``map_table``.
         """
+        where = f"{detail}, " if detail else ""
         try:
             region = self.register(buf, remote_read=True)
         except RegistrationError as e:
-            logger.info("cache fills of %s: FETCH frames (RDMA READ unavailable: %s)", what, e)
-            return None
-        logger.info("cache fills of %s: RDMA READ (%d bytes registered)", what, region.length)
+            first = e
+            region = None
+            if fallback is not None:
+                try:
+                    region = self.register(fallback(), remote_read=True)
+                except (RegistrationError, OSError, ValueError) as e2:
+                    first = RegistrationError(f"{first}; a private mapping too: {e2}")
+            if region is None:
+                logger.info("cache fills of %s: FETCH frames (RDMA READ unavailable: %s%s)", what, where, first)
+                return None
+        logger.info("cache fills of %s: RDMA READ (%s%d bytes registered)", what, where, region.length)
         return region
 
     # -- completions ------------------------------------------------------------

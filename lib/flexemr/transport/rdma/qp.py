@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import Any
+from typing import Any, Sequence
 
 from flexemr.transport.rdma.blob import MTUS, ConnectionBlob, RemoteRegion, gid_text
 from flexemr.transport.rdma.endpoint import CompletionOwner, Endpoint, Region
@@ -197,6 +197,35 @@ class QueuePair:
                                 send_flags=e.IBV_SEND_SIGNALED)
         wr.set_wr_rdma(remote.rkey, src)
         return self._post(wr)
+
+    def post_reads(self, region: Region, offsets: Sequence[int], nbytes: Sequence[int], remote: RemoteRegion,
+                   remote_offsets: Sequence[int], wr_ids: Sequence[int]) -> int:
+        """RDMA READs ``remote[remote_offsets[i]:+nbytes[i]]`` into ``region[offsets[i]:]``, chained into ONE
+        doorbell; posts as many as the send queue takes (in order) and returns how many."""
+        if self.failed is not None:
+            raise self.failed
+        n = min(len(offsets), self.send_free)
+        if n <= 0:
+            return 0
+        e = self._pv.enums
+        # Every bound is checked before anything is posted: a bad offset posts nothing.
+        dst = [region.address(int(o), int(k), f"READ from {self.peer}") for o, k in zip(offsets[:n], nbytes[:n])]
+        src = [remote.check(int(o), int(k), f"READ from {self.peer}") for o, k in zip(remote_offsets[:n], nbytes[:n])]
+        chain: list[Any] = []   # pyverbs keeps no reference to next_wr: hold every WR until posted
+        wr = None
+        for i in range(n - 1, -1, -1):
+            sge = self._pv.wr.SGE(dst[i], int(nbytes[i]), region.lkey)
+            wr = self._pv.wr.SendWR(wr_id=int(wr_ids[i]), opcode=e.IBV_WR_RDMA_READ, num_sge=1, sg=[sge],
+                                    send_flags=e.IBV_SEND_SIGNALED, next_wr=wr)
+            wr.set_wr_rdma(remote.rkey, src[i])
+            chain.append(wr)
+        try:
+            self._qp.post_send(wr)
+        except self._pv.pyverbs_error.PyverbsError as ex:
+            self.failed = QueuePairError(self.peer, self.qpn, f"post_send (READ) refused ({ex}); state {self.state()}")
+            raise self.failed from ex
+        self.send_free -= n
+        return n
 
     def post_recv(self, region: Region, offsets: list[int], nbytes: int, wr_ids: list[int]) -> None:
         """Post one receive per (offset, wr_id), chained into a single doorbell."""

@@ -45,6 +45,15 @@ raises ``ConnectionError`` and never touches the destroyed verbs objects.
 Failures: an error completion, a refused post or the TCP control socket
 closing raise ``ConnectionError`` (``QueuePairError`` is one) naming the
 peer; the owner closes the connection and connects a fresh one.
+
+Cache fills by RDMA READ (flexemrd/engine/reads.py) share the data QP: a
+data stream's send queue has ``READ_WRS`` more entries for them, so reads
+in flight never take a frame's place.  ``post_reads`` posts a chain of READs
+tagged with the caller's number, ``take_reads`` hands back how many of each
+tag completed; completed reads make ``fileno()`` readable like bytes do
+(the eventfd), whichever thread polled them, so the receiver that lands the
+fill wakes.  A READ that fails is an error completion like any other: the
+stream raises ``QueuePairError`` and the connection is lost.
 """
 
 from __future__ import annotations
@@ -59,15 +68,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from flexemr.transport.rdma.blob import FLAG_FRAME_STREAM, ConnectionBlob, RemoteRegion
+from flexemr.transport.rdma.blob import FLAG_FRAME_STREAM, VERSION, ConnectionBlob, ReadTable, RemoteRegion
 from flexemr.transport.rdma.channel import CREDIT_SL, CREDIT_TRAFFIC_CLASS, DATA_SL, DATA_TRAFFIC_CLASS
-from flexemr.transport.rdma.endpoint import POLL_BATCH, Endpoint
+from flexemr.transport.rdma.endpoint import POLL_BATCH, Endpoint, Region
 from flexemr.transport.rdma.errors import BlobError
 from flexemr.transport.rdma.qp import QueuePair
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FrameStream", "DATA_SLOTS", "DATA_SLOT_BYTES", "CREDIT_SLOTS", "CREDIT_SLOT_BYTES"]
+__all__ = ["FrameStream", "DATA_SLOTS", "DATA_SLOT_BYTES", "CREDIT_SLOTS", "CREDIT_SLOT_BYTES", "READ_WRS"]
 
 DATA_SLOTS = 32
 DATA_SLOT_BYTES = 64 << 10
@@ -75,7 +84,8 @@ CREDIT_SLOTS = 8          # the credit channel's frames are tiny
 CREDIT_SLOT_BYTES = 4 << 10
 _SPARE_RECVS = 16         # receives beyond the slots: credit grants consume them too
 _LEN_MASK = (1 << 24) - 1
-_WR_DATA, _WR_GRANT = 1, 2
+_WR_DATA, _WR_GRANT, _WR_READ = 1, 2, 3   # low 2 bits of wr_id; a READ's tag is wr_id >> 2
+READ_WRS = 64             # RDMA READs a data stream keeps in flight at most (extra send-queue entries)
 _WAIT_SLICE_S = 0.5       # a blocking wait re-checks the control socket this often
 
 
@@ -107,11 +117,12 @@ class FrameStream:
         # Incoming messages in flight: at most ``slots`` WRITEs plus grants, each
         # returning at least one slot; receives and send WRs are sized for both.
         nwr = 2 * self.slots + _SPARE_RECVS
-        depth = 2 * nwr + 8
+        self.read_wrs = 0 if priority else READ_WRS
+        depth = 2 * nwr + self.read_wrs + 8
         self.cq, self.channel, self._chan_fd = endpoint.completion_queue(depth)
         os.set_blocking(self._chan_fd, False)  # two threads may race for one event: the loser must not block
         sl, tc = (CREDIT_SL, CREDIT_TRAFFIC_CLASS) if priority else (DATA_SL, DATA_TRAFFIC_CLASS)
-        self.qp = QueuePair(endpoint, peer, _NoOwner(), sl=sl, traffic_class=tc, max_send_wr=nwr,
+        self.qp = QueuePair(endpoint, peer, _NoOwner(), sl=sl, traffic_class=tc, max_send_wr=nwr + self.read_wrs,
                             max_recv_wr=nwr, role="credit" if priority else "data", cq=self.cq)
         ring = self.slots * self.slot_bytes
         self.rx = endpoint.register(np.zeros(ring, np.uint8), remote_write=True)
@@ -119,6 +130,9 @@ class FrameStream:
         self._rx_view = memoryview(self.rx.array)
         self._tx_array = self.tx.array
         self.remote: RemoteRegion | None = None
+        self.peer_blob: ConnectionBlob | None = None   # what the peer sent (its tables, for cache-fill READs)
+        self._reads_inflight = 0
+        self._reads_done: collections.Counter[int] = collections.Counter()   # tag -> READs completed
         self._lock = threading.Condition()
         self._armed = False
         self._poller = False          # a thread is asleep in select() on the channel fd
@@ -146,11 +160,19 @@ class FrameStream:
         self.closed = False
 
     # -- set-up -------------------------------------------------------------------
-    def blob(self) -> bytes:
-        """This side's connection blob (travels in the HELLO)."""
+    def blob(self, tables: tuple[ReadTable, ...] = (), boot_version: int = 0) -> bytes:
+        """This side's connection blob (travels in the HELLO).
+
+        Version 1 (readable by any peer, ``accepts`` = 2) unless the peer
+        already said it reads version 2 (a server answering a new ranker):
+        then version 2 with ``tables``, the rows the peer may READ.
+        """
         dev = self.ep.device
+        v2 = self.peer_blob is not None and self.peer_blob.peer_reads >= 2
         return ConnectionBlob(self.qp.qpn, self.qp.psn, self.qp.qpn, self.qp.psn, dev.gid, dev.mtu,
-                              self.slots, self.slot_bytes, FLAG_FRAME_STREAM, (self.rx.remote(),)).pack()
+                              self.slots, self.slot_bytes, FLAG_FRAME_STREAM, (self.rx.remote(),),
+                              version=2 if v2 else 1, accepts=VERSION, tables=tables if v2 else (),
+                              boot_version=boot_version if v2 else 0).pack()
 
     def connect(self, blob: ConnectionBlob) -> None:
         """RTR/RTS towards the peer's QP and post the receives; writes may arrive from now on."""
@@ -160,6 +182,7 @@ class FrameStream:
         if blob.regions[0].length < blob.recv_slots * blob.recv_slot_bytes or blob.recv_slots == 0:
             raise BlobError(f"connection blob from {self.peer}: its ring of {blob.regions[0].length} bytes cannot "
                             f"hold {blob.recv_slots} slots of {blob.recv_slot_bytes}")
+        self.peer_blob = blob
         self._peer_slots = blob.recv_slots
         self._peer_slot_bytes = blob.recv_slot_bytes
         self.qp.connect(blob.qpn, blob.psn, blob.gid, blob.mtu)
@@ -258,6 +281,36 @@ class FrameStream:
             self._settle()
         return total
 
+    # -- cache-fill READs (flexemrd/engine/reads.py) ---------------------------------------
+    def post_reads(self, local: Region, offsets: np.ndarray, nbytes: np.ndarray, remote: RemoteRegion,
+                   remote_offsets: np.ndarray, tag: int) -> int:
+        """Post READs of ``remote`` into ``local`` (one doorbell), as many as fit; returns how many were posted.
+
+        At most ``READ_WRS`` are in flight; the caller posts the rest after
+        ``take_reads`` reported some done.  Non-blocking.
+        """
+        with self._lock:
+            self._check_open()
+            room = min(self.read_wrs - self._reads_inflight, len(offsets), self.qp.send_free - 2)
+            n = 0
+            if room > 0:
+                wr_id = (tag << 2) | _WR_READ
+                n = self.qp.post_reads(local, offsets[:room], nbytes[:room], remote, remote_offsets[:room],
+                                       [wr_id] * room)
+                self._reads_inflight += n
+            self._settle()
+            return n
+
+    def take_reads(self) -> dict[int, int]:
+        """Tag -> READs completed since the last call (non-blocking; raises ConnectionError if the QP failed)."""
+        with self._lock:
+            self._check_open()
+            self._consume_event()
+            self._progress()
+            done, self._reads_done = dict(self._reads_done), collections.Counter()
+            self._settle()
+            return done
+
     def backlogged(self) -> bool:
         """Bytes ``send_nowait`` took that still wait for the peer's slot grants (the owner must keep
         watching ``fileno()``: the grants wake it, and its next call pushes them)."""
@@ -343,8 +396,12 @@ class FrameStream:
                     self._reposts += 1
                 else:
                     self.qp.send_done()
-                    if int(wc.wr_id) == _WR_DATA:
+                    wr_id = int(wc.wr_id)
+                    if wr_id == _WR_DATA:
                         self._tx_busy -= 1
+                    elif wr_id & 3 == _WR_READ:
+                        self._reads_inflight -= 1
+                        self._reads_done[wr_id >> 2] += 1
             handled += n
             if n < POLL_BATCH:
                 break
@@ -353,7 +410,7 @@ class FrameStream:
             self._reposts = 0
         if handled:
             self._lock.notify_all()
-            if self._rx and not self._efd_set:
+            if (self._rx or self._reads_done) and not self._efd_set:
                 # Bytes landed while another thread held the channel's event (a sender
                 # waiting for credits): the owner's selector must still see them.
                 os.eventfd_write(self._efd, 1)
@@ -430,7 +487,7 @@ class FrameStream:
             self._arm()
             if not self._progress():
                 break
-        want = bool(self._rx)
+        want = bool(self._rx) or bool(self._reads_done)
         if want != self._efd_set:
             if want:
                 os.eventfd_write(self._efd, 1)
