@@ -25,15 +25,18 @@ BOOT_S = float(os.environ.get("FLEXEMR_RDMA_BOOT_S", "1200"))
 
 @contextmanager
 def rdma_cluster(model: str, tmp: Path, servers: int, engines: int, prefix: str,
-                 env: dict[str, str] | None = None) -> Iterator[dict]:
-    """Run the cluster until the block ends; yields socket, log path, process and instance."""
+                 env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Iterator[dict]:
+    """Run the cluster until the block ends; yields socket, log path, process and instance.
+
+    ``args``: more ``flexemrd local`` options (e.g. the cache's).
+    """
     instance = prefix + uuid.uuid4().hex[:8]
     sock = str(tmp / "api.sock")
     log = tmp / "cluster.log"
     cmd = [sys.executable, "-m", "flexemrd", "local", "--model", model, "--embedding-servers", str(servers),
            "--engines", str(engines), "--socket", sock, "--instance", instance, "--transport", "rdma",
            "--no-rebalance", "--heartbeat-timeout", "0", "--boot-timeout", str(BOOT_S),
-           "--embedding-kernel", "numpy"]
+           "--embedding-kernel", "numpy", *args]
     with open(log, "w") as logf:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=logf, text=True, cwd=REPO,
                                 env={**os.environ, **(env or {})})

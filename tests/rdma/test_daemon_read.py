@@ -1,0 +1,99 @@
+"""Cache fills by one-sided RDMA READ in ``flexemrd local --transport rdma`` (2 servers, 2 engines).
+
+The ranker's cache runs with the fixed policy, so every batch's misses are
+fetched for the cache after it, deterministically.  Over RDMA the engines
+READ those rows from the servers' registered table memory instead of
+sending FETCH frames: every answer stays exactly the monolithic reference's
+(the second pass over the requests is served partly from the filled cache),
+the servers answer no FETCH at all (their STATS counter stays 0) while the
+engines report rows read by RDMA READ, and the logs say ``cache fills of
+...: RDMA READ`` for every shard.  If fills silently went by FETCH frames,
+the servers' counter would move and the engines would report no READ rows.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import sys
+
+import numpy as np
+import pytest
+
+from tests.rdma.daemon import rdma_cluster
+
+pytestmark = pytest.mark.rdma
+
+
+@pytest.fixture(scope="module")
+def cluster(answers, tmp_path_factory, rdma_device):
+    with rdma_cluster(answers["model"], tmp_path_factory.mktemp("cluster"), servers=2, engines=2, prefix="rr",
+                      args=("--cache-policy", "fixed", "--cache-size", "2MiB")) as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def cluster_log_on_failure(request):
+    """The guest's files vanish with it: a failing test prints the cluster's log to the console."""
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed and "cluster" in request.fixturenames:
+        log = request.getfixturevalue("cluster")["log"]
+        text = f"\n----- {log} (last 12000 bytes) -----\n{log.read_text()[-12000:]}\n"
+        try:
+            with open("/dev/console", "w") as console:
+                console.write(text)
+        except OSError:
+            sys.__stderr__.write(text)
+
+
+def server_stats(address: str, instance: str) -> dict[str, int]:
+    """One embedding server's STATS counters (authenticated with the instance's secret)."""
+    from flexemr import naming
+    from flexemr.auth import load_secret
+    from flexemr.wire import codec
+    from flexemr.wire.frame import FrameType, pack_header
+    from flexemr.wire.handshake import client_hello
+    from flexemr.wire.stream import FrameReader, send_buffers
+
+    host, _, port = address.rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        reader = FrameReader(s)
+        client_hello(lambda f: send_buffers(s, f), reader.read_frame, address, codec.ROLE_CLIENT,
+                     "test-read/stats", secret=load_secret(naming.local_secret_path(instance)))
+        send_buffers(s, [pack_header(FrameType.STATS, 1, 0)])
+        h, payload = reader.read_frame()
+        assert h.type == FrameType.STATS_RESP, h
+        return codec.decode_stats(payload)
+
+
+def test_cache_fills_go_by_rdma_read_and_the_servers_answer_no_fetch(cluster, answers) -> None:
+    from flexemr.client import InferenceClient
+
+    log = cluster["log"]
+    with InferenceClient(cluster["socket"], timeout=120) as c:
+        for _ in range(2):    # the second pass meets rows the first one's fills put in the cache
+            for case in answers["cases"]:
+                pooled = c.lookup(case["sparse"])
+                assert sorted(pooled) == sorted(case["lookup"])
+                for name, want in case["lookup"].items():
+                    np.testing.assert_allclose(pooled[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
+                np.testing.assert_allclose(c.predict(case["dense"], case["sparse"]), case["predict"],
+                                           rtol=1e-5, atol=1e-6)
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    # Every shard of both servers was registered for READ (the tiny model: 4 tables, each on some server).
+    registered = re.findall(r"cache fills of (\S+): RDMA READ \(rows", text)
+    assert len(registered) >= 4, text[-3000:]
+    assert not re.search(r"cache fills of \S+: FETCH frames", text), "no shard fell back to FETCH frames"
+    assert "cache fills on connection" in text and ": RDMA READ (" in text
+    assert "FETCH frames (" not in text, [ln for ln in text.splitlines() if "FETCH frames (" in ln][:3]
+    summaries = [(int(n), int(rows)) for n, rows in
+                 re.findall(r"cache fills so far: (\d+) by RDMA READ \((\d+) rows", text)]
+    assert summaries and max(r for _, r in summaries) > 0, "the engines read rows by RDMA READ"
+    addresses = sorted(set(re.findall(r"connection \d+ to (\S+:\d+) over RDMA \(data QP", text)))
+    assert len(addresses) == 2, addresses
+    for address in addresses:
+        stats = server_stats(address, cluster["instance"])
+        assert stats["lookups"] > 0, stats
+        assert stats["fetches"] == 0, f"{address} answered {stats['fetches']} FETCH frames: fills did not go by READ"
