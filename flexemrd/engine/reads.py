@@ -311,7 +311,11 @@ class CacheReads:
                 return   # the stream is full: the rest goes when READs complete (land)
 
     def _staging_of(self, conn: Any) -> _Staging:
-        # Staging areas of closed connections go first (a reconnect brings a new connection object).
+        # Fills and staging areas of closed connections go first (lost connections: the inference
+        # failed their fills on COMP_LOST; a reconnect brings a new connection object).
+        for tag, f in list(self._fills.items()):
+            if getattr(f.conn, "stream", None) is None:
+                self._drop(tag, f)
         for key, (c, s) in list(self._staging.items()):
             if getattr(c, "stream", None) is None and not any(f.conn is c for f in self._fills.values()):
                 s.close()

@@ -67,19 +67,42 @@ def server_stats(address: str, instance: str) -> dict[str, int]:
         return codec.decode_stats(payload)
 
 
+def retried(call, failures: list[str]):
+    """``call()``, again after a failure naming an embedding server (a connection lost and re-established).
+
+    On a 2-core host loaded by other guests the emulated guest stalls for
+    seconds at a time, long enough for a loopback TCP control socket's 3 s
+    user timeout: the engine reconnects (a new QP, a new advertisement) and
+    what was in flight fails naming the server.  That is the daemon's
+    documented behaviour, not a wrong answer; a wrong answer still fails.
+    """
+    from flexemr.errors import RemoteError
+
+    for attempt in range(3):
+        try:
+            return call()
+        except RemoteError as e:
+            assert "server" in str(e), e
+            failures.append(str(e))
+            if attempt == 2:
+                raise
+
+
 def test_cache_fills_go_by_rdma_read_and_the_servers_answer_no_fetch(cluster, answers) -> None:
     from flexemr.client import InferenceClient
 
     log = cluster["log"]
+    failures: list[str] = []
     with InferenceClient(cluster["socket"], timeout=120) as c:
         for _ in range(2):    # the second pass meets rows the first one's fills put in the cache
             for case in answers["cases"]:
-                pooled = c.lookup(case["sparse"])
+                pooled = retried(lambda: c.lookup(case["sparse"]), failures)
                 assert sorted(pooled) == sorted(case["lookup"])
                 for name, want in case["lookup"].items():
                     np.testing.assert_allclose(pooled[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
-                np.testing.assert_allclose(c.predict(case["dense"], case["sparse"]), case["predict"],
-                                           rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(retried(lambda: c.predict(case["dense"], case["sparse"]), failures),
+                                           case["predict"], rtol=1e-5, atol=1e-6)
+    print(f"{len(failures)} requests failed naming a server and were retried: {failures[:2]}", file=sys.stderr)
     text = log.read_text()
     assert "Traceback" not in text, text[-3000:]
     # Every shard of both servers was registered for READ (the tiny model: 4 tables, each on some server).
