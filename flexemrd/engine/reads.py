@@ -57,8 +57,10 @@ __all__ = ["CacheReads", "ReadPlan", "plan_read"]
 logger = logging.getLogger(__name__)
 
 GAP_ROWS = 8                 # read through gaps of up to this many rows: one READ instead of two
-STAGING_SLOTS = 2            # fills in flight per connection by READ (the inference keeps 2 in flight in all)
-STAGING_SLOT_BYTES = 4 << 20
+# Fills in flight per connection by READ: the inference sends one fill per (server, table) after a
+# batch, so a server holding 8 tables may get 8 at once (16 MiB registered per connection).
+STAGING_SLOTS = 8
+STAGING_SLOT_BYTES = 2 << 20
 SUMMARY_EVERY_S = 5.0
 _RESERVE_SLICE_S = 0.5
 _TABLE_DIM = struct.Struct("<II")
@@ -284,9 +286,11 @@ class CacheReads:
         _TABLE_DIM.pack_into(view, 0, fill.table_id, plan.dim)
         out = np.frombuffer(view, dtype="<f4", offset=_TABLE_DIM.size, count=n * plan.dim).reshape(n, plan.dim)
         np.take(rows, plan.positions, axis=0, out=out)
-        self.completions.commit_frame()
         with self._lock:
+            # Free before the commit: once the inference sees this answer it may send the next
+            # fill, and the sender must find the slot free (else it falls back to a FETCH frame).
             staging.free.append(fill.slot)
+        self.completions.commit_frame()
         st.received += 1
         self.fills_read += 1
         self.rows_read += n
