@@ -57,6 +57,13 @@ def _close(st: ConnState) -> None:
         st.credit_conn.close()
 
 
+def _setup_breakdown(st: ConnState) -> str:
+    """'' or ' (data: tcp 2.0, ->HELLO 40.2, ... ms; credit: ...)': where a reopen's time went."""
+    parts = [f"{name}: {r}" for name, c in (("data", st.conn), ("credit", st.credit_conn))
+             if c is not None and (r := c.setup_report())]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 class Retirer:
     """The old engine's part: drain connections migrated away, then close them (``run`` on its own thread).
 
@@ -284,9 +291,10 @@ class Reopener:
                 logger.warning("opening connection %d to server %d (%s) for a migration, attempt %d: %s",
                                cid, server, address, attempt, e)
                 time.sleep(backoff_s(attempt, self._rng))
+        took_ms = (time.monotonic() - t0) * 1e3
         self.own(st)
-        logger.info("connection %d to server %d (%s) opened here as %s in %.1f ms, for a migration",
-                    cid, server, address, label, (time.monotonic() - t0) * 1e3)
+        logger.info("connection %d to server %d (%s) opened here as %s in %.1f ms, for a migration%s",
+                    cid, server, address, label, took_ms, _setup_breakdown(st))
         self.completions.post_opened(cid, self.engine_id)
         return True
 

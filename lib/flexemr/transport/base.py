@@ -152,6 +152,10 @@ class Connection(abc.ABC):
         """
         return True
 
+    def setup_report(self) -> str:
+        """What setting this connection up cost, step by step, for a log line ('' when nothing is measured)."""
+        return ""
+
     def send_backlogged(self) -> bool:
         """Does the connection hold bytes ``send_nowait`` accepted but could not send yet?
 

@@ -31,13 +31,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from flexemr.errors import ProtocolError
 from flexemr.transport.base import Connection, Listener, Transport
 from flexemr.transport.tcp import TcpConnection, TcpTransport
-from flexemr.wire.frame import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, Header, unpack_header
+from flexemr.wire.frame import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, FrameType, Header, unpack_header
 
 __all__ = ["IMPLEMENTED", "RdmaConnection", "RdmaTransport", "break_served_streams", "probe_devices",
            "process_endpoint", "upgrade_server_connection"]
@@ -94,6 +95,14 @@ class RdmaConnection(Connection):
         self.advertised: tuple = ()  # server: the ReadTables our blob listed (flexemrd/embedding/reads.py)
         self._hdr = bytearray(HEADER_SIZE)
         self._buf = bytearray(0)
+        # Set-up steps and what each took (ms), in order: TCP connect, the HELLO/auth
+        # round trips, the stream's verbs resources (setup_report says them in one line).
+        self.setup_steps: list[tuple[str, float]] = []
+        self._sent_at = 0.0
+
+    def setup_report(self) -> str:
+        """What setting this connection up cost, step by step, e.g. ``tcp 2.0, stream 90.1 (cq 1.0 ...)``."""
+        return ", ".join(f"{step} {ms:.1f}" for step, ms in self.setup_steps) + " ms"
 
     # -- the HELLO exchange -----------------------------------------------------------
     def hello_blob(self) -> bytes:
@@ -101,8 +110,11 @@ class RdmaConnection(Connection):
         from flexemr.transport.rdma.stream import FrameStream
 
         if self._pending is None:
+            t = time.monotonic()
             self._pending = FrameStream(process_endpoint(self.device), self.peer, self.tcp.sock,
                                         priority=self.priority)
+            parts = " ".join(f"{k} {v:.1f}" for k, v in self._pending.setup_ms.items())
+            self.setup_steps.append((f"stream ({parts})", (time.monotonic() - t) * 1e3))
         return self._pending.blob()
 
     def hello_done(self, blob: bytes) -> None:
@@ -115,6 +127,7 @@ class RdmaConnection(Connection):
             raise ProtocolError(f"server at {self.address} answered HELLO without an RDMA connection blob: "
                                 "it cannot do RDMA (see its log) or runs an older flexemr; use transport \"tcp\"")
         self._pending.connect(ConnectionBlob.unpack_padded(blob))
+        self.setup_steps.append(("rts", self._pending.setup_ms["rts"]))
         self.stream, self._pending = self._pending, None
         logger.info("connection %d to %s over RDMA (%s QP 0x%06x)", self.conn_id, self.address,
                     "credit" if self.priority else "data", self.stream.qp.qpn)
@@ -122,12 +135,19 @@ class RdmaConnection(Connection):
     # -- frames ---------------------------------------------------------------------------
     def send_frame(self, buffers: Sequence) -> int:
         if self.stream is None:
+            self._sent_at = time.monotonic()
             return self.tcp.send_frame(buffers)
         return self.stream.send(buffers)
 
     def recv_header(self) -> Header:
         if self.stream is None:
-            return self.tcp.recv_header()
+            h = self.tcp.recv_header()   # only the HELLO exchange reads TCP: time its round trips
+            try:
+                name = FrameType(h.type).name
+            except ValueError:
+                name = str(h.type)
+            self.setup_steps.append((f"->{name}", (time.monotonic() - self._sent_at) * 1e3))
+            return h
         self.stream.recv_into(memoryview(self._hdr))
         return unpack_header(self._hdr, self.max_payload)
 
@@ -223,12 +243,15 @@ def upgrade_server_connection(conn: Connection, blob: bytes, priority: bool = Fa
         raise ProtocolError(f"{conn.peer}: HELLO with an RDMA blob on a connection that is not TCP")
     remote = ConnectionBlob.unpack_padded(blob)
     up = RdmaConnection(conn, None, priority=priority, max_payload=DEFAULT_MAX_PAYLOAD)
+    t0 = time.monotonic()
     stream = FrameStream(process_endpoint(None), conn.peer, conn.sock, priority=up.priority)
     try:
         stream.connect(remote)
     except BaseException:
         stream.close()
         raise
+    logger.info("RDMA %s stream for %s ready in %.1f ms (%s ms)", "credit" if priority else "data", conn.peer,
+                (time.monotonic() - t0) * 1e3, " ".join(f"{k} {v:.1f}" for k, v in stream.setup_ms.items()))
     up.stream = stream
     tables: tuple = ()
     boot = 0
@@ -271,9 +294,12 @@ class RdmaTransport(Transport):
         self._tcp = TcpTransport(max_payload, connect_timeout)
 
     def connect(self, address: str, conn_id: int, server: int, priority: bool = False) -> Connection:
+        t = time.monotonic()
         tcp = self._tcp.connect(address, conn_id, server, priority)
         assert isinstance(tcp, TcpConnection)
-        return RdmaConnection(tcp, self.device, priority, self.max_payload)
+        conn = RdmaConnection(tcp, self.device, priority, self.max_payload)
+        conn.setup_steps.append(("tcp", (time.monotonic() - t) * 1e3))
+        return conn
 
     def adopt(self, handle: int, conn_id: int, server: int, address: str) -> Connection:
         os.close(handle)

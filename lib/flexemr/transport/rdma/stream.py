@@ -64,6 +64,7 @@ import os
 import select
 import socket
 import threading
+import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -119,14 +120,20 @@ class FrameStream:
         nwr = 2 * self.slots + _SPARE_RECVS
         self.read_wrs = 0 if priority else READ_WRS
         depth = 2 * nwr + self.read_wrs + 8
+        # What setting up this stream cost, step by step (ms): a migration's log line shows it.
+        self.setup_ms: dict[str, float] = {}
+        t = time.monotonic()
         self.cq, self.channel, self._chan_fd = endpoint.completion_queue(depth)
         os.set_blocking(self._chan_fd, False)  # two threads may race for one event: the loser must not block
+        t = self._took("cq", t)
         sl, tc = (CREDIT_SL, CREDIT_TRAFFIC_CLASS) if priority else (DATA_SL, DATA_TRAFFIC_CLASS)
         self.qp = QueuePair(endpoint, peer, _NoOwner(), sl=sl, traffic_class=tc, max_send_wr=nwr + self.read_wrs,
                             max_recv_wr=nwr, role="credit" if priority else "data", cq=self.cq)
+        t = self._took("qp", t)
         ring = self.slots * self.slot_bytes
         self.rx = endpoint.register(np.zeros(ring, np.uint8), remote_write=True)
         self.tx = endpoint.register(np.zeros(ring, np.uint8))
+        t = self._took("mr", t)
         self._rx_view = memoryview(self.rx.array)
         self._tx_array = self.tx.array
         self.remote: RemoteRegion | None = None
@@ -160,6 +167,11 @@ class FrameStream:
         self.closed = False
 
     # -- set-up -------------------------------------------------------------------
+    def _took(self, step: str, since: float) -> float:
+        now = time.monotonic()
+        self.setup_ms[step] = (now - since) * 1e3
+        return now
+
     def blob(self, tables: tuple[ReadTable, ...] = (), boot_version: int = 0) -> bytes:
         """This side's connection blob (travels in the HELLO).
 
@@ -185,9 +197,11 @@ class FrameStream:
         self.peer_blob = blob
         self._peer_slots = blob.recv_slots
         self._peer_slot_bytes = blob.recv_slot_bytes
+        t = time.monotonic()
         self.qp.connect(blob.qpn, blob.psn, blob.gid, blob.mtu)
         self._chunk = min(self.slot_bytes, blob.recv_slot_bytes)
         self._post_receives(2 * self.slots + _SPARE_RECVS)
+        self._took("rts", t)
         with self._lock:
             self.remote = blob.regions[0]
             self._tx_credits = blob.recv_slots
