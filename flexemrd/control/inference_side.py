@@ -2,9 +2,13 @@
 
 Every ``POLL_S`` it reads the control block's epoch (one u64 load); a new
 epoch becomes a control request the batcher applies between batches
-(migrations, cache size and policy).  It acknowledges the epoch once every
-migration it started is confirmed by the engine that adopted the connection
-(``migrated``, called from the completion thread).
+(migrations, cache size and policy).  It acknowledges an epoch once every
+migration started at or before it is confirmed by the engine that adopted the
+connection (``migrated``, called from the completion thread).  Moves overlap:
+a new epoch is applied while earlier reopens are still under way, and the
+acknowledged epoch advances past each move as it completes (the newest
+applied epoch older than the oldest move still waiting), so a supervisor
+waiting for one move never waits for a later one.
 
 Model versions: while a version loads on the embedding servers the topology
 JSON shows it under ``model.loading``; this thread preloads its dense NN (off
@@ -59,7 +63,8 @@ class InferenceControl:
         self.svc: InferenceService | None = None
         self.epoch = 0
         self._applied_epoch = 0       # the newest epoch the batcher has applied
-        self._waiting: set[int] = set()  # connections whose adoption is not confirmed yet
+        self._applied: list[int] = []  # epochs the batcher applied, newer than the acknowledged one
+        self._waiting: dict[int, int] = {}  # connection whose adoption is not confirmed -> epoch that moved it
         self._acked = -1
         self._lock = threading.Lock()
         self._tables_prev: dict[str, np.ndarray] = {}
@@ -95,7 +100,7 @@ class InferenceControl:
 
     def migrated(self, conn: int, engine: int) -> None:
         with self._lock:
-            self._waiting.discard(conn)
+            self._waiting.pop(conn, None)
 
     def opened(self, conn: int, engine: int) -> None:
         """Migration by reopening: ``engine``'s connection is ready; switch on the batcher (it owns the rings)."""
@@ -114,7 +119,7 @@ class InferenceControl:
                     if cid in sub.owners and (sub.owners[cid] != eng or cid in sub.opening):
                         # Waiting first: the engine may confirm before migrate() returns.
                         with self._lock:
-                            self._waiting.add(cid)
+                            self._waiting.setdefault(cid, state.epoch)
                         try:
                             moved = sub.migrate(cid, eng)
                         except ValueError as e:
@@ -122,13 +127,14 @@ class InferenceControl:
                             logger.error("cannot migrate connection %d: %s", cid, e)
                         if not moved:
                             with self._lock:
-                                self._waiting.discard(cid)
+                                self._waiting.pop(cid, None)
             if batcher.cache is not None:
                 batcher.cache.apply_runtime(state.cache_policy.label, state.cache_capacity_bytes)
             if version and version != batcher.versions.active and batcher.versions.has_model(version):
                 batcher.switch_version(version)
             with self._lock:
                 self._applied_epoch = state.epoch
+                self._applied.append(state.epoch)
 
         return apply
 
@@ -160,9 +166,14 @@ class InferenceControl:
             self.epoch = state.epoch
             self.svc.post_control(self._apply(state, self._prepare_version()))
         with self._lock:
-            done = not self._waiting and self._applied_epoch > self._acked and not self.svc.versions.draining()
-            applied = self._applied_epoch
-        if done:
+            oldest = min(self._waiting.values(), default=None)
+            ready = [e for e in self._applied if e > self._acked and (oldest is None or e < oldest)]
+            applied = max(ready, default=0)
+            if applied and not self.svc.versions.draining():
+                self._applied = [e for e in self._applied if e > applied]
+            else:
+                applied = 0
+        if applied:
             self._acked = applied
             self.block.ranker.update(epoch_seen=applied)
 

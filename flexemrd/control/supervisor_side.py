@@ -65,6 +65,9 @@ class SupervisorControl:
         self._last_rates = 0.0
         self._last_rebalance = 0.0
         self.auto_moves = 0
+        # Moves started without waiting (Migrate(wait=False)): (epoch, conn, from, to, started),
+        # logged here once the inference process confirms their epoch.
+        self._unconfirmed: list[tuple[int, int, int, int, float]] = []
         # child name -> (pid, started_ns): started_ns is written once per process, not once per tick
         self._started: dict[str, tuple[int, int]] = {}
         # embedding server index -> restarts since the daemon started (the supervisor's own
@@ -212,6 +215,8 @@ class SupervisorControl:
         now = time.monotonic()
         if self.rollout is not None:
             self.rollout.tick(now)
+        if self._unconfirmed:
+            self._confirm_moves(now)
         if now - self._last_rates >= 1.0:
             self._last_rates = now
             self._record_children(sup) if any(c.pid and c.ready for c in sup.children) else None
@@ -251,6 +256,21 @@ class SupervisorControl:
             time.sleep(0.005)
         raise TimeoutError(f"{what}: the inference process did not confirm within {timeout:g} s")
 
+    def _confirm_moves(self, now: float) -> None:
+        """Log each move started without waiting once the ranker confirmed it (or gave up on it)."""
+        seen = self.block.ranker.read()["epoch_seen"]
+        left = []
+        for epoch, conn, src, dst, t0 in self._unconfirmed:
+            if seen >= epoch:
+                logger.info("connection %d moved from engine %d to engine %d in %.1f ms (epoch %d)", conn, src, dst,
+                            (now - t0) * 1e3, epoch)
+            elif now - t0 > REOPEN_ACK_TIMEOUT_S:
+                logger.error("connection %d: its move from engine %d to engine %d (epoch %d) is not confirmed "
+                             "after %g s", conn, src, dst, epoch, REOPEN_ACK_TIMEOUT_S)
+            else:
+                left.append((epoch, conn, src, dst, t0))
+        self._unconfirmed = left
+
     def cmd_status(self, cmd) -> dict:
         return {"snapshot": self.block.snapshot()}
 
@@ -272,6 +292,14 @@ class SupervisorControl:
         r = self.plan.cfg.ranker
         reopen = migrates_by_reopening(r.migration, r.transport, self.plan.connections[cmd.conn][1])
         epoch = self.block.set_owner(cmd.conn, cmd.to_engine)
+        if not cmd.wait:
+            # Started: the ranker confirms it by acknowledging the epoch (tick logs it); meanwhile
+            # this loop serves further commands, so moves of other connections overlap this one.
+            self._unconfirmed.append((epoch, cmd.conn, src, cmd.to_engine, time.monotonic()))
+            logger.info("connection %d moving from engine %d to engine %d (epoch %d, not waiting)", cmd.conn, src,
+                        cmd.to_engine, epoch)
+            return {"conn": cmd.conn, "from": src, "engine": cmd.to_engine, "moved": True, "confirmed": False,
+                    "epoch": epoch}
         waited = self._wait_ack(epoch, f"migrate {cmd.conn}", REOPEN_ACK_TIMEOUT_S if reopen else ACK_TIMEOUT_S)
         logger.info("connection %d moved from engine %d to engine %d in %.1f ms", cmd.conn, src, cmd.to_engine,
                     waited * 1e3)

@@ -92,15 +92,23 @@ class Status(Command):
 
 @dataclasses.dataclass(frozen=True)
 class Migrate(Command):
-    """Move connection ``conn`` to engine ``to_engine``, live."""
+    """Move connection ``conn`` to engine ``to_engine``, live.
+
+    ``wait`` (default): answer once the move is confirmed.  ``wait=False``:
+    answer as soon as the move is started (its ``epoch`` is confirmed when
+    the ranker's ``epoch_seen`` reaches it), so moves of other connections
+    may start while this one's reopen is still under way.
+    """
 
     name: ClassVar[str] = "migrate"
     conn: int
     to_engine: int
+    wait: bool = True
 
     def __post_init__(self) -> None:
         _int(self.name, "conn", self.conn)
         _int(self.name, "to_engine", self.to_engine)
+        _bool(self.name, "wait", self.wait)
 
 
 @dataclasses.dataclass(frozen=True)
