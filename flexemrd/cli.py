@@ -46,6 +46,8 @@ def run(config_path: str) -> None:
 @click.option("--embedding-servers", "n_servers", default=2, show_default=True, type=click.IntRange(0, 64),
               help="0: the ranker pools its own tables (the monolithic layout behind the same API).")
 @click.option("--engines", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option("--connections-per-server", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Ranker connections to each embedding server ([ranker].connections_per_server).")
 @click.option("--socket", "socket_path", required=True, help="Unix socket of the inference API.")
 @click.option("--instance", default="default", show_default=True, envvar="FLEXEMR_INSTANCE")
 @click.option("--routing", type=click.Choice(["rows", "tables"]), default="rows", show_default=True)
@@ -97,7 +99,7 @@ def run(config_path: str) -> None:
               envvar="FLEXEMR_EMBEDDING_KERNEL",
               help="[embedding].kernel: numpy pools without importing torch (same answers; faster boot).")
 @click.option("--log-level", default="info", show_default=True)
-def local(model_dir, n_servers, engines, socket_path, instance, routing, replicas, hedging, request_timeout_s, max_batch, max_wait_ms, cache_policy,
+def local(model_dir, n_servers, engines, connections_per_server, socket_path, instance, routing, replicas, hedging, request_timeout_s, max_batch, max_wait_ms, cache_policy,
           cache_size, cache_budget, cache_margin, mapping, credits, transport, rebalance, migration, http_port, grpc_port,
           metrics_port, server_threads, torch_threads, heartbeat_timeout_s, max_clients, client_idle_timeout_s,
           boot_timeout_s, embedding_kernel, log_level) -> None:
@@ -110,6 +112,7 @@ def local(model_dir, n_servers, engines, socket_path, instance, routing, replica
                 "daemon": {"role": "ranker", "instance": instance, "model": model_dir, "log_level": log_level,
                            "heartbeat_timeout_s": heartbeat_timeout_s, "boot_timeout_s": boot_timeout_s},
                 "ranker": {"socket": socket_path, "engines": engines, "routing": routing, "max_batch": max_batch,
+                           "connections_per_server": connections_per_server,
                            "replicas": replicas, "hedging": hedging, "request_timeout_s": request_timeout_s,
                            "max_wait_ms": max_wait_ms, "mapping": mapping, "credits": credits,
                            "rebalance": rebalance, "migration": migration, "metrics_port": metrics_port, "max_clients": max_clients,

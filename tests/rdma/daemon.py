@@ -28,7 +28,7 @@ def rdma_cluster(model: str, tmp: Path, servers: int, engines: int, prefix: str,
                  env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> Iterator[dict]:
     """Run the cluster until the block ends; yields socket, log path, process and instance.
 
-    ``args``: more ``flexemrd local`` options (e.g. the cache's).
+    ``args``: more ``flexemrd local`` options (e.g. the cache's, ``--connections-per-server``).
     """
     instance = prefix + uuid.uuid4().hex[:8]
     sock = str(tmp / "api.sock")
