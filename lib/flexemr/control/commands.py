@@ -110,6 +110,16 @@ class Migrate(Command):
         _int(self.name, "to_engine", self.to_engine)
         _bool(self.name, "wait", self.wait)
 
+    def to_dict(self) -> dict[str, Any]:
+        # "wait" only when it is not the default: the waiting form stays the wire dict tools know.
+        d = super().to_dict()
+        if self.wait:
+            del d["wait"]
+        return d
+
+    def describe(self) -> str:
+        return super().describe().replace(" wait=True", "")
+
 
 @dataclasses.dataclass(frozen=True)
 class CacheResize(Command):
