@@ -24,12 +24,17 @@ the inference re-issues those parts to a replica or fails them naming the
 server, then reports it connected again (the new connection serves).  A
 retiring connection that dies is reported the same way.
 
-Two threads, so a slow open (the new engine may first wait for its own
-previous connection to ``c`` to finish draining) never delays a drain.
+Separate threads, so a slow open (the new engine may first wait for its own
+previous connection to ``c`` to finish draining) never delays a drain, and
+the Reopener opens up to ``PARALLEL_OPENS`` connections at once: moves of
+different connections overlap (a reopen costs seconds on the emulated guest,
+docs/RDMA.md), while two requests for the same connection still run one
+after the other.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import random
@@ -49,6 +54,7 @@ DRAIN_TIMEOUT_S = 10.0   # how long a retiring connection may take to receive it
 REOPEN_TIMEOUT_S = 30.0  # how long the new engine keeps trying to open its connection
 _POLL_S = 0.002          # how often a drain checks for its last answer (only while one drains)
 _RELEASE_S = 1.0         # the receiver lets go of an idle connection at once; longer means it is blocked in it
+PARALLEL_OPENS = 4       # connections one engine opens at once for migrations (each its own thread)
 
 
 def _close(st: ConnState) -> None:
@@ -237,7 +243,8 @@ class Reopener:
     def __init__(self, engine_id: int, connector: Connector, directory: dict[int, tuple[int, str]],
                  table: ConnTable, own: Callable[[ConnState], None], completions: CompletionWriter,
                  stop: threading.Event, timeout_s: float = REOPEN_TIMEOUT_S,
-                 drain_timeout_s: float = DRAIN_TIMEOUT_S, seed: int | None = None) -> None:
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S, seed: int | None = None,
+                 parallel: int = PARALLEL_OPENS) -> None:
         self.engine_id = engine_id
         self.connector = connector
         self.directory = directory
@@ -249,19 +256,45 @@ class Reopener:
         self.drain_timeout_s = drain_timeout_s
         self._rng = random.Random(seed)
         self._requests: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._opened = 0
+        self._labels = itertools.count(1)          # atomic under the GIL: each opener takes its own
+        self.parallel = max(1, parallel)
+        self._busy: set[int] = set()               # connections an opener thread is opening now
+        self._busy_changed = threading.Condition()
 
     def request(self, cid: int) -> None:
         """SUB_OPEN (sender thread): open ``cid`` soon, never blocking the sender."""
         self._requests.put(cid)
 
     def run(self) -> None:
+        """Serve SUB_OPEN requests on this thread and ``parallel - 1`` more until ``stop``."""
+        helpers = [threading.Thread(target=self._serve, name=f"reopen-{k}", daemon=True)
+                   for k in range(1, self.parallel)]
+        for t in helpers:
+            t.start()
+        self._serve()
+        for t in helpers:
+            t.join(5.0)
+
+    def _serve(self) -> None:
         while not self.stop.is_set():
             try:
                 cid = self._requests.get(timeout=0.2)
             except queue.Empty:
                 continue
-            self.open(cid)
+            # One opener per connection: a second request for it waits for the first
+            # (then finds it here), so two threads never open the same connection.
+            with self._busy_changed:
+                while cid in self._busy and not self.stop.is_set():
+                    self._busy_changed.wait(0.2)
+                if self.stop.is_set():
+                    return
+                self._busy.add(cid)
+            try:
+                self.open(cid)
+            finally:
+                with self._busy_changed:
+                    self._busy.discard(cid)
+                    self._busy_changed.notify_all()
 
     def open(self, cid: int) -> bool:
         """Open this engine's connection for ``cid`` and report it (COMP_OPENED or COMP_OPEN_FAILED)."""
@@ -278,8 +311,7 @@ class Reopener:
         attempt = 0
         while True:
             attempt += 1
-            self._opened += 1
-            label = f"{cid}.{self.engine_id}.{self._opened}"
+            label = f"{cid}.{self.engine_id}.{next(self._labels)}"
             t0 = time.monotonic()
             try:
                 st = self.connector.open(cid, server, address, label=label)

@@ -276,6 +276,46 @@ def test_reopening_waits_for_this_engines_previous_connection_and_books_the_new_
         srv.close()
 
 
+def test_a_reopen_that_waits_does_not_hold_up_another_connections_reopen(comp_ring):
+    """Moves overlap: connection 1 opens while connection 0's reopen still waits for its old drain."""
+    srv = _HelloServer()
+    table = ConnTable()
+    writer = CompletionWriter(comp_ring, lambda: None)
+    writer.bind_producer()
+    stop = threading.Event()
+    owned: list[ConnState] = []
+    connector = Connector(TcpTransport(), "tok", initial_credits=4, credit_channel=False)
+    reopener = Reopener(1, connector, {0: (0, srv.address), 1: (0, srv.address)}, table,
+                        lambda st: (table.add(st), owned.append(st)), writer, stop)
+    a, b = socket.socketpair()
+    table.add(ConnState(TcpConnection(a, 0, 0, srv.address)))
+    table.retire(0)                              # connection 0's previous connection still drains here
+    t = threading.Thread(target=reopener.run, daemon=True)
+    try:
+        t.start()
+        reopener.request(0)
+        reopener.request(1)
+        deadline = time.monotonic() + 10
+        while not owned and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [st.conn_id for st in owned] == [1], "connection 1 waited behind connection 0's reopen"
+        table.retired(0)
+        while len(owned) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sorted(st.conn_id for st in owned) == [0, 1]
+        writer.flush()
+        got = _drain(comp_ring, 2)
+        assert [(k, em.PREFIX.unpack_from(d, 0)) for k, d in got] == [(em.COMP_OPENED, (1, 1)), (em.COMP_OPENED, (0, 1))]
+    finally:
+        stop.set()
+        t.join(10)
+        for st in owned:
+            st.conn.close()
+        a.close()
+        b.close()
+        srv.close()
+
+
 def test_a_server_that_cannot_be_reached_fails_the_reopen_naming_it_and_leaves_the_owner(comp_ring):
     dead = socket.create_server(("127.0.0.1", 0))
     address = "127.0.0.1:%d" % dead.getsockname()[1]
