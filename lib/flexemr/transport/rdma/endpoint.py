@@ -127,9 +127,19 @@ class Endpoint:
         """
         self.check_owner()
         with _CHANNEL_LOCK:
-            before = _event_fds()
+            # The kernel gives a new fd the lowest free number: look there first, and walk
+            # /proc/self/fd (tens to hundreds of ms on the guest's emulated CPU, per connection
+            # set-up, both ends) only when another thread took that number meanwhile.
+            probe = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+            os.close(probe)
             channel = self.pv.cq.CompChannel(self.ctx)
-            new = _event_fds() - before
+            # Free a moment ago and an event file now: only a channel made under this lock can be.
+            new = {probe} if _is_event_fd(probe) else set()
+            if not new:
+                channel.close()
+                before = _event_fds()
+                channel = self.pv.cq.CompChannel(self.ctx)
+                new = _event_fds() - before
         if len(new) != 1:
             channel.close()
             raise RdmaUnavailable(f"cannot find the completion channel fd of {self.device.name} (new event fds {new})")
@@ -302,6 +312,13 @@ def map_table(path: str) -> np.ndarray:
     read-only mapping, soft-RoCE on Debian's kernel accepts it for remote reads.
     """
     return np.load(path, mmap_mode="c")
+
+
+def _is_event_fd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == _EVENT_FD_LINK
+    except OSError:
+        return False
 
 
 def _event_fds() -> set[int]:
