@@ -181,3 +181,83 @@ def test_reopening_migration_every_half_second_fails_no_request(tiny_model, tmp_
         assert "restarting" not in log
     finally:
         c.stop()
+
+
+OVERLAP_PERIOD_S = 0.1   # on this host a reopen over TCP takes ~0.1-0.5 s: at 0.1 s the moves overlap
+CONNS_PER_SERVER = 2
+
+
+def test_overlapping_reopens_each_on_its_own_connection_fail_no_request(tiny_model, tmp_path):
+    """Moves started without waiting (Migrate wait=False), one every 0.1 s, while earlier reopens are under way."""
+    from emrctl.client import DaemonClient
+
+    from tests.overlapping_moves import move_all
+
+    reference = MonolithicModel(tiny_model)
+    gen = RequestGenerator(reference.spec, ids_per_bag=5, seed=4)
+    requests = [gen.batch(24) for _ in range(8)]
+    expected = [reference.lookup(sparse) for _dense, sparse in requests]
+    n_conns = SERVERS * CONNS_PER_SERVER
+    c = LocalCluster(tiny_model, tmp_path, servers=SERVERS, engines=ENGINES,
+                     extra=["--no-rebalance", "--transport", "tcp", "--migration", "reopen",
+                            "--connections-per-server", str(CONNS_PER_SERVER)])
+    try:
+        pids = [p.pid for p in _engines(c)]
+        assert _engine_sockets(c, "tcp") == n_conns * CHANNELS
+        stop = threading.Event()
+        failures: list[str] = []
+        answered = [0] * CLIENTS
+
+        def client(k: int) -> None:
+            with InferenceClient(c.socket, timeout=30) as cl:
+                i = k
+                while not stop.is_set():
+                    j = i % len(requests)
+                    i += 1
+                    try:
+                        got = cl.lookup(requests[j][1])
+                    except Exception as e:  # every failed request is a finding
+                        failures.append(f"client {k}: request failed: {e!r}")
+                        continue
+                    if not all(np.allclose(got[n], w, rtol=1e-5, atol=1e-5) for n, w in expected[j].items()):
+                        failures.append(f"client {k}: wrong answer")
+                    answered[k] += 1
+
+        threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        bursts = []
+        try:
+            with DaemonClient(c.instance, timeout=30) as ctl:
+                t0 = time.monotonic()
+                while sum(answered) == 0 and time.monotonic() - t0 < 30:
+                    time.sleep(0.05)
+                for _ in range(2):   # every connection to the other engine, then back
+                    owners = ctl.block.runtime.read().owners
+                    moves = [(cid, (owners[cid] + 1) % ENGINES) for cid in range(n_conns)]
+                    bursts.append(move_all(ctl, moves, OVERLAP_PERIOD_S, 60.0, give_up=lambda: bool(failures)))
+                final = ctl.block.runtime.read().owners
+        finally:
+            served = sum(answered)
+            stop.set()
+            for t in threads:
+                t.join(60)
+        report = "; ".join(b.describe() for b in bursts)
+        print(report)
+        assert failures == [], f"{len(failures)} failures ({report}), first: {failures[:3]}"
+        assert all(t is not None for b in bursts for t in b.confirmed), f"a move was never confirmed: {report}"
+        assert sum(b.overlapped for b in bursts) > 0, f"no move started while another was under way: {report}"
+        assert served > n_conns, f"only {served} requests answered during {2 * n_conns} migrations"
+        assert list(final) == [(e + 1) % ENGINES for _c, e in bursts[0].moves], "not every move took effect"
+        assert [p.pid for p in _engines(c)] == pids, "an engine died and was restarted during the migrations"
+        deadline = time.monotonic() + 30
+        while _engine_sockets(c, "tcp") != n_conns * CHANNELS and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _engine_sockets(c, "tcp") == n_conns * CHANNELS, "retired connections leaked"
+        log = c.logs()
+        assert log.count("by reopening it") >= 2 * n_conns
+        assert log.count(", not waiting)") >= 2 * n_conns, "the moves were not started without waiting"
+        assert "unanswered on the connection it replaced" not in log
+        assert "is not confirmed" not in log
+    finally:
+        c.stop()
