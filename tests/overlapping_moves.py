@@ -22,8 +22,9 @@ class Burst:
     """What happened to each move of a burst, in start order (times: time.monotonic())."""
 
     moves: list[tuple[int, int]]           # (conn, to_engine)
-    started: list[float]
+    started: list[float]                   # when the supervisor published the new owner
     confirmed: list[float | None]
+    late: list[float] = dataclasses.field(default_factory=list)   # started - its slot on the schedule
     overlapped: int = 0                    # moves started while an earlier one was not confirmed yet
 
     @property
@@ -37,8 +38,8 @@ class Burst:
     def describe(self) -> str:
         took = ", ".join("-" if t is None else f"{t:.2f}" for t in self.took_s)
         gaps = ", ".join(f"{g:.2f}" for g in self.intervals_s)
-        return (f"{len(self.moves)} moves started {gaps} s apart, {self.overlapped} while an earlier one was "
-                f"under way; each confirmed after {took} s")
+        return (f"{len(self.moves)} moves started {gaps} s apart (at most {max(self.late, default=0):.2f} s after "
+                f"their slot), {self.overlapped} while an earlier one was under way; each confirmed after {took} s")
 
 
 def move_all(ctl, moves: list[tuple[int, int]], period_s: float, confirm_timeout_s: float,
@@ -74,7 +75,10 @@ def move_all(ctl, moves: list[tuple[int, int]], period_s: float, confirm_timeout
         res = ctl.send(Migrate(conn=conn, to_engine=engine, wait=False))
         if not res.get("moved"):
             raise AssertionError(f"move of connection {conn} to engine {engine} was not started: {res}")
-        burst.started.append(time.monotonic())
+        # The supervisor's clock (CLOCK_MONOTONIC, shared on one host) says when it published the owner.
+        started = res["started_ns"] / 1e9 if "started_ns" in res else time.monotonic()
+        burst.started.append(started)
+        burst.late.append(started - (t0 + k * period_s))
         epochs.append(int(res["epoch"]))
         if give_up():
             return burst

