@@ -8,7 +8,11 @@ supervisor names the new owner and the ranker hands the socket over, or
 reopens the connection where it cannot move (RDMA; ``[ranker].migration``),
 so rebalancing works over every transport.  A reopening move takes a
 connect, a HELLO and a drain rather than one sendmsg, which the cooldown
-(``cooldown_s``, seconds) leaves ample room for.
+(``cooldown_s``, seconds) leaves ample room for.  The supervisor applies a
+move by publishing the new owner and does not wait for it (like
+``Migrate(wait=False)``): moves of other connections, its own or emrctl's,
+may start while a reopen is still under way (ARCHITECTURE.md, "Overlapping
+moves").
 """
 
 from __future__ import annotations
