@@ -64,7 +64,7 @@ def move_all(ctl, moves: list[tuple[int, int]], period_s: float, confirm_timeout
             if burst.confirmed[i] is None and seen >= epoch:
                 burst.confirmed[i] = now
 
-    t0 = time.monotonic()
+    t0 = time.monotonic()   # the schedule; from the first start on, slots count from when it really started
     for k, (conn, engine) in enumerate(moves):
         while time.monotonic() < t0 + k * period_s:
             confirm()
@@ -77,6 +77,8 @@ def move_all(ctl, moves: list[tuple[int, int]], period_s: float, confirm_timeout
             raise AssertionError(f"move of connection {conn} to engine {engine} was not started: {res}")
         # The supervisor's clock (CLOCK_MONOTONIC, shared on one host) says when it published the owner.
         started = res["started_ns"] / 1e9 if "started_ns" in res else time.monotonic()
+        if k == 0:
+            t0 = started
         burst.started.append(started)
         burst.late.append(started - (t0 + k * period_s))
         epochs.append(int(res["epoch"]))

@@ -49,6 +49,7 @@ LATE_S = 1.5            # a start may lag its slot on the 0.5 s schedule by this
 BURSTS = 2              # every connection to the other engine, then back
 CONFIRM_S = 240.0       # for a burst's last moves to be confirmed (emulated CPU, loaded host)
 CLIENTS = 2
+WARM_ANSWERS = 20       # answers before the first move
 _TIMELINE = (r"by reopening it|opened here as|now routed through|retiring:|drained and closed|moved from engine|"
              r"stream for .* ready in")
 
@@ -112,10 +113,11 @@ def test_a_migration_started_every_half_second_over_rdma_fails_no_request(cluste
     bursts = []
     try:
         with DaemonClient(cluster["instance"], timeout=60) as ctl:
+            # Under steady load, not the ranker's first batches (first-time paths on the emulated CPU).
             t0 = time.monotonic()
-            while sum(answered) == 0 and time.monotonic() - t0 < 120:
+            while sum(answered) < WARM_ANSWERS and not failures and time.monotonic() - t0 < 300:
                 time.sleep(0.1)
-            assert sum(answered) > 0, f"no answer before the migrations: {failures[:3]}"
+            assert sum(answered) >= WARM_ANSWERS, f"{sum(answered)} answers before the migrations: {failures[:3]}"
             for _ in range(BURSTS):
                 owners = ctl.block.runtime.read().owners
                 moves = [(cid, (owners[cid] + 1) % ENGINES) for cid in range(CONNS)]
