@@ -57,7 +57,7 @@ _TIMELINE = (r"by reopening it|opened here as|now routed through|retiring:|drain
 @pytest.fixture(scope="module")
 def cluster(answers, tmp_path_factory, rdma_device):
     with rdma_cluster(answers["model"], tmp_path_factory.mktemp("cluster"), servers=SERVERS, engines=ENGINES,
-                      prefix="m", extra=["--connections-per-server", str(CONNS_PER_SERVER)]) as c:
+                      prefix="m", args=("--connections-per-server", str(CONNS_PER_SERVER))) as c:
         yield c
 
 
