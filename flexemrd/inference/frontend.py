@@ -46,6 +46,7 @@ from flexemr.wire.frame import ErrorCode, FrameType, pack_header
 from flexemr.wire.replyslot import FdCatchingSocket
 from flexemr.wire.stream import BudgetExceeded, FrameReader
 
+from flexemrd.inference.budget import ByteBudget
 from flexemrd.inference.admission import Admission, Work
 from flexemrd.inference.replies import SocketReplies
 from flexemrd.inference.reply_region import RegionBudget, RegionRefused, map_region
@@ -66,24 +67,7 @@ class FrontendLimits:
     max_reply_region_bytes: int = 1 << 30   # all clients' shared reply regions together; 0 turns them off
 
 
-class RequestBudget:
-    """Bytes of client requests this process holds, all sessions together (thread-safe)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._lock = threading.Lock()
-
-    def take(self, n: int) -> bool:
-        with self._lock:
-            if self.used + n > self.limit:
-                return False
-            self.used += n
-            return True
-
-    def give(self, n: int) -> None:
-        with self._lock:
-            self.used -= n
+RequestBudget = ByteBudget   # bytes of client requests held, all sessions together
 
 
 class _BudgetedReplies(SocketReplies):

@@ -28,6 +28,8 @@ import numpy as np
 from flexemr.wire import replyslot
 from flexemr.wire.replyslot import MIN_SLOT_BYTES
 
+from flexemrd.inference.budget import ByteBudget
+
 
 class RegionRefused(Exception):
     """A reply region the ranker will not map; the message says why (and names the limit)."""
@@ -37,24 +39,7 @@ class RegionRefused(Exception):
         self.overloaded = overloaded   # refused for the limit, not for the region itself
 
 
-class RegionBudget:
-    """Bytes of client reply regions mapped by this process, all sessions together (thread-safe)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._lock = threading.Lock()
-
-    def take(self, n: int) -> bool:
-        with self._lock:
-            if self.used + n > self.limit:
-                return False
-            self.used += n
-            return True
-
-    def give(self, n: int) -> None:
-        with self._lock:
-            self.used -= n
+RegionBudget = ByteBudget   # bytes of client reply regions held, all sessions together
 
 
 class MappedRegion:
