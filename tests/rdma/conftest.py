@@ -10,6 +10,7 @@ without having moved a byte over verbs.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     rep = outcome.get_result()
     if rep.when == "call":
         item.rep_call = rep
+
+
+@pytest.fixture(autouse=True)
+def cluster_log_on_failure(request):
+    """The guest's files vanish with it: a failing test of a module with a ``cluster`` fixture prints its log."""
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed and "cluster" in request.fixturenames:
+        log = request.getfixturevalue("cluster")["log"]
+        text = f"\n----- {log} (last 12000 bytes) -----\n{log.read_text()[-12000:]}\n"
+        # pytest captures fd 2 itself; the guest's console is what reaches the host.
+        try:
+            with open("/dev/console", "w") as console:
+                console.write(text)
+        except OSError:
+            sys.__stderr__.write(text)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -37,22 +36,6 @@ from tests.rdma.peers import counter
 pytestmark = pytest.mark.rdma
 
 
-
-
-@pytest.fixture(autouse=True)
-def cluster_log_on_failure(request):
-    """The guest's files vanish with it: a failing test prints the cluster's log to the console."""
-    yield
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed and "cluster" in request.fixturenames:
-        log = request.getfixturevalue("cluster")["log"]
-        text = f"\n----- {log} (last 12000 bytes) -----\n{log.read_text()[-12000:]}\n"
-        # pytest captures fd 2 itself; the guest's console is what reaches the host.
-        try:
-            with open("/dev/console", "w") as console:
-                console.write(text)
-        except OSError:
-            sys.__stderr__.write(text)
 
 
 def tcp_bytes() -> int:

@@ -35,21 +35,6 @@ def cluster(answers, tmp_path_factory, rdma_device):
         yield c
 
 
-@pytest.fixture(autouse=True)
-def cluster_log_on_failure(request):
-    """The guest's files vanish with it: a failing test prints the cluster's log to the console."""
-    yield
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed and "cluster" in request.fixturenames:
-        log = request.getfixturevalue("cluster")["log"]
-        text = f"\n----- {log} (last 12000 bytes) -----\n{log.read_text()[-12000:]}\n"
-        try:
-            with open("/dev/console", "w") as console:
-                console.write(text)
-        except OSError:
-            sys.__stderr__.write(text)
-
-
 def server_stats(address: str, instance: str) -> dict[str, int]:
     """One embedding server's STATS counters (authenticated with the instance's secret)."""
     from flexemr import naming
