@@ -48,7 +48,7 @@ if [ "$(id -u)" = 0 ]; then
     ip netns exec "$NS" tc qdisc add dev veth-emrs root tbf rate 800mbit burst 256kb latency 20ms
     trap 'ip link del veth-emr 2>/dev/null || true; ip netns del '"$NS"' 2>/dev/null || true' EXIT
   fi
-  SLOW=(--slow-netns "$NS" --slow-addr 10.77.0.2)
+  SLOW=(--slow-netns "$NS" --slow-addr 10.77.0.2 --slow-veth veth-emr --capacities 64MiB,128MiB,256MiB)
 else
   echo "not root: the cache benchmark runs on loopback only" >&2
 fi
