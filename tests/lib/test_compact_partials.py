@@ -150,3 +150,26 @@ def test_a_peer_of_protocol_2_is_refused_with_the_versions_named():
     head[4:6] = (2).to_bytes(2, "little")
     with pytest.raises(ProtocolError, match="protocol version 2 not supported .this peer speaks 3"):
         unpack_header(bytes(head))
+
+
+def test_client_frames_stay_version_2_so_clients_and_rankers_upgrade_in_either_order():
+    """Protocol 3 changed only the ranker <-> server LOOKUP: a client's frames are sent and accepted as 2."""
+    from flexemr.wire.frame import CLIENT_VERSION, VERSION, FrameType, pack_header
+
+    def version_of(head: bytes) -> int:
+        return int.from_bytes(head[4:6], "little")
+
+    for t in (FrameType.PREDICT, FrameType.CLIENT_LOOKUP, FrameType.PREDICT_RESP, FrameType.CLIENT_LOOKUP_RESP,
+              FrameType.ERROR, FrameType.PING, FrameType.PONG):
+        head = pack_header(t, 7, 0)
+        assert version_of(head) == CLIENT_VERSION == 2, t.name
+        assert unpack_header(head).type == t                      # read by a new peer
+        v3 = bytearray(head)
+        v3[4:6] = VERSION.to_bytes(2, "little")
+        assert unpack_header(bytes(v3)).type == t                 # and as 3 (nothing in them changed)
+    for t in (FrameType.HELLO, FrameType.LOOKUP, FrameType.LOOKUP_RESP, FrameType.FETCH, FrameType.CREDIT):
+        head = bytearray(pack_header(t, 7, 0))
+        assert version_of(head) == VERSION == 3, t.name
+        head[4:6] = (2).to_bytes(2, "little")                     # an embedding server or ranker of protocol 2
+        with pytest.raises(ProtocolError, match="protocol version 2 not supported"):
+            unpack_header(bytes(head))

@@ -108,12 +108,24 @@ class Header:
         return f"Header({tname}, flags={self.flags}, aux={self.aux}, id={self.request_id}, len={self.payload_len})"
 
 
+# The frames an inference client speaks have not changed since version 2 (protocol 3 changed
+# only the ranker <-> embedding server LOOKUP): they are still sent as version 2, and a version 2
+# header is still accepted for them, so clients and rankers can be upgraded in either order.
+# Every other frame is sent as VERSION and refused in any other version, so an embedding server
+# and a ranker of different protocols refuse each other at their first frame (the HELLO).
+CLIENT_VERSION = 2
+_CLIENT_TYPES = frozenset(int(t) for t in (FrameType.PREDICT, FrameType.PREDICT_RESP, FrameType.CLIENT_LOOKUP,
+                                           FrameType.CLIENT_LOOKUP_RESP, FrameType.ERROR, FrameType.PING,
+                                           FrameType.PONG, FrameType.REPLY_REGION))
+_VERSION_OF = {t: (CLIENT_VERSION if t in _CLIENT_TYPES else VERSION) for t in (int(x) for x in FrameType)}
+
+
 def pack_header(ftype: int, request_id: int, payload_len: int, aux: int = 0, flags: int = 0) -> bytes:
-    return HEADER.pack(MAGIC, VERSION, ftype, flags, aux, request_id, payload_len)
+    return HEADER.pack(MAGIC, _VERSION_OF.get(ftype, VERSION), ftype, flags, aux, request_id, payload_len)
 
 
 def pack_header_into(buf, offset: int, ftype: int, request_id: int, payload_len: int, aux: int = 0, flags: int = 0) -> None:
-    HEADER.pack_into(buf, offset, MAGIC, VERSION, ftype, flags, aux, request_id, payload_len)
+    HEADER.pack_into(buf, offset, MAGIC, _VERSION_OF.get(ftype, VERSION), ftype, flags, aux, request_id, payload_len)
 
 
 def header_request_id(frame) -> int:
@@ -138,7 +150,7 @@ def unpack_header(buf, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Header:
     magic, version, ftype, flags, aux, rid, plen = HEADER.unpack_from(buf, 0)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r} (expected {MAGIC!r}): not a flexemr peer")
-    if version != VERSION:
+    if version != VERSION and not (version == CLIENT_VERSION and ftype in _CLIENT_TYPES):
         raise ProtocolError(f"protocol version {version} not supported (this peer speaks {VERSION})")
     if ftype not in _KNOWN_TYPES:
         raise ProtocolError(f"unknown frame type {ftype}")

@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from flexemr.wire.frame import DEFAULT_MAX_PAYLOAD, HEADER, HEADER_SIZE, MAGIC, VERSION, Header, unpack_header
+from flexemr.wire.frame import CLIENT_VERSION, DEFAULT_MAX_PAYLOAD, HEADER, HEADER_SIZE, MAGIC, VERSION, Header, unpack_header
 
 _IOV_MAX = 1024
 
@@ -291,7 +291,7 @@ class FrameAssembler:
 
     def _oversized(self) -> Oversized | None:
         magic, version, _t, _f, _a, rid, plen = HEADER.unpack_from(self._hdr, 0)
-        if magic == MAGIC and version == VERSION and plen > self.max_payload:
+        if magic == MAGIC and version in (VERSION, CLIENT_VERSION) and plen > self.max_payload:
             return Oversized(rid, plen, f"payload of {plen} bytes exceeds the limit of {self.max_payload} bytes")
         return None
 
