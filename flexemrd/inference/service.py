@@ -51,6 +51,7 @@ class ServiceOptions:
     max_clients: int = 256            # the socket front's limits (frontend.FrontendLimits)
     max_inflight_request_bytes: int = 1 << 30
     client_idle_timeout_s: float = 30.0
+    max_reply_region_bytes: int = 1 << 30
 
     @classmethod
     def from_config(cls, r: RankerConfig) -> "ServiceOptions":
@@ -61,7 +62,8 @@ class ServiceOptions:
                    hedge_min_s=r.hedge_min_ms / 1e3, max_ids=r.max_ids_per_request,
                    allow_nonfinite=r.allow_nonfinite, partials=r.partials, max_clients=r.max_clients,
                    max_inflight_request_bytes=r.max_inflight_request_bytes,
-                   client_idle_timeout_s=r.client_idle_timeout_s)
+                   client_idle_timeout_s=r.client_idle_timeout_s,
+                   max_reply_region_bytes=r.max_reply_region_bytes)
 
 
 @dataclasses.dataclass(slots=True)
@@ -117,7 +119,8 @@ class InferenceService:
                                    max_ids=options.max_ids or None, allow_nonfinite=options.allow_nonfinite)
         self.frontend = SocketFrontend(self.admission, self.submit, self.stats.add_errors, options.max_request_bytes,
                                        FrontendLimits(options.max_clients, options.max_inflight_request_bytes,
-                                                      options.client_idle_timeout_s))
+                                                      options.client_idle_timeout_s,
+                                                      options.max_reply_region_bytes))
         self._threads: list[threading.Thread] = []
 
     # ---------------------------------------------------------------- lifecycle

@@ -104,6 +104,7 @@ class RankerConfig:
     max_clients: int = 256           # unix-socket clients served at once; one more gets ERROR OVERLOADED
     max_inflight_request_bytes: int = 1 << 30  # request bytes buffered at once (all clients); over it: OVERLOADED
     client_idle_timeout_s: float = 30.0        # a client that leaves a frame unfinished this long is disconnected
+    max_reply_region_bytes: int = 1 << 30      # clients' shared reply regions mapped at once (all clients); 0: off
     mapping: str = MappingMode.OWNED.value       # a MappingMode label: "owned" or "shared"
     credits: str = CreditMode.PRIORITY.value     # a CreditMode label: "priority", "inband" or "off"
     credits_per_connection: int = 4
@@ -167,7 +168,8 @@ class Config:
 
 
 _SECTIONS = {"daemon": DaemonConfig, "ranker": RankerConfig, "embedding": EmbeddingConfig, "cache": CacheConfig}
-_SIZE_KEYS = {"ring_bytes", "max_request_bytes", "max_inflight_request_bytes", "max_payload", "capacity", "budget", "margin"}
+_SIZE_KEYS = {"ring_bytes", "max_request_bytes", "max_inflight_request_bytes", "max_reply_region_bytes", "max_payload",
+              "capacity", "budget", "margin"}
 _CHOICES = {
     ("daemon", "role"): ("ranker", "embedding"),
     ("daemon", "log_level"): ("debug", "info", "warning", "error"),

@@ -64,3 +64,13 @@ def test_parse_size(text, n):
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+def test_the_reply_region_limit_is_a_ranker_key_with_sizes_and_reaches_the_socket_front():
+    """The ranker's refusal names [ranker].max_reply_region_bytes: it must be a key an operator can set."""
+    from flexemrd.inference.service import ServiceOptions
+
+    cfg = parse_config({"ranker": {"max_reply_region_bytes": "64MiB"}})
+    assert cfg.ranker.max_reply_region_bytes == 64 << 20
+    assert ServiceOptions.from_config(cfg.ranker).max_reply_region_bytes == 64 << 20
+    assert parse_config({"ranker": {"max_reply_region_bytes": 0}}).ranker.max_reply_region_bytes == 0
