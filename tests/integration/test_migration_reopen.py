@@ -16,7 +16,6 @@ servers' books of this ranker), or the connection was handed off after all.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -28,6 +27,7 @@ from flexemr.monolithic import MonolithicModel
 from flexemr.reqgen import RequestGenerator
 
 from tests.conftest import LocalCluster
+from tests.helpers.load import ClientLoad
 
 PERIOD_S = 0.5
 DURATION_S = 10.0
@@ -41,6 +41,34 @@ SERVERS = 3
 ENGINES = 2
 CHANNELS = 2          # data + priority credit channel per connection
 
+
+
+class _LookupLoad(ClientLoad):
+    """CLIENTS threads of lookups checked against the reference; every error or wrong answer is a failure."""
+
+    def __init__(self, sock: str, requests: list, expected: list) -> None:
+        super().__init__(CLIENTS)
+        self.sock, self.requests, self.expected = sock, requests, expected
+
+    def served(self) -> int:
+        with self._lock:
+            return self.ok + self.wrong
+
+    def _run(self, k: int) -> None:
+        with InferenceClient(self.sock, timeout=30) as cl:
+            i = k
+            while not self.stop.is_set():
+                j = i % len(self.requests)
+                i += 1
+                try:
+                    got = cl.lookup(self.requests[j][1])
+                except Exception as e:  # every failed request is a finding
+                    self.failed(f"client {k}: request failed: {e!r}")
+                    continue
+                bad = [n for n, w in self.expected[j].items() if not np.allclose(got[n], w, rtol=1e-5, atol=1e-5)]
+                if bad:
+                    self.failed(f"client {k}: wrong answer for table {bad[0]}")
+                self.answered(not bad)
 
 def _engines(c: LocalCluster) -> list[psutil.Process]:
     return sorted((p for p in psutil.Process(c.proc.pid).children() if p.name().startswith("flexemr-eng")),
@@ -112,58 +140,34 @@ def test_reopening_migration_every_half_second_fails_no_request(tiny_model, tmp_
         steady = _engine_sockets(c, transport)
         assert steady == SERVERS * CHANNELS, f"{steady} engine connections before any migration"
         accepted_before = _accepted(c, 0)
-        stop = threading.Event()
-        failures: list[str] = []
-        answered = [0] * CLIENTS
-
-        def client(k: int) -> None:
-            with InferenceClient(c.socket, timeout=30) as cl:
-                i = k
-                while not stop.is_set():
-                    j = i % len(requests)
-                    i += 1
-                    try:
-                        got = cl.lookup(requests[j][1])
-                    except Exception as e:  # every failed request is a finding
-                        failures.append(f"client {k}: request failed: {e!r}")
-                        continue
-                    for name, want in expected[j].items():
-                        if not np.allclose(got[name], want, rtol=1e-5, atol=1e-5):
-                            failures.append(f"client {k}: wrong answer for table {name}")
-                            break
-                    answered[k] += 1
-
-        threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(CLIENTS)]
-        for t in threads:
-            t.start()
+        load = _LookupLoad(c.socket, requests, expected)
+        load.__enter__()   # the load runs until the finally below, around every move
         moves, elapsed_ms = 0, []
         try:
             with DaemonClient(c.instance, timeout=30) as ctl:
                 t0 = time.monotonic()
-                while sum(answered) == 0 and time.monotonic() - t0 < 30:
+                while load.served() == 0 and time.monotonic() - t0 < 30:
                     time.sleep(0.05)
                 start = time.monotonic()
                 while (time.monotonic() - start < DURATION_S or moves < MIN_MOVES) \
                         and time.monotonic() - start < MAX_S:
                     due = start + moves * PERIOD_S
                     time.sleep(max(0.0, due - time.monotonic()))
-                    before = sum(answered)
+                    before = load.served()
                     try:
                         res = ctl.send(Migrate(conn=0, to_engine=(moves + 1) % ENGINES))
                     except CommandFailed as e:
-                        failures.append(f"migration #{moves + 1} failed: {e}")
+                        load.failed(f"migration #{moves + 1} failed: {e}")
                         break
                     assert res.get("moved"), res
                     elapsed_ms.append(res["elapsed_ms"])
                     moves += 1
                     if moves > 2:
-                        assert sum(answered) > before or failures, "no request was answered across a migration"
+                        assert load.served() > before or load.failures, "no request was answered across a migration"
         finally:
-            served = sum(answered)
-            stop.set()
-            for t in threads:
-                t.join(60)
-        assert failures == [], f"{len(failures)} failures after {moves} moves, first: {failures[:3]}"
+            served = load.served()
+            load.__exit__(None, None, None)
+        assert load.failures == [], f"{len(load.failures)} failures after {moves} moves, first: {load.failures[:3]}"
         assert moves >= MIN_MOVES, f"only {moves} migrations in {MAX_S:g} s (took {elapsed_ms} ms)"
         assert served > 4 * moves, f"only {served} requests answered during {moves} migrations"
         assert [p.pid for p in _engines(c)] == pids, "an engine died and was restarted during the migrations"
@@ -204,47 +208,25 @@ def test_overlapping_reopens_each_on_its_own_connection_fail_no_request(tiny_mod
     try:
         pids = [p.pid for p in _engines(c)]
         assert _engine_sockets(c, "tcp") == n_conns * CHANNELS
-        stop = threading.Event()
-        failures: list[str] = []
-        answered = [0] * CLIENTS
-
-        def client(k: int) -> None:
-            with InferenceClient(c.socket, timeout=30) as cl:
-                i = k
-                while not stop.is_set():
-                    j = i % len(requests)
-                    i += 1
-                    try:
-                        got = cl.lookup(requests[j][1])
-                    except Exception as e:  # every failed request is a finding
-                        failures.append(f"client {k}: request failed: {e!r}")
-                        continue
-                    if not all(np.allclose(got[n], w, rtol=1e-5, atol=1e-5) for n, w in expected[j].items()):
-                        failures.append(f"client {k}: wrong answer")
-                    answered[k] += 1
-
-        threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(CLIENTS)]
-        for t in threads:
-            t.start()
+        load = _LookupLoad(c.socket, requests, expected)
+        load.__enter__()   # the load runs until the finally below, around every move
         bursts = []
         try:
             with DaemonClient(c.instance, timeout=30) as ctl:
                 t0 = time.monotonic()
-                while sum(answered) == 0 and time.monotonic() - t0 < 30:
+                while load.served() == 0 and time.monotonic() - t0 < 30:
                     time.sleep(0.05)
                 for _ in range(2):   # every connection to the other engine, then back
                     owners = ctl.block.runtime.read().owners
                     moves = [(cid, (owners[cid] + 1) % ENGINES) for cid in range(n_conns)]
-                    bursts.append(move_all(ctl, moves, OVERLAP_PERIOD_S, 60.0, give_up=lambda: bool(failures)))
+                    bursts.append(move_all(ctl, moves, OVERLAP_PERIOD_S, 60.0, give_up=lambda: bool(load.failures)))
                 final = ctl.block.runtime.read().owners
         finally:
-            served = sum(answered)
-            stop.set()
-            for t in threads:
-                t.join(60)
+            served = load.served()
+            load.__exit__(None, None, None)
         report = "; ".join(b.describe() for b in bursts)
         print(report)
-        assert failures == [], f"{len(failures)} failures ({report}), first: {failures[:3]}"
+        assert load.failures == [], f"{len(load.failures)} failures ({report}), first: {load.failures[:3]}"
         assert all(t is not None for b in bursts for t in b.confirmed), f"a move was never confirmed: {report}"
         assert sum(b.overlapped for b in bursts) > 0, f"no move started while another was under way: {report}"
         assert served > n_conns, f"only {served} requests answered during {2 * n_conns} migrations"
