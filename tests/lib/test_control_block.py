@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -273,3 +274,37 @@ def test_semaphores_exist_with_expected_values(block, instance):
         assert mutex.value == 1
     finally:
         mutex.close()
+
+
+def test_reader_waits_for_a_writer_descheduled_mid_update(block):
+    """A writer that stalls between its seq stores (a loaded host) is waited for, not read half-written."""
+    row = block.engines[0].stats
+    row.update(queue_depth=1, inflight=1)
+    seq = row._sec.seq
+    s = int(seq[0])
+    seq[0] = s + 1                      # the writer's first store...
+    row._sec.cols["queue_depth"][0] = 2  # ...half its fields...
+
+    def finish() -> None:
+        time.sleep(0.25)                # ...then it is descheduled for longer than a plain retry loop waits
+        row._sec.cols["inflight"][0] = 2
+        seq[0] = s + 2
+
+    t = threading.Thread(target=finish)
+    t.start()
+    try:
+        d = row.read()
+    finally:
+        t.join()
+    assert (d["queue_depth"], d["inflight"]) == (2, 2), f"torn row: {d}"
+
+
+def test_reader_of_a_dead_writer_gets_the_last_whole_row(block):
+    row = block.engines[0].stats
+    row.update(queue_depth=5, inflight=5)
+    assert row.read()["queue_depth"] == 5
+    seq = row._sec.seq
+    seq[0] = int(seq[0]) + 1            # killed mid-update, after storing one field
+    row._sec.cols["queue_depth"][0] = 6
+    d = row.read()
+    assert (d["queue_depth"], d["inflight"]) == (5, 5)

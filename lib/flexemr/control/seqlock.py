@@ -20,9 +20,12 @@ reordered with older loads, and CPython performs the stores of separate
 statements in program order, so a reader that sees the same even ``seq``
 before and after its copy copied a row no writer touched in between (the same
 argument as the data-path ring in :mod:`flexemr.ring.layout`).  A writer that
-died between its two ``seq`` stores leaves ``seq`` odd: readers give up after
-~0.1 s and return what they copied, and the next writer of that row (the
-restarted engine) starts from the next even value.
+died between its two ``seq`` stores leaves ``seq`` odd: readers give up once
+``seq`` has stayed at the same odd value for READ_GIVE_UP_S and return the last
+consistent copy that reader object took (what they copied when they have none),
+and the next writer of that row (the restarted engine) starts from the next
+even value.  A ``seq`` that keeps moving is a live writer, however busy or
+descheduled: the reader keeps retrying and never returns a mixed copy of it.
 """
 
 from __future__ import annotations
@@ -53,7 +56,39 @@ from flexemr.types import CacheMode
 __all__ = ["READ_GIVE_UP_S", "Row", "Runtime", "RuntimeState", "Section", "TopologyArea", "load_blob",
            "store_blob"]
 
-READ_GIVE_UP_S = 0.1  # a writer that died mid-update must not hang readers
+# A writer that died mid-update must not hang readers; one descheduled mid-update on a
+# loaded host (0.1 s happens at load 30 on 2 cores) must not be taken for dead.
+READ_GIVE_UP_S = 0.5
+READ_CAP_S = 2.0      # ...nor a writer that never pauses (none does: rows are written per batch)
+
+
+class _Patience:
+    """When a reader should stop retrying: its guard word stuck at one odd value for READ_GIVE_UP_S.
+
+    Only a writer that stopped between its two guard stores leaves the word
+    odd and unchanged; a word that moves belongs to a live writer, and giving
+    up on it would hand out a torn copy (a busy writer makes every read race).
+    """
+
+    __slots__ = ("_word", "_since", "_cap")
+
+    def __init__(self) -> None:
+        self._word = -1
+        self._since = 0.0
+        self._cap = time.monotonic() + READ_CAP_S
+
+    def exhausted(self, word: int) -> bool:
+        """Called after a failed attempt that saw ``word``; True once the writer looks dead."""
+        now = time.monotonic()
+        if now > self._cap:
+            return True
+        if not word & 1:
+            self._word = -1     # even: the writer finished between our loads; it is alive
+            return False
+        if word != self._word:
+            self._word, self._since = word, now
+            return False
+        return now - self._since > READ_GIVE_UP_S
 
 
 # ---------------------------------------------------------------------- seqlocked blobs
@@ -82,14 +117,14 @@ def load_blob(mm: mmap.mmap, words: np.ndarray, lo: int, cap: int, what: str) ->
     Gives up with ControlError naming ``what`` when a writer stays mid-update
     longer than READ_GIVE_UP_S (it died there).
     """
-    deadline = time.monotonic() + READ_GIVE_UP_S
+    patience = _Patience()
     while True:
         g1 = int(words[0])
         if not g1 & 1:
             data = mm[lo:lo + min(int(words[1]), cap)]
             if int(words[0]) == g1:
                 return g1, data
-        if time.monotonic() > deadline:
+        if patience.exhausted(int(words[0])):
             raise ControlError(f"{what} is being rewritten by a writer that stopped")
         os.sched_yield()
 
@@ -143,7 +178,7 @@ class Row:
     per-section lock serialises them); readers never take a lock.
     """
 
-    __slots__ = ("_sec", "_i", "_mm", "_lo", "_hi", "label")
+    __slots__ = ("_sec", "_i", "_mm", "_lo", "_hi", "label", "_last")
 
     def __init__(self, section: Section, index: int, mm: mmap.mmap, label: str) -> None:
         self._sec = section
@@ -152,6 +187,7 @@ class Row:
         self._lo = section.offset + index * section.row_bytes
         self._hi = self._lo + section.row_bytes
         self.label = label
+        self._last: bytes | None = None   # the last consistent copy: what a stopped writer leaves readers
 
     def update(self, **fields: float) -> None:
         """Store ``fields`` as one consistent change (writer only; no JSON, no syscalls)."""
@@ -186,21 +222,21 @@ class Row:
         """A consistent copy of the row (a numpy record that no longer refers to the segment)."""
         seq, i, mm, lo, hi = self._sec.seq, self._i, self._mm, self._lo, self._hi
         attempt = 0
-        deadline = 0.0
+        patience = _Patience()
         while True:
             s1 = int(seq[i])
             if not s1 & 1:
                 data = mm[lo:hi]
                 if int(seq[i]) == s1:
+                    self._last = data
                     break
             attempt += 1
             if attempt > 8:
-                # the writer was descheduled mid-update: let it run, but not forever
+                # the writer is mid-update or busy: let it run; give up only on one that stopped
                 os.sched_yield()
-                if attempt == 9:
-                    deadline = time.monotonic() + READ_GIVE_UP_S
-                elif time.monotonic() > deadline:
-                    data = mm[lo:hi]  # its writer died mid-update: best effort
+                if patience.exhausted(int(seq[i])):
+                    # its writer died mid-update: the last copy known whole, else best effort
+                    data = self._last if self._last is not None else mm[lo:hi]
                     break
         return np.frombuffer(data, dtype=self._sec.dtype)[0]
 
@@ -256,15 +292,15 @@ class Runtime:
         """A consistent copy of the whole area."""
         w, mm = self._w, self._mm
         data = b""
-        deadline = time.monotonic() + READ_GIVE_UP_S
+        patience = _Patience()
         while True:
             e1 = int(w[RT_EPOCH])
             if not e1 & 1:
                 data = mm[self._lo:self._hi]
                 if int(w[RT_EPOCH]) == e1:
                     break
-            if time.monotonic() > deadline:
-                data = mm[self._lo:self._hi]
+            if patience.exhausted(int(w[RT_EPOCH])):
+                data = mm[self._lo:self._hi]    # the supervisor died mid-publish: best effort
                 break
             os.sched_yield()
         words = np.frombuffer(data, dtype="<u8", count=RT_OWNERS)
