@@ -251,9 +251,13 @@ def _host_snapshot(client: DaemonClient, previous: dict[str, Any] | None
 @cli.command()
 @click.argument("conn", type=int)
 @click.option("--to", "to_engine", type=int, required=True, metavar="ENGINE", help="Engine to move it to.")
+@click.option("--no-wait", "no_wait", is_flag=True,
+              help="Return once the move has started; the daemon logs when the ranker confirms it, and "
+                   "`emrctl status` shows the owner epoch it reached. Lets moves of several connections overlap "
+                   "(a reopen over RDMA takes seconds).")
 @json_option
 @with_client
-def migrate(client: DaemonClient, conn: int, to_engine: int, as_json: bool) -> None:
+def migrate(client: DaemonClient, conn: int, to_engine: int, no_wait: bool, as_json: bool) -> None:
     """Move connection CONN to engine ENGINE, live."""
     snap = client.snapshot()
     conns = {c["id"]: c for c in snap["connections"]}
@@ -268,8 +272,12 @@ def migrate(client: DaemonClient, conn: int, to_engine: int, as_json: bool) -> N
         _report({"status": "ok", "cmd": "migrate", "conn": conn, "from_engine": current, "to_engine": to_engine,
                  "changed": False}, as_json, f"connection {conn} is already on engine {to_engine}")
         return
-    result = client.send(Migrate(conn=conn, to_engine=to_engine))
-    _report(result, as_json, f"connection {conn}: engine {current} -> {to_engine}")
+    result = client.send(Migrate(conn=conn, to_engine=to_engine, wait=not no_wait))
+    if no_wait:
+        _report(result, as_json, f"connection {conn}: engine {current} -> {to_engine} started (owner epoch "
+                                 f"{result.get('epoch', '?')}; the daemon logs when it is confirmed)")
+    else:
+        _report(result, as_json, f"connection {conn}: engine {current} -> {to_engine}")
 
 
 # ---------------------------------------------------------------------- cache

@@ -124,6 +124,37 @@ def test_migrate_under_load_both_ways_loses_nothing(live, tiny_model, reference)
     assert logs.count("moved from engine") >= 4
 
 
+def test_migrate_no_wait_returns_before_the_move_is_confirmed(live, tiny_model, reference):
+    """--no-wait answers once the move started; the ranker then confirms it and traffic keeps flowing."""
+    load = Load(live.socket, reference, _requests(tiny_model))
+    try:
+        time.sleep(0.3)
+        start = json.loads(emrctl(live.instance, "status", "--json").stdout)
+        to = 1 - start["connections"][1]["engine"]
+        r = emrctl(live.instance, "migrate", "1", "--to", str(to), "--no-wait", "--json")
+        assert r.returncode == 0, r.stdout + r.stderr
+        started = json.loads(r.stdout)
+        assert started["confirmed"] is False and started["engine"] == to and started["epoch"] > start["epoch"]
+        deadline = time.monotonic() + 15
+        while True:
+            snap = json.loads(emrctl(live.instance, "status", "--json").stdout)
+            if snap["ranker"]["epoch_seen"] >= started["epoch"]:
+                break
+            assert time.monotonic() < deadline, f"the ranker never confirmed epoch {started['epoch']}"
+            time.sleep(0.1)
+        assert snap["connections"][1]["engine"] == to
+        served = load.ok
+        time.sleep(0.5)
+        assert load.ok > served
+    finally:
+        load.finish()
+    assert load.failures == [], load.failures[:3]
+    deadline = time.monotonic() + 5
+    while "connection 1 moved from engine" not in live.logs() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert f"(epoch {started['epoch']})" in live.logs(), "the supervisor logs the confirmation of a move it did not wait for"
+
+
 @pytest.mark.parametrize("args, message", [
     (("migrate", "0", "--to", "7"), "no engine 7"),
     (("migrate", "99", "--to", "0"), "no connection 99"),
