@@ -240,8 +240,15 @@ class SupervisorControl:
                     "to engine %d (load %.1f)", conn, self.plan.connections[conn][0],
                     self.rebalancer.conn_rate.get(conn, 0.0), src, self.rebalancer.load[src], dst,
                     self.rebalancer.load[dst])
+        if self._moving(conn) is not None:
+            return   # its previous move is not confirmed yet: a second one could be acknowledged early
         self.auto_moves += 1
-        self.block.set_owner(conn, dst)
+        epoch = self.block.set_owner(conn, dst)
+        self._unconfirmed.append((epoch, conn, src, dst, now))
+
+    def _moving(self, conn: int) -> tuple[int, int, int, int, float] | None:
+        """The unconfirmed move of ``conn`` (epoch, conn, from, to, started), if one is under way."""
+        return next((m for m in self._unconfirmed if m[1] == conn), None)
 
     # -------------------------------------------------------------- commands (emrctl and signals)
 
@@ -285,6 +292,12 @@ class SupervisorControl:
         if not 0 <= cmd.to_engine < self.plan.engines:
             raise ValueError(f"no engine {cmd.to_engine} (engines: 0-{self.plan.engines - 1})")
         src = rt.owners[cmd.conn]
+        moving = self._moving(cmd.conn)
+        if moving is not None:
+            epoch, _, m_src, m_dst, t0 = moving
+            raise ValueError(f"connection {cmd.conn} is still moving from engine {m_src} to engine {m_dst} (epoch "
+                             f"{epoch}, started {time.monotonic() - t0:.1f} s ago); move it again once the ranker "
+                             f"confirmed that (emrctl status --json: ranker.epoch_seen >= {epoch})")
         if src == cmd.to_engine:
             return {"conn": cmd.conn, "engine": src, "moved": False, "message": f"already on engine {src}"}
         from flexemr.transport.registry import migrates_by_reopening

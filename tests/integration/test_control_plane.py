@@ -7,6 +7,8 @@ the unix socket comparing every answer with the monolithic reference.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -131,10 +133,17 @@ def test_migrate_no_wait_returns_before_the_move_is_confirmed(live, tiny_model, 
         time.sleep(0.3)
         start = json.loads(emrctl(live.instance, "status", "--json").stdout)
         to = 1 - start["connections"][1]["engine"]
-        r = emrctl(live.instance, "migrate", "1", "--to", str(to), "--no-wait", "--json")
-        assert r.returncode == 0, r.stdout + r.stderr
-        started = json.loads(r.stdout)
-        assert started["confirmed"] is False and started["engine"] == to and started["epoch"] > start["epoch"]
+        ranker = start["ranker"]["pid"]
+        os.kill(ranker, signal.SIGSTOP)   # the ranker cannot confirm the move while stopped
+        try:
+            r = emrctl(live.instance, "migrate", "1", "--to", str(to), "--no-wait", "--json")
+            assert r.returncode == 0, r.stdout + r.stderr
+            started = json.loads(r.stdout)
+            assert started["confirmed"] is False and started["engine"] == to and started["epoch"] > start["epoch"]
+            again = emrctl(live.instance, "migrate", "1", "--to", str(1 - to))
+            assert again.returncode != 0 and "still moving" in again.stdout + again.stderr, again.stdout + again.stderr
+        finally:
+            os.kill(ranker, signal.SIGCONT)
         deadline = time.monotonic() + 15
         while True:
             snap = json.loads(emrctl(live.instance, "status", "--json").stdout)
