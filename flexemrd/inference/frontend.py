@@ -21,7 +21,11 @@ What a client can make this process hold is bounded:
   (``max_reply_region_bytes``): a region over it is refused with an ERROR
   naming the limit, and that client is answered by frames; a session's
   region is unmapped when it disconnects.  Descriptors a client attaches to
-  any other frame are closed at once.
+  any other frame are closed at once;
+- a request read from a client's region (flag REQUEST_SLOT,
+  ``[ranker].shm_requests``) is copied out once, on arrival, into a buffer
+  that counts against the same ``RequestBudget`` as a request read from
+  the socket, and is held, and given back, the same way.
 
 A peer's mistake (a bad header, a malformed payload, a stall) costs one
 rate-limited warning line naming the client, never a traceback.
@@ -41,7 +45,7 @@ from typing import Callable
 import numpy as np
 
 from flexemr.errors import ProtocolError, RequestError
-from flexemr.wire import codec, replyslot
+from flexemr.wire import codec, replyslot, requestslot
 from flexemr.wire.frame import ErrorCode, FrameType, pack_header
 from flexemr.wire.replyslot import FdCatchingSocket
 from flexemr.wire.stream import BudgetExceeded, FrameReader
@@ -65,6 +69,7 @@ class FrontendLimits:
     max_inflight_request_bytes: int = 1 << 30
     client_idle_timeout_s: float = 30.0
     max_reply_region_bytes: int = 1 << 30   # all clients' shared reply regions together; 0 turns them off
+    shm_requests: bool = True               # clients may send requests through their region too
 
 
 RequestBudget = ByteBudget   # bytes of client requests held, all sessions together
@@ -254,15 +259,22 @@ class SocketFrontend:
         if h.type == FrameType.PING:
             # A client offering a reply region (flag REPLY_SLOT) learns that this ranker maps them.
             accept = h.flags & replyslot.REPLY_SLOT and self.regions.limit > 0 and s.region is None
-            s.send([pack_header(FrameType.PONG, h.request_id, 0, flags=replyslot.REPLY_SLOT if accept else 0)])
+            flags = (replyslot.REPLY_SLOT | (requestslot.REQUEST_SLOT if self.limits.shm_requests else 0)) \
+                if accept else 0
+            s.send([pack_header(FrameType.PONG, h.request_id, 0, flags=flags)])
             s.release(h.request_id)
             return
         if not self.accepting:
             s.error(h.request_id, ErrorCode.UNAVAILABLE, "the ranker is shutting down")
             return
         try:
+            slot = None
             if h.flags & replyslot.REPLY_SLOT:
-                payload = self._name_slot(s, h.request_id, payload)
+                payload, slot = self._name_slot(s, h.request_id, payload)
+            if h.flags & requestslot.REQUEST_SLOT:
+                payload = self._from_region(s, h.request_id, payload, slot)
+                if payload is None:
+                    return
             work = self.admission.admit_frame(s, h.type, h.request_id, payload, h.aux)
         except (RequestError, ProtocolError) as e:
             self.count_errors(1)
@@ -276,13 +288,37 @@ class SocketFrontend:
             self.submit(work)
 
     @staticmethod
-    def _name_slot(s: _BudgetedReplies, request_id: int, payload: memoryview) -> memoryview:
+    def _name_slot(s: _BudgetedReplies, request_id: int,
+                   payload: memoryview) -> tuple[memoryview, tuple[int, int] | None]:
         """Strip a request's reply-slot trailer and remember its slot (without a region: answer by frame)."""
         payload, offset, capacity = replyslot.split_slot_trailer(payload)
-        if s.region is not None:
-            replyslot.check_slot(offset, capacity, s.region.nbytes)
-            s.name_slot(request_id, offset, capacity)
-        return payload
+        if s.region is None:
+            return payload, None
+        replyslot.check_slot(offset, capacity, s.region.nbytes)
+        s.name_slot(request_id, offset, capacity)
+        return payload, (offset, capacity)
+
+    def _from_region(self, s: _BudgetedReplies, request_id: int, descriptor: memoryview,
+                     slot: tuple[int, int] | None) -> memoryview | None:
+        """The request payload a REQUEST_SLOT descriptor points at, copied out of the client's region and
+        held like a socket read; None when the request budget refused it (answered OVERLOADED here)."""
+        region = s.region
+        if region is None or not region.requests:
+            raise ProtocolError("request flagged REQUEST_SLOT, but this connection has no shared region that "
+                                "carries requests (send REPLY_REGION with flag REQUEST_SLOT first)")
+        offset, nbytes = requestslot.decode_descriptor(descriptor)
+        requestslot.check_span(offset, nbytes, region.nbytes, slot)
+        if nbytes > self.max_request_bytes:
+            raise ProtocolError(f"request of {nbytes} bytes in the shared region exceeds [ranker].max_request_bytes "
+                                f"= {self.max_request_bytes}")
+        if not self.budget.take(nbytes):
+            self.count_errors(1)
+            s.error(request_id, ErrorCode.OVERLOADED,
+                    f"the ranker holds {self.budget.limit} bytes of requests at most "
+                    f"([ranker].max_inflight_request_bytes) and is full: retry later")
+            return None
+        s.hold(request_id, nbytes)
+        return region.read(offset, nbytes)
 
     def _serve_region(self, s: _BudgetedReplies, h, payload: memoryview, fds: list[int]) -> None:
         """A client's reply region: map it (bounded, checked) or answer an ERROR saying why; never fatal."""
@@ -302,7 +338,9 @@ class SocketFrontend:
         except RegionRefused as e:
             self._refuse_region(s, h.request_id, e)
             return
-        s.send(replyslot.encode_region(h.request_id, s.region.nbytes))
+        s.region.requests = bool(h.flags & requestslot.REQUEST_SLOT and self.limits.shm_requests)
+        s.send(replyslot.encode_region(h.request_id, s.region.nbytes,
+                                       requestslot.REQUEST_SLOT if s.region.requests else 0))
         s.release(h.request_id)
 
     def _refuse_region(self, s: _BudgetedReplies, request_id: int, e: RegionRefused) -> None:

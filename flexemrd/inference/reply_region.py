@@ -12,6 +12,13 @@ at disconnect) take one lock, so a mapping is never unmapped under a write;
 the bytes go back to the budget on close.  The seal is what makes a write
 safe against a hostile client: without it a client could truncate the memfd
 and turn the ranker's next write into SIGBUS.
+
+A region taken with requests (``requests``, flag REQUEST_SLOT;
+flexemr.wire.requestslot) also carries the client's requests: ``read``
+copies one request's span out into a private buffer, once, as it arrives, so
+nothing the ranker validated can change under it afterwards (the client
+writes into the same pages), and the region's seal keeps that read from
+faulting too.
 """
 
 from __future__ import annotations
@@ -45,8 +52,9 @@ RegionBudget = ByteBudget   # bytes of client reply regions held, all sessions t
 class MappedRegion:
     """A client's reply region mapped into this process (writable, shared)."""
 
-    def __init__(self, mapping: mmap.mmap, nbytes: int, budget: RegionBudget) -> None:
+    def __init__(self, mapping: mmap.mmap, nbytes: int, budget: RegionBudget, requests: bool = False) -> None:
         self.nbytes = nbytes
+        self.requests = requests    # the client may send requests through it (the session agreed)
         self._mmap = mapping
         self._bytes: np.ndarray | None = np.frombuffer(mapping, np.uint8)
         self._budget = budget
@@ -68,6 +76,16 @@ class MappedRegion:
                 return False
             replyslot.write_payload(frame, self._bytes[offset : offset + n])
         return True
+
+    def read(self, offset: int, nbytes: int) -> memoryview:
+        """A private copy of the region's bytes ``[offset, offset + nbytes)`` (checked by the caller:
+        ``requestslot.check_span``); ValueError if the region is closed."""
+        out = np.empty(nbytes, np.uint8)
+        with self._lock:
+            if self._bytes is None:
+                raise ValueError("the shared region is closed")
+            out[:] = self._bytes[offset : offset + nbytes]
+        return memoryview(out).cast("B")
 
     def close(self) -> None:
         """Unmap (once no write is running) and give the bytes back to the budget."""

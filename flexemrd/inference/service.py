@@ -52,6 +52,7 @@ class ServiceOptions:
     max_inflight_request_bytes: int = 1 << 30
     client_idle_timeout_s: float = 30.0
     max_reply_region_bytes: int = 1 << 30
+    shm_requests: bool = True
 
     @classmethod
     def from_config(cls, r: RankerConfig) -> "ServiceOptions":
@@ -63,7 +64,7 @@ class ServiceOptions:
                    allow_nonfinite=r.allow_nonfinite, partials=r.partials, max_clients=r.max_clients,
                    max_inflight_request_bytes=r.max_inflight_request_bytes,
                    client_idle_timeout_s=r.client_idle_timeout_s,
-                   max_reply_region_bytes=r.max_reply_region_bytes)
+                   max_reply_region_bytes=r.max_reply_region_bytes, shm_requests=r.shm_requests)
 
 
 @dataclasses.dataclass(slots=True)
@@ -120,7 +121,7 @@ class InferenceService:
         self.frontend = SocketFrontend(self.admission, self.submit, self.stats.add_errors, options.max_request_bytes,
                                        FrontendLimits(options.max_clients, options.max_inflight_request_bytes,
                                                       options.client_idle_timeout_s,
-                                                      options.max_reply_region_bytes))
+                                                      options.max_reply_region_bytes, options.shm_requests))
         self._threads: list[threading.Thread] = []
 
     # ---------------------------------------------------------------- lifecycle

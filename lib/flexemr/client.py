@@ -36,6 +36,15 @@ An old ranker, or one that refuses the region (its per-process limit,
 ``shm_replies_error`` says why), is served by frames as before.  Arrays from
 a slot are writable; writing them touches only that answer.  Use
 ``np.copy`` to keep an answer for long without holding its slot.
+
+Shared-memory requests (``shm_requests=True``, the default, with
+``shm_replies``): the region also holds a request area of
+``request_region_bytes``; a ranker that takes requests from it (it says so in
+its PONG and its REPLY_REGION ack) reads each request's ids, lengths and dense
+features from there, and the socket carries a 16-byte descriptor (see
+:mod:`flexemr.wire.requestslot`).  A request larger than the area goes by
+frame (logged once per client); an old ranker, or one with
+``[ranker].shm_requests = false``, gets frames (logged once per connection).
 """
 
 from __future__ import annotations
@@ -48,19 +57,43 @@ from typing import NoReturn, Sequence
 
 import numpy as np
 
-from flexemr.client_shm import DEFAULT_REGION_BYTES, DEFAULT_SLOTS, ReplyRegion, Slot
+from flexemr.client_shm import DEFAULT_REGION_BYTES, DEFAULT_REQUEST_BYTES, DEFAULT_SLOTS, ReplyRegion, Slot
 from flexemr.errors import DeadlineExceeded, ProtocolError, RemoteError, RequestError
 from flexemr.kserve.convert import csr_to_kjt
 from flexemr.model.spec import ModelSpec
 from flexemr.validation import Sparse, prepare_dense, prepare_sparse
 from flexemr.wire import codec
-from flexemr.wire import replyslot
+from flexemr.wire import replyslot, requestslot
 from flexemr.wire.frame import ErrorCode, FrameType, Header, pack_header
 from flexemr.wire.stream import FrameReader, send_buffers
 
 __all__ = ["InferenceClient", "Sparse", "prepare_sparse"]
 
 logger = logging.getLogger(__name__)
+
+
+class _Request:
+    """One checked request, encoded when the connection is known: as a frame, or into the shared region."""
+
+    __slots__ = ("rid", "names", "lengths", "values", "batch", "dense", "timeout_ms", "narrow")
+
+    def __init__(self, rid: int, names: list[str], lengths: list[np.ndarray], values: list[np.ndarray], batch: int,
+                 dense: np.ndarray | None, timeout_ms: int, narrow: bool) -> None:
+        self.rid, self.names, self.lengths, self.values = rid, names, lengths, values
+        self.batch, self.dense, self.timeout_ms, self.narrow = batch, dense, timeout_ms, narrow
+
+    def frame(self) -> list:
+        return codec.encode_client_request(self.rid, self.names, self.lengths, self.values, self.batch, self.dense,
+                                           timeout_ms=self.timeout_ms, narrow_ids=self.narrow)
+
+    def into(self, region: ReplyRegion) -> list | None:
+        """Write the payload into ``region``'s request area; the descriptor frame, or None if it does not fit."""
+        done = codec.write_client_request(region.request_area, self.rid, self.names, self.lengths, self.values,
+                                          self.batch, self.dense, timeout_ms=self.timeout_ms, narrow_ids=self.narrow)
+        if done is None:
+            return None
+        head, n = done
+        return requestslot.encode_descriptor([head], region.request_offset, n)
 
 
 def _timeout(timeout_ms: int | None) -> int:
@@ -76,11 +109,14 @@ class InferenceClient:
 
     def __init__(self, path: str, timeout: float | None = 60.0, max_payload: int = 1 << 30,
                  narrow_ids: bool = True, shm_replies: bool = True,
-                 reply_region_bytes: int = DEFAULT_REGION_BYTES, reply_slots: int = DEFAULT_SLOTS) -> None:
+                 reply_region_bytes: int = DEFAULT_REGION_BYTES, reply_slots: int = DEFAULT_SLOTS,
+                 shm_requests: bool = True, request_region_bytes: int = DEFAULT_REQUEST_BYTES) -> None:
         """``narrow_ids``: send ids as int32 when they all fit (one max pass per table; half the id bytes).
 
         ``shm_replies``: offer the ranker a reply region of ``reply_region_bytes`` in ``reply_slots``
         slots (see the module docstring); False: every answer comes by frame over the socket.
+        ``shm_requests``: the region also carries requests, up to ``request_region_bytes`` each (needs
+        ``shm_replies``); False: every request goes by frame over the socket.
         """
         self.path = path
         self.narrow_ids = narrow_ids
@@ -89,14 +125,21 @@ class InferenceClient:
         self.shm_replies = shm_replies
         self.reply_region_bytes = reply_region_bytes
         self.reply_slots = reply_slots
+        self.shm_requests = shm_replies and shm_requests
+        self.request_region_bytes = request_region_bytes if self.shm_requests else 0
         if shm_replies:
             ReplyRegion.check_size(reply_region_bytes, reply_slots)
+            ReplyRegion.check_request_size(self.request_region_bytes)
         self._sock: socket.socket | None = None
         self._reader: FrameReader | None = None
         self._region: ReplyRegion | None = None
         self._early_error: tuple[Header, memoryview] | None = None   # an ERROR frame that answered the region offer
         # Why the ranker took no reply region on the last connect (None: it took it, or none was offered).
         self.shm_replies_error: str | None = None
+        self._requests_in_region = False    # the ranker reads requests from the region (it said so)
+        self._told_too_big = False          # the "does not fit the request area" line is logged once
+        # Requests sent through the shared region (the others went by frame), all connections together.
+        self.shm_requests_sent = 0
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         # The model version that served the last answer (0: the ranker did not name one).
@@ -108,6 +151,11 @@ class InferenceClient:
     def shm_active(self) -> bool:
         """True when answers on this connection may come through the shared reply region."""
         return self._region is not None
+
+    @property
+    def shm_requests_active(self) -> bool:
+        """True when requests on this connection go through the shared region (those that fit its area)."""
+        return self._region is not None and self._requests_in_region
 
     def _connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -139,10 +187,17 @@ class InferenceClient:
             return
         if h.type != FrameType.PONG or not h.flags & replyslot.REPLY_SLOT:
             return   # a ranker without reply regions: frames as before
-        region = ReplyRegion(self.reply_region_bytes, self.reply_slots)
+        # A request area only for a ranker that reads one (its pages would cost nothing, its budget would).
+        takes_requests = bool(self.shm_requests and h.flags & requestslot.REQUEST_SLOT)
+        if self.shm_requests and not takes_requests:
+            logger.info("the ranker on %s reads no requests from shared memory (an older ranker, or "
+                        "[ranker].shm_requests = false): requests go by frame", self.path)
+        region = ReplyRegion(self.reply_region_bytes, self.reply_slots,
+                             self.request_region_bytes if takes_requests else 0)
         rid = next(self._ids)
         try:
-            replyslot.send_with_fd(self._sock, replyslot.encode_region(rid, region.region_bytes), region.fd)
+            replyslot.send_with_fd(self._sock, replyslot.encode_region(
+                rid, region.region_bytes, requestslot.REQUEST_SLOT if takes_requests else 0), region.fd)
             h, payload = self._answer(rid)
         finally:
             region.close()   # the ranker holds its own descriptor; the mapping stays
@@ -154,6 +209,7 @@ class InferenceClient:
         if h.type != FrameType.REPLY_REGION:
             raise ProtocolError(f"expected REPLY_REGION, got frame type {h.type}")
         self._region = region
+        self._requests_in_region = bool(takes_requests and h.flags & requestslot.REQUEST_SLOT)
         self.shm_replies_error = None
 
     def _answer(self, request_id: int) -> tuple[Header, memoryview]:
@@ -192,7 +248,8 @@ class InferenceClient:
     def close(self) -> None:
         self._discard()
 
-    def _call(self, frame: list, request_id: int, expect: FrameType, timeout_ms: int | None = None):
+    def _call(self, req: _Request, expect: FrameType, timeout_ms: int | None = None):
+        request_id = req.rid
         with self._lock:
             if self._sock is None:
                 self._connect()
@@ -206,6 +263,9 @@ class InferenceClient:
                 self._discard()
                 self._raise_error(h, payload)
             region = self._region
+            frame = self._in_region(region, req) if region is not None and self._requests_in_region else None
+            if frame is None:
+                frame = req.frame()
             slot = region.acquire() if region is not None else None
             if slot is not None:
                 frame = replyslot.add_slot_trailer(frame, slot.offset, slot.capacity)
@@ -231,6 +291,20 @@ class InferenceClient:
                 raise ProtocolError(f"expected {expect.name}, got frame type {h.type}")
             self._flags = h.flags
             return payload
+
+    def _in_region(self, region: ReplyRegion, req: _Request) -> list | None:
+        """The request written into the region's request area: its descriptor frame, or None when it does
+        not fit (sent by frame).  Safe to overwrite: the previous request on this connection was answered
+        (or the connection, and its region, were dropped)."""
+        frame = req.into(region)
+        if frame is None:
+            if not self._told_too_big:
+                self._told_too_big = True
+                logger.info("a request larger than the %d-byte shared request area (request_region_bytes) "
+                            "goes by frame, as will others like it", region.request_capacity)
+            return None
+        self.shm_requests_sent += 1
+        return frame
 
     @staticmethod
     def _raise_error(h: Header, payload: memoryview) -> NoReturn:
@@ -260,20 +334,17 @@ class InferenceClient:
         """Scores [B] float32 for a batch of B samples (``timeout_ms``: the request's deadline)."""
         d = prepare_dense(dense)
         names, values, lengths, batch = prepare_sparse(sparse, d.shape[0])
-        rid = next(self._ids)
-        frame = codec.encode_client_request(rid, names, lengths, values, batch, d, timeout_ms=_timeout(timeout_ms),
-                                            narrow_ids=self._narrow(values))
-        payload = self._call(frame, rid, FrameType.PREDICT_RESP, timeout_ms)
+        req = _Request(next(self._ids), names, lengths, values, batch, d, _timeout(timeout_ms), self._narrow(values))
+        payload = self._call(req, FrameType.PREDICT_RESP, timeout_ms)
         self.last_version = codec.scores_version(payload, self._flags)
         return codec.decode_scores(payload, self._flags)
 
     def lookup(self, sparse: Sparse, timeout_ms: int | None = None) -> dict[str, np.ndarray]:
         """Pooled embeddings [B, dim] per requested table (``timeout_ms``: the request's deadline)."""
         names, values, lengths, batch = prepare_sparse(sparse, None)
-        rid = next(self._ids)
-        frame = codec.encode_client_request(rid, names, lengths, values, batch, None, timeout_ms=_timeout(timeout_ms),
-                                            narrow_ids=self._narrow(values))
-        payload = self._call(frame, rid, FrameType.CLIENT_LOOKUP_RESP, timeout_ms)
+        req = _Request(next(self._ids), names, lengths, values, batch, None, _timeout(timeout_ms),
+                       self._narrow(values))
+        payload = self._call(req, FrameType.CLIENT_LOOKUP_RESP, timeout_ms)
         self.last_version = codec.pooled_version(payload)
         return codec.decode_pooled(payload)
 

@@ -4,10 +4,14 @@
 against shrinking and growing so the ranker that maps it can never fault on
 it) divided into ``slots`` equal slots::
 
-    offset 0          slot_bytes        2*slot_bytes             region_bytes
-    +-----------------+-----------------+--- ... ---+------------+
-    | slot 0          | slot 1          |           | slot n-1   |
-    +-----------------+-----------------+--- ... ---+------------+
+    offset 0          slot_bytes        2*slot_bytes      n*slot_bytes        region_bytes
+    +-----------------+-----------------+--- ... ---+------------+------------------+
+    | slot 0          | slot 1          |           | slot n-1   | request area     |
+    +-----------------+-----------------+--- ... ---+------------+------------------+
+
+The request area (``request_bytes``, 0: none) is where the client writes each
+request's payload once for the ranker to read (flexemr.wire.requestslot): one
+request at a time, the next one only after the previous one was answered.
 
 A slot is *free*, *named* (a request in flight asked the ranker to write its
 answer there) or *leased* (arrays returned to the caller point into it).
@@ -41,6 +45,7 @@ from flexemr.wire.replyslot import MIN_SLOT_BYTES, SLOT_ALIGN
 
 DEFAULT_REGION_BYTES = 32 << 20     # 4 slots of 8 MiB: a 2048-sample lookup of 8 x 64-dim tables is 4 MiB
 DEFAULT_SLOTS = 4
+DEFAULT_REQUEST_BYTES = 8 << 20     # a 2048-sample predict of 8 tables x 20 ids (int32) + 13 dense is 1.5 MiB
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
@@ -74,12 +79,16 @@ class _Lease:
 
 
 class ReplyRegion:
-    """A sealed memfd of ``region_bytes`` cut into ``slots`` slots (the client's reply region)."""
+    """A sealed memfd: ``slots`` reply slots in ``region_bytes``, then a request area of ``request_bytes``."""
 
-    def __init__(self, region_bytes: int = DEFAULT_REGION_BYTES, slots: int = DEFAULT_SLOTS) -> None:
+    def __init__(self, region_bytes: int = DEFAULT_REGION_BYTES, slots: int = DEFAULT_SLOTS,
+                 request_bytes: int = 0) -> None:
         self.check_size(region_bytes, slots)
+        self.check_request_size(request_bytes)
         self.slot_bytes = (region_bytes // slots) & ~(SLOT_ALIGN - 1)
-        self.region_bytes = self.slot_bytes * slots
+        self.request_offset = self.slot_bytes * slots
+        self.request_capacity = request_bytes & ~(SLOT_ALIGN - 1)
+        self.region_bytes = self.request_offset + self.request_capacity
         self.fd = os.memfd_create("flexemr-replies", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, self.region_bytes)
@@ -101,6 +110,20 @@ class ReplyRegion:
         if not isinstance(region_bytes, int) or isinstance(region_bytes, bool) or region_bytes < slots * MIN_SLOT_BYTES:
             raise ValueError(f"reply_region_bytes: must be at least {MIN_SLOT_BYTES} bytes per slot ({slots} slots: "
                              f"{slots * MIN_SLOT_BYTES}), got {region_bytes!r}")
+
+    @staticmethod
+    def check_request_size(request_bytes: int) -> None:
+        """ValueError naming the argument when ``request_bytes`` is no size for a request area (0: none)."""
+        if not isinstance(request_bytes, int) or isinstance(request_bytes, bool) or \
+                (request_bytes != 0 and request_bytes < MIN_SLOT_BYTES):
+            raise ValueError(f"request_region_bytes: must be 0 (no request area) or at least {MIN_SLOT_BYTES} "
+                             f"bytes, got {request_bytes!r}")
+
+    @property
+    def request_area(self) -> np.ndarray:
+        """The request area as a uint8 array (empty without one): write a request's payload here only once
+        the previous request on this region was answered (``codec.write_client_request``)."""
+        return self._bytes[self.request_offset : self.request_offset + self.request_capacity]
 
     @property
     def free_slots(self) -> int:

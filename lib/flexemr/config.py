@@ -105,6 +105,7 @@ class RankerConfig:
     max_inflight_request_bytes: int = 1 << 30  # request bytes buffered at once (all clients); over it: OVERLOADED
     client_idle_timeout_s: float = 30.0        # a client that leaves a frame unfinished this long is disconnected
     max_reply_region_bytes: int = 1 << 30      # clients' shared reply regions mapped at once (all clients); 0: off
+    shm_requests: bool = True                  # same-host clients may send requests through their region too
     mapping: str = MappingMode.OWNED.value       # a MappingMode label: "owned" or "shared"
     credits: str = CreditMode.PRIORITY.value     # a CreditMode label: "priority", "inband" or "off"
     credits_per_connection: int = 4

@@ -124,6 +124,53 @@ class _Writer:
             self.size += p
 
 
+class _IntoWriter:
+    """Writes sections straight into ``dest`` (a uint8 array) instead of collecting them: an array whose dtype
+    differs from its section's is cast on the way in (one pass, no temporary).  Once a section would run past
+    the end of ``dest`` nothing more is written and ``overflow`` is set."""
+
+    __slots__ = ("dest", "size", "overflow")
+
+    def __init__(self, dest: np.ndarray) -> None:
+        self.dest = dest
+        self.size = 0
+        self.overflow = False
+
+    def _room(self, n: int) -> bool:
+        if self.overflow or self.size + n + _pad(n) > len(self.dest):
+            self.overflow = True
+            return False
+        return True
+
+    def _pad_after(self, n: int) -> None:
+        p = _pad(n)
+        if p:
+            self.dest[self.size : self.size + p] = 0
+            self.size += p
+
+    def add(self, buf) -> None:
+        src = np.ascontiguousarray(buf).reshape(-1).view(np.uint8) if isinstance(buf, np.ndarray) \
+            else np.frombuffer(buf, np.uint8)
+        n = src.nbytes
+        if not self._room(n):
+            return
+        self.dest[self.size : self.size + n] = src
+        self.size += n
+        self._pad_after(n)
+
+    def add_concatenated(self, arrays, dtype: str | np.dtype) -> None:
+        dt = np.dtype(dtype)
+        total = sum(int(np.size(a)) for a in arrays) * dt.itemsize
+        if not self._room(total):
+            return
+        for arr in arrays:
+            n = int(np.size(arr)) * dt.itemsize
+            if n:
+                np.copyto(self.dest[self.size : self.size + n].view(dt), np.reshape(arr, -1), casting="unsafe")
+                self.size += n
+        self._pad_after(total)
+
+
 class _Reader:
     """Bounds-checked section reader over a payload memoryview."""
 
@@ -221,7 +268,7 @@ def fits_int32(values: np.ndarray) -> bool:
     return int(u.max()) <= _INT32_MAX
 
 
-def _add_kjt(w: _Writer, counts: np.ndarray, lengths: Sequence[np.ndarray] | np.ndarray,
+def _add_kjt(w: _Writer | _IntoWriter, counts: np.ndarray, lengths: Sequence[np.ndarray] | np.ndarray,
              values: Sequence[np.ndarray], ids: np.dtype | None = None) -> None:
     ids = ids_wire_dtype(values) if ids is None else np.dtype(ids)
     w.add(_U32x2.pack(ids.itemsize, 0))
@@ -575,17 +622,45 @@ def encode_client_request(
 
     ``narrow_ids``: every id is known to fit int32 (see :func:`fits_int32`): send them as int32.
     """
+    w = _Writer()
+    ftype = _client_request_sections(w, names, lengths, values, batch, dense, narrow_ids)
+    return [pack_header(ftype, request_id, w.size, aux=max(0, min(int(timeout_ms), 0xFFFFFFFF))), *w.parts]
+
+
+def write_client_request(
+    dest: np.ndarray,
+    request_id: int,
+    names: Sequence[str],
+    lengths: Sequence[np.ndarray],
+    values: Sequence[np.ndarray],
+    batch: int,
+    dense: np.ndarray | None = None,
+    timeout_ms: int = 0,
+    narrow_ids: bool = False,
+) -> tuple[bytes, int] | None:
+    """The payload :func:`encode_client_request` would send, written straight into the uint8 array ``dest``
+    (ids cast to their wire width on the way in): ``(that frame's header, payload bytes)``, or None when it
+    does not fit (``dest`` then holds a partial write)."""
+    w = _IntoWriter(dest)
+    ftype = _client_request_sections(w, names, lengths, values, batch, dense, narrow_ids)
+    if w.overflow:
+        return None
+    return pack_header(ftype, request_id, w.size, aux=max(0, min(int(timeout_ms), 0xFFFFFFFF))), w.size
+
+
+def _client_request_sections(w: _Writer | _IntoWriter, names: Sequence[str], lengths: Sequence[np.ndarray],
+                             values: Sequence[np.ndarray], batch: int, dense: np.ndarray | None,
+                             narrow_ids: bool) -> FrameType:
+    """Add a PREDICT / CLIENT_LOOKUP payload's sections to ``w``; the frame type they make."""
     blob = _names_blob(names)
     nfeat = 0 if dense is None else dense.shape[1]
     counts = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
-    w = _Writer()
     w.add(_U32x4.pack(batch, len(names), nfeat, len(blob)))
     w.add(blob)
     if dense is not None:
         w.add(np.ascontiguousarray(dense, dtype="<f4"))
     _add_kjt(w, counts, list(lengths), values, ids_wire_dtype(values, narrow_ids))
-    ftype = FrameType.PREDICT if dense is not None else FrameType.CLIENT_LOOKUP
-    return [pack_header(ftype, request_id, w.size, aux=max(0, min(int(timeout_ms), 0xFFFFFFFF))), *w.parts]
+    return FrameType.PREDICT if dense is not None else FrameType.CLIENT_LOOKUP
 
 
 def decode_client_request(payload, ftype: int) -> ClientRequest:

@@ -70,6 +70,8 @@ class FrameFlag(enum.IntFlag):
                           # second u32; PREDICT_RESP: a u32 version trailer; CLIENT_LOOKUP_RESP: in its 4th u32
     REPLY_SLOT = 32      # PING/PONG: offer/accept a reply region; PREDICT/CLIENT_LOOKUP: a reply-slot trailer;
                           # PREDICT_RESP/CLIENT_LOOKUP_RESP: the answer is in that slot (see wire/replyslot.py)
+    REQUEST_SLOT = 64    # PONG/REPLY_REGION: requests may come through the region too; PREDICT/CLIENT_LOOKUP:
+                          # the payload is in the client's region, the frame carries where (wire/requestslot.py)
 
 
 class ErrorCode(enum.IntEnum):

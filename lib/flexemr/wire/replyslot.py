@@ -60,9 +60,11 @@ _ANC_BYTES = socket.CMSG_SPACE(MAX_FDS_PER_READ * array.array("i").itemsize)
 # ---------------------------------------------------------------- REPLY_REGION frame
 
 
-def encode_region(request_id: int, region_bytes: int) -> list:
-    """Buffers of a REPLY_REGION frame (client: send with the memfd, see ``send_with_fd``; ranker: the ack)."""
-    return [pack_header(FrameType.REPLY_REGION, request_id, _U64.size), _U64.pack(region_bytes)]
+def encode_region(request_id: int, region_bytes: int, flags: int = 0) -> list:
+    """Buffers of a REPLY_REGION frame (client: send with the memfd, see ``send_with_fd``; ranker: the ack).
+
+    ``flags`` REQUEST_SLOT: requests may come through the region too (wire/requestslot.py)."""
+    return [pack_header(FrameType.REPLY_REGION, request_id, _U64.size, flags=flags), _U64.pack(region_bytes)]
 
 
 def decode_region(payload) -> int:
