@@ -22,16 +22,15 @@ is called from the loop's heartbeat), so nothing needs a lock.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import logging
 import os
 import time
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, Protocol
 
 from flexemrd.embedding.credits import CreditPool
 
-__all__ = ["Channel", "FairScheduler", "Ranker", "RankerBook", "StatusPublisher"]
+__all__ = ["Channel", "Executor", "FairScheduler", "Ranker", "RankerBook", "StatusPublisher"]
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +147,14 @@ class RankerBook:
         return out
 
 
+class Executor(Protocol):
+    """What FairScheduler hands tasks to: a thread pool, or the server's inline executor (server.py)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> Any: ...
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None: ...
+
+
 class FairScheduler:
     """Round-robin across keys (rankers) over a thread pool, at most ``limit`` tasks running.
 
@@ -157,7 +164,7 @@ class FairScheduler:
     whose connection went away before it started.
     """
 
-    def __init__(self, executor: concurrent.futures.Executor, limit: int,
+    def __init__(self, executor: Executor, limit: int,
                  skip: Callable[..., bool] = lambda *_: False) -> None:
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")

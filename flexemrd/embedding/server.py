@@ -8,6 +8,14 @@ Threads::
         v   |
     pooling workers (N)       decode + range-check + embedding_bag (releases the GIL) + encode
 
+With one worker (``workers=1``, what ``flexemrd local`` gives each of two
+servers on two cores) there is no worker thread: the loop pools one request
+itself between two non-blocking polls of its sockets (``inline``).  Only one
+request pooled at a time either way, and the hand-off cost more than the
+overlap it bought: an executor submit, a futex wake-up of the worker, a
+wake-up byte back and a selector round per request (measured ~15% of the
+server's GIL time).  A credit or PING waits at most one pooling (a few ms).
+
 A connection costs a few small objects, not a thread.  Reading grows a
 payload buffer only as its bytes arrive (``FrameAssembler``), so a header
 announcing 1 GiB and then stalling costs 64 KiB.  At most
@@ -48,7 +56,7 @@ import logging
 import selectors
 import socket
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -61,7 +69,7 @@ from flexemr.wire.stream import FrameAssembler, Oversized
 from flexemrd.embedding.credits import CreditPool
 from flexemrd.embedding.handshake import UNAUTHENTICATED_MAX_PAYLOAD, AuthRefused, ServerHandshake
 from flexemrd.peerlog import PeerWarnings
-from flexemrd.embedding.rankers import Channel, FairScheduler, RankerBook
+from flexemrd.embedding.rankers import Channel, Executor, FairScheduler, RankerBook
 from flexemrd.embedding.store import EmbeddingStore, RequestRejected
 from flexemrd.embedding.versions import ServerVersions
 
@@ -146,7 +154,9 @@ class EmbeddingServer:
         workers: int = 2,
         beat: Callable[[], None] | None = None,
         secret: bytes | None = None,
+        inline: bool | None = None,
     ) -> None:
+        """``inline``: pool on the loop's own thread (None: when ``workers`` is 1; see the module docstring)."""
         if max_connections < 1 or workers < 1:
             raise ValueError(f"max_connections ({max_connections}) and workers ({workers}) must be >= 1")
         self.store = store
@@ -170,7 +180,12 @@ class EmbeddingServer:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._sel = selectors.DefaultSelector()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-pool")
+        self.inline = workers == 1 if inline is None else inline
+        if self.inline and workers != 1:
+            raise ValueError(f"inline pooling runs one request at a time on the loop: workers must be 1, got {workers}")
+        self._pool: Executor = (_InlineExecutor() if self.inline else
+                                 concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                                       thread_name_prefix=f"{name}-pool"))
         # pooling work is taken round-robin across rankers, not in arrival order
         self._sched = FairScheduler(self._pool, workers, skip=lambda peer, _req: peer.dead or peer.closing)
         self._refused = 0
@@ -194,7 +209,9 @@ class EmbeddingServer:
         last_beat = 0.0
         try:
             while not self._stop:
-                for key, mask in self._sel.select(self.TICK_S):
+                # Inline pooling with work waiting: only poll, the next request is pooled below.
+                wait = 0.0 if self.inline and self._sched.waiting else self.TICK_S
+                for key, mask in self._sel.select(wait):
                     if key.data is _LISTENER:
                         self._accept()
                     elif key.data is _WAKE:
@@ -203,6 +220,8 @@ class EmbeddingServer:
                         self._ready(key.data, mask)
                 self._finish_done()
                 self._sched.dispatch()
+                if self.inline:
+                    self._finish_done()   # pooled just now on this thread: send it before polling again
                 now = time.monotonic()
                 if self._beat is not None and now - last_beat >= self.TICK_S:
                     self._beat()
@@ -535,7 +554,8 @@ class EmbeddingServer:
             logger.exception("request %d failed", h.request_id)
             req.reply, req.stat = codec.encode_error(h.request_id, ErrorCode.INTERNAL, f"internal error: {e}"), "errors"
         self._done.append((peer, req))
-        self._wake()
+        if not self.inline:
+            self._wake()
 
     def _finish_done(self) -> None:
         touched: dict[int, _Peer] = {}
@@ -688,6 +708,16 @@ class EmbeddingServer:
                 pass
         except (BlockingIOError, OSError):
             pass
+
+
+class _InlineExecutor:
+    """Runs each task at once on the calling thread (the event loop): ``EmbeddingServer(inline=True)``."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> None:
+        fn(*args)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass
 
 
 def _type_name(ftype: int) -> str:

@@ -120,6 +120,39 @@ def test_300_idle_connections_do_not_cost_300_threads(world):
                 c.close()
 
 
+def test_one_worker_pools_on_the_loop_thread_and_starts_no_pool_thread(world):
+    """workers=1: no pooling thread (its hand-off cost more than it overlapped); the loop pools
+    between polls, so a PING sent behind a lookup is still answered, in order, and a bad id is
+    answered with an error while the next lookup is served."""
+    spec, _store, _tables = world
+    before = {t.name for t in threading.enumerate()}
+    with running(world, workers=1) as r:
+        c = Client(r.port)
+        try:
+            _, sparse = RequestGenerator(spec, ids_per_bag=10, seed=9).batch(500)
+            v, ln = [sparse["t0"][0]], [sparse["t0"][1]]
+            c.send(codec.encode_lookup(1, 500, [0], ln, v))
+            c.send([pack_header(FrameType.PING, 2, 0)])
+            c.send(codec.encode_lookup(3, 1, [0], [np.array([1], np.int32)], [np.array([10**6])]))
+            c.send(codec.encode_lookup(4, 500, [0], ln, v))
+            got = [c.recv() for _ in range(4)]
+            assert [(h.request_id, h.type) for h, _ in got] == [
+                (1, FrameType.LOOKUP_RESP), (2, FrameType.PONG), (3, FrameType.ERROR), (4, FrameType.LOOKUP_RESP)]
+            assert got[2][0].aux == ErrorCode.ID_OUT_OF_RANGE, codec.decode_error(got[2][1])
+            _check_lookup(world, got[0][1], [0], v, ln)
+            assert got[3][1] == got[0][1]
+            pool_threads = {t.name for t in threading.enumerate()} - before
+            assert not any("pool" in n for n in pool_threads), pool_threads
+        finally:
+            c.close()
+    listener = TcpTransport().listen("127.0.0.1:0")
+    try:
+        with pytest.raises(ValueError, match="workers must be 1"):
+            EmbeddingServer(world[1], listener, workers=2, inline=True)
+    finally:
+        listener.close()
+
+
 def test_a_header_announcing_1GiB_then_stalling_allocates_nothing_big(world):
     proc = psutil.Process()
     with running(world) as r:
@@ -169,12 +202,15 @@ def test_one_connection_over_the_cap_is_told_why_and_closed(world):
             c.close()
 
 
-def test_pipelined_frames_of_every_kind_are_answered_in_order(world):
-    """Pooling runs on 4 workers at once; big and small requests, loop-answered frames and errors
-    interleave, and the answers still come back in request order."""
+@pytest.mark.parametrize("workers", [4, 1], ids=["4-workers", "inline"])
+def test_pipelined_frames_of_every_kind_are_answered_in_order(world, workers):
+    """Pooling runs on 4 workers at once (or on the loop itself, one at a time); big and small
+    requests, loop-answered frames and errors interleave, and the answers still come back in
+    request order."""
     spec, _store, tables = world
     max_payload = 1 << 20
-    with running(world, workers=4, max_payload=max_payload) as r:
+    with running(world, workers=workers, max_payload=max_payload) as r:
+        assert r.server.inline == (workers == 1)
         c = Client(r.port)
         try:
             gen = RequestGenerator(spec, ids_per_bag=10, seed=5)
@@ -238,8 +274,9 @@ def _hello(c: Client, name: str, credits: int) -> None:
     assert h.type == FrameType.HELLO
 
 
-def test_credits_on_the_priority_channel_release_the_data_connection(world):
-    with running(world) as r:
+@pytest.mark.parametrize("workers", [2, 1], ids=["2-workers", "inline"])
+def test_credits_on_the_priority_channel_release_the_data_connection(world, workers):
+    with running(world, workers=workers) as r:
         data, credit = Client(r.port), Client(r.port)
         try:
             _hello(data, "tok/3/data", credits=1)
