@@ -37,7 +37,7 @@ from flexemr.hugepages import available_memory, resident_copy
 from flexemr.model.spec import ModelSpec, load_spec
 from flexemr.model.tables import open_tables, table_path
 from flexemr.model.versions import BOOT_VERSION, apply_delta, read_delta, same_architecture
-from flexemr.pooling import TablePooler
+from flexemr.pooling import TablePooler, bag_offsets
 from flexemr.routing.table import Shard
 from flexemr.wire import codec
 from flexemr.wire.frame import ErrorCode
@@ -193,11 +193,16 @@ class EmbeddingStore:
             # gather would also wrap a negative id around, so it checks every table.
             if not st.whole or self.kernel == "numpy":
                 self._check_ids(st, kjt.table(i)[0])
+        # Every table carries all B bags (the plain [T, B] layout): one cumsum gives all their offsets.
+        offsets = bag_offsets(kjt.lengths, kjt.values.dtype) if kjt.bag_starts is None and held else None
         out = []
         for i, st in enumerate(held):
             values, lengths = kjt.table(i)
             try:
-                out.append(st.pooler.partial(values, lengths, check=False))
+                if offsets is None:
+                    out.append(st.pooler.partial(values, lengths, check=False))
+                else:
+                    out.append(st.pooler.partial_at(values, offsets[i], lengths))
             except RuntimeError:
                 # A whole table's ids are checked by the kernel as it gathers (a
                 # separate min/max pass costs ~5% of a lookup); name the bad id.
