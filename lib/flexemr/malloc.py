@@ -10,7 +10,9 @@ again and the kernel zeroes each one.  In ``perf`` that was 13% of the
 ranker's CPU under the ranker benchmark (page faults, ``clear_page``,
 unmaps); with the two thresholds raised, the ranker's CPU per 1,000 lookups
 fell by 18-30% (docs/PERFORMANCE.md, *Where the time goes*).  The embedding
-servers' page faults were 0.8% of their CPU: they keep glibc's defaults.
+servers' page faults were 0.8% of their CPU while they pooled on worker
+threads; pooling on the event loop (one worker) they became 7%, so the
+servers raise the thresholds too.
 
 :func:`retain_freed_memory` raises both with ``mallopt``, once per process.
 What a process holds then stays near its peak, which the daemon's in-flight
