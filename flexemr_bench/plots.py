@@ -5,6 +5,7 @@
     efficiency.png   wire bytes and CPU seconds per sample, per model and system
     ablations.png    flexemr variants against flexemr: samples/s, p99, wire bytes
     mlperf.png       LoadGen Server probes: p99 against QPS, with the bound
+    profile.png      where the CPU goes (flexemr_bench.profile): ms per 1,000 samples, role x category
 
     python -m flexemr_bench.plots DIR      # re-draw from DIR/results.json
 """
@@ -232,6 +233,39 @@ def mlperf(results: dict, path: Path) -> bool:
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def cpu_breakdown(profile: dict, path: Path) -> bool:
+    """Stacked bars of a ``flexemr_bench.profile`` result: per kind, one bar per role, one colour per category.
+
+    Returns False (nothing drawn) on a host without matplotlib.
+    """
+    plt = pyplot(required=False)
+    if plt is None:
+        return False
+    runs = profile["runs"]
+    labels = profile["categories"]
+    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(runs), figsize=(6.2 * len(runs), 4.2), squeeze=False)
+    for ax, (kind, run) in zip(axes[0], runs.items()):
+        roles = [r for r, d in run["roles"].items() if d["cpu_ms_per_1k_samples"] > 0]
+        bottom = [0.0] * len(roles)
+        for i, key in enumerate(labels):
+            vals = [run["roles"][r]["ms_per_1k_samples"][key] for r in roles]
+            ax.bar(range(len(roles)), vals, 0.6, bottom=bottom, label=labels[key], color=cmap(i % 10))
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        # A role perf did not see still shows its measured CPU, as an outline.
+        for x, r in enumerate(roles):
+            if not run["roles"][r]["perf_cpu_s"]:
+                ax.bar(x, run["roles"][r]["cpu_ms_per_1k_samples"], 0.6, fill=False, hatch="//")
+        ax.set_xticks(range(len(roles)), [r.replace(" ", "\n", 1) for r in roles], fontsize=8)
+        ax.set_ylabel("ms of CPU per 1,000 samples")
+        ax.set_title(f"{profile['system']}, {kind}()", fontsize=10)
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
 

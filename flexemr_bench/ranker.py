@@ -45,6 +45,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -110,12 +111,13 @@ def _kernel_closed_loop(model: Path, requests: list, seconds: float, kind: str) 
 
 
 def _kernel_concurrent(model: Path, requests: list, seconds: float, kind: str, callers: int,
-                       torch_threads: int | None = None) -> LoadResult:
+                       torch_threads: int | None = None, on_start: Callable[[], None] | None = None) -> LoadResult:
     """The in-process kernel driven by ``callers`` threads at once: what one process gets out of all cores.
 
     ``torch_threads`` sets torch's intra-op threads for the run (None: torch's default, all cores).  With
     several callers one thread each is often faster (the OpenMP teams of concurrent calls stall each
-    other), so the limit is taken over both settings.
+    other), so the limit is taken over both settings.  ``on_start`` is called once warm, as the clock
+    starts (flexemr_bench.profile records from then on).
     """
     import threading
 
@@ -132,6 +134,8 @@ def _kernel_concurrent(model: Path, requests: list, seconds: float, kind: str, c
         for r in requests:
             call(*r)
         lats: list[list[float]] = [[] for _ in range(callers)]
+        if on_start is not None:
+            on_start()
         t0 = time.perf_counter()
         stop = t0 + seconds
 
@@ -185,7 +189,7 @@ def socket_caller(path: str, kind: str, shm_replies: bool = True):
     return make
 
 
-def _measure(daemon: Daemon, requests: list, kind: str, clients: int, seconds: float, rate: float = 0.0,
+def measure(daemon: Daemon, requests: list, kind: str, clients: int, seconds: float, rate: float = 0.0,
              shm_replies: bool = True) -> dict:
     """One closed- or open-loop run, with where the CPU went: ms of CPU per 1,000 samples, per role and
     for the clients (the in-process limit pays neither the clients nor the copies between processes)."""
@@ -212,25 +216,33 @@ def _median_run(runs: list[dict]) -> dict:
 
 
 REPLY_MODES = {"both": (True, False), "on": (True,), "off": (False,)}
+# The daemons compared: name -> (embedding servers, engines, extra ``flexemrd local`` arguments).
+SYSTEMS: dict[str, tuple[int, int, list[str]]] = {"monolithic": (0, 2, []), "flexemr": (2, 2, ["--routing", "tables"])}
+
+
+def bench_requests(spec, nreq: int, zipf: float) -> list:
+    """The benchmark's ``nreq`` requests of BATCH samples (20 ids per bag, Zipf ids, fixed seed)."""
+    from flexemr.reqgen import RequestGenerator
+
+    gen = RequestGenerator(spec, ids_per_bag=20, zipf_exponent=zipf, seed=11, empty_bag_prob=0.0, length_dist="fixed")
+    _log(f"generating {nreq} requests of {BATCH} samples ...")
+    return [gen.batch(BATCH) for _ in range(nreq)]
 
 
 def run(out: Path, rows_cap: int, seconds: float, clients: int, nreq: int, zipf: float, reps: int = 3,
         shm_replies: str = "both") -> dict:
     from flexemr.model.spec import load_spec
-    from flexemr.reqgen import RequestGenerator
 
     out.mkdir(parents=True, exist_ok=True)
     model = ensure_model(out, rows_cap)
     spec = load_spec(model)
-    gen = RequestGenerator(spec, ids_per_bag=20, zipf_exponent=zipf, seed=11, empty_bag_prob=0.0, length_dist="fixed")
-    _log(f"generating {nreq} requests of {BATCH} samples ...")
-    requests = [gen.batch(BATCH) for _ in range(nreq)]
+    requests = bench_requests(spec, nreq, zipf)
     results: dict = {"workload": {"batch": BATCH, "tables": len(spec.tables), "dim": spec.tables[0].dim,
                                   "rows_per_table": spec.tables[0].rows, "ids_per_bag": 20, "zipf": zipf},
                      "clients": clients, "seconds": seconds, "repetitions": reps, "shm_replies": shm_replies,
                      "systems": {}}
     sysres = results["systems"]
-    configs = {"monolithic": (0, 2, []), "flexemr": (2, 2, ["--routing", "tables"])}
+    configs = SYSTEMS
     # Both daemons run for the whole benchmark (an idle daemon sleeps on
     # semaphores and sockets) and the systems take turns, repetition after
     # repetition, so a noisy neighbour or drift hits both alike; medians are kept.
@@ -256,7 +268,7 @@ def run(out: Path, rows_cap: int, seconds: float, clients: int, nreq: int, zipf:
                         variant = _variant(name, shm, shm_replies)
                         _log(f"  [{rep + 1}/{reps}] {variant} {kind}: closed loop, {clients} clients, {seconds:g} s")
                         runs.setdefault((variant, kind), []).append(
-                            _measure(d, requests, kind, clients, seconds, shm_replies=shm))
+                            measure(d, requests, kind, clients, seconds, shm_replies=shm))
         for (name, kind), rs in runs.items():
             sysres.setdefault(name, {})[kind] = _median_run(rs)
         baselines = ("kernel", "kernel-4", "kernel-4/t1")
@@ -275,7 +287,7 @@ def run(out: Path, rows_cap: int, seconds: float, clients: int, nreq: int, zipf:
                     _log(f"  [{rep + 1}/{reps}] {name} predict: open loop at {offered:.1f} req/s "
                          f"({offered * BATCH:,.0f} samples/s)")
                     runs.setdefault((name, level), []).append(
-                        _measure(d, requests, "predict", OPEN_LOOP_CLIENTS, seconds, rate=offered, shm_replies=shm))
+                        measure(d, requests, "predict", OPEN_LOOP_CLIENTS, seconds, rate=offered, shm_replies=shm))
         for (name, level), rs in runs.items():
             sysres[name][f"predict_open_loop_{int(level * 100)}"] = _median_run(rs)
     finally:
