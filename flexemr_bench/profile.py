@@ -25,15 +25,17 @@ matches wins:
     kernel_sched        a kernel frame under scheduling, futexes or wake-ups: schedule,
                         __schedule, finish_task_switch, futex_*, __x64_sys_futex, try_to_wake_up,
                         wake_up_q, ep_poll, do_select, do_sys_poll, do_nanosleep, sched_yield,
-                        the reschedule IPI (sem_post/sem_wait doorbells end here too)
+                        the reschedule IPI, a socket waking its reader (sock_def_readable);
+                        sem_post/sem_wait doorbells end here too
     kernel_socket       a kernel frame under a socket send or receive: unix_stream_*msg,
                         unix_stream_read_generic, tcp_sendmsg, tcp_recvmsg, sock_*msg,
                         skb_copy_datagram_*, __sys_sendto/recvfrom/sendmsg/recvmsg
     kernel_other        any other kernel frame (other syscalls, interrupts, timers)
     gather              the pooling kernel: a leaf in JIT'd code (perf names its DSO
                         /tmp/perf-PID.map or [unknown]: fbgemm emits the embedding_bag kernel at
-                        run time) under an ``embedding_bag``/fbgemm frame, or a leaf symbol that is
-                        itself embedding_bag, EmbeddingSpMDM or index_select_add
+                        run time) under an ``embedding_bag``/fbgemm frame, or a leaf that is a
+                        pooling kernel itself (EmbeddingSpMDM*, index_select_add, embedding_bag_cpu_max);
+                        torch's dispatcher frames named after embedding_bag are numpy_torch
     memcpy              libc's memmove/memcpy/memset family (user space copies and fills)
     python              the interpreter: libpython, the python binary, the stdlib's C modules
                         (lib-dynload, *.cpython-*.so outside numpy/torch)
@@ -97,7 +99,8 @@ _SCHED = frozenset({"schedule", "__schedule", "finish_task_switch", "finish_task
                     "do_futex", "try_to_wake_up", "wake_up_q", "ep_poll", "do_epoll_wait", "do_select",
                     "do_sys_poll", "do_nanosleep", "__x64_sys_sched_yield", "do_sched_yield",
                     "asm_sysvec_reschedule_ipi", "schedule_hrtimeout_range", "schedule_timeout",
-                    "__wake_up_common", "__wake_up_sync_key", "wake_up_process"})
+                    "__wake_up_common", "__wake_up_common_lock", "__wake_up_sync_key", "wake_up_process",
+                    "sock_def_readable", "unix_write_space"})
 _SCHED_PREFIX = ("futex_", "__futex", "schedule_")
 _SOCKET = frozenset({"unix_stream_sendmsg", "unix_stream_recvmsg", "unix_stream_read_generic", "tcp_sendmsg",
                      "tcp_recvmsg", "sock_sendmsg", "sock_recvmsg", "sock_read_iter", "sock_write_iter",
@@ -105,7 +108,8 @@ _SOCKET = frozenset({"unix_stream_sendmsg", "unix_stream_recvmsg", "unix_stream_
                      "___sys_recvmsg", "skb_copy_datagram_iter", "__skb_datagram_iter", "skb_copy_datagram_from_iter",
                      "tcp_sendmsg_locked", "tcp_recvmsg_locked", "unix_dgram_sendmsg", "unix_dgram_recvmsg"})
 _GATHER_FRAME = re.compile(r"embedding_bag|EmbeddingSpMDM|fbgemm", re.IGNORECASE)
-_GATHER_LEAF = re.compile(r"embedding_bag|EmbeddingSpMDM|index_select_add", re.IGNORECASE)
+# The kernels themselves, not the dispatcher frames named after them (at::_ops::embedding_bag::call).
+_GATHER_LEAF = re.compile(r"EmbeddingSpMDM|index_select_add|index_select_scale_add|embedding_bag_cpu_max")
 _MEMCPY = re.compile(r"^(__)?(memmove|memcpy|memset|mempcpy)|^__memmove_|^__memcpy_|^__memset_")
 _NUMPY_TORCH = re.compile(r"/numpy/|numpy\.libs|/torch/|libtorch|libc10|libgomp|libiomp|openblas|libmkl|fbgemm|"
                           r"libsleef")

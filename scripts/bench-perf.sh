@@ -4,6 +4,8 @@
 #   sudo ./scripts/bench-perf.sh [OUT]          # ~12 minutes on 2 cores; OUT defaults to bench-out/perf
 #
 #   1. python -m flexemr_bench.ranker     in-process limit vs monolithic daemon vs flexemrd local (shm)
+#      python -m flexemr_bench.profile    where flexemrd local's CPU goes, role x category, lookups and
+#                                         predictions (perf + py-spy, ~1 minute; on the ranker's model)
 #   2. python -m flexemr_bench.transports flexemrd local over shm vs over TCP
 #   3. python -m flexemr_bench.cachegate  adaptive cache vs off, on loopback and behind a rate-limited veth
 #                                         (a network namespace with tc tbf: needs root; skipped without it)
@@ -31,6 +33,8 @@ step() {   # step NAME COMMAND...: run one benchmark, log the load around it
 }
 
 step ranker python -m flexemr_bench.ranker --out "$OUT/ranker" --rows-cap "$ROWS" --seconds "$SECONDS_PER_CELL" --reps "$REPS"
+step profile python -m flexemr_bench.profile --out "$OUT/profile" --model "$OUT/ranker/bench8-$ROWS" --seconds 5 \
+  --system flexemr --kind both
 step transports python -m flexemr_bench.transports --out "$OUT/transports" --rows-cap "$ROWS" --seconds "$SECONDS_PER_CELL" --reps "$REPS"
 
 SLOW=()
