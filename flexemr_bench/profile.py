@@ -8,12 +8,15 @@ It starts the daemon and the closed-loop clients exactly as
 and ``measure``: 4 clients, batches of 2048, 20 Zipf ids per bag), and while
 the load runs it records every process of every role (embedding servers,
 engines, the inference process, the supervisor, the clients) with one
-``perf record -e cpu-clock -F 250 -g -p PIDS`` for ``--seconds``.  The
-in-process limit (``ranker``'s ``kernel-4/t1``: as many caller threads as
-clients, one torch thread each) runs afterwards in a child process recorded
-the same way, from the moment it is warm.  With py-spy present, one
-``py-spy record --gil --nonblocking --subprocesses`` over the same window
-gives the Python share by function (the top 10 GIL holders per role).
+``perf record -e cpu-clock -F 250 -g -p PIDS`` (attached before the load
+starts, to the daemon's processes and to this one, so the clients it forks
+are inherited), keeping the samples of a ``--seconds`` window in the middle
+of the load.  The in-process limit (``ranker``'s ``kernel-4/t1``: as many
+caller threads as clients, one torch thread each) runs afterwards in a child
+process recorded the same way, from the moment it is warm.  With py-spy
+present, one ``py-spy record --gil --nonblocking --subprocesses`` over the
+same window gives the Python share by function (the top 10 GIL holders per
+role); it samples on the same cores (``--no-py-spy`` to leave it out).
 
 Each sample is put in one category by its leaf frame (symbol and DSO) and,
 for the kernel and the gather, by the frames above it; the first rule that
@@ -588,7 +591,7 @@ def run(out: Path, model: Path | None, rows_cap: int, seconds: float, system: st
     try:
         for kind in kinds:
             print(f"profiling {system} {kind}: {clients} clients, {seconds:g} s recorded ...", file=sys.stderr)
-            measure_warm(d, requests, kind, clients)
+            _warm(d, requests, kind, clients)
             r = profile_daemon(d, requests, kind, clients, seconds, out, problem is None, use_pyspy)
             results["runs"][kind] = {"system": system, "kind": kind, **r}
     finally:
@@ -610,7 +613,7 @@ def run(out: Path, model: Path | None, rows_cap: int, seconds: float, system: st
     return results
 
 
-def measure_warm(daemon, requests: list, kind: str, clients: int) -> None:
+def _warm(daemon, requests: list, kind: str, clients: int) -> None:
     """One short unrecorded load first: the daemon's pools, pages and torch kernels are warm when recording starts."""
     from flexemr_bench.ranker import measure
 
@@ -638,11 +641,16 @@ def main(argv: list[str] | None = None) -> int:
     if not r["perf"]["available"]:
         print(f"(perf unavailable: {r['perf']['problem']}; categories are empty)\n")
     for kind in kinds:
-        print(markdown(r["runs"][kind]))
-        g = gil_markdown(r["runs"][kind])
+        res = r["runs"][kind]
+        print(markdown(res))
+        lim = res.get("limit_load")
+        print(f"\n{res['load']['samples_per_s']:,.0f} samples/s, {res['recorded_s']:g} s recorded"
+              + (f"; in-process limit {lim['samples_per_s']:,.0f} samples/s, {res['limit_recorded_s']:g} s recorded"
+                 if lim else ""))
+        g = gil_markdown(res)
         if g:
             print("\n" + g)
-        for e in r["runs"][kind]["recorder_errors"]:
+        for e in res["recorder_errors"]:
             print(f"\n(recorder: {e})")
         print()
     print(f"written: {a.out / 'profile.json'}, {a.out / 'profile.png'}")

@@ -78,6 +78,11 @@ def test_the_markdown_table_has_a_row_per_category_and_the_role_totals():
     assert table[-1] == "| **role total** | **4.00** | **0.50** |"
 
 
+def test_a_missing_perf_is_named_not_raised(monkeypatch, tmp_path):
+    monkeypatch.setattr(profile, "PERF", str(tmp_path / "perf"))
+    assert profile.perf_problem() == f"{tmp_path / 'perf'} is missing"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_short_profile_run_writes_json_png_and_a_table(tmp_path):
