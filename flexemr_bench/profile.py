@@ -42,7 +42,8 @@ matches wins:
     memcpy              libc's memmove/memcpy/memset family (user space copies and fills)
     python              the interpreter: libpython, the python binary, the stdlib's C modules
                         (lib-dynload, *.cpython-*.so outside numpy/torch)
-    numpy_torch         numpy, torch (libtorch*, libc10, libgomp), BLAS, fbgemm outside the gather
+    numpy_torch         numpy, torch (libtorch*, libc10, libgomp), BLAS, fbgemm outside the gather:
+                        for predict() this holds the NN's forward (its GEMMs run in libtorch_cpu)
     other               everything else (libc's malloc/free, posix_ipc, unresolved frames)
 
 Each role's share of the samples in a category is multiplied by that role's
@@ -80,7 +81,7 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     ("gather", "gather: embedding_bag kernel"),
     ("python", "Python interpreter"),
     ("memcpy", "memcpy/memset in user space"),
-    ("numpy_torch", "numpy / torch outside the kernel"),
+    ("numpy_torch", "numpy / torch outside the gather (the NN's matmuls too)"),
     ("kernel_socket", "kernel: socket copies"),
     ("kernel_sched", "kernel: scheduling, futex, wake-ups"),
     ("kernel_page_faults", "kernel: page faults and unmaps"),
