@@ -58,6 +58,7 @@ class CompletionWriter:
         self._producer: int | None = None
         self.bytes_copied = 0   # response payload bytes landed in ring slots (recv_into: a copy for shm/RDMA)
         self.bytes_lent = 0     # response payload bytes passed by reference (COMP_REF), never copied
+        self.large_bytes_copied = 0   # of bytes_copied: in payloads of REF_MIN_PAYLOAD or more (could have been lent)
 
     @property
     def max_frame_payload(self) -> int:

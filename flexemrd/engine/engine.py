@@ -104,7 +104,8 @@ class Engine:
         self.sender = Sender(engine_id, instance, submission, self.table, self.directory, self.mapping,
                              self.credits, self.receiver, self.completions, self.stop, self.reconnector,
                              self.reopener, self.retirer, reads=self.reads)
-        self.stats = EngineStatsView(engine_id, self.table, submission, self.sender, self.credits.initial)
+        self.stats = EngineStatsView(engine_id, self.table, submission, self.sender, self.credits.initial,
+                                     payloads=self.completions)
         # Bound before connecting, so engines handing us connections find us early.
         self._handoffs = HandoffReceiver(instance, engine_id)
         try:

@@ -59,6 +59,12 @@ def engine_main(plan: RankerPlan, engine_id: int, ready: Ready,
     sub_name, comp_name = plan.ring_names(engine_id)
     sub, comp = Ring.attach(sub_name), Ring.attach(comp_name)
     transport = select_transport(plan.cfg.ranker.transport)
+    if plan.cfg.ranker.transport == "rdma":
+        from flexemr.transport import verbs
+        from flexemr.transport.rdma.landing import landing_prefix
+
+        # Responses land in shm segments the inference process reads in place (no copy here).
+        verbs.land_responses_in_shm(landing_prefix(plan.instance, engine_id))
     owned = [c for c, e in current_owners(plan).items() if e == engine_id]
     locks: dict[int, Any] | None = None
     if plan.shared:

@@ -4,8 +4,12 @@ For each readable connection it reads one frame header, reserves a
 completion-ring slot of the exact size and ``recv_into``s the payload there
 (no copy in Python), then commits and gives the server its credit back.
 A payload of at least ``REF_MIN_PAYLOAD`` bytes on a connection that can
-lend it (shm) is not copied at all: a small COMP_REF slot names where it
-lies, and the inference process gives the space back once it has read it.
+lend it (shm, or RDMA landing in a shm segment: rdma/landing.py) is not
+copied at all: a small COMP_REF slot names where it lies, and the inference
+process gives the space back once it has read it.  Over RDMA nothing wakes
+this thread when the ranker gives space back, so while a connection has
+lends out it asks it between selects (``poll_returns``: grants to the
+server) and selects in short slices.
 The credit is still returned here, at landing: credits bound the server's
 work in flight, and the response ring bounds the bytes the ranker holds
 (a ranker that stops consuming fills it and the server waits for space).
@@ -42,6 +46,8 @@ HEARTBEAT_S = 0.25
 _SELECT_S = 0.2
 _RESERVE_SLICE_S = 0.5
 _STALL_WARN_S = 5.0   # a completion ring full this long: the inference is not consuming, say so
+_RETURNS_SELECT_S = 0.01   # select slice while an RDMA landing has lends out (their returns wake nobody)
+SUMMARY_EVERY_S = 5.0      # at most this often: one log line of payload bytes lent vs copied
 
 
 class Wakeup:
@@ -90,6 +96,9 @@ class Receiver:
         self._ops_lock = threading.Lock()
         self._watched: dict[int, ConnState] = {}  # receiver thread only: what it polls now
         self._last_beat = 0.0
+        self._lending: set[int] = set()   # RDMA connections with lends out: poll their returns
+        self._summary_at = 0.0
+        self._summarised = (0, 0, 0)
 
     # ------------------------------------------------------------ any thread
 
@@ -116,7 +125,9 @@ class Receiver:
         try:
             while not self.stop.is_set():
                 self._beat()
-                for key, _ in self._sel.select(timeout=_SELECT_S):
+                if self._lending:
+                    self._poll_returns()
+                for key, _ in self._sel.select(timeout=_RETURNS_SELECT_S if self._lending else _SELECT_S):
                     if key.data is None:
                         self.wakeup.drain()
                         self._apply_ops()
@@ -129,9 +140,31 @@ class Receiver:
                         self._receive_one(st)
                 self._apply_ops()
                 self.completions.flush()
+                self._summary()
         finally:
             self._release_all()
             self._sel.close()
+
+    def _poll_returns(self) -> None:
+        for cid in list(self._lending):
+            st = self._watched.get(cid)
+            try:
+                still = st is not None and st.conn.poll_returns()
+            except (ConnectionError, OSError):
+                still = False   # the next read on it reports the loss
+            if not still:
+                self._lending.discard(cid)
+
+    def _summary(self) -> None:
+        c = self.completions
+        state = (c.bytes_lent, c.bytes_copied, c.large_bytes_copied)
+        now = time.monotonic()
+        if state == self._summarised or now - self._summary_at < SUMMARY_EVERY_S:
+            return
+        self._summary_at, self._summarised = now, state
+        logger.info("response payloads so far: %d bytes read in place (lent), %d bytes copied, of them %d in "
+                    "responses of %d bytes or more", c.bytes_lent, c.bytes_copied, c.large_bytes_copied,
+                    em.REF_MIN_PAYLOAD)
 
     def _beat(self) -> None:
         now = time.monotonic()
@@ -165,6 +198,7 @@ class Receiver:
 
     def _unwatch(self, st: ConnState) -> None:
         self._watched.pop(st.conn_id, None)
+        self._lending.discard(st.conn_id)
         try:
             self._sel.unregister(st.conn.fileno())
         except (KeyError, ValueError):
@@ -211,6 +245,8 @@ class Receiver:
                 return
             self.completions.commit_frame()
             self.completions.bytes_copied += h.payload_len
+            if h.payload_len >= em.REF_MIN_PAYLOAD:
+                self.completions.large_bytes_copied += h.payload_len
         self.credits.on_response(st)
         if h.type != FrameType.CREDIT:
             st.received += 1
@@ -230,6 +266,8 @@ class Receiver:
             self.completions.cancel_frame()
             return None
         self.completions.commit_ref(ref, lent)
+        if hasattr(conn, "poll_returns"):   # RDMA: the returns reach the server only through our grants
+            self._lending.add(conn.conn_id)
         return True
 
     def _reserve(self, st: ConnState, reserve: Callable[[float], memoryview | None]) -> memoryview | None:

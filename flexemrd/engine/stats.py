@@ -44,6 +44,11 @@ class EngineStats:
     busy_ns: int              # time spent sending them
     initial_credits: int
     connections: dict[int, ConnStats]
+    # Response payload bytes the receiver passed by reference (read in place by the ranker), copied into
+    # completion-ring slots, and of those copied, in payloads large enough to lend (REF_MIN_PAYLOAD).
+    bytes_lent: int = 0
+    bytes_copied: int = 0
+    large_bytes_copied: int = 0
 
     @property
     def inflight(self) -> int:
@@ -59,12 +64,19 @@ class _SenderCounters(Protocol):
     busy_ns: int
 
 
+class _PayloadCounters(Protocol):
+    bytes_lent: int
+    bytes_copied: int
+    large_bytes_copied: int
+
+
 class EngineStatsView:
     """Safe to read from any thread of the engine process (see module docstring)."""
 
     def __init__(self, engine_id: int, table: ConnTable, submission: _Depth, sender: _SenderCounters,
-                 initial_credits: int) -> None:
+                 initial_credits: int, payloads: _PayloadCounters | None = None) -> None:
         self.engine_id = engine_id
+        self._payloads = payloads
         self._table = table
         self._sub = submission
         self._sender = sender
@@ -79,8 +91,10 @@ class EngineStatsView:
                 bytes_received=st.bytes_received, granted=st.granted,
                 credits=max(0, self._initial + st.granted - received) if self._initial else 0,
                 rtt_ns=st.rtt.recent())
+        p = self._payloads
         return EngineStats(self.engine_id, self._sub.depth(), self._sender.subrequests, self._sender.busy_ns,
-                           self._initial, conns)
+                           self._initial, conns, *((p.bytes_lent, p.bytes_copied, p.large_bytes_copied)
+                                                   if p is not None else ()))
 
     # ---- the attribute names the stats publisher has always read
 

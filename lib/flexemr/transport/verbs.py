@@ -20,6 +20,13 @@ hands ``upgrade_server_connection`` a callable that registers and lists them
 (flexemrd/embedding/reads.py); only a ranker whose blob accepts version 2 is
 asked, and only on data connections.
 
+Responses landing in place: an engine process that called
+:func:`land_responses_in_shm` gives each data connection a shm landing
+(rdma/landing.py) the server places its WRITEs in (blob version 3), and
+``lend_payload`` passes a response's payload to the inference process where
+it landed (a ``Lent``, as the shm transport does); against a server that
+does not read version 3 the connection copies as before.
+
 A QP cannot change process: ``detach`` / ``adopt`` raise, naming the
 setting, and ``RdmaTransport.MIGRATES`` is False, so engines migrate RDMA
 connections by reopening them (flexemrd/engine/reopen.py); the config refuses
@@ -36,12 +43,12 @@ import weakref
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from flexemr.errors import ProtocolError
-from flexemr.transport.base import Connection, Listener, Transport
+from flexemr.transport.base import Connection, Lent, Listener, Transport
 from flexemr.transport.tcp import TcpConnection, TcpTransport
 from flexemr.wire.frame import DEFAULT_MAX_PAYLOAD, HEADER_SIZE, FrameType, Header, unpack_header
 
-__all__ = ["IMPLEMENTED", "RdmaConnection", "RdmaTransport", "break_served_streams", "probe_devices",
-           "process_endpoint", "upgrade_server_connection"]
+__all__ = ["IMPLEMENTED", "RdmaConnection", "RdmaTransport", "break_served_streams", "land_responses_in_shm",
+           "probe_devices", "process_endpoint", "upgrade_server_connection"]
 
 if TYPE_CHECKING:
     from flexemr.transport.rdma.blob import ReadTable
@@ -57,6 +64,29 @@ MIGRATES = False   # a queue pair cannot change process: no detach/adopt (engine
 _ENDPOINT_LOCK = threading.Lock()
 _ENDPOINTS: dict[tuple[int, str | None], object] = {}
 _SERVED: weakref.WeakSet = weakref.WeakSet()   # this process's server-side data streams (test hook below)
+_LANDING = {"prefix": "", "next": 0}            # land_responses_in_shm: this process's landing names
+
+
+def land_responses_in_shm(prefix: str) -> None:
+    """Engine process: data connections opened from now on receive into shm landings named ``prefix.pPID.*``.
+
+    ``prefix`` comes from ``rdma.landing.landing_prefix(instance, engine)``;
+    landings a dead process of the same engine left behind are removed now.
+    """
+    from flexemr.transport.rdma.landing import sweep_stale
+
+    sweep_stale(prefix)
+    _LANDING["prefix"] = prefix
+
+
+def _landing_name(conn_id: int) -> str | None:
+    prefix = _LANDING["prefix"]
+    if not prefix:
+        return None
+    with _ENDPOINT_LOCK:
+        n = _LANDING["next"]
+        _LANDING["next"] = n + 1
+    return f"{prefix}.p{os.getpid()}.c{conn_id}n{n}"
 
 
 def probe_devices() -> tuple[list[str], str]:
@@ -112,7 +142,8 @@ class RdmaConnection(Connection):
         if self._pending is None:
             t = time.monotonic()
             self._pending = FrameStream(process_endpoint(self.device), self.peer, self.tcp.sock,
-                                        priority=self.priority)
+                                        priority=self.priority,
+                                        landing=None if self.priority else _landing_name(self.conn_id))
             parts = " ".join(f"{k} {v:.1f}" for k, v in self._pending.setup_ms.items())
             self.setup_steps.append((f"stream ({parts})", (time.monotonic() - t) * 1e3))
         return self._pending.blob()
@@ -129,8 +160,11 @@ class RdmaConnection(Connection):
         self._pending.connect(ConnectionBlob.unpack_padded(blob))
         self.setup_steps.append(("rts", self._pending.setup_ms["rts"]))
         self.stream, self._pending = self._pending, None
-        logger.info("connection %d to %s over RDMA (%s QP 0x%06x)", self.conn_id, self.address,
-                    "credit" if self.priority else "data", self.stream.qp.qpn)
+        logger.info("connection %d to %s over RDMA (%s QP 0x%06x)%s", self.conn_id, self.address,
+                    "credit" if self.priority else "data", self.stream.qp.qpn,
+                    f"; responses land in {self.stream.landing.name}" if self.stream.lands_in_place else
+                    "; responses are copied (the server does not place them in a landing)"
+                    if self.stream.landing is not None else "")
 
     # -- frames ---------------------------------------------------------------------------
     def send_frame(self, buffers: Sequence) -> int:
@@ -155,6 +189,20 @@ class RdmaConnection(Connection):
         if self.stream is None:
             return self.tcp.recv_payload_into(header, view)
         self.stream.recv_into(view[: header.payload_len])
+
+    def lend_payload(self, header: Header) -> Lent | None:
+        """Leave ``header``'s payload in the shm landing it was written to (the stream lands in place)."""
+        if self.stream is None or header.payload_len == 0:
+            return None
+        lent = self.stream.lend(header.payload_len)
+        if lent is None:
+            return None
+        landing, seq, pos = lent
+        return Lent(landing.name, landing.ino, seq, pos, header.payload_len)
+
+    def poll_returns(self) -> bool:
+        """Engine receiver, between selects: pass the ranker's returns on as grants; True while lends are out."""
+        return self.stream is not None and self.stream.poll_returns()
 
     def recv_payload(self, header: Header) -> memoryview:
         if self.stream is None:
@@ -237,14 +285,20 @@ def upgrade_server_connection(conn: Connection, blob: bytes, priority: bool = Fa
     ``BlobError`` (a ProtocolError) for a malformed blob.
     """
     from flexemr.transport.rdma.blob import ConnectionBlob
-    from flexemr.transport.rdma.stream import FrameStream
+    from flexemr.transport.rdma.landing import MIN_LANDING_BYTES
+    from flexemr.transport.rdma.stream import MAX_LANDING_BYTES, FrameStream
 
     if not isinstance(conn, TcpConnection):
         raise ProtocolError(f"{conn.peer}: HELLO with an RDMA blob on a connection that is not TCP")
     remote = ConnectionBlob.unpack_padded(blob)
     up = RdmaConnection(conn, None, priority=priority, max_payload=DEFAULT_MAX_PAYLOAD)
     t0 = time.monotonic()
-    stream = FrameStream(process_endpoint(None), conn.peer, conn.sock, priority=up.priority)
+    # A ranker offering a landing (accepts 3) gets our WRITEs placed in it: it lends them, never copies.
+    land = remote.regions[0].length if remote.regions else 0
+    peer_landing = (land if not priority and remote.peer_reads >= 3 and MIN_LANDING_BYTES <= land <= MAX_LANDING_BYTES
+                    and land % 64 == 0 else 0)
+    stream = FrameStream(process_endpoint(None), conn.peer, conn.sock, priority=up.priority,
+                         peer_landing=peer_landing)
     try:
         stream.connect(remote)
     except BaseException:

@@ -7,7 +7,7 @@ network byte order (big-endian), 64-byte header then ``regions`` entries::
     offset  size  field            meaning
     ------  ----  ---------------  ---------------------------------------------
        0      4   magic            b"FXRB" (MAGIC)
-       4      2   version          1 or 2 (VERSIONS); unpack refuses any other
+       4      2   version          1, 2 or 3 (VERSIONS); unpack refuses any other
        6      2   regions          number of region entries that follow (<= MAX_REGIONS)
        8      4   qpn              data QP number (24 bits, non-zero)
       12      4   psn              data QP's first send PSN (24 bits)
@@ -51,6 +51,13 @@ network byte order (big-endian), 64-byte header then ``regions`` entries::
                                    +44  1  dtype          1: little-endian float32
                                    +45  3  (zero)
 
+Version 3 (same layout as 2): a ranker whose region 0 is a shm landing it
+lends responses from (stream.py, landing.py) says ``accepts`` = 3; a v3
+server answers it with version 3, meaning "I place my WRITEs in your region
+0 as a byte ring within your byte grants" (instead of slot k at k x
+recv_slot_bytes).  A v2 server ignores ``accepts`` beyond 2 and answers v2:
+the ranker then receives into slots and copies, as before.
+
 Versions: a ranker sends a version 1 blob with ``accepts`` = 2, which an
 old (v1) server parses unchanged (it ignores bytes 56..63) and answers with
 v1: no tables, cache fills keep going as FETCH frames.  A v2 server answers
@@ -72,8 +79,8 @@ from dataclasses import dataclass, field
 from flexemr.transport.rdma.errors import BlobError
 
 MAGIC = b"FXRB"
-VERSION = 2                 # the highest version this side writes and reads
-VERSIONS = (1, 2)
+VERSION = 3                 # the highest version this side writes and reads
+VERSIONS = (1, 2, 3)
 HEADER = struct.Struct("!4sHHIIII16sIIIIBxHI")
 REGION = struct.Struct("!QQI4x")
 TABLE = struct.Struct("!IIQQQIIIB3x")

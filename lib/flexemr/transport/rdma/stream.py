@@ -21,12 +21,22 @@ and the receiver grants them back once it has read them (every
 ``slots // 4``), so a WRITE never meets a full ring and the RNR path is
 never needed.
 
+Landing in place (blob version 3, landing.py): an engine's data stream
+made with ``landing=NAME`` receives into a shm ``Ring`` segment the ranker
+can map, and offers it (``accepts`` = 3, region 0 = the whole segment).  A
+server that reads version 3 answers with a v3 blob and then *places* its
+WRITEs there as a byte ring (``landing.place``: chunks of whole send views,
+never wrapped) within the bytes the engine granted (a SEND whose imm has bit
+31 set: ``BYTE_GRANT | bytes``, from ``Landing.reclaim()``: the read position
+held back by lends not returned), so ``lend`` can pass a response payload to
+the ranker where it landed (a COMP_REF) instead of copying it out.  Slot
+credits still bound the WRITEs in flight (receive WRs).  Against an old peer
+(no v3 on either side) both ends keep the slots and the copy below.
+
 What is still a copy (docs/RDMA.md): the sender copies frame bytes into its
-tx ring (one memcpy, numpy) and the receiver copies them out of its rx ring
-into the caller's view (the engine's completion-ring slot, the server's
-request buffer).  Zero-copy landing in the ranker's completion ring needs the
-ring itself registered (the verbs channel in channel.py does that; the
-daemon's engine does not use it yet).
+tx ring (one memcpy, numpy) and the receiver copies what it does not lend
+out of its rx ring into the caller's view (the engine's completion-ring
+slot for small frames, the server's request buffer).
 
 Waiting: completions are polled in batches; a blocking call that finds
 nothing arms the CQ and sleeps in ``select()`` on the channel fd (never
@@ -72,7 +82,8 @@ import numpy as np
 from flexemr.transport.rdma.blob import FLAG_FRAME_STREAM, VERSION, ConnectionBlob, ReadTable, RemoteRegion
 from flexemr.transport.rdma.channel import CREDIT_SL, CREDIT_TRAFFIC_CLASS, DATA_SL, DATA_TRAFFIC_CLASS
 from flexemr.transport.rdma.endpoint import POLL_BATCH, Endpoint, Region
-from flexemr.transport.rdma.errors import BlobError
+from flexemr.transport.rdma.errors import BlobError, RegistrationError
+from flexemr.transport.rdma.landing import LANDING_BYTES, MIN_LANDING_BYTES, Landing, max_chunk, place, room
 from flexemr.transport.rdma.qp import QueuePair
 
 logger = logging.getLogger(__name__)
@@ -88,6 +99,9 @@ _LEN_MASK = (1 << 24) - 1
 _WR_DATA, _WR_GRANT, _WR_READ = 1, 2, 3   # low 2 bits of wr_id; a READ's tag is wr_id >> 2
 READ_WRS = 64             # RDMA READs a data stream keeps in flight at most (extra send-queue entries)
 _WAIT_SLICE_S = 0.5       # a blocking wait re-checks the control socket this often
+BYTE_GRANT = 1 << 31      # a grant's imm with this bit: the landing's reclaim moved by (imm & ~BYTE_GRANT) bytes
+MAX_LANDING_BYTES = 32 << 20   # a chunk's length must fit the imm's 24 bits
+_SPLIT_MIN = 64 << 10     # a view larger than a chunk is split into pieces no smaller than this
 
 
 class _NoOwner:
@@ -103,7 +117,10 @@ class _NoOwner:
 class FrameStream:
     """One connection's bytes over verbs (see the module docstring)."""
 
-    def __init__(self, endpoint: Endpoint, peer: str, control: socket.socket, *, priority: bool = False) -> None:
+    def __init__(self, endpoint: Endpoint, peer: str, control: socket.socket, *, priority: bool = False,
+                 landing: str | None = None, peer_landing: int = 0) -> None:
+        """``landing`` (engine data streams): receive into a shm ring of that name, offered to the peer;
+        ``peer_landing`` (server): the peer offered a landing of that many bytes, place our WRITEs in it."""
         self.ep = endpoint
         self.peer = peer
         self.control = control
@@ -131,8 +148,13 @@ class FrameStream:
                             max_recv_wr=nwr, role="credit" if priority else "data", cq=self.cq)
         t = self._took("qp", t)
         ring = self.slots * self.slot_bytes
-        self.rx = endpoint.register(np.zeros(ring, np.uint8), remote_write=True)
-        self.tx = endpoint.register(np.zeros(ring, np.uint8))
+        self.landing: Landing | None = None
+        rx = None
+        if landing is not None and not priority:
+            self.landing, rx = self._make_landing(landing)
+        self.rx = rx if rx is not None else endpoint.register(np.zeros(ring, np.uint8), remote_write=True)
+        self._peer_landing = peer_landing if not priority else 0
+        self.tx = endpoint.register(np.zeros(self._peer_landing or ring, np.uint8))
         t = self._took("mr", t)
         self._rx_view = memoryview(self.rx.array)
         self._tx_array = self.tx.array
@@ -156,6 +178,19 @@ class FrameStream:
         self.failed: BaseException | None = None
         self.bytes_written = 0        # payload bytes this side sent over verbs
         self.bytes_received = 0
+        self.bytes_lent = 0           # received bytes passed on where they landed (lend), never copied
+        # Placing our WRITEs in the peer's landing (server; landing.py), decided by connect().
+        self._place = False
+        self._tx_head = 0             # stream position of our next chunk in the peer's landing
+        self._tx_limit = 0            # a chunk may end at most here (the peer's grants)
+        self._tx_starts: collections.deque[int] = collections.deque()   # chunks posted, not completed
+        self._max_chunk = 0
+        # Receiving into our landing as a byte ring (engine), decided by connect().
+        self._rx_bytes = False
+        self._rx_cap = len(self.rx.array)
+        self._rx_head = 0             # where the next incoming chunk starts (replayed place())
+        self._granted = 0             # reclaim position the peer has been told
+        self._grant_bytes_every = self._rx_cap // 8
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._efd_set = False
         # Wakes the thread asleep on the channel fd when another thread consumed the
@@ -181,10 +216,34 @@ class FrameStream:
         """
         dev = self.ep.device
         v2 = self.peer_blob is not None and self.peer_blob.peer_reads >= 2
+        version = 3 if self._place else 2 if v2 else 1
+        # Offering version 3 means "place your WRITEs in my landing": only with a landing.
+        accepts = VERSION if self.landing is not None else 2
         return ConnectionBlob(self.qp.qpn, self.qp.psn, self.qp.qpn, self.qp.psn, dev.gid, dev.mtu,
                               self.slots, self.slot_bytes, FLAG_FRAME_STREAM, (self.rx.remote(),),
-                              version=2 if v2 else 1, accepts=VERSION, tables=tables if v2 else (),
+                              version=version, accepts=accepts, tables=tables if v2 else (),
                               boot_version=boot_version if v2 else 0).pack()
+
+    def _make_landing(self, name: str) -> tuple[Landing | None, Region | None]:
+        """The shm landing and its registration, or (None, None), logged: the copying path then."""
+        try:
+            landing = Landing(name, LANDING_BYTES)
+        except (OSError, ValueError) as e:
+            logger.warning("RDMA to %s: no shared landing (%s); responses are copied out of a private ring",
+                           self.peer, e)
+            return None, None
+        try:
+            return landing, self.ep.register(landing.data, remote_write=True)
+        except RegistrationError as e:
+            landing.close()
+            logger.warning("RDMA to %s: cannot register the shared landing %s (%s); responses are copied",
+                           self.peer, name, e)
+            return None, None
+
+    @property
+    def lands_in_place(self) -> bool:
+        """Receiving into the shared landing as a byte ring (the peer places its WRITEs): ``lend`` works."""
+        return self._rx_bytes
 
     def connect(self, blob: ConnectionBlob) -> None:
         """RTR/RTS towards the peer's QP and post the receives; writes may arrive from now on."""
@@ -194,9 +253,20 @@ class FrameStream:
         if blob.regions[0].length < blob.recv_slots * blob.recv_slot_bytes or blob.recv_slots == 0:
             raise BlobError(f"connection blob from {self.peer}: its ring of {blob.regions[0].length} bytes cannot "
                             f"hold {blob.recv_slots} slots of {blob.recv_slot_bytes}")
+        if self._peer_landing and blob.regions[0].length != self._peer_landing:
+            raise BlobError(f"connection blob from {self.peer}: its landing is {blob.regions[0].length} bytes, "
+                            f"not the {self._peer_landing} it was sized for")
+        if blob.version >= 3 and self.landing is None:
+            raise BlobError(f"connection blob from {self.peer}: version 3 (it places its writes in our landing), "
+                            "but this side offered none")
         self.peer_blob = blob
         self._peer_slots = blob.recv_slots
         self._peer_slot_bytes = blob.recv_slot_bytes
+        self._place = self._peer_landing > 0
+        if self._place:
+            self._tx_limit = self._peer_landing
+            self._max_chunk = max_chunk(self._peer_landing)
+        self._rx_bytes = blob.version >= 3
         t = time.monotonic()
         self.qp.connect(blob.qpn, blob.psn, blob.gid, blob.mtu)
         self._chunk = min(self.slot_bytes, blob.recv_slot_bytes)
@@ -234,6 +304,16 @@ class FrameStream:
         total = 0
         with self._lock:
             self._check_open()
+            if self._place:
+                for b in buffers:
+                    mv = memoryview(b).cast("B")
+                    if len(mv):
+                        self._backlog.append(mv)
+                        total += len(mv)
+                # Every byte is in our tx ring before we return: the caller may reuse its buffers.
+                self._wait(lambda: not self._backlog, "landing space")
+                self._settle()
+                return total
             for b in buffers:
                 mv = memoryview(b).cast("B")
                 off = 0
@@ -261,6 +341,55 @@ class FrameStream:
                     self._wait(lambda: bool(self._rx), "data")
             self._settle()
 
+    def lend(self, nbytes: int) -> tuple[Landing, int, int] | None:
+        """Take the next ``nbytes`` without copying them: (landing, lend seq, stream position), or None.
+
+        Only when receiving into the landing and the bytes lie in one chunk
+        (the server sends each view whole); waits, like ``recv_into``, for
+        the chunk to arrive.  None: nothing was consumed, read them instead.
+        The ranker reads them where they are and returns them (Borrower);
+        until then the peer's grants stop short of them.
+        """
+        landing = self.landing
+        if not self._rx_bytes or landing is None or nbytes <= 0:
+            return None
+        with self._lock:
+            self._check_open()
+            if not self._rx:
+                self._wait(lambda: bool(self._rx), "data")
+            r = self._rx[0]
+            if r[1] - r[0] < nbytes:
+                self._settle()
+                return None
+            pos = r[0]
+            seq = landing.lend(pos, nbytes)
+            r[0] += nbytes
+            if r[0] == r[1]:
+                self._rx.popleft()
+                self._rx_owed += 1
+                landing.release_to(r[2])
+            self.bytes_received += nbytes
+            self.bytes_lent += nbytes
+            self._grant(force=False)
+            self._settle()
+            return landing, seq, pos
+
+    def poll_returns(self) -> bool:
+        """Grant the peer what the ranker gave back since; True while lends are still out (poll again soon).
+
+        The ranker's returns wake nobody on this side, and a server waiting
+        for landing space sends nothing that would: the engine's receiver
+        calls this between selects (flexemrd/engine/receiver.py).
+        """
+        landing = self.landing
+        if not self._rx_bytes or landing is None:
+            return False
+        with self._lock:
+            if self.closed:
+                return False
+            self._grant(force=True)
+            return landing.outstanding() > 0
+
     # -- non-blocking (the server's event loop) ------------------------------------------
     def recv_nowait(self, view: memoryview) -> int:
         with self._lock:
@@ -281,6 +410,22 @@ class FrameStream:
             self._consume_event()
             self._progress()
             self._pump()
+            if self._place:
+                added = 0
+                for v in views:
+                    mv = memoryview(v).cast("B")
+                    if len(mv):
+                        self._backlog.append(mv)
+                        added += 1
+                        total += len(mv)
+                self._pump()
+                # What is left of the caller's views waits here: copy it, they may be reused once we return.
+                q = self._backlog
+                for i in range(max(0, len(q) - added), len(q)):
+                    if isinstance(q[i], memoryview):
+                        q[i] = bytes(q[i])
+                self._settle()
+                return total
             for v in views:
                 mv = memoryview(v).cast("B")
                 off = 0
@@ -357,6 +502,9 @@ class FrameStream:
 
     def _pump(self) -> None:
         """Post backlog bytes as credits allow."""
+        if self._place:
+            self._pump_placed()
+            return
         while self._backlog and self._can_write():
             head = self._backlog[0]
             n = min(len(head), self._chunk)
@@ -366,18 +514,75 @@ class FrameStream:
             else:
                 self._backlog[0] = head[n:]
 
+    def _pump_placed(self) -> None:
+        """Post backlog views into the peer's landing (landing.py), as its grants allow.
+
+        A chunk gathers whole views; a view is never split unless it is larger
+        than a chunk, so a response payload (its own view) lands in one piece
+        that the engine can lend.  A view that does not fit yet waits.
+        """
+        q = self._backlog
+        cap = self._peer_landing
+        while q and self._tx_credits > 0 and self._tx_busy < self.slots and self.qp.send_free > 1:
+            limit = self._tx_limit
+            if self._tx_starts:   # our own tx ring: a chunk's bytes stay until its WRITE completed
+                limit = min(limit, self._tx_starts[0] + cap)
+            fit = room(self._tx_head, limit, cap)
+            first = len(q[0])
+            if first > fit:
+                if first <= self._max_chunk or fit < min(self._max_chunk, _SPLIT_MIN):
+                    return
+                head = memoryview(q[0])
+                self._write_placed([head[:fit]], fit)
+                q[0] = head[fit:]
+                continue
+            parts = []
+            total = 0
+            for v in q:
+                if total + len(v) > fit:
+                    break
+                parts.append(v)
+                total += len(v)
+            self._write_placed(parts, total)
+            for _ in parts:
+                q.popleft()
+
+    def _write_placed(self, parts: list, total: int) -> None:
+        remote = self.remote
+        assert remote is not None
+        cap = self._peer_landing
+        start, nxt = place(self._tx_head, total, cap)
+        off = start % cap
+        at = off
+        tx = self._tx_array
+        for v in parts:
+            n = len(v)
+            tx[at:at + n] = np.frombuffer(v, np.uint8)
+            at += n
+        ok = self.qp.post_write_imm(self.tx, off, total, remote, off, imm=total, wr_id=_WR_DATA)
+        assert ok, "send queue checked by _pump_placed"
+        self._tx_credits -= 1
+        self._tx_busy += 1
+        self._tx_starts.append(start)
+        self._tx_head = nxt
+        self.bytes_written += total
+
     def _read(self, view: memoryview) -> int:
         got = 0
         rx = self._rx
+        cap = self._rx_cap
         while rx and got < len(view):
             r = rx[0]
             k = min(r[1] - r[0], len(view) - got)
-            view[got:got + k] = self._rx_view[r[0]:r[0] + k]
+            o = r[0] % cap
+            view[got:got + k] = self._rx_view[o:o + k]
             r[0] += k
             got += k
             if r[0] == r[1]:
                 rx.popleft()
                 self._rx_owed += 1
+                if self._rx_bytes:
+                    self.landing.release_to(r[2])   # type: ignore[union-attr]
         if got:
             self.bytes_received += got
             self._grant(force=False)
@@ -387,6 +592,15 @@ class FrameStream:
         if self._rx_owed and (force or self._rx_owed >= self._grant_every) and self.qp.send_free > 0:
             self.qp.post_send(self.ep.scratch, 0, 0, wr_id=_WR_GRANT, imm=self._rx_owed)
             self._rx_owed = 0
+        if self._rx_bytes:
+            # Landing space: what was read, up to the oldest lend the ranker still holds (three
+            # loads, once per call: the returns are read per batch, never per row).  reclaim()
+            # may dip below a position already granted (a new lend after a gap, layout.py):
+            # only its advances are granted.
+            delta = self.landing.reclaim() - self._granted   # type: ignore[union-attr]
+            if delta > 0 and (force or delta >= self._grant_bytes_every) and self.qp.send_free > 0:
+                self.qp.post_send(self.ep.scratch, 0, 0, wr_id=_WR_GRANT, imm=BYTE_GRANT | delta)
+                self._granted += delta
 
     def _progress(self) -> int:
         """Poll the CQ dry (in batches); returns the completions handled."""
@@ -401,18 +615,30 @@ class FrameStream:
                 op = wc.opcode
                 if op == self._op_recv_imm:
                     nbytes = int(wc.imm_data) & _LEN_MASK
-                    start = self._rx_next * self.slot_bytes
-                    self._rx.append([start, start + nbytes])
-                    self._rx_next = (self._rx_next + 1) % self.slots
+                    if self._rx_bytes:   # the peer placed it by the shared rule (landing.py)
+                        start, nxt = place(self._rx_head, nbytes, self._rx_cap)
+                        self._rx.append([start, start + nbytes, nxt])
+                        self._rx_head = nxt
+                        self.landing.land(nxt)   # type: ignore[union-attr]
+                    else:
+                        start = self._rx_next * self.slot_bytes
+                        self._rx.append([start, start + nbytes])
+                        self._rx_next = (self._rx_next + 1) % self.slots
                     self._reposts += 1
                 elif op == self._op_recv:
-                    self._tx_credits += int(wc.imm_data)
+                    imm = int(wc.imm_data)
+                    if imm & BYTE_GRANT:
+                        self._tx_limit += imm & ~BYTE_GRANT
+                    else:
+                        self._tx_credits += imm
                     self._reposts += 1
                 else:
                     self.qp.send_done()
                     wr_id = int(wc.wr_id)
                     if wr_id == _WR_DATA:
                         self._tx_busy -= 1
+                        if self._tx_starts:
+                            self._tx_starts.popleft()
                     elif wr_id & 3 == _WR_READ:
                         self._reads_inflight -= 1
                         self._reads_done[wr_id >> 2] += 1
@@ -533,13 +759,18 @@ class FrameStream:
         self.closed = True
         self._lock.notify_all()
         for what in (self.qp.close, self._ack_all, self.cq.close, self.channel.close, self.rx.close, self.tx.close,
-                     self._epoll.close):
+                     self._epoll.close, self._close_landing):
             try:
                 what()
             except Exception:  # closing must not raise; the process may be going down anyway
                 logger.debug("closing the RDMA stream to %s: %s failed", self.peer, what, exc_info=True)
         os.close(self._efd)
         os.close(self._kick)
+
+    def _close_landing(self) -> None:
+        # After the QP is gone nothing writes there: unlinked now, or once the ranker gave back its lends.
+        if self.landing is not None:
+            self.landing.close()
 
     def _ack_all(self) -> None:
         self._consume_event()
