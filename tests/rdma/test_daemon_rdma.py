@@ -76,6 +76,10 @@ def test_lookup_and_predict_equal_the_monolithic_model_and_only_hellos_cross_tcp
     assert len(re.findall(r"over RDMA \(data QP", log)) == 3, "one data connection per server, over verbs"
     assert len(re.findall(r"over RDMA \(credit QP", log)) == 3, "and its credit channel"
     assert "Traceback" not in log, log[-3000:]
+    # Responses land in shm the ranker reads in place (blob v3): no engine copies a large payload.
+    assert len(re.findall(r"over RDMA \(data QP 0x[0-9a-f]+\); responses land in /flexemr\.", log)) == 3, log[-3000:]
+    copied = [int(n) for n in re.findall(r"bytes copied, of them (\d+) in responses of", log)]
+    assert all(n == 0 for n in copied), f"engines copied large payloads: {copied}"
     assert counter(rdma_device, "rcvd_pkts") - pkts0 >= 2 * len(answers["cases"])
     assert crossed_tcp < 0.01 * served, f"{crossed_tcp} bytes crossed TCP for {served} bytes served"
 

@@ -83,7 +83,7 @@ from flexemr.transport.rdma.blob import FLAG_FRAME_STREAM, VERSION, ConnectionBl
 from flexemr.transport.rdma.channel import CREDIT_SL, CREDIT_TRAFFIC_CLASS, DATA_SL, DATA_TRAFFIC_CLASS
 from flexemr.transport.rdma.endpoint import POLL_BATCH, Endpoint, Region
 from flexemr.transport.rdma.errors import BlobError, RegistrationError
-from flexemr.transport.rdma.landing import LANDING_BYTES, MIN_LANDING_BYTES, Landing, max_chunk, place, room
+from flexemr.transport.rdma.landing import LANDING_BYTES, Landing, max_chunk, place, room
 from flexemr.transport.rdma.qp import QueuePair
 
 logger = logging.getLogger(__name__)
