@@ -81,8 +81,8 @@ import numpy as np
 
 from flexemr.transport.rdma.blob import FLAG_FRAME_STREAM, VERSION, ConnectionBlob, ReadTable, RemoteRegion
 from flexemr.transport.rdma.channel import CREDIT_SL, CREDIT_TRAFFIC_CLASS, DATA_SL, DATA_TRAFFIC_CLASS
-from flexemr.transport.rdma.endpoint import POLL_BATCH, Endpoint, Region
-from flexemr.transport.rdma.errors import BlobError, RegistrationError
+from flexemr.transport.rdma.endpoint import POLL_BATCH, Endpoint, Region, RegistrationError
+from flexemr.transport.rdma.errors import BlobError
 from flexemr.transport.rdma.landing import LANDING_BYTES, Landing, max_chunk, place, room
 from flexemr.transport.rdma.qp import QueuePair
 
@@ -102,6 +102,8 @@ _WAIT_SLICE_S = 0.5       # a blocking wait re-checks the control socket this of
 BYTE_GRANT = 1 << 31      # a grant's imm with this bit: the landing's reclaim moved by (imm & ~BYTE_GRANT) bytes
 MAX_LANDING_BYTES = 32 << 20   # a chunk's length must fit the imm's 24 bits
 _SPLIT_MIN = 64 << 10     # a view larger than a chunk is split into pieces no smaller than this
+_HEADER_VIEW = 64         # a view this small ending a chunk is taken for a frame header (see _pump_placed)
+_RETURNS_WAIT_S = 0.02    # a wait while the landing has lends out re-reads the ranker's returns this often
 
 
 class _NoOwner:
@@ -543,6 +545,13 @@ class FrameStream:
                     break
                 parts.append(v)
                 total += len(v)
+            if len(parts) < len(q) and len(parts[-1]) <= _HEADER_VIEW and \
+                    len(parts[-1]) + len(q[len(parts)]) <= self._max_chunk:
+                # A frame header whose payload does not fit now waits to go with it: else the engine
+                # would read the header and wait inside the stream for a payload held back by space.
+                if len(parts) == 1:
+                    return
+                total -= len(parts.pop())
             self._write_placed(parts, total)
             for _ in parts:
                 q.popleft()
@@ -707,8 +716,11 @@ class FrameStream:
                 continue
             self._poller = True
             self._lock.release()
+            # The ranker's returns wake nobody: while lends are out, re-read them (the grant above) often.
+            lending = self._rx_bytes and self.landing is not None and self.landing.outstanding() > 0
             try:
-                select.select([self._chan_fd, self._kick, self.control], [], [], _WAIT_SLICE_S)
+                select.select([self._chan_fd, self._kick, self.control], [], [],
+                              _RETURNS_WAIT_S if lending else _WAIT_SLICE_S)
             finally:
                 self._lock.acquire()
                 self._poller = False
