@@ -261,7 +261,12 @@ class Receiver:
         ref = self._reserve(st, lambda t: self.completions.reserve_ref(conn.conn_id, h, timeout=t))
         if ref is None:
             return False
-        lent = conn.lend_payload(h)
+        try:
+            lent = conn.lend_payload(h)   # RDMA: may wait for the payload's chunk, like recv_payload_into
+        except (ConnectionError, OSError) as e:
+            self.completions.cancel_frame()
+            self._dead(st, f"connection to server {conn.server} lost mid-frame: {e}")
+            return False
         if lent is None:
             self.completions.cancel_frame()
             return None

@@ -104,6 +104,7 @@ MAX_LANDING_BYTES = 32 << 20   # a chunk's length must fit the imm's 24 bits
 _SPLIT_MIN = 64 << 10     # a view larger than a chunk is split into pieces no smaller than this
 _HEADER_VIEW = 64         # a view this small ending a chunk is taken for a frame header (see _pump_placed)
 _RETURNS_WAIT_S = 0.02    # a wait while the landing has lends out re-reads the ranker's returns this often
+_BYTE_GRANT_GAP_S = 0.005  # small landing grants go at most this often (each takes a peer receive)
 
 
 class _NoOwner:
@@ -193,6 +194,7 @@ class FrameStream:
         self._rx_head = 0             # where the next incoming chunk starts (replayed place())
         self._granted = 0             # reclaim position the peer has been told
         self._grant_bytes_every = self._rx_cap // 8
+        self._byte_granted_at = 0.0
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._efd_set = False
         # Wakes the thread asleep on the channel fd when another thread consumed the
@@ -389,8 +391,13 @@ class FrameStream:
         with self._lock:
             if self.closed:
                 return False
-            self._grant(force=True)
-            return landing.outstanding() > 0
+            self._grant(force=True, paced=True)
+            return self._returns_pending()
+
+    def _returns_pending(self) -> bool:
+        """Lends still out, or space given back that the peer has not been granted yet."""
+        landing = self.landing
+        return landing is not None and (landing.outstanding() > 0 or landing.reclaim() > self._granted)
 
     # -- non-blocking (the server's event loop) ------------------------------------------
     def recv_nowait(self, view: memoryview) -> int:
@@ -597,7 +604,7 @@ class FrameStream:
             self._grant(force=False)
         return got
 
-    def _grant(self, force: bool) -> None:
+    def _grant(self, force: bool, paced: bool = False) -> None:
         if self._rx_owed and (force or self._rx_owed >= self._grant_every) and self.qp.send_free > 0:
             self.qp.post_send(self.ep.scratch, 0, 0, wr_id=_WR_GRANT, imm=self._rx_owed)
             self._rx_owed = 0
@@ -606,10 +613,15 @@ class FrameStream:
             # loads, once per call: the returns are read per batch, never per row).  reclaim()
             # may dip below a position already granted (a new lend after a gap, layout.py):
             # only its advances are granted.
+            # ``paced`` (the receiver's polling of returns): small grants at most every
+            # _BYTE_GRANT_GAP_S, since each SEND takes one of the peer's posted receives and
+            # returns arriving one by one must not flood them; the poller comes back for the rest.
             delta = self.landing.reclaim() - self._granted   # type: ignore[union-attr]
-            if delta > 0 and (force or delta >= self._grant_bytes_every) and self.qp.send_free > 0:
+            if delta > 0 and self.qp.send_free > 0 and (delta >= self._grant_bytes_every or force and (
+                    not paced or time.monotonic() - self._byte_granted_at >= _BYTE_GRANT_GAP_S)):
                 self.qp.post_send(self.ep.scratch, 0, 0, wr_id=_WR_GRANT, imm=BYTE_GRANT | delta)
                 self._granted += delta
+                self._byte_granted_at = time.monotonic()
 
     def _progress(self) -> int:
         """Poll the CQ dry (in batches); returns the completions handled."""
@@ -717,7 +729,7 @@ class FrameStream:
             self._poller = True
             self._lock.release()
             # The ranker's returns wake nobody: while lends are out, re-read them (the grant above) often.
-            lending = self._rx_bytes and self.landing is not None and self.landing.outstanding() > 0
+            lending = self._rx_bytes and self._returns_pending()
             try:
                 select.select([self._chan_fd, self._kick, self.control], [], [],
                               _RETURNS_WAIT_S if lending else _WAIT_SLICE_S)
