@@ -61,10 +61,13 @@ def engine_main(plan: RankerPlan, engine_id: int, ready: Ready,
     transport = select_transport(plan.cfg.ranker.transport)
     if plan.cfg.ranker.transport == "rdma":
         from flexemr.transport import verbs
-        from flexemr.transport.rdma.landing import landing_prefix
+        from flexemr.transport.rdma.landing import landing_bytes_for, landing_prefix
 
-        # Responses land in shm segments the inference process reads in place (no copy here).
-        verbs.land_responses_in_shm(landing_prefix(plan.instance, engine_id))
+        # Responses land in shm segments the inference process reads in place (no copy here), sized
+        # for the largest answer a server can send (a full batch of float32 partials of its tables).
+        dims = [sum({t: d for t, d, _s, _e in shards}.values()) for shards in expected_shards(plan).values()]
+        largest = 4 * plan.cfg.ranker.max_batch * max(dims, default=0)
+        verbs.land_responses_in_shm(landing_prefix(plan.instance, engine_id), landing_bytes_for(largest))
     owned = [c for c, e in current_owners(plan).items() if e == engine_id]
     locks: dict[int, Any] | None = None
     if plan.shared:

@@ -156,3 +156,13 @@ def test_a_dead_engines_landings_are_swept_by_its_successor(instance: str) -> No
     assert all(f".p{dead}." not in e for e in naming.list_instance_segments(instance))
     mine.close()
     assert naming.list_instance_segments(instance) == []
+
+
+def test_a_landing_is_sized_for_the_largest_answer_within_bounds() -> None:
+    from flexemr.transport.rdma.landing import LANDING_BYTES, MIN_DATA_LANDING, landing_bytes_for
+
+    assert landing_bytes_for(0) == MIN_DATA_LANDING == 2 << 20      # an old server's 32 x 64 KiB slots fit
+    for largest in (1, 900 << 10, 1 << 20, 3 << 20):
+        cap = landing_bytes_for(largest)
+        assert largest <= max_chunk(cap) and cap & (cap - 1) == 0  # lands whole, in one chunk
+    assert landing_bytes_for(100 << 20) == LANDING_BYTES            # bounded: bigger answers are split (copied)

@@ -64,19 +64,22 @@ MIGRATES = False   # a queue pair cannot change process: no detach/adopt (engine
 _ENDPOINT_LOCK = threading.Lock()
 _ENDPOINTS: dict[tuple[int, str | None], object] = {}
 _SERVED: weakref.WeakSet = weakref.WeakSet()   # this process's server-side data streams (test hook below)
-_LANDING = {"prefix": "", "next": 0}            # land_responses_in_shm: this process's landing names
+_LANDING: dict = {"prefix": "", "next": 0, "bytes": 0}   # land_responses_in_shm: this process's landings
 
 
-def land_responses_in_shm(prefix: str) -> None:
+def land_responses_in_shm(prefix: str, capacity: int | None = None) -> None:
     """Engine process: data connections opened from now on receive into shm landings named ``prefix.pPID.*``.
 
     ``prefix`` comes from ``rdma.landing.landing_prefix(instance, engine)``;
-    landings a dead process of the same engine left behind are removed now.
+    ``capacity`` (bytes, ``rdma.landing.landing_bytes_for``) defaults to the
+    largest landing.  Landings a dead process of the same engine left behind
+    are removed now.
     """
-    from flexemr.transport.rdma.landing import sweep_stale
+    from flexemr.transport.rdma.landing import LANDING_BYTES, sweep_stale
 
     sweep_stale(prefix)
     _LANDING["prefix"] = prefix
+    _LANDING["bytes"] = capacity or LANDING_BYTES
 
 
 def _landing_name(conn_id: int) -> str | None:
@@ -143,7 +146,8 @@ class RdmaConnection(Connection):
             t = time.monotonic()
             self._pending = FrameStream(process_endpoint(self.device), self.peer, self.tcp.sock,
                                         priority=self.priority,
-                                        landing=None if self.priority else _landing_name(self.conn_id))
+                                        landing=None if self.priority else _landing_name(self.conn_id),
+                                        landing_bytes=_LANDING["bytes"])
             parts = " ".join(f"{k} {v:.1f}" for k, v in self._pending.setup_ms.items())
             self.setup_steps.append((f"stream ({parts})", (time.monotonic() - t) * 1e3))
         return self._pending.blob()

@@ -49,13 +49,27 @@ from flexemr.ring.layout import HEAD, LENT_BYTES, LENT_END, LENT_SEQ, RETURNED_S
 logger = logging.getLogger(__name__)
 
 __all__ = ["Landing", "LANDING_BYTES", "MIN_LANDING_BYTES", "max_chunk", "place", "room", "sweep_stale",
-           "RETIRE_TIMEOUT_S"]
+           "RETIRE_TIMEOUT_S", "landing_bytes_for"]
 
-LANDING_BYTES = 8 << 20       # a data stream's landing: answers up to 4 MiB land whole
+LANDING_BYTES = 8 << 20       # the largest landing: answers up to 4 MiB land whole
+MIN_DATA_LANDING = 2 << 20    # the smallest: an old server writes its 32 x 64 KiB slots into region 0
 MIN_LANDING_BYTES = 64 << 10  # a sender refuses to place chunks in a smaller ring (v3 blob check)
 RETIRE_TIMEOUT_S = 30.0       # lends a closed stream still waits for (a ranker that lost them)
 _RETIRE_POLL_S = 0.5
 _ALIGN_MASK = SLOT_ALIGN - 1
+
+
+def landing_bytes_for(largest_response: int) -> int:
+    """A landing in which a response of ``largest_response`` bytes lands whole (a chunk is half of it).
+
+    Power of two between ``MIN_DATA_LANDING`` and ``LANDING_BYTES``: registering
+    (pinning) it is part of every connection's set-up, and of every reopen.
+    """
+    want = 2 * (largest_response + 4096)
+    cap = MIN_DATA_LANDING
+    while cap < want and cap < LANDING_BYTES:
+        cap *= 2
+    return cap
 
 
 def max_chunk(capacity: int) -> int:

@@ -121,7 +121,7 @@ class FrameStream:
     """One connection's bytes over verbs (see the module docstring)."""
 
     def __init__(self, endpoint: Endpoint, peer: str, control: socket.socket, *, priority: bool = False,
-                 landing: str | None = None, peer_landing: int = 0) -> None:
+                 landing: str | None = None, landing_bytes: int = LANDING_BYTES, peer_landing: int = 0) -> None:
         """``landing`` (engine data streams): receive into a shm ring of that name, offered to the peer;
         ``peer_landing`` (server): the peer offered a landing of that many bytes, place our WRITEs in it."""
         self.ep = endpoint
@@ -154,7 +154,7 @@ class FrameStream:
         self.landing: Landing | None = None
         rx = None
         if landing is not None and not priority:
-            self.landing, rx = self._make_landing(landing)
+            self.landing, rx = self._make_landing(landing, landing_bytes)
         self.rx = rx if rx is not None else endpoint.register(np.zeros(ring, np.uint8), remote_write=True)
         self._peer_landing = peer_landing if not priority else 0
         self.tx = endpoint.register(np.zeros(self._peer_landing or ring, np.uint8))
@@ -228,10 +228,12 @@ class FrameStream:
                               version=version, accepts=accepts, tables=tables if v2 else (),
                               boot_version=boot_version if v2 else 0).pack()
 
-    def _make_landing(self, name: str) -> tuple[Landing | None, Region | None]:
+    def _make_landing(self, name: str, capacity: int) -> tuple[Landing | None, Region | None]:
         """The shm landing and its registration, or (None, None), logged: the copying path then."""
+        if capacity < self.slots * self.slot_bytes:   # an old server writes its slots there
+            raise ValueError(f"a landing of {capacity} bytes cannot hold {self.slots} slots of {self.slot_bytes}")
         try:
-            landing = Landing(name, LANDING_BYTES)
+            landing = Landing(name, capacity)
         except (OSError, ValueError) as e:
             logger.warning("RDMA to %s: no shared landing (%s); responses are copied out of a private ring",
                            self.peer, e)
