@@ -166,3 +166,14 @@ def test_a_landing_is_sized_for_the_largest_answer_within_bounds() -> None:
         cap = landing_bytes_for(largest)
         assert largest <= max_chunk(cap) and cap & (cap - 1) == 0  # lands whole, in one chunk
     assert landing_bytes_for(100 << 20) == LANDING_BYTES            # bounded: bigger answers are split (copied)
+
+
+def test_version_3_is_what_a_server_placing_its_writes_answers_and_parses_like_version_2() -> None:
+    from flexemr.transport.rdma.blob import ConnectionBlob, ReadTable, RemoteRegion
+
+    gid = bytes(10) + b"\xff\xff" + bytes([10, 0, 2, 15])
+    t = ReadTable(3, 1, 0, 10, 0x7F00_2000_0000, 0xBEEF, 16, 4)
+    b = ConnectionBlob(0x11, 5, 0x11, 5, gid, 1024, 32, 65536, 2, (RemoteRegion(0x7F00_0000_1000, 2 << 20, 1),),
+                       version=3, tables=(t,), boot_version=1)
+    back = ConnectionBlob.unpack_padded(b.pack() + bytes(40))
+    assert back.version == 3 and back.tables == (t,) and back.boot_version == 1
