@@ -42,6 +42,7 @@ import time
 
 import posix_ipc
 
+from flexemr.control.block import pid_alive
 from flexemr import naming
 from flexemr.ring import Ring
 from flexemr.ring.layout import HEAD, LENT_BYTES, LENT_END, LENT_SEQ, RETURNED_SEQ, SLOT_ALIGN, TAIL
@@ -235,7 +236,7 @@ def sweep_stale(prefix: str) -> list[str]:
         if not base.startswith(head):
             continue
         pid = base[len(head):].split(".", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
             continue
         try:
             if is_sem:
@@ -248,13 +249,3 @@ def sweep_stale(prefix: str) -> list[str]:
     if removed:
         logger.info("removed %d landing names left by a dead engine process: %s", len(removed), ", ".join(removed))
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
