@@ -209,3 +209,16 @@ def unlink_instance_segments(instance: str) -> list[str]:
             continue  # raced with another cleanup: already gone is what we want
         removed.append(entry)
     return removed
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process ``pid`` exists (EPERM means it exists but is not ours)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -29,6 +29,7 @@ import numpy as np
 import posix_ipc
 
 from flexemr import naming
+from flexemr.naming import pid_alive
 from flexemr.control.layout import (
     CACHE,
     CONN_CTL,
@@ -119,19 +120,6 @@ def _describe_owner(name: str) -> str:
     except OSError:
         return "owner unknown"
     return f"mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}, group {st.st_gid}"
-
-
-def pid_alive(pid: int) -> bool:
-    """True if a process ``pid`` exists (EPERM means it exists but is not ours)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ControlBlock:

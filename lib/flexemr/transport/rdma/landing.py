@@ -42,7 +42,7 @@ import time
 
 import posix_ipc
 
-from flexemr.control.block import pid_alive
+from flexemr.naming import pid_alive
 from flexemr import naming
 from flexemr.ring import Ring
 from flexemr.ring.layout import HEAD, LENT_BYTES, LENT_END, LENT_SEQ, RETURNED_SEQ, SLOT_ALIGN, TAIL
