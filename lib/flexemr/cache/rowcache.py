@@ -118,9 +118,20 @@ def _kind(pooling: Pooling) -> Pooling:
 
 
 class _Pool:
-    """Rows of one embedding dim: device storage plus host-side slot bookkeeping."""
+    """Rows of one embedding dim: device storage plus host-side slot bookkeeping.
 
-    __slots__ = ("dim", "data", "tab", "row", "last", "live")
+    ``free`` lists the free slots (so a fill takes them without scanning the
+    pool).  ``cold`` is the eviction order computed once and used by many
+    fills: the ``cold_n`` coldest live slots when it was made, coldest first,
+    with the (table, row, clock) each held then; an entry whose slot has been
+    touched, dropped or refilled since no longer matches and is skipped.  Every
+    live row outside the list has a clock >= ``cold_cut`` (a fill of an older
+    clock drops the list), so the list's first valid entries are exactly the
+    coldest rows of the pool.
+    """
+
+    __slots__ = ("dim", "data", "tab", "row", "last", "live", "free", "cold", "cold_tab", "cold_row",
+                 "cold_last", "cold_cut")
 
     def __init__(self, dim: int, device: torch.device) -> None:
         self.dim = dim
@@ -129,6 +140,13 @@ class _Pool:
         self.row = np.empty(0, dtype=np.int64)
         self.last = np.empty(0, dtype=np.int64)
         self.live = 0
+        self.free = np.empty(0, dtype=np.int64)
+        self.forget_cold()
+
+    def forget_cold(self) -> None:
+        self.cold: np.ndarray | None = None
+        self.cold_tab = self.cold_row = self.cold_last = np.empty(0, dtype=np.int64)
+        self.cold_cut = 0
 
     @property
     def alloc(self) -> int:
@@ -169,9 +187,11 @@ class RowCache:
         self._slot_of_row = [np.full(t.rows, -1, dtype=np.int32) for t in self.tables]
         self._freq = [np.zeros(t.rows, dtype=np.uint32) for t in self.tables] if admission == "tinylfu" else None
         self._window_seen = 0
-        # Misses since the last candidates_for_fill: chunks of (rows, clock), and
-        # rows handed out for fetching with the clock of their last miss.
-        self._pending: list[list[tuple[np.ndarray, int | np.ndarray]]] = [[] for _ in self.tables]
+        # Misses since the last candidates_for_fill: per table the clock of each row's
+        # last miss (0 = not pending) and the pending rows, each listed once, in
+        # chunks; plus rows handed out for fetching with the clock of their last miss.
+        self._miss_clock = [np.zeros(t.rows, dtype=np.int64) for t in self.tables]
+        self._pending: list[list[np.ndarray]] = [[] for _ in self.tables]
         self._pending_n = [0] * len(self.tables)
         self._inflight: list[tuple[np.ndarray, np.ndarray]] = [_empty_pair() for _ in self.tables]
         self._clock = 0
@@ -281,28 +301,44 @@ class RowCache:
         return self._capacity // (dim * _ROW_BYTES)
 
     def _add_pending(self, table_idx: int, rows: np.ndarray, clock: int | np.ndarray) -> None:
-        self._pending[table_idx].append((rows, clock))
-        self._pending_n[table_idx] += len(rows)
-        # Bound the buffer when nobody asks for candidates: dedupe, then keep the most recently missed.
+        """Record misses of ``rows`` at ``clock``: O(len(rows)) gathers and scatters, no sort.
+
+        A row already pending only gets its clock moved; a row not pending is
+        listed once, however often it repeats in ``rows`` (the stamp written
+        just before tells its first-listed copy from the others).
+        """
+        mc = self._miss_clock[table_idx]
+        fresh = rows[mc[rows] == 0]
+        if len(fresh):
+            stamp = -np.arange(1, len(fresh) + 1, dtype=np.int64)
+            mc[fresh] = stamp
+            fresh = fresh[mc[fresh] == stamp]   # one copy per row: the one whose stamp stayed
+        mc[rows] = clock
+        if not len(fresh):
+            return
+        self._pending[table_idx].append(fresh)
+        self._pending_n[table_idx] += len(fresh)
+        # Bound the buffer when nobody asks for candidates: keep the most recently missed.
         limit = max(4 * self._capacity_rows_estimate(), 1 << 16)
         if self._pending_n[table_idx] > 2 * limit:
             rows_u, clocks_u = self._take_pending(table_idx)
             keep = np.sort(np.argsort(clocks_u, kind="stable")[-limit:])
-            self._pending[table_idx] = [(rows_u[keep], clocks_u[keep])]
+            mc[rows_u[keep]] = clocks_u[keep]
+            self._pending[table_idx] = [rows_u[keep]]
             self._pending_n[table_idx] = len(keep)
 
     def _take_pending(self, table_idx: int) -> tuple[np.ndarray, np.ndarray]:
-        """Deduplicated pending misses of a table with the clock of each row's last miss; empties the buffer."""
+        """The pending misses of a table (each row once) with the clock of each row's last miss; empties them."""
         chunks = self._pending[table_idx]
         self._pending[table_idx] = []
         self._pending_n[table_idx] = 0
         if not chunks:
             return _empty_pair()
-        rows = np.concatenate([r for r, _ in chunks])
-        clocks = np.concatenate([np.broadcast_to(np.asarray(c, dtype=np.int64), r.shape) for r, c in chunks])
-        # Chunks are in clock order, so a row's last occurrence carries its latest miss.
-        u, first_rev = np.unique(rows[::-1], return_index=True)
-        return u, clocks[::-1][first_rev]
+        rows = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+        mc = self._miss_clock[table_idx]
+        clocks = mc[rows]
+        mc[rows] = 0
+        return rows, clocks
 
     # ------------------------------------------------------------------ filling
 
@@ -360,10 +396,8 @@ class RowCache:
             contested = in_pool[free_bytes // pool.row_bytes:]
             if not len(contested):
                 continue
-            live = np.flatnonzero(pool.tab >= 0)
-            k = min(len(contested), len(live))
-            coldest = live[np.argpartition(pool.last[live], k - 1)[:k]] if 0 < k < len(live) else live
-            coldest = coldest[np.argsort(pool.last[coldest], kind="stable")]
+            coldest = self._coldest(pool, len(contested))
+            k = len(coldest)
             vfreq = np.empty(k, dtype=np.int64)
             for t in np.unique(pool.tab[coldest]):
                 sel = pool.tab[coldest] == t
@@ -416,6 +450,8 @@ class RowCache:
             if excess > 0:
                 self._evict_bytes(excess)
             slots = self._free_slots(pool, n)
+            if pool.cold is not None and int(clocks.min()) < pool.cold_cut:
+                pool.forget_cold()    # a row colder than the list's cut: the list is no longer the coldest
             if isinstance(data, torch.Tensor):
                 src = data.detach().to(device=self.device, dtype=torch.float32)
                 src = src[torch.from_numpy(idx).to(self.device)]
@@ -456,7 +492,7 @@ class RowCache:
         ``n`` fit the capacity; here the allocation follows, staying within the
         capacity as well.
         """
-        if pool.alloc - pool.live < n:
+        if len(pool.free) < n:
             rb = pool.row_bytes
             others = self.allocated_bytes - pool.alloc * rb
             if others + (pool.live + n) * rb > self._capacity:  # give back other pools' slack first
@@ -467,7 +503,8 @@ class RowCache:
             room = (self._capacity - others) // rb
             # Geometric growth: few reallocations while the cache warms up.
             self._compact(pool, max(min(max(2 * pool.alloc, 256), room), pool.live + n))
-        return np.flatnonzero(pool.tab < 0)[:n]
+        slots, pool.free = pool.free[:n], pool.free[n:]
+        return slots
 
     def _compact(self, pool: _Pool, alloc: int) -> None:
         """Reallocate ``pool`` with ``alloc`` slots, live rows moved to the front (order kept)."""
@@ -484,11 +521,43 @@ class RowCache:
         row[: len(live)] = pool.row[live]
         last[: len(live)] = pool.last[live]
         pool.data, pool.tab, pool.row, pool.last = data, tab, row, last
+        pool.free = np.arange(len(live), alloc, dtype=np.int64)
+        pool.forget_cold()   # slots moved
         new_slots = np.arange(len(live), dtype=np.int32)
         for t in np.unique(tab[: len(live)]):
             sel = tab[: len(live)] == t
             self._slot_of_row[t][row[: len(live)][sel]] = new_slots[sel]
         self._version += 1
+
+    def _coldest(self, pool: _Pool, k: int) -> np.ndarray:
+        """The ``k`` least recently used live slots of ``pool`` (fewer if it holds fewer), coldest first.
+
+        One argpartition over the live slots serves many calls: it keeps the
+        coldest 1/16 of the pool (at least ``k``, at least 4096) as
+        :class:`_Pool` describes, and is redone only once too few of them are
+        still valid.  Without it every fill of a full cache scanned and
+        partitioned the whole pool.
+        """
+        k = min(int(k), pool.live)
+        if k <= 0:
+            return np.empty(0, dtype=np.int64)
+        if pool.cold is not None:
+            c = pool.cold
+            ok = (pool.tab[c] == pool.cold_tab) & (pool.row[c] == pool.cold_row) & (pool.last[c] == pool.cold_last)
+            if int(ok.sum()) >= k:
+                if not ok.all():
+                    pool.cold, pool.cold_tab, pool.cold_row, pool.cold_last = (
+                        c[ok], pool.cold_tab[ok], pool.cold_row[ok], pool.cold_last[ok])
+                return pool.cold[:k]
+        live = np.flatnonzero(pool.tab >= 0)
+        n = min(len(live), max(k, pool.live // 16, 4096))
+        cold = live if n == len(live) else live[np.argpartition(pool.last[live], n - 1)[:n]]
+        cold = cold[np.argsort(pool.last[cold], kind="stable")]
+        pool.cold, pool.cold_tab, pool.cold_row, pool.cold_last = (
+            cold, pool.tab[cold].astype(np.int64), pool.row[cold], pool.last[cold])
+        # Rows left out are at least as recent as the list's last entry; with the whole pool listed, none is.
+        pool.cold_cut = int(pool.cold_last[-1]) if n < len(live) else np.iinfo(np.int64).max
+        return cold[:k]
 
     def _evict_bytes(self, need: int) -> int:
         """Evict the least recently used rows (over all pools) until ``need`` bytes are free."""
@@ -499,11 +568,9 @@ class RowCache:
             return 0
         if len(pools) == 1:
             pool = pools[0]
-            live = np.flatnonzero(pool.tab >= 0)
-            k = min(-(-need // pool.row_bytes), len(live))
-            victims = live if k == len(live) else live[np.argpartition(pool.last[live], k - 1)[:k]]
+            victims = self._coldest(pool, -(-need // pool.row_bytes))
             self._drop(pool, victims)
-            return k
+            return len(victims)
         # Mixed dims: one global LRU order, evict a prefix whose bytes cover ``need``.
         owner = np.concatenate([np.full(p.live, i, dtype=np.int32) for i, p in enumerate(pools)])
         slots = np.concatenate([np.flatnonzero(p.tab >= 0) for p in pools])
@@ -523,6 +590,7 @@ class RowCache:
             sel = slots[pool.tab[slots] == t]
             self._slot_of_row[t][pool.row[sel]] = -1
         pool.tab[slots] = -1
+        pool.free = np.concatenate([pool.free, slots.astype(np.int64)])
         pool.live -= len(slots)
         self._evictions += len(slots)
         self._version += 1
@@ -575,6 +643,7 @@ class RowCache:
         for i in range(len(self.tables)):
             self._pending[i] = []
             self._pending_n[i] = 0
+            self._miss_clock[i].fill(0)
             self._inflight[i] = _empty_pair()
         if self._freq is not None:
             for f in self._freq:
