@@ -87,10 +87,9 @@ class RankerCache:
                     self._probes.append((False, batch, t0, t0))
                 return values, lengths
         miss_v, miss_l = [], []
-        for t, v, ln in zip(tables, values, lengths):
-            sp = self.cache.split(t, v, ln, check=False)
+        for sp in self.cache.split_many(tables, values, lengths, check=False):   # one pooling call per batch
             if sp.n_hits:
-                batch.add_cached(t, sp.hit_pooled().cpu().numpy(), sp.hit_counts)
+                batch.add_cached(sp.table, sp.hit_pooled().cpu().numpy(), sp.hit_counts)
             miss_v.append(sp.miss_values)
             miss_l.append(sp.miss_lengths)
         if gated and probing:

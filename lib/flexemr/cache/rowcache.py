@@ -21,7 +21,7 @@ Layout (one pool per distinct embedding dim; tables of the same dim share it)::
 
 ``slot_of_row`` costs 4 bytes per table row on the ranker's host and buys an
 O(1) vectorised membership test (one gather) for every id of a batch.  The
-logical clock advances once per ``split`` call, so recency has per-batch
+logical clock advances once per ``split`` (or ``split_many``: a whole batch) call, so recency has per-batch
 granularity: every row a batch touches counts as used "now".  All bookkeeping
 arrays are host numpy arrays (ids arrive on the host); only ``data`` lives on
 the device, and only slot indices and pooled results cross to and from it.
@@ -111,6 +111,9 @@ class CacheSplit:
         if self._cache is None:  # nothing was hit: zeros in every mode
             return self._pooled
         return self._cache._repool(self, kind)
+
+
+_NO_POOL = torch.empty(0)   # placeholder until split_many pools the group
 
 
 def _kind(pooling: Pooling) -> Pooling:
@@ -209,46 +212,94 @@ class RowCache:
         Records every access: the LRU clock of the hit rows, the frequency of
         every id (``tinylfu``) and the missed rows as fill candidates.
         """
-        spec = self.tables[table_idx]
-        values = np.ascontiguousarray(values, dtype=np.int64)
-        lengths = np.ascontiguousarray(lengths, dtype=np.int32)
+        return self.split_many([table_idx], [values], [lengths], check)[0]
+
+    def split_many(self, tables: Sequence[int], values: Sequence[np.ndarray], lengths: Sequence[np.ndarray],
+                   check: bool = True) -> list[CacheSplit]:
+        """:meth:`split` of several tables at once (one batch): the same answers, one clock tick.
+
+        Each table's ids are looked up on their own (one gather in its
+        ``slot_of_row``), but the hits of all tables that share a pool and a
+        pooling kind go to one ``embedding_bag`` call over the pool's storage
+        (their bags back to back), not one call per table: each torch call
+        on the CPU opens a parallel region, whose threads then spin for work
+        and take CPU from the rest of the ranker on a busy host.
+        """
+        if not (len(tables) == len(values) == len(lengths)):
+            raise ValueError(f"split_many: {len(tables)} tables, {len(values)} values and {len(lengths)} lengths")
+        values = [np.ascontiguousarray(v, dtype=np.int64) for v in values]
+        lengths = [np.ascontiguousarray(ln, dtype=np.int32) for ln in lengths]
         if check:
-            _check_bags(spec, values, lengths)
+            for t, v, ln in zip(tables, values, lengths):
+                _check_bags(self.tables[t], v, ln)
         with self._lock:
             self._clock += 1
             now = self._clock
-            n_bags = len(lengths)
-            self._lookups[table_idx] += len(values)
-            if self._freq is not None and len(values):
-                self._count(table_idx, values)
-            if self._capacity == 0 or len(values) == 0:
-                return self._all_miss(table_idx, values, lengths)
-            slots = self._slot_of_row[table_idx][values]
-            hit = slots >= 0
-            # Per-bag hit counts from one running count: no per-bag Python, no repeat().
-            ends = np.cumsum(lengths, dtype=np.int64)
-            csum = np.concatenate(([0], np.cumsum(hit, dtype=np.int64)))
-            hit_counts = (csum[ends] - csum[ends - lengths]).astype(np.int32)
-            n_hit = int(csum[-1])
-            hit_slots = slots[hit]
-            pool = self._pools[spec.dim]
-            pool.last[hit_slots] = now  # duplicates all write the same value
-            self._hits[table_idx] += n_hit
-            miss = ~hit
-            miss_values = values[miss]
-            if len(miss_values):
-                self._add_pending(table_idx, miss_values, now)
-            kind = _kind(spec.pooling)
-            offsets = np.zeros(n_bags + 1, dtype=np.int64)
-            np.cumsum(hit_counts, out=offsets[1:])
-            slots_t = torch.from_numpy(hit_slots.astype(np.int64)).to(self.device)
-            offsets_t = torch.from_numpy(offsets).to(self.device)
-            pooled = self._pool_slots(table_idx, slots_t, offsets_t, hit_counts, kind)
-            return CacheSplit(
-                table=table_idx, hit_mask=hit, miss_values=miss_values,
-                miss_lengths=(lengths - hit_counts).astype(np.int32), hit_counts=hit_counts,
-                _pooled=pooled, _kind=kind, _cache=self, _version=self._version, _slots=slots_t, _offsets=offsets_t,
-            )
+            out: list[CacheSplit | None] = [None] * len(tables)
+            groups: dict[tuple[int, Pooling], list[tuple[int, np.ndarray, np.ndarray]]] = {}
+            for i, (t, v, ln) in enumerate(zip(tables, values, lengths)):
+                looked = self._lookup(t, v, ln, now)
+                if isinstance(looked, CacheSplit):
+                    out[i] = looked
+                    continue
+                hit, hit_slots, hit_counts, miss_values = looked
+                spec = self.tables[t]
+                out[i] = CacheSplit(
+                    table=t, hit_mask=hit, miss_values=miss_values,
+                    miss_lengths=(ln - hit_counts).astype(np.int32), hit_counts=hit_counts,
+                    _pooled=_NO_POOL, _kind=_kind(spec.pooling), _cache=self, _version=self._version,
+                    _slots=None, _offsets=None)
+                groups.setdefault((spec.dim, _kind(spec.pooling)), []).append((i, hit_slots, hit_counts))
+            for (dim, kind), members in groups.items():
+                self._pool_group(dim, kind, members, out)
+            return out  # type: ignore[return-value]
+
+    def _lookup(self, table_idx: int, values: np.ndarray, lengths: np.ndarray,
+                now: int) -> CacheSplit | tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """One table's bookkeeping: (hit mask, hit slots, hits per bag, missed ids), or a finished all-miss split."""
+        self._lookups[table_idx] += len(values)
+        if self._freq is not None and len(values):
+            self._count(table_idx, values)
+        if self._capacity == 0 or len(values) == 0:
+            return self._all_miss(table_idx, values, lengths)
+        slots = self._slot_of_row[table_idx][values]
+        hit = slots >= 0
+        # Per-bag hit counts from one running count: no per-bag Python, no repeat().
+        ends = np.cumsum(lengths, dtype=np.int64)
+        csum = np.concatenate(([0], np.cumsum(hit, dtype=np.int64)))
+        hit_counts = (csum[ends] - csum[ends - lengths]).astype(np.int32)
+        hit_slots = slots[hit]
+        self._pools[self.tables[table_idx].dim].last[hit_slots] = now  # duplicates all write the same value
+        self._hits[table_idx] += int(csum[-1])
+        miss_values = values[~hit]
+        if len(miss_values):
+            self._add_pending(table_idx, miss_values, now)
+        return hit, hit_slots, hit_counts, miss_values
+
+    def _pool_group(self, dim: int, kind: Pooling, members: list[tuple[int, np.ndarray, np.ndarray]],
+                    out: list[CacheSplit | None]) -> None:
+        """Pool the hits of ``members`` (tables sharing pool ``dim`` and ``kind``) in one kernel call."""
+        counts = members[0][2] if len(members) == 1 else np.concatenate([c for _, _, c in members])
+        slots = members[0][1] if len(members) == 1 else np.concatenate([s for _, s, _ in members])
+        offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        slots_t = torch.from_numpy(slots.astype(np.int64, copy=False)).to(self.device)
+        if len(slots_t):
+            pooled = pool_tensor(slots_t, self._pools[dim].data, torch.from_numpy(offsets).to(self.device), kind,
+                                 counts == 0)
+        else:
+            pooled = torch.zeros((len(counts), dim), dtype=torch.float32, device=self.device)
+        bag0 = 0
+        for i, _s, c in members:
+            sp = out[i]
+            assert sp is not None
+            n = len(c)
+            sp._pooled = pooled[bag0: bag0 + n]
+            # What another pooling mode needs (_repool): this table's hit slots and offsets, views, no copies.
+            lo, hi = int(offsets[bag0]), int(offsets[bag0 + n])
+            sp._slots = slots_t[lo:hi]
+            sp._offsets = torch.from_numpy(offsets[bag0: bag0 + n + 1] - lo).to(self.device)
+            bag0 += n
 
     def _all_miss(self, table_idx: int, values: np.ndarray, lengths: np.ndarray) -> CacheSplit:
         spec = self.tables[table_idx]
@@ -452,13 +503,16 @@ class RowCache:
             slots = self._free_slots(pool, n)
             if pool.cold is not None and int(clocks.min()) < pool.cold_cut:
                 pool.forget_cold()    # a row colder than the list's cut: the list is no longer the coldest
-            if isinstance(data, torch.Tensor):
-                src = data.detach().to(device=self.device, dtype=torch.float32)
-                src = src[torch.from_numpy(idx).to(self.device)]
-            else:  # select on the host, then move only what is inserted
-                src = torch.from_numpy(np.ascontiguousarray(np.asarray(data)[idx], dtype=np.float32)).to(self.device)
-            slots_t = torch.from_numpy(slots.astype(np.int64)).to(self.device)
-            pool.data.index_copy_(0, slots_t, src)
+            if self.device.type == "cpu" and not isinstance(data, torch.Tensor):
+                # A numpy scatter straight into the storage: no torch call, so no parallel region (see split_many).
+                pool.data.numpy()[slots] = np.asarray(data)[idx]
+            else:
+                if isinstance(data, torch.Tensor):
+                    src = data.detach().to(device=self.device, dtype=torch.float32)
+                    src = src[torch.from_numpy(idx).to(self.device)]
+                else:  # select on the host, then move only what is inserted
+                    src = torch.from_numpy(np.ascontiguousarray(np.asarray(data)[idx], dtype=np.float32)).to(self.device)
+                pool.data.index_copy_(0, torch.from_numpy(slots.astype(np.int64)).to(self.device), src)
             pool.tab[slots] = table_idx
             pool.row[slots] = rows_u
             pool.last[slots] = clocks
