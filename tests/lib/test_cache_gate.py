@@ -82,3 +82,42 @@ def test_the_gate_probes_again_after_its_hold_and_backs_off_while_the_cache_keep
 def test_bad_windows_are_refused_by_name():
     with pytest.raises(ValueError, match="window_s > settle_s"):
         PayoffGate(window_s=0.1, settle_s=0.2)
+
+
+def test_idle_windows_do_not_decide_and_a_probe_without_traffic_in_one_arm_starts_over():
+    """A ranker that goes quiet mid-probe: the windows it was idle in are no evidence for either arm."""
+    clock = Clock()
+    gate = PayoffGate(window_s=1.0, settle_s=0.25, rounds=2, hold_s=10, clock=clock)
+    # Traffic only in the first two windows (one per arm); the cache arm is the faster one.
+    while clock.t < 2.0:
+        use = gate.use_cache(100)
+        clock.t += 100 / (4_000 if use else 2_000)
+    clock.t = 7.5                      # idle through windows 2 and 3, then traffic again
+    gate.use_cache(100)
+    assert gate.state is GateState.OPEN, "decided on the busy windows alone, not on medians dragged to zero"
+    snap = gate.snapshot()
+    assert snap["cache_samples_per_s"] == pytest.approx(4_000, rel=0.1), "the idle windows are not in the median"
+    assert snap["bypass_samples_per_s"] == pytest.approx(2_000, rel=0.1)
+
+    clock = Clock()
+    gate = PayoffGate(window_s=1.0, settle_s=0.25, rounds=2, hold_s=10, clock=clock)
+    while clock.t < 1.0:               # traffic in the cache arm's first window only
+        gate.use_cache(100)
+        clock.t += 0.025
+    clock.t = 9.0
+    assert gate.use_cache(100) is True, "a new probe starts with the cache arm"
+    assert gate.state is GateState.PROBING and gate.last == {}, "nothing was decided on one arm alone"
+
+
+def test_a_slow_link_payoff_opens_the_gate_and_a_loopback_payoff_closes_it_on_a_synthetic_load():
+    """Synthetic payoff: throughput of each arm = min(link limit / bytes per sample, CPU limit / CPU per sample)."""
+    def rate(use: bool, link_mbit: float) -> float:
+        wire = (1_300 if use else 2_050) * 8 / (link_mbit * 1e6)       # seconds of link per sample
+        cpu = (14e-6 if use else 10e-6) / 2                              # two cores
+        return 1.0 / max(wire, cpu)
+
+    for link, state in ((200, GateState.OPEN), (400, GateState.OPEN), (100_000, GateState.CLOSED)):
+        clock = Clock()
+        gate = PayoffGate(clock=clock)
+        _probe(gate, clock, rate(True, link), rate(False, link))
+        assert gate.state is state, f"{link} Mbit/s"

@@ -10,7 +10,9 @@ A *probe* alternates time windows of ``window_s`` in which batches are served
 through the cache and windows in which they bypass it, ``rounds`` of each.
 Per window it counts the samples dispatched (after a ``settle_s`` lead-in, so
 batches of the previous arm still in flight do not count for this one): under
-load that is the throughput of each arm.  It also keeps each batch's lookup
+load that is the throughput of each arm; a window in which the ranker was
+idle (no batch) is left out, and a probe with no busy window in one arm
+starts over.  It also keeps each batch's lookup
 time per sample (creation until every partial is in).  The cache *wins* when
 its median throughput is higher by ``margin``, or, with throughputs within
 ``margin`` of each other (light load: both carry the offered rate), when its
@@ -94,8 +96,15 @@ class PayoffGate:
 
     def _decide(self) -> None:
         span = self.window_s - self.settle_s
-        thr = {arm: float(np.median([n / span for w, n in enumerate(self._samples) if (w % 2 == 0) == arm]))
-               for arm in (True, False)}
+        # A window without a batch (the ranker was idle) says nothing about either arm: leave it out,
+        # and probe again when an arm has no window with traffic at all.
+        busy = {arm: [n / span for w, n in enumerate(self._samples) if (w % 2 == 0) == arm and n]
+                for arm in (True, False)}
+        if not busy[True] or not busy[False]:
+            logger.debug("cache payoff probe saw no traffic in one arm's windows; probing again")
+            self._start_probe()
+            return
+        thr = {arm: float(np.median(v)) for arm, v in busy.items()}
         lat = {arm: float(np.median(v)) if v else float("nan") for arm, v in self._lookup.items()}
         if thr[True] > thr[False] * (1 + self.margin):
             wins = True
