@@ -1,8 +1,8 @@
 """Cache on vs off where hits save nothing (loopback) and where they save a slow network, side by side.
 
     python -m flexemr_bench.cachegate --out bench-out/cachegate [--rows-cap 100000] [--seconds 6] [--reps 3]
-        [--slow-netns emrslow --slow-addr 10.77.0.2 [--slow-veth veth-emr]
-         [--capacities 16MiB,64MiB,128MiB,256MiB]] [--cache-size 64MiB] [--skip-loopback]
+        [--slow-netns emrslow --slow-addr 10.77.0.2 [--slow-veth veth-emr] [--slow-peer veth-emrs]
+         [--capacities 16MiB,64MiB,128MiB,256MiB] [--rates 200,400,800]] [--cache-size 64MiB] [--skip-loopback]
 
 Loopback: two ``flexemrd local --embedding-servers 2`` daemons, one with the
 cache off and one with ``--cache-policy adaptive``; they take turns
@@ -29,6 +29,20 @@ subrequest, protocol 3).  ``--capacities`` adds a curve: a ranker with a
 *fixed* cache of each size in turn, interleaved with the cache-off ranker
 (JSON and ``cachegate-capacity.png``).  Writes ``cachegate.json``; prints
 the ratios with the cache sizes used.
+
+``--rates`` adds a link-rate curve: at each rate (tbf re-set on both ends of
+the veth, then put back) cache off, a fresh adaptive ranker and a fixed one
+of ``--cache-size`` take turns; each point carries the adaptive gate's
+decisions (parsed from its log: cached rankers log at info level, where the
+gate logs) and ``cachegate-rates.png`` plots both ratios with the gate's
+state.  Every cell also records each role's CPU ms per 1,000 samples
+(``cpu_ms_per_1000_samples``: robust on a shared host, where throughput is
+not; a link-bound ranker's includes what its threads burn while waiting).
+
+Warm-up: before the measured runs each ranker serves alone, a cached one for
+``gate_warmup_s()`` (the gate's first probe, 2 x rounds x window_s of its
+defaults, plus 1 s), so what is measured is the gate's steady state, and its
+later re-probes as they fall due, not its first probe.
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -48,6 +63,17 @@ from flexemr_bench.daemon import ReadyProcess
 BATCH = 1024
 BUDGET = "2GiB"
 SERVER_PORT = 7101
+ROLES = (("flexemr-emb", "embedding servers"), ("flexemr-eng", "engines"), ("flexemr-inf", "ranker"))
+
+
+def gate_warmup_s() -> float:
+    """Seconds of traffic an adaptive ranker gets alone before it is measured: its gate's first probe
+    (2 x rounds windows, the gate's own defaults) and one more second, so the measured window starts
+    after the gate's first decision instead of inside its probe."""
+    from flexemr.cache.gate import PayoffGate
+
+    g = PayoffGate()
+    return 2 * g.rounds * g.window_s + 1.0
 
 
 def _log(msg: str) -> None:
@@ -69,9 +95,10 @@ def _pair_loopback(model: Path, out: Path, cache_size: str) -> dict[str, ReadyPr
     cache = ["--cache-size", cache_size, "--cache-budget", BUDGET]
     for name, extra in (("off", ["--cache-policy", "off"]), ("adaptive", ["--cache-policy", "adaptive", *cache])):
         sock = str(out / f"loop-{name}.sock")
+        level = "info" if name == "adaptive" else "warning"   # the gate logs its decisions at info
         procs[name] = ReadyProcess([sys.executable, "-m", "flexemrd", "local", "--model", str(model),
                                     "--embedding-servers", "2", "--engines", "2", "--socket", sock,
-                                    "--instance", f"cg{name[:3]}{os.getpid() % 10000}", "--log-level", "warning",
+                                    "--instance", f"cg{name[:3]}{os.getpid() % 10000}", "--log-level", level,
                                     *extra], out / f"loop-{name}.log", sock)
     return procs
 
@@ -102,8 +129,9 @@ class SlowLink:
         """A ``flexemrd run`` ranker (one engine, TCP) on this side with cache ``policy`` of ``capacity``."""
         sock = str(self.out / f"slow-{name}.sock")
         cfg = _toml(self.out / f"slow-{name}.toml", {
+            # info for a cached ranker: its gate logs each decision (gate_decisions reads them back)
             "daemon": {"role": "ranker", "instance": self.instance(name), "model": str(self.model),
-                       "log_level": "warning", "secret_file": str(self.secret)},
+                       "log_level": "info" if policy == "adaptive" else "warning", "secret_file": str(self.secret)},
             "ranker": {"socket": sock, "engines": 1, "servers": [f"{self.addr}:{SERVER_PORT}"], "metrics_port": 0,
                        "transport": "tcp"},
             "cache": {"policy": policy, "capacity": capacity, "budget": BUDGET}})
@@ -133,6 +161,21 @@ def _qdisc(dev: str) -> str:
     return r.stdout.strip() or r.stderr.strip()
 
 
+_DECISION = re.compile(r"cache payoff probe: (\d+) vs (\d+) samples/s, lookup (\S+) vs (\S+) us/sample "
+                       r"\(cache vs bypass\): (serving through|bypassing) the cache for (\d+) s")
+
+
+def gate_decisions(log: Path) -> list[dict]:
+    """The adaptive gate's decisions, in order, from a ranker's log (it logs each one at info level)."""
+    try:
+        text = Path(log).read_text(errors="replace")
+    except OSError:
+        return []
+    return [{"cache_samples_per_s": int(m[0]), "bypass_samples_per_s": int(m[1]),
+             "state": "open" if m[4] == "serving through" else "closed", "hold_s": int(m[5])}
+            for m in _DECISION.findall(text)]
+
+
 def _cache_status(instance: str) -> dict:
     """The ranker's cache as ``emrctl status --json`` shows it (capacity, hit rate, the gate's state)."""
     r = subprocess.run([sys.executable, "-m", "emrctl", "--instance", instance, "status", "--json"],
@@ -157,19 +200,27 @@ def _cell(link: SlowLink, n_tables: int, before: dict[str, int], samples: int) -
 
 def _alternate(procs: dict[str, ReadyProcess], requests: list, seconds: float, reps: int, clients: int,
                link: SlowLink | None = None, n_tables: int = 0) -> dict:
+    from flexemr_bench.daemon import tree_cpu_by_prefix
+
     runs: dict[str, list[float]] = {n: [] for n in procs}
     cells: dict[str, list[dict]] = {n: [] for n in procs}
+    cpu: dict[str, list[dict[str, float]]] = {n: [] for n in procs}
     for rep in range(reps):
         for name, p in procs.items():
             before = link.counters() if link is not None else {}
+            cpu0 = tree_cpu_by_prefix(p.proc.pid, ROLES, "supervisor")
             res = run_load(socket_caller(p.sock, "predict"), requests, clients, seconds)
-            extra = ""
+            cpu1 = tree_cpu_by_prefix(p.proc.pid, ROLES, "supervisor")
+            # CPU per 1,000 samples per role: robust where throughput is not (a shared host).
+            per = {r: round((cpu1[r] - cpu0[r]) * 1e6 / max(1, res.samples), 2) for r in cpu0 if cpu1[r] > cpu0[r]}
+            cpu[name].append(per)
+            extra = f", ranker CPU {per.get('ranker', 0.0):.1f} ms/1000 samples"
             if link is not None:
                 cell = _cell(link, n_tables, before, res.samples)
                 cell["link_mbit_s_from_server"] = round(cell["bytes_from_server_per_sample"] * res.samples_per_s
                                                         * 8 / 1e6, 1)
                 cells[name].append(cell)
-                extra = (f", {cell['bytes_from_server_per_sample']:,.0f} B/sample back "
+                extra += (f", {cell['bytes_from_server_per_sample']:,.0f} B/sample back "
                          f"({cell['link_mbit_s_from_server']:,.0f} Mbit/s), {cell['bytes_to_server_per_sample']:,.0f}"
                          f" B/sample out, {100 * cell['pairs_wholly_cached']:.1f}% of (bag, table) pairs wholly cached")
             _log(f"  [{rep + 1}/{reps}] cache {name}: {res.samples_per_s:,.0f} samples/s, {res.errors} errors{extra}")
@@ -179,13 +230,104 @@ def _alternate(procs: dict[str, ReadyProcess], requests: list, seconds: float, r
         raise RuntimeError(f"cache off served nothing ({runs}); see the logs of {', '.join(procs)} beside the JSON")
     names = [n for n in procs if n != "off"]
     out: dict = {"samples_per_s": med, "runs": runs,
-                 "over_off": {n: round(med[n] / med["off"], 3) for n in names}}
+                 "over_off": {n: round(med[n] / med["off"], 3) for n in names},
+                 "cpu_ms_per_1000_samples": {n: {r: statistics.median(c.get(r, 0.0) for c in cs) for r in cs[0]}
+                                             for n, cs in cpu.items()},
+                 "cpu_runs": cpu}
     if "adaptive" in med:
         out["adaptive_over_off"] = out["over_off"]["adaptive"]
     if link is not None:
         out["link"] = {n: {k: statistics.median(c[k] for c in cs) for k in cs[0]} for n, cs in cells.items()}
         out["link_runs"] = cells
     return out
+
+
+def _warm(procs: dict[str, ReadyProcess], requests: list, clients: int) -> dict[str, list[dict]]:
+    """Each ranker alone: cached ones long enough for the gate's first decision (``gate_warmup_s``), so the
+    measured runs see the gate's steady state (and its re-probes when they fall due), not its first probe.
+    Returns each adaptive ranker's gate decisions so far (from its log)."""
+    warm = gate_warmup_s()
+    shown = {}
+    for name, p in procs.items():
+        run_load(socket_caller(p.sock, "predict"), requests, clients, warm if name != "off" else 2.0)
+        if name.startswith("adaptive"):
+            shown[name] = gate_decisions(Path(p.log.name))
+            last = shown[name][-1] if shown[name] else {}
+            _log(f"  warmed {name} for {warm:.0f} s: gate {last.get('state', 'undecided')} "
+                 f"({last.get('cache_samples_per_s', '-')} vs {last.get('bypass_samples_per_s', '-')} samples/s)")
+    return shown
+
+
+def _tbf(dev: str, rate_mbit: int, netns: str | None = None) -> None:
+    """Rate-limit ``dev`` (inside ``netns`` if given) with the tbf the docs set up, at ``rate_mbit``."""
+    cmd = ["tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{rate_mbit}mbit", "burst", "256kb",
+           "latency", "20ms"]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns, *cmd]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=10)
+
+
+def _rate_curve(link: SlowLink, netns: str, veth: str, peer: str, rates: list[int], cache_size: str,
+                requests: list, seconds: float, reps: int, clients: int, n_tables: int) -> list[dict]:
+    """Cache off vs adaptive vs fixed at each link rate (tbf on both ends), the adaptive gate's decision per point.
+
+    A fresh adaptive ranker per rate (its gate decides for the link it sees, after ``gate_warmup_s``); the
+    off and fixed rankers are kept.  The qdisc is put back to its first rate afterwards.
+    """
+    m = re.search(r"rate (\d+)([KMG])bit", _qdisc(veth))
+    first = int(m.group(1)) * {"K": 1e-3, "M": 1, "G": 1000}[m.group(2)] if m else None
+    curve = []
+    off = link.ranker("off", "off", cache_size)
+    fixed = link.ranker("fixed", "fixed", cache_size)
+    try:
+        for rate in rates:
+            _tbf(veth, rate)
+            _tbf(peer, rate, netns)
+            _log(f"link at {rate} Mbit/s: cache off vs adaptive vs fixed ({cache_size})")
+            adaptive = link.ranker(f"adaptive{rate}", "adaptive", cache_size)
+            try:
+                procs = {"off": off, "adaptive": adaptive, "fixed": fixed}
+                names = {n: link.instance(n if n != "adaptive" else f"adaptive{rate}") for n in procs}
+                _warm(procs, requests, clients)
+                res = _alternate(procs, requests, seconds, reps, clients, link, n_tables)
+                res["gate_decisions"] = gate_decisions(Path(adaptive.log.name))
+                res["cache"] = {n: _cache_status(names[n]) for n in ("adaptive", "fixed")}
+            finally:
+                adaptive.stop()
+            last = res["gate_decisions"][-1] if res["gate_decisions"] else {}
+            curve.append({"rate_mbit": rate, "adaptive_over_off": res["over_off"]["adaptive"],
+                          "fixed_over_off": res["over_off"]["fixed"], "gate_state": last.get("state"), **res})
+    finally:
+        off.stop()
+        fixed.stop()
+        if first:
+            _tbf(veth, int(first))
+            _tbf(peer, int(first), netns)
+    return curve
+
+
+def _plot_rates(curve: list[dict], cache_size: str, path: Path) -> bool:
+    from flexemr_bench.plots import pyplot
+
+    plt = pyplot(required=False)
+    if plt is None or not curve:
+        return False
+    rates = [c["rate_mbit"] for c in curve]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot(rates, [c["fixed_over_off"] for c in curve], "s:", color="#7f7f7f", label=f"fixed {cache_size} / off")
+    ax.plot(rates, [c["adaptive_over_off"] for c in curve], "o-", color="#17becf", label="adaptive / off")
+    for c in curve:   # the gate's decision at each point
+        ax.annotate(str(c.get("gate_state") or "?"), (c["rate_mbit"], c["adaptive_over_off"]),
+                    textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("link rate (Mbit/s, tc tbf each way)")
+    ax.set_ylabel("throughput vs cache off")
+    ax.set_title("cache behind a rate-limited link: predict, batch 1024, 20 Zipf-1.05 ids/bag", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def _capacity_curve(link: SlowLink, off: ReadyProcess, capacities: list[str], requests: list, seconds: float,
@@ -240,7 +382,8 @@ def _plot_curve(curve: list[dict], path: Path) -> bool:
 
 def run(out: Path, rows_cap: int, seconds: float, reps: int, clients: int, netns: str | None, addr: str,
         veth: str = "veth-emr", cache_size: str = "64MiB", capacities: list[str] | None = None,
-        loopback: bool = True, distinct_batches: int = 96) -> dict:
+        loopback: bool = True, distinct_batches: int = 96, rates: list[int] | None = None,
+        peer: str = "veth-emrs") -> dict:
     from flexemr.model.spec import load_spec
     from flexemr.reqgen import RequestGenerator
 
@@ -256,15 +399,17 @@ def run(out: Path, rows_cap: int, seconds: float, reps: int, clients: int, netns
     requests = [gen.batch(BATCH) for _ in range(distinct_batches)]
     result: dict = {"batch": BATCH, "clients": clients, "seconds": seconds, "repetitions": reps,
                     "rows_per_table": rows_cap, "cache_size": cache_size, "cache_budget": BUDGET,
-                    "distinct_batches": distinct_batches,
+                    "distinct_batches": distinct_batches, "gate_warmup_s": gate_warmup_s(),
                     "workload": f"bench8 (8 tables x {rows_cap:,} rows x 64), 20 Zipf-1.05 ids per bag, predict",
                     "load_before": os.getloadavg()[0]}
     if loopback:
         procs = _pair_loopback(model, out, cache_size)
         try:
             _log(f"loopback: cache off vs adaptive ({cache_size})")
-            _alternate(procs, requests[:2], 2.0, 1, clients)   # warm both (and let the gate decide)
+            _warm(procs, requests, clients)
             result["loopback"] = _alternate(procs, requests, seconds, reps, clients)
+            result["loopback"]["gate_decisions"] = gate_decisions(Path(procs["adaptive"].log.name))
+            result["loopback"]["cache"] = _cache_status(f"cgada{os.getpid() % 10000}")
         finally:
             for p in procs.values():
                 p.stop()
@@ -276,10 +421,17 @@ def run(out: Path, rows_cap: int, seconds: float, reps: int, clients: int, netns
             rankers = {"off": link.ranker("off", "off", cache_size),
                        "adaptive": link.ranker("adaptive", "adaptive", cache_size)}
             _log(f"slow network ({netns}): cache off vs adaptive ({cache_size})")
-            _alternate(rankers, requests[:4], 3.0, 1, clients)   # warm both, fill the cache, let the gate decide
+            _warm(rankers, requests, clients)
             result["slow_network"] = _alternate(rankers, requests, seconds, reps, clients, link, n_tables)
+            result["slow_network"]["gate_decisions"] = gate_decisions(Path(rankers["adaptive"].log.name))
             result["slow_network"]["cache"] = _cache_status(link.instance("adaptive"))
             rankers.pop("adaptive").stop()
+            if rates:
+                rankers.pop("off").stop()    # the curve runs its own (one ranker name each)
+                result["rate_curve"] = _rate_curve(link, netns, veth, peer, rates, cache_size, requests, seconds,
+                                                   reps, clients, n_tables)
+                _plot_rates(result["rate_curve"], cache_size, out / "cachegate-rates.png")
+                rankers["off"] = link.ranker("off", "off", cache_size)
             if capacities:
                 result["capacity_curve"] = _capacity_curve(link, rankers["off"], capacities, requests, seconds,
                                                            reps, clients, n_tables)
@@ -308,11 +460,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slow-addr", default="10.77.0.2")
     ap.add_argument("--slow-veth", default="veth-emr", help="this side's end of the veth (its byte counters)")
     ap.add_argument("--capacities", default="", help="comma-separated fixed cache sizes for the curve (slow link)")
+    ap.add_argument("--rates", default="", help="comma-separated link rates in Mbit/s for the rate curve (slow "
+                    "link; re-sets tc tbf on both ends, needs root)")
+    ap.add_argument("--slow-peer", default="veth-emrs", help="the namespace's end of the veth (for --rates)")
     ap.add_argument("--distinct-batches", type=int, default=96, help="request batches the clients cycle through")
     a = ap.parse_args(argv)
     caps = [c.strip() for c in a.capacities.split(",") if c.strip()]
+    rates = [int(x) for x in a.rates.split(",") if x.strip()]
     r = run(a.out, a.rows_cap, a.seconds, a.reps, a.clients, a.slow_netns, a.slow_addr, a.slow_veth,
-            a.cache_size, caps, not a.skip_loopback, a.distinct_batches)
+            a.cache_size, caps, not a.skip_loopback, a.distinct_batches, rates, a.slow_peer)
     for k in ("loopback", "slow_network"):
         if k in r:
             s = r[k]["samples_per_s"]
@@ -320,6 +476,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"ratio {r[k]['adaptive_over_off']:.2f}")
     if "link_qdisc" in r:
         print(f"link: {r['link_qdisc']}")
+    for c in r.get("rate_curve", []):
+        s = c["samples_per_s"]
+        print(f"link {c['rate_mbit']:>5} Mbit/s  off {s['off']:>10,.0f}  adaptive {s['adaptive']:>10,.0f} "
+              f"({c['adaptive_over_off']:.2f}, gate {c['gate_state']})  fixed {s['fixed']:>10,.0f} "
+              f"({c['fixed_over_off']:.2f})")
     for c in r.get("capacity_curve", []):
         s = c["samples_per_s"]
         print(f"fixed {c['capacity']:>8}  cache off {s['off']:>10,.0f}  cached {s['fixed-' + c['capacity']]:>10,.0f}  "
