@@ -92,9 +92,13 @@ class CacheSplit:
     _slots: torch.Tensor | None
     _offsets: torch.Tensor | None
 
+    _n_hits: int = -1
+
     @property
     def n_hits(self) -> int:
-        return int(self.hit_counts.sum())
+        if self._n_hits < 0:
+            self._n_hits = int(self.hit_counts.sum())
+        return self._n_hits
 
     def hit_pooled(self, pooling: Pooling | None = None) -> torch.Tensor:
         """The local pool of each bag's hit rows, [B, dim] on the cache's device.
@@ -248,7 +252,7 @@ class RowCache:
                     table=t, hit_mask=hit, miss_values=miss_values,
                     miss_lengths=(ln - hit_counts).astype(np.int32), hit_counts=hit_counts,
                     _pooled=_NO_POOL, _kind=_kind(spec.pooling), _cache=self, _version=self._version,
-                    _slots=None, _offsets=None)
+                    _slots=None, _offsets=None, _n_hits=len(hit_slots))
                 groups.setdefault((spec.dim, _kind(spec.pooling)), []).append((i, hit_slots, hit_counts))
             for (dim, kind), members in groups.items():
                 self._pool_group(dim, kind, members, out)
@@ -596,13 +600,19 @@ class RowCache:
         if k <= 0:
             return np.empty(0, dtype=np.int64)
         if pool.cold is not None:
-            c = pool.cold
-            ok = (pool.tab[c] == pool.cold_tab) & (pool.row[c] == pool.cold_row) & (pool.last[c] == pool.cold_last)
-            if int(ok.sum()) >= k:
-                if not ok.all():
-                    pool.cold, pool.cold_tab, pool.cold_row, pool.cold_last = (
-                        c[ok], pool.cold_tab[ok], pool.cold_row[ok], pool.cold_last[ok])
-                return pool.cold[:k]
+            # Check a prefix first (the victims are near the front), the whole list only if it falls short.
+            for m in (min(len(pool.cold), 2 * k + 1024), len(pool.cold)):
+                c = pool.cold[:m]
+                ok = ((pool.tab[c] == pool.cold_tab[:m]) & (pool.row[c] == pool.cold_row[:m])
+                      & (pool.last[c] == pool.cold_last[:m]))
+                if int(ok.sum()) >= k:
+                    keep = np.concatenate([ok, np.ones(len(pool.cold) - m, dtype=bool)])
+                    if not keep.all():   # an entry that stopped matching never matches again: forget it
+                        pool.cold, pool.cold_tab, pool.cold_row, pool.cold_last = (
+                            pool.cold[keep], pool.cold_tab[keep], pool.cold_row[keep], pool.cold_last[keep])
+                    return pool.cold[:k]
+                if m == len(pool.cold):
+                    break
         live = np.flatnonzero(pool.tab >= 0)
         n = min(len(live), max(k, pool.live // 16, 4096))
         cold = live if n == len(live) else live[np.argpartition(pool.last[live], n - 1)[:n]]
