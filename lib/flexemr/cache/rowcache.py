@@ -18,6 +18,9 @@ Layout (one pool per distinct embedding dim; tables of the same dim share it)::
                     row_of_slot     int64 [alloc]
                     last_used       int64 [alloc]     logical clock of the last access (LRU)
     per table t     freq[t]         uint32 [rows_t]   accesses in the current window ("tinylfu" only)
+    per table t     miss_clock[t]   int64 [rows_t]    clock of the row's last miss while it is a fill
+                                                      candidate, 0 = not pending (no sort to dedupe misses)
+    per pool d      free, cold      the free slots, and the eviction order many fills share (see _Pool)
 
 ``slot_of_row`` costs 4 bytes per table row on the ranker's host and buys an
 O(1) vectorised membership test (one gather) for every id of a batch.  The
