@@ -122,22 +122,28 @@ def _sync_after_fill(cache: RowCache, model: Model, t: int | None, before: dict)
 
 
 def test_a_full_cache_evicts_in_lru_order_across_many_fills_from_one_shared_order():
-    """The eviction order computed once serves many fills; a row touched since must not be evicted by it."""
+    """The eviction order computed once serves many fills; a row touched since it was computed must not be
+    evicted by it, and the rows evicted are always the coldest ones."""
     tables = (TableSpec("t", 100_000, 4, Pooling.SUM),)
     cap = 20_000
     cache = RowCache(tables, cap * ROW_BYTES, admission="lru")
-    cache.fill(0, np.arange(cap), np.ones((cap, 4), np.float32))          # full; all rows at clock 0
-    hot = np.arange(0, 2_000)
-    cache.split(0, hot, np.ones(len(hot), np.int32))                      # the first 2,000 are now the hottest
-    for k in range(8):                                                    # many fills, each evicting 500
+    one = np.ones(1, np.int32)
+    for chunk in range(40):   # 500 rows per clock tick (an eviction's worth): row r was last used at tick r // 500
+        rows = np.arange(chunk * 500, (chunk + 1) * 500)
+        cache.fill(0, rows, np.ones((500, 4), np.float32))
+        cache.split(0, np.array([99_999]), one)                       # a miss: only the clock moves
+    # The first eviction computes the shared order: rows 0.. (the oldest) at its front.
+    assert cache.fill(0, np.arange(cap, cap + 500), np.ones((500, 4), np.float32)) == 500
+    hot = np.arange(500, 2_500)          # at the front of that order, now touched: the hottest rows
+    cache.split(0, hot, np.ones(len(hot), np.int32))
+    for k in range(1, 8):                # more fills from the same order, 500 evictions each
         rows = np.arange(cap + k * 500, cap + (k + 1) * 500)
         assert cache.fill(0, rows, np.ones((500, 4), np.float32)) == 500
-        cache.split(0, hot, np.ones(len(hot), np.int32))                  # hot stays hot between fills
     present = cache._slot_of_row[0] >= 0
-    assert present[hot].all(), "rows touched between fills survived the shared eviction order"
-    assert present[cap:cap + 4_000].all(), "the new rows are in"
-    assert cache.entries == cap
-    assert present[2_000:cap].sum() == cap - 2_000 - 4_000, "the evicted ones were the untouched old rows"
+    assert not present[:500].any(), "the first fill evicted the 500 oldest"
+    assert present[hot].all(), "rows touched after the order was made survived it"
+    assert not present[2_500:6_000].any() and present[6_000:cap].all(), "then the next-oldest went, in order"
+    assert present[cap:cap + 4_000].all() and cache.entries == cap
 
 
 def test_ids_past_a_tables_end_are_refused_by_name():
