@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The runs behind docs/PERFORMANCE.md's same-host section, one after the other, on an idle machine:
 #
-#   sudo ./scripts/bench-perf.sh [OUT]          # ~12 minutes on 2 cores; OUT defaults to bench-out/perf
+#   sudo ./scripts/bench-perf.sh [OUT]          # ~20 minutes on 2 cores; OUT defaults to bench-out/perf
 #
 #   1. python -m flexemr_bench.ranker     in-process limit vs monolithic daemon vs flexemrd local (shm)
 #      python -m flexemr_bench.profile    where flexemrd local's CPU goes, role x category, lookups and
 #                                         predictions (perf + py-spy, ~1 minute; on the ranker's model)
 #   2. python -m flexemr_bench.transports flexemrd local over shm vs over TCP
 #   3. python -m flexemr_bench.cachegate  adaptive cache vs off, on loopback and behind a rate-limited veth
-#                                         (a network namespace with tc tbf: needs root; skipped without it)
+#                                         (a network namespace with tc tbf: needs root; skipped without it),
+#                                         at 800 Mbit/s by capacity and at 200/400/800 Mbit/s (the rate curve)
 #
 # Each writes its JSON and PNG under OUT/<name>/ and prints its table; this script also keeps the
 # machine's load average before and after each run in OUT/load.txt, since on a shared host only
@@ -52,7 +53,7 @@ if [ "$(id -u)" = 0 ]; then
     ip netns exec "$NS" tc qdisc add dev veth-emrs root tbf rate 800mbit burst 256kb latency 20ms
     trap 'ip link del veth-emr 2>/dev/null || true; ip netns del '"$NS"' 2>/dev/null || true' EXIT
   fi
-  SLOW=(--slow-netns "$NS" --slow-addr 10.77.0.2 --slow-veth veth-emr --capacities 64MiB,128MiB,256MiB)
+  SLOW=(--slow-netns "$NS" --slow-addr 10.77.0.2 --slow-veth veth-emr --slow-peer veth-emrs --capacities 64MiB,128MiB,256MiB --rates 200,400,800)
 else
   echo "not root: the cache benchmark runs on loopback only" >&2
 fi
