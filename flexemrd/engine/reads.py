@@ -82,6 +82,15 @@ class ReadPlan:
     def reads(self) -> int:
         return sum(len(g[0]) for g in self.groups)
 
+    def misfit(self, slot_bytes: int) -> str:
+        """Why a READ of this plan would leave its staging slot or its shard's rows ('' if none would)."""
+        for entry, (local, nbytes, remote) in zip(self.entries, self.groups):
+            if (nbytes <= 0).any() or (local < 0).any() or (local + nbytes > slot_bytes).any() \
+                    or (remote < 0).any() or (remote + nbytes > entry.rows * entry.row_bytes).any():
+                return (f"a READ of table {entry.table_id} rows [{entry.first_row}, +{entry.rows}) leaves its "
+                        f"{slot_bytes}-byte staging slot or the shard")
+        return ""
+
 
 def plan_read(tables: Sequence[ReadTable], table_id: int, version: int, ids: np.ndarray) -> ReadPlan | str:
     """The READs that answer a FETCH of ``ids`` of ``table_id`` at ``version``, or why it must go as a frame."""
@@ -200,6 +209,10 @@ class CacheReads:
         if plan.staging_rows * plan.row_bytes > STAGING_SLOT_BYTES:
             return self._fetch_instead(cid, f"a fill of {plan.staging_rows} rows needs more than the "
                                             f"{STAGING_SLOT_BYTES} bytes of a staging slot")
+        bad = plan.misfit(STAGING_SLOT_BYTES)
+        if bad:   # checked whole before any READ is posted: a READ refused half-way would leave its fill unanswered
+            logger.error("cache fill on connection %d: %s; sent as a FETCH frame", cid, bad)
+            return self._fetch_instead(cid, "a READ plan was out of bounds")
         with self._lock:
             staging = self._staging_of(conn)
             if not staging.free:

@@ -259,6 +259,30 @@ def test_fetches_the_server_did_not_advertise_go_as_frames(ring) -> None:
     assert reads.fetch_frames == 3 and st.inflight == 0
 
 
+def test_a_plan_whose_reads_would_leave_the_slot_goes_as_a_frame_and_posts_nothing(ring, monkeypatch) -> None:
+    # What QEMU's emulated AVX2 argsort did to np.unique in the guest: unique ids in a wrong order,
+    # so spans of negative length.  The engine posted a READ of -5824 bytes and exited; now the whole
+    # plan is checked before anything is posted and the fill goes as a FETCH frame.
+    from flexemrd.engine import reads as reads_mod
+
+    real_unique = np.unique
+
+    def misordered(a, return_inverse=False):
+        u, inverse = real_unique(a, return_inverse=True)
+        perm = np.arange(len(u))[::-1]
+        back = np.empty_like(perm)
+        back[perm] = np.arange(len(u))
+        return (u[perm], back[inverse]) if return_inverse else u[perm]
+
+    rows = np.zeros((40, 4), np.float32)
+    reads, st, stream = _engine(ring, {2: rows})
+    monkeypatch.setattr(reads_mod.np, "unique", misordered)
+    assert not reads.try_read(5, _fetch_frame(1, 2, np.array([1, 30, 15])))
+    monkeypatch.setattr(reads_mod.np, "unique", real_unique)
+    assert stream.posts == 0 and st.inflight == 0 and reads.fetch_frames == 1
+    assert reads.try_read(5, _fetch_frame(2, 2, np.array([1, 30, 15]))), "the staging slot was given back"
+
+
 def test_a_failed_read_loses_the_connection_and_writes_nothing(ring) -> None:
     rows = np.zeros((10, 4), np.float32)
     reads, st, stream = _engine(ring, {2: rows})
