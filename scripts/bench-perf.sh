@@ -22,6 +22,9 @@ SECONDS_PER_CELL=${FLEXEMR_BENCH_SECONDS:-4}
 REPS=${FLEXEMR_BENCH_REPS:-3}
 export PYTHONPATH="$PWD/lib:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
+# The profile step samples with perf and py-spy; neither is a test dependency.
+command -v py-spy >/dev/null || python -m pip install -q py-spy
+command -v perf >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -q linux-perf >/dev/null; } || true
 : > "$OUT/load.txt"
 
 step() {   # step NAME COMMAND...: run one benchmark, log the load around it
