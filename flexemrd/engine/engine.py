@@ -105,7 +105,7 @@ class Engine:
                              self.credits, self.receiver, self.completions, self.stop, self.reconnector,
                              self.reopener, self.retirer, reads=self.reads)
         self.stats = EngineStatsView(engine_id, self.table, submission, self.sender, self.credits.initial,
-                                     payloads=self.completions)
+                                     payloads=self.completions, reads=self.reads)
         # Bound before connecting, so engines handing us connections find us early.
         self._handoffs = HandoffReceiver(instance, engine_id)
         try:

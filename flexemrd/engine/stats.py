@@ -49,6 +49,9 @@ class EngineStats:
     bytes_lent: int = 0
     bytes_copied: int = 0
     large_bytes_copied: int = 0
+    # Cache fills answered by one-sided RDMA READ (reads.py), and the rows they carried.
+    fills_read: int = 0
+    rows_read: int = 0
 
     @property
     def inflight(self) -> int:
@@ -70,13 +73,20 @@ class _PayloadCounters(Protocol):
     large_bytes_copied: int
 
 
+class _ReadCounters(Protocol):
+    fills_read: int
+    rows_read: int
+
+
 class EngineStatsView:
     """Safe to read from any thread of the engine process (see module docstring)."""
 
     def __init__(self, engine_id: int, table: ConnTable, submission: _Depth, sender: _SenderCounters,
-                 initial_credits: int, payloads: _PayloadCounters | None = None) -> None:
+                 initial_credits: int, payloads: _PayloadCounters | None = None,
+                 reads: _ReadCounters | None = None) -> None:
         self.engine_id = engine_id
         self._payloads = payloads
+        self._reads = reads
         self._table = table
         self._sub = submission
         self._sender = sender
@@ -91,10 +101,12 @@ class EngineStatsView:
                 bytes_received=st.bytes_received, granted=st.granted,
                 credits=max(0, self._initial + st.granted - received) if self._initial else 0,
                 rtt_ns=st.rtt.recent())
-        p = self._payloads
+        p, r = self._payloads, self._reads
         return EngineStats(self.engine_id, self._sub.depth(), self._sender.subrequests, self._sender.busy_ns,
-                           self._initial, conns, *((p.bytes_lent, p.bytes_copied, p.large_bytes_copied)
-                                                   if p is not None else ()))
+                           self._initial, conns,
+                           bytes_lent=p.bytes_lent if p else 0, bytes_copied=p.bytes_copied if p else 0,
+                           large_bytes_copied=p.large_bytes_copied if p else 0,
+                           fills_read=r.fills_read if r else 0, rows_read=r.rows_read if r else 0)
 
     # ---- the attribute names the stats publisher has always read
 

@@ -94,6 +94,14 @@ def _engines(engines: list[dict[str, Any]]) -> Iterator[Metric]:
         "subrequests_total": _counter("flexemr_engine_subrequests", "Subrequests the engine sent", lab),
         "bytes_sent": _counter("flexemr_engine_sent_bytes", "Bytes the engine sent", lab),
         "bytes_received": _counter("flexemr_engine_received_bytes", "Bytes the engine received", lab),
+        "bytes_lent": _counter("flexemr_engine_lent_bytes",
+                               "Answer payload bytes the ranker read where they landed (never copied)", lab),
+        "bytes_copied": _counter("flexemr_engine_copied_bytes",
+                                 "Answer payload bytes the engine copied into the completion ring", lab),
+        "large_bytes_copied": _counter("flexemr_engine_large_copied_bytes",
+                                       "Of the copied bytes, those in payloads big enough to have been lent", lab),
+        "fills_read": _counter("flexemr_engine_read_fills", "Cache fills answered by one-sided RDMA READ", lab),
+        "rows_read": _counter("flexemr_engine_read_rows", "Rows those RDMA READ fills carried", lab),
         "restarts": _counter("flexemr_engine_restarts", "Times the supervisor restarted the engine", lab),
     }
     busy = _counter("flexemr_engine_busy_seconds", "Seconds the engine spent working", lab)

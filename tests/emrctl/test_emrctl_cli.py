@@ -62,6 +62,7 @@ def block(instance) -> Iterator[ControlBlock]:
     for e in range(2):
         b.engines[e].set_process(pid=10_000 + e, cpu=e, state="ready")
         b.engines[e].update(queue_depth=3 + e, inflight=1, requests_total=123_456_789, heartbeat_ns=now)
+    b.engines[0].update(bytes_lent=3 << 20, bytes_copied=1 << 20, fills_read=7, rows_read=700)
     for c in range(4):
         b.engines[c % 2].conn(c).update(queued=c, credits=4, rtt_p50_us=120.0, rtt_p99_us=99_999.0,
                                         updated_ns=now)
@@ -111,6 +112,9 @@ def test_status_human_output_fits_100_columns(block):
     assert "batch 128.0" in lines[0]
     text = r.stdout
     assert "ENGINE" in text and "CONN" in text and "CREDITS" in text
+    eng = [line.split() for line in lines if line.split()[:1] in (["0"], ["1"]) and "ready" in line]
+    lent_col = lines[[i for i, line in enumerate(lines) if line.startswith("ENGINE")][0]].split().index("LENT")
+    assert [row[lent_col] for row in eng[:2]] == ["75%", "-"], "engine 0 lent 3 of 4 MiB, engine 1 answered none"
     assert "cache adaptive  3.0 MiB / 64.0 MiB  hit rate 45% of 100 lookups" in text
     assert "cache target" not in text
     block.runtime.publish(cache_capacity_bytes=128 << 20)
@@ -127,6 +131,8 @@ def test_status_json_has_the_contract_fields(block):
     for e in snap["engines"]:
         assert {"id", "pid", "cpu", "connections", "queue_depth"} <= e.keys()
     assert snap["engines"][1]["queue_depth"] == 4
+    e0 = snap["engines"][0]
+    assert (e0["bytes_lent"], e0["bytes_copied"], e0["fills_read"], e0["rows_read"]) == (3 << 20, 1 << 20, 7, 700)
     for c in snap["connections"]:
         assert {"id", "server", "engine", "queued", "credits"} <= c.keys()
     assert snap["connections"][3]["queued"] == 3 and snap["connections"][3]["engine"] == 1

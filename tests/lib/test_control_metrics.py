@@ -15,7 +15,8 @@ from flexemr.metrics import render_metrics, start_metrics_server
 def block(instance):
     b = ControlBlock.create(instance, 2, 2, ["t0", "t1"], {"servers": [{"name": "s0", "address": "a:1"}]},
                             cache_policy="fixed")
-    b.engines[0].update(queue_depth=5, requests_total=10, busy_ns=2_000_000_000)
+    b.engines[0].update(queue_depth=5, requests_total=10, busy_ns=2_000_000_000, bytes_lent=4096,
+                        bytes_copied=512, fills_read=3, rows_read=90)
     b.engines[0].set_process(pid=11, cpu=0, state="ready")
     b.engines[1].conn(1).update(credits=3, rtt_p99_us=1500.0, updated_ns=time.monotonic_ns())
     b.ranker.update(requests_total=42, latency_p50_ms=2.0, latency_p99_ms=8.0)
@@ -34,6 +35,10 @@ def test_text_exposition_contains_the_metrics(block):
         'flexemr_engine_requests_total{engine="0"} 10.0',
         'flexemr_engine_busy_seconds_total{engine="0"} 2.0',
         'flexemr_engine_up{engine="0"} 1.0',
+        'flexemr_engine_lent_bytes_total{engine="0"} 4096.0',
+        'flexemr_engine_copied_bytes_total{engine="0"} 512.0',
+        'flexemr_engine_read_fills_total{engine="0"} 3.0',
+        'flexemr_engine_read_rows_total{engine="0"} 90.0',
         'flexemr_connection_credits{conn="1",server="0"} 3.0',
         'flexemr_connection_rtt_seconds{conn="1",quantile="0.99",server="0"} 0.0015',
         "flexemr_requests_total 42.0",

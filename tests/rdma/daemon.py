@@ -62,3 +62,17 @@ def rdma_cluster(model: str, tmp: Path, servers: int, engines: int, prefix: str,
             from flexemr import naming
 
             naming.unlink_instance_segments(instance)
+
+
+def engine_status(instance: str, wait_s: float = 1.0) -> list[dict]:
+    """``emrctl status --json``'s engines, read from the control block after the publishers' next round."""
+    import time
+
+    from flexemr.control.block import ControlBlock
+
+    time.sleep(wait_s)   # engines publish ~10x a second
+    block = ControlBlock.attach(instance)
+    try:
+        return block.snapshot()["engines"]
+    finally:
+        block.close()

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.rdma.daemon import BOOT_S, rdma_cluster
+from tests.rdma.daemon import BOOT_S, engine_status, rdma_cluster
 from tests.rdma.peers import counter
 
 pytestmark = pytest.mark.rdma
@@ -80,6 +80,9 @@ def test_lookup_and_predict_equal_the_monolithic_model_and_only_hellos_cross_tcp
     assert len(re.findall(r"over RDMA \(data QP 0x[0-9a-f]+\); responses land in /flexemr\.", log)) == 3, log[-3000:]
     copied = [int(n) for n in re.findall(r"bytes copied, of them (\d+) in responses of", log)]
     assert all(n == 0 for n in copied), f"engines copied large payloads: {copied}"
+    engines = engine_status(cluster["instance"])   # what emrctl status and the metrics show
+    assert sum(e["bytes_lent"] for e in engines) > 0, engines
+    assert all(e["large_bytes_copied"] == 0 for e in engines), engines
     assert counter(rdma_device, "rcvd_pkts") - pkts0 >= 2 * len(answers["cases"])
     assert crossed_tcp < 0.01 * served, f"{crossed_tcp} bytes crossed TCP for {served} bytes served"
 

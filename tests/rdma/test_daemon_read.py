@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.rdma.daemon import BOOT_S, rdma_cluster
+from tests.rdma.daemon import BOOT_S, engine_status, rdma_cluster
 
 # The module's cluster boots inside this test's setup: on a loaded host that alone took 472 s,
 # past the suite's 600 s per-test limit.
@@ -102,6 +102,8 @@ def test_cache_fills_go_by_rdma_read_and_the_servers_answer_no_fetch(cluster, an
     summaries = [(int(n), int(rows)) for n, rows in
                  re.findall(r"cache fills so far: (\d+) by RDMA READ \((\d+) rows", text)]
     assert summaries and max(r for _, r in summaries) > 0, "the engines read rows by RDMA READ"
+    engines = engine_status(cluster["instance"])   # and emrctl status says so
+    assert sum(e["fills_read"] for e in engines) > 0 and sum(e["rows_read"] for e in engines) > 0, engines
     addresses = sorted(set(re.findall(r"connection \d+ to (\S+:\d+) over RDMA \(data QP", text)))
     assert len(addresses) == 2, addresses
     for address in addresses:

@@ -35,6 +35,8 @@ little-endian; every stats field is a u64, i64 or f64, 8-byte aligned::
     engine_stats    n_engines         engine i               active_connections queue_depth inflight
                                                              subrequests_total requests_total bytes_sent
                                                              bytes_received busy_ns heartbeat_ns epoch_seen
+                                                             bytes_lent bytes_copied large_bytes_copied
+                                                             fills_read rows_read
     conn_static     n_connections     creator (no seqlock)   server
     conn_ctl        n_connections     supervisor             migrations last_migration_ns
     conn_stats      n_engines x n_c   engine e (row e*n_c+c) queued inflight credits subrequests_total
@@ -191,7 +193,12 @@ ENGINE_PROC = row_dtype([("pid", I), ("cpu", I), ("state", I), ("restarts", U), 
                          ("requests_per_s", F), ("subrequests_per_s", F), ("busy_ratio", F)])
 ENGINE_STATS = row_dtype([("active_connections", U), ("queue_depth", U), ("inflight", U),
                           ("subrequests_total", U), ("requests_total", U), ("bytes_sent", U),
-                          ("bytes_received", U), ("busy_ns", U), ("heartbeat_ns", U), ("epoch_seen", U)])
+                          ("bytes_received", U), ("busy_ns", U), ("heartbeat_ns", U), ("epoch_seen", U),
+                          # Answers' payload bytes read in place by the ranker / copied into the ring (and of
+                          # those, in payloads big enough to lend); cache fills answered by RDMA READ, rows.
+                          # They filled the row's padding: 16 fields, still 128 bytes, no offset moved.
+                          ("bytes_lent", U), ("bytes_copied", U), ("large_bytes_copied", U),
+                          ("fills_read", U), ("rows_read", U)])
 CONN_STATIC = np.dtype([("server", I)])
 CONN_CTL = row_dtype([("migrations", U), ("last_migration_ns", U)])
 CONN_STATS = row_dtype([("queued", U), ("inflight", U), ("credits", U), ("subrequests_total", U),
