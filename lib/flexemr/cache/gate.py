@@ -6,13 +6,7 @@ Over a slow network a hit saves far more than it costs; on loopback or shared
 memory, where the "remote" servers share the ranker's cores, it may save
 nothing.  No model of the hardware predicts which: ``PayoffGate`` measures it.
 
-A *probe* first serves through the cache for ``warm_s``, uncounted: a cache
-that was bypassed (or has just started) is cold, and its first second is
-spent fetching the rows it fills, over the same link as the lookups, at a
-fraction of either arm's steady rate (measured behind a 400 Mbit/s link: 6.8k
-against 22k samples/s in a cold first window, then 21k against 24k; a cache
-kept on served 1.19x).  Judged cold, the cache lost every probe where it pays.
-Then it alternates time windows of ``window_s`` in which batches are served
+A *probe* alternates time windows of ``window_s`` in which batches are served
 through the cache and windows in which they bypass it, ``rounds`` of each.
 Per window it counts the samples dispatched (after a ``settle_s`` lead-in, so
 batches of the previous arm still in flight do not count for this one): under
@@ -51,13 +45,11 @@ class GateState(enum.Enum):
 
 class PayoffGate:
     def __init__(self, window_s: float = 1.0, settle_s: float = 0.25, rounds: int = 2, margin: float = 0.05,
-                 hold_s: float = 30.0, max_hold_s: float = 600.0, warm_s: float = 3.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        if window_s <= settle_s or settle_s < 0 or rounds < 1 or warm_s < 0:
-            raise ValueError(f"need window_s > settle_s >= 0, rounds >= 1 and warm_s >= 0, got window_s={window_s}, "
-                             f"settle_s={settle_s}, rounds={rounds}, warm_s={warm_s}")
+                 hold_s: float = 30.0, max_hold_s: float = 600.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if window_s <= settle_s or settle_s < 0 or rounds < 1:
+            raise ValueError(f"need window_s > settle_s >= 0 and rounds >= 1, got window_s={window_s}, "
+                             f"settle_s={settle_s}, rounds={rounds}")
         self.window_s = window_s
-        self.warm_s = warm_s
         self.settle_s = settle_s
         self.rounds = rounds
         self.margin = margin
@@ -79,8 +71,6 @@ class PayoffGate:
             if now < self._until:
                 return self.state is GateState.OPEN
             self._start_probe(now)
-        if now < self._t0:
-            return True                    # warming the cache up before its arm is measured: not counted
         window, into = divmod(now - self._t0, self.window_s)
         window = int(window)
         if window >= 2 * self.rounds:
@@ -93,15 +83,14 @@ class PayoffGate:
 
     def record(self, used_cache: bool, seconds_per_sample: float) -> None:
         """A finished probe batch: its lookup stage's time per sample."""
-        # Batches of the warm-up (finishing up to settle_s into the first window) are not evidence.
-        if self.state is GateState.PROBING and self.clock() >= self._t0 + self.settle_s:
+        if self.state is GateState.PROBING:
             self._lookup[used_cache].append(seconds_per_sample)
 
     # ---------------------------------------------------------------- decisions
 
     def _start_probe(self, now: float | None = None) -> None:
         self.state = GateState.PROBING
-        self._t0 = (self.clock() if now is None else now) + self.warm_s   # the first measured window's start
+        self._t0 = self.clock() if now is None else now
         self._samples = [0] * (2 * self.rounds)
         self._lookup: dict[bool, list[float]] = {True: [], False: []}
 
