@@ -68,12 +68,12 @@ ROLES = (("flexemr-emb", "embedding servers"), ("flexemr-eng", "engines"), ("fle
 
 def gate_warmup_s() -> float:
     """Seconds of traffic an adaptive ranker gets alone before it is measured: its gate's first probe
-    (2 x rounds windows, the gate's own defaults) and one more second, so the measured window starts
+    (its longest warm-up and 2 x rounds windows, the gate's own defaults) and one more second, so the measured window starts
     after the gate's first decision instead of inside its probe."""
     from flexemr.cache.gate import PayoffGate
 
     g = PayoffGate()
-    return 2 * g.rounds * g.window_s + 1.0
+    return g.max_warm_s + 2 * g.rounds * g.window_s + 1.0
 
 
 def _log(msg: str) -> None:

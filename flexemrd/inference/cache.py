@@ -87,12 +87,15 @@ class RankerCache:
                     self._probes.append((False, batch, t0, t0))
                 return values, lengths
         miss_v, miss_l = [], []
+        hits = 0
         for sp in self.cache.split_many(tables, values, lengths, check=False):   # one pooling call per batch
             if sp.n_hits:
                 batch.add_cached(sp.table, sp.hit_pooled().cpu().numpy(), sp.hit_counts)
+                hits += sp.n_hits
             miss_v.append(sp.miss_values)
             miss_l.append(sp.miss_lengths)
         if gated and probing:
+            self.gate.note_hits(hits, sum(len(v) for v in values))
             self._probes.append((True, batch, t0, time.perf_counter()))
         return miss_v, miss_l
 

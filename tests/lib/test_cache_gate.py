@@ -50,10 +50,11 @@ def test_a_cache_that_raises_throughput_stays_open():
 def test_at_light_load_equal_throughput_is_decided_by_lookup_time():
     clock = Clock()
     gate = PayoffGate(clock=clock)
-    _probe(gate, clock, 1_000, 1_000, cache_s=2e-6, bypass_s=5e-6)   # same offered load, faster answers
+    # Same offered load, faster answers; batches of 10 so a window's count is not off by a whole batch.
+    _probe(gate, clock, 1_000, 1_000, cache_s=2e-6, bypass_s=5e-6, batch=10)
     assert gate.state is GateState.OPEN
     gate = PayoffGate(clock=clock)
-    _probe(gate, clock, 1_000, 1_000, cache_s=5e-6, bypass_s=5e-6)
+    _probe(gate, clock, 1_000, 1_000, cache_s=5e-6, bypass_s=5e-6, batch=10)
     assert gate.state is GateState.CLOSED, "a tie is no reason to pay for the cache"
 
 
@@ -82,12 +83,59 @@ def test_the_gate_probes_again_after_its_hold_and_backs_off_while_the_cache_keep
 def test_bad_windows_are_refused_by_name():
     with pytest.raises(ValueError, match="window_s > settle_s"):
         PayoffGate(window_s=0.1, settle_s=0.2)
+    with pytest.raises(ValueError, match="min_warm_s=5"):
+        PayoffGate(min_warm_s=5, max_warm_s=1)
+
+
+def _cold_cache_probe(**gate_args) -> tuple[PayoffGate, list[tuple[float, bool]]]:
+    """Behind a slow link: a cache fills only while it serves, its hit rate rising 0.3 per second of use
+    to 0.9; the more it hits, the faster it serves (700 samples/s cold, 2,600 warm, bypass 2,000)."""
+    clock = Clock()
+    gate = PayoffGate(clock=clock, **gate_args)
+    served_s, arms = 0.0, []
+    while True:
+        use = gate.use_cache(100)
+        if gate.state is not GateState.PROBING:
+            return gate, arms
+        arms.append((clock.t, use))
+        hit = min(0.9, 0.3 * served_s)
+        rate = 700 + 1_900 * hit / 0.9 if use else 2_000
+        if use:
+            gate.note_hits(int(hit * 2_000), 2_000)
+        gate.record(use, 1e-6)
+        clock.t += 100 / rate
+        served_s += 100 / rate if use else 0.0
+
+
+def test_a_cold_cache_is_warmed_until_its_hit_rate_stops_rising_before_it_is_judged():
+    cold, _ = _cold_cache_probe(min_warm_s=0, max_warm_s=0)
+    assert cold.state is GateState.CLOSED, "the model is right: judged cold, the cache loses"
+    warm, arms = _cold_cache_probe()
+    assert warm.state is GateState.OPEN, warm.last
+    first_bypass = min(t for t, use in arms if not use)
+    assert 3.0 <= first_bypass <= 7.0, "warmed (~3 s to 0.9 hits, one more window to see the plateau) then probed"
+    assert warm.last["cache_samples_per_s"] == pytest.approx(2_600, rel=0.1), "the warm-up is not in the medians"
+
+
+def test_the_warm_up_ends_at_max_warm_s_whatever_the_hit_rate_does():
+    clock = Clock()
+    gate = PayoffGate(max_warm_s=5.0, clock=clock)
+    k = 0
+    while clock.t < 5.0:
+        assert gate.use_cache(100) is True, "every batch of the warm-up goes through the cache"
+        k += 1
+        gate.note_hits(k, 1_000)              # the hit rate keeps rising (0.1 a window)
+        clock.t += 0.01
+    clock.t = 5.3
+    assert gate.use_cache(100) is True and gate._t0 == 5.3, "measuring starts, cache arm first"
+    clock.t = 6.3
+    assert gate.use_cache(100) is False, "then the bypass window"
 
 
 def test_idle_windows_do_not_decide_and_a_probe_without_traffic_in_one_arm_starts_over():
     """A ranker that goes quiet mid-probe: the windows it was idle in are no evidence for either arm."""
     clock = Clock()
-    gate = PayoffGate(window_s=1.0, settle_s=0.25, rounds=2, hold_s=10, clock=clock)
+    gate = PayoffGate(window_s=1.0, settle_s=0.25, rounds=2, hold_s=10, min_warm_s=0, max_warm_s=0, clock=clock)
     # Traffic only in the first two windows (one per arm); the cache arm is the faster one.
     while clock.t < 2.0:
         use = gate.use_cache(100)
@@ -100,7 +148,7 @@ def test_idle_windows_do_not_decide_and_a_probe_without_traffic_in_one_arm_start
     assert snap["bypass_samples_per_s"] == pytest.approx(2_000, rel=0.1)
 
     clock = Clock()
-    gate = PayoffGate(window_s=1.0, settle_s=0.25, rounds=2, hold_s=10, clock=clock)
+    gate = PayoffGate(window_s=1.0, settle_s=0.25, rounds=2, hold_s=10, min_warm_s=0, max_warm_s=0, clock=clock)
     while clock.t < 1.0:               # traffic in the cache arm's first window only
         gate.use_cache(100)
         clock.t += 0.025
