@@ -29,7 +29,11 @@ def test_header_and_row_formats_are_pinned():
     assert layout.SECTION_TABLE_OFF + len(layout.SECTIONS) * layout.SECTION_ENTRY.size <= layout.HEADER_BYTES
     assert layout.ENGINE_STATS.names == ("seq", "active_connections", "queue_depth", "inflight",
                                          "subrequests_total", "requests_total", "bytes_sent", "bytes_received",
-                                         "busy_ns", "heartbeat_ns", "epoch_seen")
+                                         "busy_ns", "heartbeat_ns", "epoch_seen", "bytes_lent", "bytes_copied",
+                                         "large_bytes_copied", "fills_read", "rows_read")
+    # The payload and READ counters filled the row's padding: same size, every earlier field where it was.
+    assert layout.ENGINE_STATS.itemsize == 128
+    assert [layout.ENGINE_STATS.fields[n][1] for n in layout.ENGINE_STATS.names] == [8 * i for i in range(16)]
     assert layout.SERVER_PROC.names == ("seq", "pid", "state", "restarts", "started_ns")
     assert layout.SERVER_STATS.names == ("seq", "state", "outstanding", "connections_up", "changed_ns")
     assert layout.RANKER.names[-4:] == ("reissued_total", "hedges_sent", "hedges_won", "failovers_total")
