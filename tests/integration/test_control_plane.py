@@ -196,7 +196,7 @@ def test_rebalancer_moves_a_connection_off_an_overloaded_engine(tiny_model, tmp_
         gen = RequestGenerator(spec, ids_per_bag=30, seed=4)
         reqs = []
         for _ in range(30):
-            dense, sparse = gen.batch(256)
+            dense, sparse = gen.batch(1024)
             reqs.append({t: sparse[t] for t in hot_tables})
         stop = threading.Event()
         errors: list[str] = []
@@ -211,7 +211,7 @@ def test_rebalancer_moves_a_connection_off_an_overloaded_engine(tiny_model, tmp_
                         errors.append(repr(e))
                     i += 1
 
-        threads = [threading.Thread(target=client, daemon=True) for _ in range(6)]
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(12)]
         for t in threads:
             t.start()
         deadline = time.monotonic() + 30
