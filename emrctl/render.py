@@ -80,20 +80,32 @@ def header_line(snap: dict[str, Any]) -> str:
 
 def engine_lines(snap: dict[str, Any]) -> list[str]:
     headers = [("ENGINE", 6), ("PID", 7), ("CPU", 3), ("STATE", 10), ("CONNS", 5), ("QUEUE", 5),
-               ("INFLIGHT", 8), ("REQ/S", 7), ("SUBREQ/S", 8), ("BUSY", 4), ("LENT", 4), ("RESTARTS", 8),
-               ("HB AGE", 6)]
+               ("INFLIGHT", 8), ("REQ/S", 7), ("SUBREQ/S", 8), ("BUSY", 4), ("RESTARTS", 8), ("HB AGE", 6)]
     rows = []
     for e in snap["engines"]:
         hb = e.get("heartbeat_age_s")
-        # LENT: the share of answer payload bytes the ranker read where they landed, not copied by the engine.
-        lent, copied = e.get("bytes_lent", 0), e.get("bytes_copied", 0)
         rows.append([str(e["id"]), str(e["pid"] or "-"), "-" if e["cpu"] < 0 else str(e["cpu"]), e["state"],
                      str(e["connections"]), str(e["queue_depth"]), str(e["inflight"]),
                      _rate(e.get("requests_per_s")), _rate(e.get("subrequests_per_s")),
-                     _pct(e.get("busy_ratio") or 0.0), _pct(lent / (lent + copied)) if lent + copied else "-",
-                     str(e["restarts"]),
+                     _pct(e.get("busy_ratio") or 0.0), str(e["restarts"]),
                      "-" if hb is None else f"{hb:.1f}s"])
-    return _table(headers, rows)
+    return _table(headers, rows) + payload_lines(snap)
+
+
+def payload_lines(snap: dict[str, Any]) -> list[str]:
+    """One line on the engines' answer payloads: how much the ranker read where it landed (zero-copy),
+    and the cache fills answered by RDMA READ; nothing before the first answer."""
+    engines = snap["engines"]
+    lent = sum(e.get("bytes_lent", 0) for e in engines)
+    copied = sum(e.get("bytes_copied", 0) for e in engines)
+    fills, rows = sum(e.get("fills_read", 0) for e in engines), sum(e.get("rows_read", 0) for e in engines)
+    if not lent + copied and not fills:
+        return []
+    line = (f"answers: {_pct(lent / (lent + copied)) if lent + copied else '-'} read in place "
+            f"({human_bytes(lent)} lent, {human_bytes(copied)} copied)")
+    if fills:
+        line += f"; RDMA READ fills {_count(fills)} ({_count(rows)} rows)"
+    return [line]
 
 
 def connection_lines(snap: dict[str, Any]) -> list[str]:
