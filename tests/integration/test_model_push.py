@@ -181,7 +181,9 @@ def test_full_push_under_four_clients_never_mixes_versions_nor_pauses(cluster, m
     switched = [ln for ln in cluster.logs().splitlines() if "switched from model version 1 to 2" in ln]
     assert switched and float(switched[0].split(" in ")[-1].split()[0]) < 50.0, switched
     print(f"batcher: {switched[0].split('INFO ')[-1]}")
-    assert switch_gap <= steady.max() + batch_s, (switch_gap, steady.max(), batch_s)
+    # One batch is at least the 50 ms the batcher may spend on the switch (asserted above): on an idle host the
+    # p99 latency is ~15 ms and a 41 ms gap against a 39 ms bound failed without any pause.
+    assert switch_gap <= steady.max() + max(batch_s, 0.05), (switch_gap, steady.max(), batch_s)
     assert snap["model"]["active"] == 2 and snap["model"]["previous"] == 1 and snap["model"]["loading"] is None
     # The old version is released everywhere: a server refuses it, naming it.
     for srv in snap["servers"]:
