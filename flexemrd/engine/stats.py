@@ -4,9 +4,7 @@ Every counter has one writer thread (sender or receiver, see
 connections.py); the view only reads them, copies the recent round trips out
 of their fixed-size window, and takes the connection table's condition to
 list the connections, so reading it never blocks or corrupts the data path.
-The publisher (flexemrd control) calls ``snapshot()``; the attribute
-properties (``conns``, ``initial_credits``, ``subrequests``, ``busy_ns``,
-``sub``) keep the names the publisher read off the engine before.
+The publisher (flexemrd control) calls ``snapshot()`` and reads only that.
 """
 
 from __future__ import annotations
@@ -107,26 +105,3 @@ class EngineStatsView:
                            bytes_lent=p.bytes_lent if p else 0, bytes_copied=p.bytes_copied if p else 0,
                            large_bytes_copied=p.large_bytes_copied if p else 0,
                            fills_read=r.fills_read if r else 0, rows_read=r.rows_read if r else 0)
-
-    # ---- the attribute names the stats publisher has always read
-
-    @property
-    def conns(self) -> dict[int, ConnStats]:
-        return self.snapshot().connections
-
-    @property
-    def initial_credits(self) -> int:
-        return self._initial
-
-    @property
-    def subrequests(self) -> int:
-        return self._sender.subrequests
-
-    @property
-    def busy_ns(self) -> int:
-        return self._sender.busy_ns
-
-    @property
-    def sub(self) -> _Depth:
-        """The submission ring, for ``depth()`` only (a counter read, safe from any thread)."""
-        return self._sub

@@ -233,7 +233,7 @@ def test_priority_credits_go_out_on_the_credit_channel_one_per_response():
         assert st.granted == 2
         view = EngineStatsView(0, _table_with(st), _Depth0(), _Counters(), mode.initial)
         snap = view.snapshot()
-        assert snap.connections[5].credits == 4 and view.conns[5].inflight == 0
+        assert snap.connections[5].credits == 4 and snap.connections[5].inflight == 0
     finally:
         for s in (conn, cconn):
             s.close()
