@@ -33,6 +33,7 @@ from flexemr.wire.frame import (
     HEADER,
     HEADER_SIZE,
     MAGIC,
+    CLIENT_VERSION,
     VERSION,
     ErrorCode,
     FrameFlag,
@@ -465,8 +466,11 @@ def test_bit_flipped_header(ftype, rid, plen, bit):
         h = unpack_header(bytes(raw), max_payload=1 << 20)
     except ProtocolError:
         return
-    # Accepted only when the flip left magic and version alone and the length within the limit.
-    assert bit >= 48, "a flip in magic or version must be refused"
+    # Accepted only when magic is intact and the version one this peer speaks for the type (a flip of
+    # protocol 3's low bit gives 2, the client protocol, which client-facing types such as ERROR carry),
+    # and the length within the limit.
+    magic, version = HEADER.unpack_from(bytes(raw), 0)[:2]
+    assert magic == MAGIC and version in (VERSION, CLIENT_VERSION), "a flip in magic or version must be refused"
     assert h.payload_len <= 1 << 20 and h.type in set(FrameType)
 
 
