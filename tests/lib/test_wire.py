@@ -29,11 +29,11 @@ from hypothesis import strategies as st
 from flexemr.errors import ProtocolError
 from flexemr.wire import codec
 from flexemr.wire.frame import (
+    CLIENT_VERSION,
     DEFAULT_MAX_PAYLOAD,
     HEADER,
     HEADER_SIZE,
     MAGIC,
-    CLIENT_VERSION,
     VERSION,
     ErrorCode,
     FrameFlag,
