@@ -24,7 +24,7 @@ import numpy as np
 
 from flexemr.model.spec import ModelSpec
 from flexemr.model.versions import BOOT_VERSION
-from flexemr.routing.combine import Accumulator
+from flexemr.routing.combine import Accumulator, SplitAccumulator
 from flexemr.wire import codec
 
 from flexemrd.inference.admission import Work
@@ -56,15 +56,21 @@ class Batch:
     """Coalesced requests on their way through the servers to the finisher."""
 
     def __init__(self, seq: int, works: list[Work], spec: ModelSpec, tables: list[int],
-                 lengths: list[np.ndarray], version: int = BOOT_VERSION) -> None:
+                 lengths: list[np.ndarray], version: int = BOOT_VERSION, place: bool = False) -> None:
         self.seq = seq
         self.version = version     # the model version every part and the NN of this batch use
         self.works = works
         self.size = sum(w.batch for w in works)
         self.tables = tables
         self.deadline = min(w.deadline for w in works)
-        self.acc = {t: Accumulator(spec.tables[t].pooling, self.size, spec.tables[t].dim, ln)
-                    for t, ln in zip(tables, lengths)}
+        # With ``place``, answers are pooled straight into the clients' reply slots (see _place_answers).
+        self.placed = _place_answers(works, spec, tables, version) if place else None
+        self.outs: list[dict[int, np.ndarray]] = []   # placed: per request, table -> its rows' array
+        if self.placed is None:
+            self.acc = {t: Accumulator(spec.tables[t].pooling, self.size, spec.tables[t].dim, ln)
+                        for t, ln in zip(tables, lengths)}
+        else:
+            self.acc = self._split_accumulators(spec, tables, lengths)
         self.parts: dict[int, Part] = {}
         self.error: str | None = None
         self.error_code = 0
@@ -75,6 +81,17 @@ class Batch:
         self._hedged: set[int] = set()
         self._remaining = 0
         self._lock = threading.Lock()
+
+    def _split_accumulators(self, spec: ModelSpec, tables: list[int], lengths: list[np.ndarray]) -> dict:
+        """Per table, a SplitAccumulator whose runs are the requests' rows: in a placed answer's slot where the
+        request asked for the table and has a slot, else in a private array (the answer then goes by frame)."""
+        for w, placed in zip(self.works, self.placed):
+            named = {spec.table_index(n): i for i, n in enumerate(w.names)}
+            self.outs.append({t: placed.arrays[named[t]] if placed is not None and t in named
+                              else np.empty((w.batch, spec.tables[t].dim), np.float32) for t in tables})
+        starts = np.cumsum([0] + [w.batch for w in self.works[:-1]]).tolist()
+        return {t: SplitAccumulator(spec.tables[t].pooling, ln, [(s, out[t]) for s, out in zip(starts, self.outs)])
+                for t, ln in zip(tables, lengths)}
 
     # ---------------------------------------------------------------- batcher
 
@@ -175,8 +192,37 @@ class Batch:
     # ---------------------------------------------------------------- finisher
 
     def pooled(self) -> dict[int, np.ndarray]:
-        """Final pooled vectors per table (call once every part is in)."""
+        """Final pooled vectors per table (call once every part is in; not for a placed batch)."""
         return {t: self.acc[t].result() for t in self.tables}
+
+    def finish_placed(self) -> list[dict[int, np.ndarray]]:
+        """A placed batch's pooled vectors finished in place: per request, table -> its rows (call once)."""
+        for t in self.tables:
+            self.acc[t].result()
+        return self.outs
+
+
+MAX_PLACED_WORKS = 8   # requests whose answers one batch pools in place: one accumulator call each per partial
+
+
+def _place_answers(works: list[Work], spec: ModelSpec, tables: list[int], version: int) -> list | None:
+    """For a lookup-only batch of at most MAX_PLACED_WORKS requests, each request's answer laid out in the
+    reply slot it named (None for a request without one); None when no request's answer can be placed.
+
+    Pooling into the slot writes each answer once, where the client reads it, instead of pooling into a
+    batch buffer and copying that into the slot at the end (4 MiB per 2048-sample lookup of 8 x 64 dims).
+    """
+    if len(works) > MAX_PLACED_WORKS or any(w.predict for w in works):
+        return None
+    placed = []
+    for w in works:
+        place = getattr(w.reply, "place_pooled", None)   # socket sessions with a reply region have it
+        if place is None or any(spec.table_index(n) not in tables for n in w.names):
+            placed.append(None)
+            continue
+        placed.append(place(w.request_id, w.names, [spec.tables[spec.table_index(n)].dim for n in w.names],
+                            w.batch, version))
+    return placed if any(p is not None for p in placed) else None
 
 
 def merge(works: list[Work], tables: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:

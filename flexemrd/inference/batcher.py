@@ -163,7 +163,10 @@ class Batcher:
         tables = sorted({t for w in works for t in w.tables})
         values, lengths = merge(works, tables)
         # The version is fixed here, between batches: every part, fill and the NN of this batch use it.
-        batch = Batch(next(self._seqs), works, self.spec, tables, lengths, self.versions.begin())
+        # Answers from the servers are pooled straight into the clients' reply slots where they can be
+        # (batch._place_answers); the local pooler's come whole from its kernel and are copied once anyway.
+        batch = Batch(next(self._seqs), works, self.spec, tables, lengths, self.versions.begin(),
+                      place=self.local is None)
         if self.local is not None:
             self._pool_locally(batch, tables, values, lengths)
             return

@@ -57,6 +57,9 @@ class Finisher:
                 self.inflight.release()
 
     def answer(self, batch: Batch) -> None:
+        if batch.placed is not None:
+            self._answer_placed(batch)
+            return
         pooled = batch.pooled()
         scores = self.forward(batch, pooled) if any(w.predict for w in batch.works) else None
         off = 0
@@ -69,6 +72,18 @@ class Finisher:
             else:
                 w.reply.pooled(w.request_id, w.names, [pooled[self._order[n]][sl] for n in w.names],
                                version=batch.version)
+            self.stats.latency.add(done - w.arrived, w.batch)
+        self.stats.batch_done(batch, time.perf_counter())
+
+    def _answer_placed(self, batch: Batch) -> None:
+        """A lookup batch pooled into the clients' reply slots: send each descriptor (or frame, slotless)."""
+        outs = batch.finish_placed()
+        done = time.perf_counter()
+        for w, placed, out in zip(batch.works, batch.placed, outs):
+            if placed is not None:
+                w.reply.send_placed(w.request_id, placed)
+            else:
+                w.reply.pooled(w.request_id, w.names, [out[self._order[n]] for n in w.names], version=batch.version)
             self.stats.latency.add(done - w.arrived, w.batch)
         self.stats.batch_done(batch, time.perf_counter())
 

@@ -114,6 +114,12 @@ class _BudgetedReplies(SocketReplies):
         finally:
             self.release(request_id)
 
+    def send_placed(self, request_id: int, placed) -> None:
+        try:
+            super().send_placed(request_id, placed)
+        finally:
+            self.release(request_id)
+
     def error(self, request_id: int, code: int, message: str) -> None:
         try:
             super().error(request_id, code, message)

@@ -9,7 +9,9 @@ the ranker keeps serving.
 
 ``MappedRegion.write`` (the finisher's thread) and ``close`` (the session's,
 at disconnect) take one lock, so a mapping is never unmapped under a write;
-the bytes go back to the budget on close.  The seal is what makes a write
+an answer placed in a slot to be accumulated there (``place``) holds the
+mapping through its array, so a close meanwhile leaves the unmapping to the
+array's end.  The bytes go back to the budget on close.  The seal is what makes a write
 safe against a hostile client: without it a client could truncate the memfd
 and turn the ranker's next write into SIGBUS.
 
@@ -77,6 +79,15 @@ class MappedRegion:
             replyslot.write_payload(frame, self._bytes[offset : offset + n])
         return True
 
+    def place(self, offset: int, nbytes: int) -> np.ndarray | None:
+        """The slot bytes ``[offset, offset + nbytes)`` as a writable uint8 array, for an answer written in
+        place over time (``SocketReplies.place_pooled``); None if the region is gone.  The array keeps the
+        mapping alive: a ``close`` while it is being filled unmaps once it is garbage."""
+        with self._lock:
+            if self._bytes is None:
+                return None
+            return self._bytes[offset : offset + nbytes]
+
     def read(self, offset: int, nbytes: int) -> memoryview:
         """A private copy of the region's bytes ``[offset, offset + nbytes)`` (checked by the caller:
         ``requestslot.check_span``); ValueError if the region is closed."""
@@ -93,7 +104,10 @@ class MappedRegion:
             if self._bytes is None:
                 return
             self._bytes = None
-            self._mmap.close()
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass   # a placed answer still points into it: unmapped when that array goes (never under it)
         self._budget.give(self.nbytes)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from flexemr.types import Pooling
 
-__all__ = ["Accumulator", "combine_compact", "combine_partials"]
+__all__ = ["Accumulator", "SplitAccumulator", "combine_compact", "combine_partials"]
 
 
 class Accumulator:
@@ -96,6 +96,55 @@ class Accumulator:
         elif self.pooling is Pooling.MEAN:
             self.out /= np.maximum(self.lengths, 1).astype(np.float32)[:, None]
         return self.out
+
+
+class SplitAccumulator:
+    """An :class:`Accumulator` whose [B, dim] result lives in separate arrays, one per run of bags.
+
+    ``segments`` are ``(start, out)`` in ascending ``start`` from 0, each
+    ``out`` a writable [n, dim] float32 array for bags ``[start, start + n)``
+    of the batch, together covering it.  The ranker accumulates a batch of
+    several clients' requests straight into each client's reply slot this way
+    (flexemrd.inference.batch), so the answer is written once, where the
+    client reads it.  Every partial costs one :class:`Accumulator` call per
+    segment: meant for a few segments, not one per bag.
+    """
+
+    __slots__ = ("parts", "_starts")
+
+    def __init__(self, pooling: Pooling, lengths: np.ndarray, segments: Sequence[tuple[int, np.ndarray]]) -> None:
+        starts = [s for s, _out in segments]
+        stops = starts[1:] + [len(lengths)]
+        if not starts or starts[0] != 0 or any(s + len(o) != e for (s, o), e in zip(segments, stops)):
+            raise ValueError(f"segments starting at {starts} do not tile a batch of {len(lengths)} bags")
+        self.parts = [Accumulator(pooling, len(o), o.shape[1], lengths[s : s + len(o)], out=o) for s, o in segments]
+        self._starts = np.asarray(starts + [len(lengths)], dtype=np.int64)
+
+    def add(self, partial: np.ndarray, counts: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """As :meth:`Accumulator.add`: full partials are sliced, compact ones split where their rows cross."""
+        starts = self._starts
+        if rows is None:
+            for i, acc in enumerate(self.parts):
+                a, b = starts[i], starts[i + 1]
+                acc.add(partial[a:b], counts[a:b])
+            return
+        if len(rows) != len(partial):
+            raise ValueError(f"a compact partial has {len(partial)} rows for {len(rows)} bags sent")
+        cut = np.searchsorted(rows, starts)   # rows are ascending: segment i holds rows[cut[i]:cut[i+1]]
+        for i, acc in enumerate(self.parts):
+            a, b = cut[i], cut[i + 1]
+            acc.add(partial[a:b], counts, rows[a:b] - starts[i])   # counts are not read for compact partials
+
+    def set_pooled(self, pooled: np.ndarray) -> None:
+        starts = self._starts
+        for i, acc in enumerate(self.parts):
+            np.copyto(acc.out, pooled[starts[i] : starts[i + 1]])
+            acc.empty = False
+            acc.pooling = Pooling.SUM
+
+    def result(self) -> list[np.ndarray]:
+        """Each segment's pooled vectors, finished in place (see :meth:`Accumulator.result`).  Call once."""
+        return [acc.result() for acc in self.parts]
 
 
 def combine_partials(

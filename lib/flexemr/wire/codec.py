@@ -710,15 +710,42 @@ def decode_scores(payload, flags: int = 0) -> np.ndarray:
 
 def encode_pooled(request_id: int, names: Sequence[str], pooled: Sequence[np.ndarray], version: int = 0) -> list:
     """Buffers of a CLIENT_LOOKUP_RESP; ``version`` (the model version that served it) in the head's 4th u32."""
-    blob = _names_blob(names)
     batch = pooled[0].shape[0] if pooled else 0
+    head, offsets, size = pooled_layout(names, [p.shape[1] for p in pooled], batch, version)
     w = _Writer()
-    w.add(_U32x4.pack(batch, len(names), len(blob), int(version)))
-    w.add(blob)
-    w.add(np.fromiter((p.shape[1] for p in pooled), dtype="<u4", count=len(pooled)))
+    w.add(head)
     for p in pooled:
         w.add(np.ascontiguousarray(p, dtype="<f4"))
-    return [pack_header(FrameType.CLIENT_LOOKUP_RESP, request_id, w.size, flags=_MODEL_VERSION if version > 0 else 0), *w.parts]
+    return [pooled_header(request_id, size, version), *w.parts]
+
+
+def pooled_layout(names: Sequence[str], dims: Sequence[int], batch: int,
+                  version: int = 0) -> tuple[bytes, list[int], int]:
+    """Where a CLIENT_LOOKUP_RESP's sections go: ``(head, offsets, payload size)``.
+
+    ``head`` is everything before the first table's floats (sizes, names and
+    dims, each padded to 8); table ``i``'s [batch, dims[i]] float32 rows start
+    at ``offsets[i]`` of the payload (8-aligned, each section padded).
+    ``encode_pooled`` is this layout with the arrays appended; the ranker also
+    uses it to accumulate an answer straight into a client's reply slot
+    (flexemrd.inference.replies.SocketReplies.place_pooled).
+    """
+    blob = _names_blob(names)
+    dims_bytes = np.asarray(dims, dtype="<u4").tobytes()
+    head = b"".join((_U32x4.pack(batch, len(names), len(blob), int(version)), blob, _ZEROS[: _pad(len(blob))],
+                     dims_bytes, _ZEROS[: _pad(len(dims_bytes))]))
+    offsets, off = [], len(head)
+    for d in dims:
+        offsets.append(off)
+        n = 4 * batch * int(d)
+        off += n + _pad(n)
+    return head, offsets, off
+
+
+def pooled_header(request_id: int, payload_len: int, version: int = 0) -> bytes:
+    """The frame header of a CLIENT_LOOKUP_RESP whose payload is ``payload_len`` bytes."""
+    return pack_header(FrameType.CLIENT_LOOKUP_RESP, request_id, payload_len,
+                       flags=_MODEL_VERSION if version > 0 else 0)
 
 
 def pooled_version(payload) -> int:
