@@ -64,7 +64,7 @@ class Batch:
         self.tables = tables
         self.deadline = min(w.deadline for w in works)
         # With ``place``, answers are pooled straight into the clients' reply slots (see _place_answers).
-        self.placed = _place_answers(works, spec, tables, version) if place else None
+        self.placed = _place_answers(works, spec, version) if place else None
         self.outs: list[dict[int, np.ndarray]] = []   # placed: per request, table -> its rows' array
         if self.placed is None:
             self.acc = {t: Accumulator(spec.tables[t].pooling, self.size, spec.tables[t].dim, ln)
@@ -86,9 +86,9 @@ class Batch:
         """Per table, a SplitAccumulator whose runs are the requests' rows: in a placed answer's slot where the
         request asked for the table and has a slot, else in a private array (the answer then goes by frame)."""
         for w, placed in zip(self.works, self.placed):
-            named = {spec.table_index(n): i for i, n in enumerate(w.names)}
-            self.outs.append({t: placed.arrays[named[t]] if placed is not None and t in named
-                              else np.empty((w.batch, spec.tables[t].dim), np.float32) for t in tables})
+            named = {spec.table_index(n): a for n, a in zip(w.names, placed.arrays)} if placed is not None else {}
+            self.outs.append({t: named[t] if t in named else np.empty((w.batch, spec.tables[t].dim), np.float32)
+                              for t in tables})
         starts = np.cumsum([0] + [w.batch for w in self.works[:-1]]).tolist()
         return {t: SplitAccumulator(spec.tables[t].pooling, ln, [(s, out[t]) for s, out in zip(starts, self.outs)])
                 for t, ln in zip(tables, lengths)}
@@ -205,7 +205,7 @@ class Batch:
 MAX_PLACED_WORKS = 8   # requests whose answers one batch pools in place: one accumulator call each per partial
 
 
-def _place_answers(works: list[Work], spec: ModelSpec, tables: list[int], version: int) -> list | None:
+def _place_answers(works: list[Work], spec: ModelSpec, version: int) -> list | None:
     """For a lookup-only batch of at most MAX_PLACED_WORKS requests, each request's answer laid out in the
     reply slot it named (None for a request without one); None when no request's answer can be placed.
 
@@ -217,11 +217,8 @@ def _place_answers(works: list[Work], spec: ModelSpec, tables: list[int], versio
     placed = []
     for w in works:
         place = getattr(w.reply, "place_pooled", None)   # socket sessions with a reply region have it
-        if place is None or any(spec.table_index(n) not in tables for n in w.names):
-            placed.append(None)
-            continue
-        placed.append(place(w.request_id, w.names, [spec.tables[spec.table_index(n)].dim for n in w.names],
-                            w.batch, version))
+        dims = [spec.table(n).dim for n in w.names]
+        placed.append(place(w.request_id, w.names, dims, w.batch, version) if place is not None else None)
     return placed if any(p is not None for p in placed) else None
 
 

@@ -99,7 +99,6 @@ class SocketReplies:
 
     def send_placed(self, request_id: int, placed: "PlacedAnswer") -> None:
         """The answer ``place_pooled`` laid out is in its slot: send its descriptor."""
-        placed.arrays = []   # the slot is the client's again
         head = codec.pooled_header(request_id, placed.nbytes, placed.version)
         self.send(replyslot.encode_descriptor([head], placed.offset))
 

@@ -54,14 +54,6 @@ def test_the_segments_hold_what_one_accumulator_holds(case):
     np.testing.assert_array_equal(np.concatenate(outs), expect)
 
 
-def test_set_pooled_copies_each_run_into_its_array():
-    pooled = np.arange(12, dtype=np.float32).reshape(6, 2)
-    outs = [np.zeros((2, 2), np.float32), np.zeros((4, 2), np.float32)]
-    split = SplitAccumulator(Pooling.MEAN, np.ones(6, np.int32), [(0, outs[0]), (2, outs[1])])
-    split.set_pooled(pooled)
-    np.testing.assert_array_equal(np.concatenate(split.result()), pooled)   # final: no division again
-
-
 @pytest.mark.parametrize("segments", [[(1, np.zeros((5, 2), np.float32))],
                                       [(0, np.zeros((2, 2), np.float32)), (3, np.zeros((3, 2), np.float32))],
                                       [(0, np.zeros((5, 2), np.float32))]])

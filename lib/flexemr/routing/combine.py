@@ -135,13 +135,6 @@ class SplitAccumulator:
             a, b = cut[i], cut[i + 1]
             acc.add(partial[a:b], counts, rows[a:b] - starts[i])   # counts are not read for compact partials
 
-    def set_pooled(self, pooled: np.ndarray) -> None:
-        starts = self._starts
-        for i, acc in enumerate(self.parts):
-            np.copyto(acc.out, pooled[starts[i] : starts[i + 1]])
-            acc.empty = False
-            acc.pooling = Pooling.SUM
-
     def result(self) -> list[np.ndarray]:
         """Each segment's pooled vectors, finished in place (see :meth:`Accumulator.result`).  Call once."""
         return [acc.result() for acc in self.parts]

@@ -711,7 +711,7 @@ def decode_scores(payload, flags: int = 0) -> np.ndarray:
 def encode_pooled(request_id: int, names: Sequence[str], pooled: Sequence[np.ndarray], version: int = 0) -> list:
     """Buffers of a CLIENT_LOOKUP_RESP; ``version`` (the model version that served it) in the head's 4th u32."""
     batch = pooled[0].shape[0] if pooled else 0
-    head, offsets, size = pooled_layout(names, [p.shape[1] for p in pooled], batch, version)
+    head, _offsets, size = pooled_layout(names, [p.shape[1] for p in pooled], batch, version)
     w = _Writer()
     w.add(head)
     for p in pooled:
